@@ -1,0 +1,1 @@
+"""Deterministic workflow code: the template model, the build saga and its status models."""

@@ -1,0 +1,234 @@
+"""Status, result and activity models of a build.
+
+Everything here crosses the workflow sandbox and the data converter, so it is plain pydantic with no I/O.
+Status field names follow AIB's ``lastRunStatus`` and ``runOutputs`` so an AIB user reads them as they know them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from temporalio.common import SearchAttributeKey
+
+from workflows.camel import CamelModel
+from workflows.template import (
+    Distributor,
+    FileCustomizer,
+    PowerShellCustomizer,
+    ShellCustomizer,
+    Source,
+    VmProfile,
+    WindowsRestartCustomizer,
+    WindowsUpdateCustomizer,
+)
+
+TASK_QUEUES = {"local": "kiln-local", "azure": "kiln-azure"}
+
+# Search attributes: the Web UI's list and `kiln list` filter builds by these.
+TEMPLATE_NAME = SearchAttributeKey.for_keyword("KilnTemplate")
+RUN_STATE = SearchAttributeKey.for_keyword("KilnRunState")
+CLOUD = SearchAttributeKey.for_keyword("KilnCloud")
+SOURCE_IMAGE = SearchAttributeKey.for_keyword("KilnSourceImage")
+SEARCH_ATTRIBUTES = [TEMPLATE_NAME, RUN_STATE, CLOUD, SOURCE_IMAGE]
+
+
+class RunState(StrEnum):
+    RUNNING = "Running"
+    CANCELING = "Canceling"
+    SUCCEEDED = "Succeeded"
+    PARTIALLY_SUCCEEDED = "PartiallySucceeded"
+    FAILED = "Failed"
+    CANCELED = "Canceled"
+
+
+class RunSubState(StrEnum):
+    QUEUED = "Queued"
+    BUILDING = "Building"
+    CUSTOMIZING = "Customizing"
+    OPTIMIZING = "Optimizing"
+    VALIDATING = "Validating"
+    DISTRIBUTING = "Distributing"
+
+
+class Resource(CamelModel):
+    """One cloud resource a build made. ``owner`` is the undo entry that deletes it."""
+
+    id: str
+    kind: str
+    owner: str
+
+
+class BuildContext(CamelModel):
+    """What every activity needs to know about the build it works for."""
+
+    build_id: str
+    template_name: str
+    location: str
+    cloud: str
+    tags: dict[str, str] = {}
+    managed_resource_tags: dict[str, str] = {}
+    staging_resource_group: str | None = None
+    destination_resource_group: str = ""
+
+
+class ResolvedSource(CamelModel):
+    """The source image pinned at build time: ``latest`` becomes an exact version here."""
+
+    image_id: str
+    exact_version: str
+    os_type: Literal["Linux", "Windows"] = "Linux"
+    hyper_v_generation: Literal["V1", "V2"] = "V2"
+    size_bytes: int = 0
+
+
+class Staging(CamelModel):
+    """The staging group and storage of one build."""
+
+    resource_group_id: str
+    created_group: bool
+    storage_uri: str
+    log_uri_prefix: str
+    resources: list[Resource] = []
+
+
+class Artifact(CamelModel):
+    """A scriptUri or sourceUri to fetch, check and stage."""
+
+    source_uri: str
+    sha256: str = ""
+    field: str
+
+
+class StagedArtifact(CamelModel):
+    source_uri: str
+    staged_uri: str
+    sha256: str
+    size: int
+
+
+class VmSpec(CamelModel):
+    name: str
+    purpose: Literal["build", "validation"]
+    image_id: str
+    source: ResolvedSource
+    vm_profile: VmProfile
+
+
+class BuildVm(CamelModel):
+    """How to reach a build VM. Holds only public facts: the host key is pinned, the login key never leaves a worker."""
+
+    name: str
+    host: str
+    port: int
+    admin_user: str
+    host_key: str
+    os_type: Literal["Linux", "Windows"] = "Linux"
+    resources: list[Resource] = []
+
+
+GuestStep = (
+    ShellCustomizer
+    | PowerShellCustomizer
+    | FileCustomizer
+    | WindowsRestartCustomizer
+    | WindowsUpdateCustomizer
+)
+
+
+class GuestScriptRequest(CamelModel):
+    """Run one customizer or validator (or the deprovision step) on a VM, streaming its output to ``log_name``."""
+
+    build: BuildContext
+    staging: Staging
+    vm: BuildVm
+    index: int
+    label: str
+    step: GuestStep | None = None
+    staged: list[StagedArtifact] = []
+    log_name: Literal["customization.log", "validation.log"] = "customization.log"
+
+
+class GuestScriptResult(CamelModel):
+    exit_code: int
+    duration_seconds: float
+
+
+class CaptureSpec(CamelModel):
+    name: str
+    os_disk_size_gb: int = 0
+
+
+class CapturedImage(CamelModel):
+    """The generalized image every distribution target is made from."""
+
+    id: str
+    uri: str = ""
+    size_bytes: int = 0
+    used_bytes: int = 0
+    hyper_v_generation: Literal["V1", "V2"] = "V2"
+    resources: list[Resource] = []
+
+
+class DistributeRequest(CamelModel):
+    build: BuildContext
+    staging: Staging
+    image: CapturedImage
+    source: ResolvedSource
+    target: Distributor
+    index: int
+
+
+class RunOutput(CamelModel):
+    """AIB's runOutput for one distribution target, with per-region replication status."""
+
+    run_output_name: str
+    type: str
+    artifact_id: str = ""
+    artifact_uri: str = ""
+    provisioning_state: Literal["Succeeded", "Failed", "Running"] = "Succeeded"
+    message: str = ""
+    replication: dict[str, str] = {}
+
+
+class StepRecord(CamelModel):
+    """One step of the build as the status shows it: what AIB does not tell you."""
+
+    name: str
+    started: datetime
+    ended: datetime | None = None
+    outcome: Literal["running", "succeeded", "failed", "canceled"] = "running"
+    message: str = ""
+
+
+class BuildStatus(CamelModel):
+    """AIB's lastRunStatus and runOutputs, plus each step and the resources still alive."""
+
+    build_id: str = ""
+    template_name: str = ""
+    cloud: str = ""
+    run_state: RunState = RunState.RUNNING
+    run_sub_state: RunSubState = RunSubState.QUEUED
+    message: str = ""
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    exact_staging_resource_group: str = ""
+    source_exact_version: str = ""
+    log_uri: str = ""
+    run_outputs: list[RunOutput] = []
+    steps: list[StepRecord] = []
+    resources: list[Resource] = []
+    kept_on_abort: list[Resource] = []
+
+    @property
+    def finished(self) -> bool:
+        return self.run_state not in (RunState.RUNNING, RunState.CANCELING)
+
+
+class DeleteRequest(CamelModel):
+    """Undo one create. Names are derived from the build id, so a delete works even if the create never returned."""
+
+    build: BuildContext
+    name: str
+    target: Distributor | None = None
