@@ -16,9 +16,9 @@ from workflows.camel import CamelModel
 from workflows.template import (
     Distributor,
     FileCustomizer,
+    ImageTemplate,
     PowerShellCustomizer,
     ShellCustomizer,
-    Source,
     VmProfile,
     WindowsRestartCustomizer,
     WindowsUpdateCustomizer,
@@ -57,7 +57,7 @@ class Resource(CamelModel):
 
     id: str
     kind: str
-    owner: str
+    owner: str = ""
 
 
 class BuildContext(CamelModel):
@@ -109,6 +109,8 @@ class StagedArtifact(CamelModel):
 
 
 class VmSpec(CamelModel):
+    """A VM to make: the build VM from the source, or the validation VM from the captured image."""
+
     name: str
     purpose: Literal["build", "validation"]
     image_id: str
@@ -213,6 +215,7 @@ class BuildStatus(CamelModel):
     message: str = ""
     start_time: datetime | None = None
     end_time: datetime | None = None
+    deadline: datetime | None = None
     exact_staging_resource_group: str = ""
     source_exact_version: str = ""
     log_uri: str = ""
@@ -226,9 +229,44 @@ class BuildStatus(CamelModel):
         return self.run_state not in (RunState.RUNNING, RunState.CANCELING)
 
 
+class DeadlineRequest(CamelModel):
+    seconds: float
+
+
 class DeleteRequest(CamelModel):
     """Undo one create. Names are derived from the build id, so a delete works even if the create never returned."""
 
     build: BuildContext
     name: str
-    target: Distributor | None = None
+
+
+class DeleteOutputRequest(CamelModel):
+    """Remove what an unfinished distribution target left behind."""
+
+    build: BuildContext
+    target: Distributor
+    index: int
+
+
+class ResolveSourceRequest(CamelModel):
+    build: BuildContext
+    template: ImageTemplate
+
+
+class StageArtifactsRequest(CamelModel):
+    build: BuildContext
+    staging: Staging
+    artifacts: list[Artifact]
+
+
+class CreateVmRequest(CamelModel):
+    build: BuildContext
+    staging: Staging
+    spec: VmSpec
+
+
+class CaptureRequest(CamelModel):
+    build: BuildContext
+    staging: Staging
+    vm: BuildVm
+    spec: CaptureSpec

@@ -29,7 +29,7 @@ from workflows.models import (
     Staging,
     VmSpec,
 )
-from workflows.template import Distributor, Source
+from workflows.template import Distributor, ImageTemplate
 
 
 class PermanentError(ApplicationError):
@@ -77,7 +77,14 @@ class LogSink(Protocol):
 class Cloud(Protocol):
     name: str
 
-    async def resolve_source(self, build: BuildContext, source: Source) -> ResolvedSource: ...
+    async def resolve_source(self, build: BuildContext, template: ImageTemplate) -> ResolvedSource:
+        """Pin the source image (``latest`` to an exact version) and refuse, before anything is made, whatever
+        of the template this cloud cannot build (an unknown image, a Windows source on the local cloud, a region
+        it does not have), with a message that names the field."""
+
+    def deprovision_script(self, os_type: str) -> str:
+        """The default generalize command (``waagent -force -deprovision+user`` or its local equivalent),
+        run when the customizers did not write ``/tmp/DeprovisioningScript.sh``."""
 
     async def create_staging(self, build: BuildContext) -> Staging: ...
 

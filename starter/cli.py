@@ -1,0 +1,142 @@
+"""``kiln``: build images from Azure VM Image Builder templates, each build a Temporal workflow.
+
+Exit codes: 0 succeeded, 1 failed, 2 bad input (an invalid template, an unknown build, Temporal unreachable;
+nothing was started), 3 partially succeeded, 130 canceled (or Ctrl-C, which only stops watching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.text import Text
+from temporalio.service import RPCError
+
+from starter import commands
+from starter.builds import EXIT_CANCELED, EXIT_FAILED, EXIT_USAGE, UsageError
+from starter.connection import ConnectError
+from workflows.models import TASK_QUEUES, RunState
+
+
+def run_state(value: str) -> str:
+    """``--state`` in any case, checked against AIB's run states."""
+    for state in RunState:
+        if state.value.lower() == value.lower():
+            return state.value
+    raise argparse.ArgumentTypeError(f"{value!r} is not a run state ({', '.join(RunState)})")
+
+
+def positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number")
+    return int(value)
+
+
+def connection_options(default: object) -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False, argument_default=default)
+    options.add_argument("--address", help="Temporal host:port (default: TEMPORAL_ADDRESS or localhost:7233)")
+    options.add_argument("--namespace", help="Temporal namespace (default: TEMPORAL_NAMESPACE or default)")
+    return options
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="kiln",
+        description="Build VM images from Azure VM Image Builder templates, each build a durable Temporal workflow.",
+        epilog=__doc__.split("\n\n", 1)[1],
+        parents=[connection_options(None)],
+    )
+    sub = root.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    # The connection options work after the command too (`kiln list --address X`); SUPPRESS keeps the
+    # command's copy from overwriting a value given before it.
+    connection = connection_options(argparse.SUPPRESS)
+
+    def command(name: str, handler: object, text: str, *, remote: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text, parents=[connection] if remote else [])
+        p.set_defaults(handler=handler)
+        return p
+
+    def template_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("file", type=Path, help="AIB template JSON (plain, or an ARM deployment template)")
+        p.add_argument("--parameters", type=Path, help="ARM parameters file for a deployment template")
+
+    p = command("build", commands.build, "validate a template and start a build, then show it until it ends")
+    template_arguments(p)
+    p.add_argument("--name", help="build name (default: the ARM resource name, else the file name)")
+    p.add_argument("--cloud", choices=sorted(TASK_QUEUES), default="local", help="where to build (default: local)")
+    p.add_argument("--no-wait", action="store_true", help="start the build and return")
+
+    p = command("watch", commands.watch, "show a build's progress until it ends")
+    p.add_argument("name")
+
+    p = command("status", commands.status, "show a build's status, steps and outputs")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print the status as JSON (AIB's field names)")
+
+    p = command("list", commands.list_builds, "list builds, running ones first")
+    p.add_argument("--state", type=run_state, help=f"only builds in this run state ({', '.join(RunState)})")
+    p.add_argument("--limit", type=positive, default=20, help="at most this many (default: 20)")
+
+    p = command("cancel", commands.cancel, "cancel a running build and wait for its cleanup")
+    p.add_argument("name")
+
+    p = command("logs", commands.logs, "print a build's customization.log")
+    p.add_argument("name")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the build ends")
+    p.add_argument("--validation", action="store_true", help="print validation.log instead")
+
+    p = command("validate", commands.validate, "check a template without building it", remote=False)
+    template_arguments(p)
+
+    command("schema", commands.schema, "print the JSON Schema of AIB templates as kiln reads them", remote=False)
+    return root
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A console that, writing to a file or pipe, does not squeeze tables into 80 columns."""
+    terminal = Console(stderr=stderr).is_terminal
+    return Console(stderr=stderr, highlight=False, width=None if terminal or "COLUMNS" in os.environ else 160)
+
+
+def run(argv: Sequence[str]) -> int:
+    """Run one command and return its exit code; errors are reported here, once, with what was wrong."""
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exit:  # --help, or a usage error argparse has already printed
+        return exit.code if isinstance(exit.code, int) else EXIT_USAGE
+    io = commands.Io(out=console(), err=console(stderr=True))
+    try:
+        return asyncio.run(args.handler(args, io))
+    except KeyboardInterrupt:
+        return EXIT_CANCELED
+    except (UsageError, ConnectError) as err:
+        io.err.print(Text(f"kiln: {err}", style="red"), soft_wrap=True)
+        return EXIT_USAGE
+    except RPCError as err:
+        io.err.print(Text(f"kiln: Temporal refused the request: {err}", style="red"), soft_wrap=True)
+        return EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console entry point. Called with ``argv`` (tests, scripts) it returns the exit code.
+
+    As the ``kiln`` command it ends the process with ``os._exit``: letting the interpreter finalize while the
+    Temporal client's native threads are alive can abort with ``PyGILState_Release`` (sdk-python#300).
+    """
+    if argv is not None:
+        return run(argv)
+    try:
+        code = run(sys.argv[1:])
+    except Exception:
+        traceback.print_exc()
+        code = EXIT_FAILED
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,191 @@
+"""What each ``kiln`` command does. Each returns the process exit code; errors that end a command early are
+raised (``UsageError``, ``ConnectError``) and reported by the CLI in one place."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from starter.builds import (
+    EXIT_SUCCEEDED,
+    EXIT_USAGE,
+    WORKFLOW_TYPE,
+    Build,
+    check_name,
+    exit_code,
+    get_build,
+    get_status,
+    read_template,
+    run_state_of,
+    start_build,
+)
+from starter.connection import connect
+from starter.logs import read_log, sibling_log
+from starter.progress import CUSTOMIZATION_LOG, POLL_SECONDS, STATE_STYLES, VALIDATION_LOG, follow, summary
+from workflows.models import CLOUD, RUN_STATE, SOURCE_IMAGE, TASK_QUEUES, TEMPLATE_NAME, RunState
+from workflows.template import TemplateError, template_json_schema
+
+
+@dataclass
+class Io:
+    """Where a command writes: results to ``out``, errors and notes to ``err``."""
+
+    out: Console
+    err: Console
+
+
+def print_issues(console: Console, source: str, error: TemplateError) -> None:
+    count = len(error.issues)
+    console.print(Text(f"{source}: {count} problem{'s' if count != 1 else ''}", style="bold red"))
+    for issue in error.issues:
+        where = Text.assemble((issue.path, "cyan"), ": ") if issue.path else Text()
+        console.print(Text.assemble("  ", where, issue.message), soft_wrap=True)
+
+
+async def validate(args: argparse.Namespace, io: Io) -> int:
+    try:
+        template = read_template(args.file, args.parameters)
+    except TemplateError as err:
+        print_issues(io.out, str(args.file), err)
+        return EXIT_USAGE
+    io.out.print(Text(f"OK: {template.name}"))
+    return EXIT_SUCCEEDED
+
+
+async def schema(args: argparse.Namespace, io: Io) -> int:
+    # Plain print, not rich: the output is JSON for other tools and must not be wrapped or styled.
+    print(json.dumps(template_json_schema(), indent=2))
+    return EXIT_SUCCEEDED
+
+
+async def build(args: argparse.Namespace, io: Io) -> int:
+    try:
+        template = read_template(args.file, args.parameters)
+    except TemplateError as err:
+        print_issues(io.err, str(args.file), err)
+        return EXIT_USAGE
+    name = args.name or template.name
+    check_name(name)  # before connecting: bad input never needs a server to be reported
+    client = await connect(address=args.address, namespace=args.namespace)
+    await start_build(client, template, name=name, cloud=args.cloud)
+    io.out.print(Text.assemble("Started build ", (name, "bold"), f" on task queue {TASK_QUEUES[args.cloud]}"))
+    if args.no_wait:
+        io.out.print(Text(f"Watch it with `kiln watch {name}`, stop it with `kiln cancel {name}`."))
+        return EXIT_SUCCEEDED
+    return await watch_to_end(await get_build(client, name), io)
+
+
+async def watch(args: argparse.Namespace, io: Io) -> int:
+    client = await connect(address=args.address, namespace=args.namespace)
+    return await watch_to_end(await get_build(client, args.name), io)
+
+
+async def watch_to_end(build: Build, io: Io) -> int:
+    name = build.handle.id
+    status = await follow(
+        build,
+        io.out,
+        footer=f"Ctrl-C stops watching; the build goes on (`kiln cancel {name}` cancels it)",
+        interrupted=f"Stopped watching. Build {name} goes on: `kiln watch {name}` to look again, "
+        f"`kiln cancel {name}` to cancel it.",
+    )
+    io.out.print(summary(status))
+    return exit_code(status)
+
+
+async def status(args: argparse.Namespace, io: Io) -> int:
+    client = await connect(address=args.address, namespace=args.namespace)
+    current, note = await get_status(await get_build(client, args.name))
+    if args.json:
+        print(current.model_dump_json(indent=2))
+    else:
+        io.out.print(summary(current, with_steps=True))
+    if note:
+        io.err.print(Text(note, style="yellow"))
+    return EXIT_SUCCEEDED
+
+
+async def list_builds(args: argparse.Namespace, io: Io) -> int:
+    query = f"WorkflowType = '{WORKFLOW_TYPE}'"
+    if args.state:
+        query += f" AND {RUN_STATE.name} = '{args.state}'"
+        if args.state == RunState.RUNNING:
+            # A terminated build never got to update its state attribute.
+            query += " AND ExecutionStatus = 'Running'"
+    client = await connect(address=args.address, namespace=args.namespace)
+    table = Table("name", "state", "cloud", "template", "source", "started")
+    async for execution in client.list_workflows(query, limit=args.limit):
+        attributes = execution.typed_search_attributes
+        state = run_state_of(execution)
+        table.add_row(
+            Text(execution.id, style="bold"),
+            Text(state, style=STATE_STYLES.get(state, "")),
+            Text(attributes.get(CLOUD) or ""),
+            Text(attributes.get(TEMPLATE_NAME) or ""),
+            Text(attributes.get(SOURCE_IMAGE) or ""),
+            execution.start_time.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    if table.row_count:
+        io.out.print(table)
+    else:
+        io.out.print(f"no builds{f' in state {args.state}' if args.state else ''}")
+    return EXIT_SUCCEEDED
+
+
+async def cancel(args: argparse.Namespace, io: Io) -> int:
+    client = await connect(address=args.address, namespace=args.namespace)
+    build = await get_build(client, args.name)
+    if not build.running:
+        current, _ = await get_status(build)
+        io.err.print(Text(f"build {args.name} has already finished ({current.run_state}); nothing to cancel"))
+        return EXIT_USAGE
+    await build.handle.cancel()
+    io.out.print(Text(f"Cancel requested for {args.name}; waiting while it cleans up."))
+    final = await follow(
+        build,
+        io.out,
+        footer="Ctrl-C stops watching; the cleanup goes on",
+        interrupted=f"Stopped watching. Build {args.name} is still cleaning up: `kiln watch {args.name}` to look again.",
+    )
+    io.out.print(summary(final))
+    if final.run_state == RunState.CANCELED:
+        return EXIT_SUCCEEDED
+    io.err.print(Text(f"build {args.name} ended {final.run_state} before the cancel took effect"))
+    return EXIT_USAGE
+
+
+async def logs(args: argparse.Namespace, io: Io) -> int:
+    client = await connect(address=args.address, namespace=args.namespace)
+    build = await get_build(client, args.name)
+    log_name = VALIDATION_LOG if args.validation else CUSTOMIZATION_LOG
+    offset, found, shown_note = 0, False, ""
+    while True:
+        current, note = await get_status(build)
+        if note and note != shown_note:
+            io.err.print(Text(note, style="yellow"))
+            shown_note = note
+        if current.log_uri:
+            try:
+                data = await read_log(sibling_log(current.log_uri, log_name), offset)
+                found = True
+            except FileNotFoundError:
+                data = b""
+            sys.stdout.flush()  # text printed so far goes before these bytes
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+            offset += len(data)
+        if not args.follow or current.finished:
+            break
+        await asyncio.sleep(POLL_SECONDS)
+        await build.refresh()
+    if not found:
+        io.err.print(Text(f"build {args.name} has no {log_name}" + ("" if current.finished else " yet")))
+        return EXIT_USAGE
+    return EXIT_SUCCEEDED

