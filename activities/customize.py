@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AsyncExitStack
 
 from temporalio import activity
 
-from activities.clouds.base import GuestSession, LogSink, PermanentError
-from activities.common import CloudActivities
+from activities.clouds.base import Cloud, GuestSession, LogSink, PermanentError
+from activities.common import CloudActivities, heartbeating
 from workflows.camel import CamelModel
 from workflows.models import GuestScriptRequest, GuestScriptResult, StagedArtifact
 from workflows.template import (
@@ -38,8 +39,8 @@ class ScriptCheckpoint(CamelModel):
 class CustomizeActivities(CloudActivities):
     @activity.defn
     async def run_customizer(self, request: GuestScriptRequest) -> GuestScriptResult:
-        async with self.cloud.connect(request.build, request.vm) as guest:
-            log = await self.cloud.open_log(request.build, request.staging, request.log_name)
+        async with AsyncExitStack() as stack:
+            guest, log = await open_guest(self.cloud, request, stack)
             step = request.step
             if isinstance(step, FileCustomizer):
                 return await self._copy_file(request, guest, log, step)
@@ -70,6 +71,17 @@ class CustomizeActivities(CloudActivities):
                 kind="UnsupportedCustomizer",
             )
         raise PermanentError(f"{request.label}: nothing to run", kind="UnsupportedCustomizer")
+
+
+async def open_guest(cloud: Cloud, request: GuestScriptRequest, stack: AsyncExitStack) -> tuple[GuestSession, LogSink]:
+    """Connect to the VM and open the step's log, heartbeating meanwhile (a VM still booting can take a while).
+
+    The heartbeat repeats the previous attempt's checkpoint, so a retry that is slow to connect keeps its place.
+    """
+    async with heartbeating(*activity.info().heartbeat_details):
+        guest = await stack.enter_async_context(cloud.connect(request.build, request.vm))
+        log = await cloud.open_log(request.build, request.staging, request.log_name)
+    return guest, log
 
 
 async def run_script(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
+
 from temporalio import activity
 
 from activities.common import CloudActivities
-from activities.customize import run_script
+from activities.customize import open_guest, run_script
 from workflows.models import GuestScriptRequest, GuestScriptResult
 
 # AIB runs these instead of its default when a customizer wrote them.
@@ -20,8 +22,8 @@ class GeneralizeActivities(CloudActivities):
     async def generalize(self, request: GuestScriptRequest) -> GuestScriptResult:
         os_type = request.vm.os_type
         override_path, override_command = OVERRIDE_SCRIPTS[os_type]
-        async with self.cloud.connect(request.build, request.vm) as guest:
-            log = await self.cloud.open_log(request.build, request.staging, request.log_name)
+        async with AsyncExitStack() as stack:
+            guest, log = await open_guest(self.cloud, request, stack)
             if await guest.path_exists(override_path):
                 await log.append(f"\n==> using the template's {override_path}\n".encode())
                 script = override_command

@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.source import SourceActivities
     from activities.staging import StagingActivities
     from workflows.models import (
+        BUILD_ID,
         CLOUD,
         RUN_STATE,
         SOURCE_IMAGE,
@@ -166,6 +167,7 @@ class ImageBuildWorkflow:
                 CLOUD.value_set(self._status.cloud),
                 SOURCE_IMAGE.value_set(source_label(parsed)),
                 RUN_STATE.value_set(RunState.RUNNING.value),
+                BUILD_ID.value_set(self._status.build_id),
             ]
         )
 

@@ -31,7 +31,9 @@ TEMPLATE_NAME = SearchAttributeKey.for_keyword("KilnTemplate")
 RUN_STATE = SearchAttributeKey.for_keyword("KilnRunState")
 CLOUD = SearchAttributeKey.for_keyword("KilnCloud")
 SOURCE_IMAGE = SearchAttributeKey.for_keyword("KilnSourceImage")
-SEARCH_ATTRIBUTES = [TEMPLATE_NAME, RUN_STATE, CLOUD, SOURCE_IMAGE]
+# Every resource a build makes is tagged with this id; the janitor finds a build's workflow by it.
+BUILD_ID = SearchAttributeKey.for_keyword("KilnBuildId")
+SEARCH_ATTRIBUTES = [TEMPLATE_NAME, RUN_STATE, CLOUD, SOURCE_IMAGE, BUILD_ID]
 
 
 class RunState(StrEnum):

@@ -1,0 +1,150 @@
+"""Blob-side pieces of the ARM emulator: storage-account endpoints and disk export (VHD SAS).
+
+ARM itself never moves blob data: a storage account's `primaryEndpoints.blob` and a disk's
+`beginGetAccess` SAS URL point at the blob service. Here that blob service is either Azurite (the
+real azure-storage-blob client then talks to it exactly as to Azure) or, when a test has no
+Azurite, the emulator's own minimal read-only blob endpoint, which is enough to download an
+exported VHD but not to write anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+# Azurite's documented development account; not a secret.
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+_VHD_EPOCH = 946684800  # 2000-01-01T00:00:00Z, the origin of VHD footer timestamps
+
+
+def fixed_vhd(data_size: int = 1024 * 1024) -> bytes:
+    """A zero-filled fixed VHD: `data_size` bytes of disk and the 512-byte footer.
+
+    Azure only accepts fixed VHDs whose virtual size is a whole number of MiB, so the default is
+    the smallest image real tooling (qemu-img, Azure's own upload checks) takes as valid.
+    """
+    if data_size % (1024 * 1024):
+        raise ValueError("a VHD for Azure must be a whole number of MiB")
+    return bytes(data_size) + _vhd_footer(data_size)
+
+
+def _vhd_footer(size: int) -> bytes:
+    footer = bytearray(
+        struct.pack(
+            ">8sIIQI4sI4sQQIII16sB",
+            b"conectix",
+            2,  # features: reserved bit, always set
+            0x00010000,  # format version 1.0
+            0xFFFFFFFFFFFFFFFF,  # data offset: none, the disk is fixed
+            int(time.time()) - _VHD_EPOCH,
+            b"kiln",
+            0x00010000,
+            b"Wi2k",
+            size,
+            size,
+            _chs(size),
+            2,  # disk type: fixed
+            0,  # checksum, filled in below
+            uuid.uuid4().bytes,
+            0,
+        )
+    )
+    footer += bytes(512 - len(footer))
+    struct.pack_into(">I", footer, 64, ~sum(footer) & 0xFFFFFFFF)
+    return bytes(footer)
+
+
+def _chs(size: int) -> int:
+    """Disk geometry as the VHD specification computes it (appendix: CHS calculation)."""
+    sectors = min(size // 512, 65535 * 16 * 255)
+    if sectors >= 65535 * 16 * 63:
+        spt, heads = 255, 16
+        cth = sectors // spt
+    else:
+        spt = 17
+        cth = sectors // spt
+        heads = max((cth + 1023) // 1024, 4)
+        if cth >= heads * 1024 or heads > 16:
+            spt, heads = 31, 16
+            cth = sectors // spt
+        if cth >= heads * 1024:
+            spt, heads = 63, 16
+            cth = sectors // spt
+    return (cth // heads) << 16 | heads << 8 | spt
+
+
+@dataclass
+class Azurite:
+    """Points storage accounts and disk exports at an Azurite blob service.
+
+    Every storage account the emulator creates gets `blob_url` as its blob endpoint (Azurite serves
+    one account unless started with AZURITE_ACCOUNTS), so containers are shared between accounts.
+    Exported disks are uploaded as page blobs into `container` and handed out as read SAS URLs,
+    the same shape as a real `beginGetAccess` answer.
+    """
+
+    blob_url: str
+    account_name: str = AZURITE_ACCOUNT
+    account_key: str = AZURITE_KEY
+    container: str = "disk-exports"
+    _uploaded: set[str] = field(default_factory=set)
+
+    def account_endpoint(self, account: str) -> tuple[str, str]:
+        return self.blob_url.rstrip("/") + "/", self.account_key
+
+    def publish(self, name: str, data: bytes) -> str:
+        from azure.core.exceptions import ResourceExistsError
+        from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
+
+        service = BlobServiceClient(self.blob_url, credential=self.account_key)
+        container = service.get_container_client(self.container)
+        with contextlib.suppress(ResourceExistsError):
+            container.create_container()
+        blob = container.get_blob_client(name)
+        if name not in self._uploaded:
+            blob.upload_blob(data, blob_type="PageBlob", overwrite=True)
+            self._uploaded.add(name)
+        sas = generate_blob_sas(
+            self.account_name,
+            self.container,
+            name,
+            account_key=self.account_key,
+            permission=BlobSasPermissions(read=True),
+            expiry=datetime.now(timezone.utc) + timedelta(hours=1),
+        )
+        return f"{blob.url}?{sas}"
+
+    def unpublish(self, name: str) -> None:
+        """Revoking access leaves the blob (a later grant reuses it); SAS expiry is not emulated."""
+
+
+@dataclass
+class ServedBlobs:
+    """The fallback when no Azurite is given: exports are served read-only by the emulator.
+
+    Storage accounts get an Azure-shaped blob endpoint that nothing answers, so uploads fail
+    loudly instead of going anywhere; downloads of exported VHDs work with plain HTTP GET and
+    with azure-storage-blob's BlobClient (ranged GETs).
+    """
+
+    base_url: str
+    blobs: dict[str, bytes] = field(default_factory=dict)
+
+    def account_endpoint(self, account: str) -> tuple[str, str]:
+        key = base64.b64encode(account.encode().ljust(64, b"k")).decode()
+        return f"https://{account}.blob.core.windows.net/", key
+
+    def publish(self, name: str, data: bytes) -> str:
+        token = uuid.uuid5(uuid.NAMESPACE_URL, name).hex
+        self.blobs[token] = data
+        return f"{self.base_url}/_blobs/{token}/abcd?sv=2018-03-28&sr=b&si={uuid.uuid4()}&sig=emulated"
+
+    def unpublish(self, name: str) -> None:
+        self.blobs.pop(uuid.uuid5(uuid.NAMESPACE_URL, name).hex, None)

@@ -1,0 +1,761 @@
+"""The ARM emulator, driven by the real azure-mgmt clients (sync and .aio) over HTTP.
+
+These tests pin the protocol kiln's Azure cloud relies on: status codes and LRO headers per
+operation, provisioningState transitions, retries of throttling and server errors, dependency
+conflicts, async failures with their error codes, gallery replication status, disk export, and the
+call log. Everything runs on 127.0.0.1; only the bearer token is fake.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from azure.core.exceptions import (
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+    ServiceResponseError,
+)
+from azure.mgmt.compute import ComputeManagementClient
+from azure.mgmt.compute import models as cm
+from azure.mgmt.compute.aio import ComputeManagementClient as AioComputeManagementClient
+from azure.mgmt.network import NetworkManagementClient
+from azure.mgmt.network.aio import NetworkManagementClient as AioNetworkManagementClient
+from azure.mgmt.resource.resources import ResourceManagementClient
+from azure.mgmt.resource.resources.aio import ResourceManagementClient as AioResourceManagementClient
+from azure.mgmt.storage import StorageManagementClient
+from azure.storage.blob import BlobClient
+
+from tests.arm_emulator import (
+    ArmEmulator,
+    Azurite,
+    FakeAsyncCredential,
+    FakeCredential,
+    GuestEndpoint,
+    GuestSpec,
+    client_kwargs,
+)
+
+SUB = "6f1c2a9e-5b0d-4c47-9d43-0b6a3c2e7f10"
+LOC = "eastus"
+ARM_PREFIX = f"/subscriptions/{SUB}/resourceGroups"
+AUTH = {"Authorization": "Bearer fake"}  # for raw HTTP calls; the emulator takes any bearer token
+
+
+@dataclass
+class Clients:
+    resource: ResourceManagementClient
+    network: NetworkManagementClient
+    compute: ComputeManagementClient
+    storage: StorageManagementClient
+
+
+@pytest.fixture
+def arm() -> Iterator[ArmEmulator]:
+    with ArmEmulator() as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def az(arm: ArmEmulator) -> Clients:
+    kwargs = client_kwargs(arm.base_url)
+    cred = FakeCredential()
+    return Clients(
+        ResourceManagementClient(cred, SUB, **kwargs),
+        NetworkManagementClient(cred, SUB, **kwargs),
+        ComputeManagementClient(cred, SUB, **kwargs),
+        StorageManagementClient(cred, SUB, **kwargs),
+    )
+
+
+def make_group(az: Clients, name: str = "rg1", tags: dict[str, str] | None = None) -> None:
+    az.resource.resource_groups.create_or_update(name, {"location": LOC, "tags": tags or {}})
+
+
+def make_network(az: Clients, rg: str = "rg1") -> dict[str, str]:
+    """NSG, VNet with a subnet on that NSG, public IP and NIC; returns their ids by kind."""
+    net = az.network
+    nsg = net.network_security_groups.begin_create_or_update(rg, "nsg1", {
+        "location": LOC,
+        "properties": {"securityRules": [{"name": "ssh", "properties": {
+            "protocol": "Tcp", "access": "Allow", "direction": "Inbound", "priority": 100,
+            "sourceAddressPrefix": "*", "sourcePortRange": "*", "destinationAddressPrefix": "*",
+            "destinationPortRange": "22"}}]},
+    }).result()
+    vnet = net.virtual_networks.begin_create_or_update(rg, "vnet1", {
+        "location": LOC,
+        "properties": {"addressSpace": {"addressPrefixes": ["10.0.0.0/16"]}},
+    }).result()
+    subnet = net.subnets.begin_create_or_update(rg, "vnet1", "default", {
+        "properties": {"addressPrefix": "10.0.0.0/24", "networkSecurityGroup": {"id": nsg.id}},
+    }).result()
+    pip = net.public_ip_addresses.begin_create_or_update(rg, "pip1", {
+        "location": LOC, "sku": {"name": "Standard"}, "properties": {"publicIPAllocationMethod": "Static"},
+    }).result()
+    nic = net.network_interfaces.begin_create_or_update(rg, "nic1", {
+        "location": LOC,
+        "properties": {"ipConfigurations": [{"name": "ipconfig1", "properties": {
+            "subnet": {"id": subnet.id}, "publicIPAddress": {"id": pip.id}}}]},
+    }).result()
+    return {"nsg": nsg.id, "vnet": vnet.id, "subnet": subnet.id, "pip": pip.id, "nic": nic.id}
+
+
+def vm_model(nic_id: str, *, computer_name: str = "vm1") -> cm.VirtualMachine:
+    """A Linux VM as SDK models, so the hybrid models' REST serialization is what goes out."""
+    return cm.VirtualMachine(
+        location=LOC,
+        hardware_profile=cm.HardwareProfile(vm_size="Standard_D2s_v5"),
+        storage_profile=cm.StorageProfile(
+            image_reference=cm.ImageReference(
+                publisher="Canonical", offer="0001-com-ubuntu-server-jammy", sku="22_04-lts-gen2", version="latest"
+            ),
+            os_disk=cm.OSDisk(create_option="FromImage", managed_disk=cm.ManagedDiskParameters(
+                storage_account_type="Standard_LRS")),
+        ),
+        os_profile=cm.OSProfile(
+            computer_name=computer_name,
+            admin_username="kiln",
+            linux_configuration=cm.LinuxConfiguration(
+                disable_password_authentication=True,
+                ssh=cm.SshConfiguration(public_keys=[cm.SshPublicKey(
+                    path="/home/kiln/.ssh/authorized_keys", key_data="ssh-ed25519 AAAAC3Nza kiln")]),
+            ),
+        ),
+        network_profile=cm.NetworkProfile(network_interfaces=[cm.NetworkInterfaceReference(id=nic_id)]),
+    )
+
+
+def make_vm(az: Clients, rg: str = "rg1") -> tuple[cm.VirtualMachine, dict[str, str]]:
+    make_group(az, rg)
+    ids = make_network(az, rg)
+    return az.compute.virtual_machines.begin_create_or_update(rg, "vm1", vm_model(ids["nic"])).result(), ids
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def op_polls(arm: ArmEmulator) -> list[int]:
+    """Statuses of the operation-status GETs in the call log."""
+    return [c.status for c in arm.calls if "/operations/" in c.path]
+
+
+# ---------------------------------------------------------------------------------------------- CRUD
+
+
+def test_resource_group_create_get_list_delete(arm: ArmEmulator, az: Clients) -> None:
+    groups = az.resource.resource_groups
+    created = groups.create_or_update("kiln-rg", {"location": LOC, "tags": {"kiln-build": "b1"}})
+    assert created.id == f"{ARM_PREFIX}/kiln-rg"
+    assert arm.calls[-1].status == 201
+    groups.create_or_update("kiln-rg", {"location": LOC, "tags": {"kiln-build": "b1"}})
+    assert arm.calls[-1].status == 200
+    groups.create_or_update("other", {"location": LOC})
+    assert groups.check_existence("KILN-RG")  # ARM ids are case-insensitive
+    assert groups.get("kiln-rg").tags == {"kiln-build": "b1"}
+    assert [g.name for g in groups.list(filter="tagName eq 'kiln-build' and tagValue eq 'b1'")] == ["kiln-rg"]
+
+    groups.begin_delete("kiln-rg").result()
+    assert not groups.check_existence("kiln-rg")
+    with pytest.raises(ResourceNotFoundError) as missing:
+        groups.get("kiln-rg")
+    assert missing.value.error.code == "ResourceGroupNotFound"
+    with pytest.raises(ResourceNotFoundError) as no_group:
+        az.network.network_security_groups.begin_create_or_update("kiln-rg", "nsg", {"location": LOC})
+    assert no_group.value.error.code == "ResourceGroupNotFound"
+
+
+def test_network_resources_create_get_delete(az: Clients) -> None:
+    make_group(az)
+    ids = make_network(az)
+    net = az.network
+    vnet = net.virtual_networks.get("rg1", "vnet1")
+    assert [s.id for s in vnet.subnets] == [ids["subnet"]]
+    subnet = net.subnets.get("rg1", "vnet1", "default")
+    assert subnet.network_security_group.id == ids["nsg"]
+    assert [c.id for c in subnet.ip_configurations] == [f"{ids['nic']}/ipConfigurations/ipconfig1"]
+    assert net.public_ip_addresses.get("rg1", "pip1").ip_address == "127.0.0.1"
+    nic = net.network_interfaces.get("rg1", "nic1")
+    assert nic.ip_configurations[0].private_ip_address == "127.0.0.1"
+    assert nic.provisioning_state == "Succeeded"
+    assert net.network_security_groups.get("rg1", "nsg1").subnets[0].id == ids["subnet"]
+
+    # Delete in dependency order; each one polls its operation to the end.
+    assert net.network_interfaces.begin_delete("rg1", "nic1").result() is None
+    net.public_ip_addresses.begin_delete("rg1", "pip1").result()
+    net.subnets.begin_delete("rg1", "vnet1", "default").result()
+    net.virtual_networks.begin_delete("rg1", "vnet1").result()
+    net.network_security_groups.begin_delete("rg1", "nsg1").result()
+    with pytest.raises(ResourceNotFoundError) as gone:
+        net.network_interfaces.get("rg1", "nic1")
+    assert gone.value.error.code == "ResourceNotFound"
+    # Deleting what is already gone succeeds (204), as kiln's idempotent cleanup needs.
+    assert net.network_interfaces.begin_delete("rg1", "nic1").result() is None
+
+
+def test_storage_account_create_keys_delete(arm: ArmEmulator, az: Clients) -> None:
+    make_group(az)
+    accounts = az.storage.storage_accounts
+    params = {"location": LOC, "sku": {"name": "Standard_LRS"}, "kind": "StorageV2"}
+    account = accounts.begin_create("rg1", "kilnstaging1", params).result()
+    assert account.provisioning_state == "Succeeded"
+    assert account.primary_endpoints.blob == "https://kilnstaging1.blob.core.windows.net/"
+    # Storage creation polls Location (202 ... 200), not an operation-status body.
+    assert [c.status for c in arm.calls if "operationResults" in c.path] == [202, 200]
+    assert accounts.list_keys("rg1", "kilnstaging1").as_dict()["keys"][0]["value"]
+    with pytest.raises(HttpResponseError) as bad:
+        accounts.begin_create("rg1", "Kiln_Staging", params)
+    assert bad.value.error.code == "AccountNameInvalid"
+    accounts.delete("rg1", "kilnstaging1")
+    assert arm.calls[-1].status == 200
+    accounts.delete("rg1", "kilnstaging1")
+    assert arm.calls[-1].status == 204
+
+
+def test_vm_lifecycle_run_command_deallocate_generalize(arm: ArmEmulator, az: Clients) -> None:
+    arm.run_command = lambda vm_id, body: (f"ran {body['script'][0]} on {vm_id.rsplit('/', 1)[1]}", "")
+    vm, ids = make_vm(az)
+    vms = az.compute.virtual_machines
+    assert vm.provisioning_state == "Succeeded"
+    assert vm.os_profile.admin_username == "kiln"
+    disk_name = vm.storage_profile.os_disk.name
+    assert az.compute.disks.get("rg1", disk_name).disk_state == "Attached"
+    assert az.network.network_interfaces.get("rg1", "nic1").virtual_machine.id == vm.id
+
+    result = vms.begin_run_command("rg1", "vm1", {"commandId": "RunShellScript", "script": ["uptime"]}).result()
+    assert "[stdout]\nran uptime on vm1" in result.value[0].message
+
+    with pytest.raises(ResourceExistsError) as running:
+        vms.generalize("rg1", "vm1")
+    assert running.value.error.code == "OperationNotAllowed"
+    vms.begin_deallocate("rg1", "vm1").result()
+    vms.generalize("rg1", "vm1")
+    codes = [s.code for s in vms.instance_view("rg1", "vm1").statuses]
+    assert "PowerState/deallocated" in codes and "OSState/generalized" in codes
+    expanded = vms.get("rg1", "vm1", expand="instanceView")
+    assert "PowerState/deallocated" in [s.code for s in expanded.instance_view.statuses]
+    assert az.compute.disks.get("rg1", disk_name).disk_state == "Reserved"
+
+    vms.begin_delete("rg1", "vm1").result()
+    assert az.compute.disks.get("rg1", disk_name).disk_state == "Unattached"  # deleteOption Detach
+    az.compute.disks.begin_delete("rg1", disk_name).result()
+    assert vms.begin_delete("rg1", "vm1").result() is None
+
+
+def test_managed_run_command_reports_output(arm: ArmEmulator, az: Clients) -> None:
+    arm.run_command = lambda vm_id, body: ("hello\n", "")
+    make_vm(az)
+    run = az.compute.virtual_machine_run_commands
+    run.begin_create_or_update("rg1", "vm1", "kiln-step", {
+        "location": LOC, "properties": {"source": {"script": "echo hello"}},
+    }).result()
+    view = run.get_by_virtual_machine("rg1", "vm1", "kiln-step", expand="instanceView").instance_view
+    assert (view.execution_state, view.exit_code, view.output) == ("Succeeded", 0, "hello\n")
+
+
+def test_image_snapshot_gallery_and_disk_export(arm: ArmEmulator, az: Clients) -> None:
+    vm, _ = make_vm(az)
+    compute = az.compute
+    with pytest.raises(ResourceExistsError):
+        compute.images.begin_create_or_update("rg1", "img", {
+            "location": LOC, "properties": {"sourceVirtualMachine": {"id": vm.id}}})
+    compute.virtual_machines.begin_deallocate("rg1", "vm1").result()
+    compute.virtual_machines.generalize("rg1", "vm1")
+    image = compute.images.begin_create_or_update("rg1", "img", {
+        "location": LOC, "properties": {"sourceVirtualMachine": {"id": vm.id}, "hyperVGeneration": "V2"}}).result()
+    assert image.storage_profile.os_disk.os_state == "Generalized"
+
+    disk_id = vm.storage_profile.os_disk.managed_disk.id
+    copy_disk = {"creationData": {"createOption": "Copy", "sourceResourceId": disk_id}}
+    snap = compute.snapshots.begin_create_or_update("rg1", "snap", {"location": LOC, "properties": copy_disk}).result()
+    assert snap.provisioning_state == "Succeeded" and snap.os_type == "Linux"
+    # Disk and snapshot PUTs answer 202 (never 201), which is all the SDK accepts for them.
+    assert any(c.method == "PUT" and c.path.endswith("/snapshots/snap") and c.status == 202 for c in arm.calls)
+
+    access = compute.disks.begin_grant_access("rg1", vm.storage_profile.os_disk.name,
+                                              {"access": "Read", "durationInSeconds": 3600}).result()
+    assert compute.disks.get("rg1", vm.storage_profile.os_disk.name).disk_state == "ActiveSAS"
+    vhd = BlobClient.from_blob_url(access.access_sas).download_blob().readall()
+    assert len(vhd) == 1024 * 1024 + 512 and vhd[-512:-504] == b"conectix"
+    compute.disks.begin_revoke_access("rg1", vm.storage_profile.os_disk.name).result()
+    assert requests.get(access.access_sas, timeout=5).status_code == 404
+    assert compute.snapshots.begin_grant_access("rg1", "snap", {"access": "Read", "durationInSeconds": 60}).result()
+
+    compute.galleries.begin_create_or_update("rg1", "gal", {"location": LOC, "properties": {}}).result()
+    compute.gallery_images.begin_create_or_update("rg1", "gal", "def", {"location": LOC, "properties": {
+        "osType": "Linux", "osState": "Generalized", "hyperVGeneration": "V2",
+        "identifier": {"publisher": "kiln", "offer": "demo", "sku": "1"}}}).result()
+    version = compute.gallery_image_versions.begin_create_or_update("rg1", "gal", "def", "1.0.0", {
+        "location": LOC, "properties": {"storageProfile": {"source": {"id": image.id}}}}).result()
+    assert version.provisioning_state == "Succeeded"
+    assert [v.name for v in compute.gallery_image_versions.list_by_gallery_image("rg1", "gal", "def")] == ["1.0.0"]
+
+
+def test_group_delete_deletes_everything_inside(arm: ArmEmulator, az: Clients) -> None:
+    make_vm(az, "kiln-build")
+    make_group(az, "keep")
+    assert len(arm.resources()) > 8
+    az.resource.resource_groups.begin_delete("kiln-build").result()
+    assert [r["name"] for r in arm.resources()] == ["keep"]
+    # Resource group delete is 202 + Location only, polled until 200.
+    assert [c.status for c in arm.calls if "/operationresults/" in c.path] == [202, 200]
+
+
+def test_resources_filter_by_tag(arm: ArmEmulator, az: Clients) -> None:
+    make_group(az, "kiln-b1", tags={"kiln-build": "b1"})
+    az.network.network_security_groups.begin_create_or_update(
+        "kiln-b1", "nsg", {"location": LOC, "tags": {"kiln-build": "b1"}}).result()
+    az.network.network_security_groups.begin_create_or_update("kiln-b1", "untagged", {"location": LOC}).result()
+    assert {r["name"] for r in arm.resources(tag_filter={"kiln-build": "b1"})} == {"kiln-b1", "nsg"}
+    assert arm.resources(tag_filter={"kiln-build": "b2"}) == []
+    assert [r.name for r in az.resource.resources.list(filter="tagName eq 'kiln-build'")] == ["nsg"]
+
+
+# ---------------------------------------------------------------------------------------------- LROs
+
+
+def test_lro_polls_through_provisioning_states(arm: ArmEmulator, az: Clients) -> None:
+    make_group(az)
+    arm.operation_polls = 3
+    poller = az.network.network_security_groups.begin_create_or_update("rg1", "nsg", {"location": LOC})
+    nsg = poller.result()
+    assert nsg.provisioning_state == "Succeeded"
+    assert op_polls(arm) == [200, 200, 200, 200]  # three InProgress, then Succeeded
+    put = next(c for c in arm.calls if c.method == "PUT" and c.path.endswith("/nsg"))
+    assert put.status == 201
+
+
+def test_lro_intermediate_state_is_visible(arm: ArmEmulator, az: Clients) -> None:
+    """A hung operation shows its transitional state until the test releases it."""
+    make_group(az)
+    ids = make_network(az)
+    hang = arm.faults.slow_operation(method="PUT", path_regex="/virtualMachines/", polls=None)
+    poller = az.compute.virtual_machines.begin_create_or_update("rg1", "vm1", vm_model(ids["nic"]))
+    wait_until(lambda: len(op_polls(arm)) >= 3)
+    assert not poller.done() and poller.status() == "InProgress"
+    assert az.compute.virtual_machines.get("rg1", "vm1").provisioning_state == "Creating"
+    hang.polls = 0
+    assert poller.result(timeout=10).provisioning_state == "Succeeded"
+
+
+def test_lro_headers_per_operation_kind(arm: ArmEmulator, az: Clients) -> None:
+    """The initial LRO answers carry exactly the headers arm.md prescribes per operation kind."""
+    make_group(az)
+    url = f"{arm.base_url}{ARM_PREFIX}/rg1/providers/Microsoft.Network/networkSecurityGroups/nsg?api-version=2026-03-01"
+    put = requests.put(url, json={"location": LOC}, headers=AUTH, timeout=5)
+    assert put.status_code == 201 and "Azure-AsyncOperation" in put.headers and "Location" not in put.headers
+    assert put.headers["Azure-AsyncOperation"].startswith(arm.base_url)
+    assert put.json()["properties"]["provisioningState"] == "Updating"
+    delete = requests.delete(url, headers=AUTH, timeout=5)
+    assert delete.status_code == 202 and delete.content == b""
+    assert {"Azure-AsyncOperation", "Location", "retry-after-ms"} <= set(delete.headers)
+    location = delete.headers["Location"]
+    assert requests.get(location, headers=AUTH, timeout=5).status_code == 202
+    assert requests.get(location, headers=AUTH, timeout=5).status_code == 200
+    assert requests.get(location, headers=AUTH, timeout=5).status_code == 200  # still answers after completion
+    no_version = requests.get(url.split("?")[0], headers=AUTH, timeout=5)
+    assert no_version.json()["error"]["code"] == "MissingApiVersionParameter"
+    anonymous = requests.get(url, timeout=5)
+    assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "AuthenticationFailed"
+
+
+# ---------------------------------------------------------------------------------------------- faults
+
+
+def test_429_with_retry_after_is_retried(arm: ArmEmulator, az: Clients) -> None:
+    make_group(az)
+    fault = arm.faults.add(method="PUT", path_regex="/networkSecurityGroups/", status=429, retry_after=1, times=2)
+    started = time.monotonic()
+    nsg = az.network.network_security_groups.begin_create_or_update("rg1", "nsg", {"location": LOC}).result()
+    assert nsg.provisioning_state == "Succeeded"
+    assert fault.hits == 2
+    assert [c.status for c in arm.calls if c.method == "PUT" and "nsg" in c.path] == [429, 429, 201]
+    assert time.monotonic() - started >= 2  # the SDK slept Retry-After each time
+
+
+def test_500_is_retried_then_succeeds_or_exhausts(arm: ArmEmulator, az: Clients) -> None:
+    make_group(az)
+    az.network.network_security_groups.begin_create_or_update("rg1", "nsg", {"location": LOC}).result()
+    arm.faults.add(method="GET", path_regex="/nsg$", status=500, times=2)
+    assert az.network.network_security_groups.get("rg1", "nsg").name == "nsg"
+    assert [c.status for c in arm.calls if c.method == "GET" and c.path.endswith("/nsg")][-3:] == [500, 500, 200]
+
+    arm.faults.add(method="GET", path_regex="/nsg$", status=503, times=None)
+    with pytest.raises(HttpResponseError) as exhausted:
+        az.network.network_security_groups.get("rg1", "nsg")
+    assert exhausted.value.status_code == 503
+    assert [c.status for c in arm.calls if c.path.endswith("/nsg")][-4:] == [503] * 4  # 1 + 3 retries
+
+
+def test_lro_poll_throttled_is_retried(arm: ArmEmulator, az: Clients) -> None:
+    make_group(az)
+    arm.faults.add(method="GET", path_regex="/operations/", status=429, retry_after=1, times=1)
+    assert az.network.network_security_groups.begin_create_or_update("rg1", "nsg", {"location": LOC}).result()
+    assert op_polls(arm)[0] == 429
+
+
+def test_post_is_not_retried_on_429_without_retry_after(arm: ArmEmulator, az: Clients) -> None:
+    make_vm(az)
+    arm.faults.add(method="POST", path_regex="/deallocate$", status=429)
+    with pytest.raises(HttpResponseError) as throttled:
+        az.compute.virtual_machines.begin_deallocate("rg1", "vm1")
+    assert throttled.value.status_code == 429 and throttled.value.error.code == "TooManyRequests"
+
+
+def test_dropped_connection_is_retried_for_get(arm: ArmEmulator, az: Clients) -> None:
+    make_group(az)
+    arm.faults.add(method="GET", path_regex="/resourcegroups/rg1$", drop=True, status=None, times=1)
+    assert az.resource.resource_groups.get("rg1").name == "rg1"
+    arm.faults.add(method="PATCH", path_regex="/resourcegroups/rg1$", drop=True, status=None, times=1)
+    with pytest.raises(ServiceResponseError):
+        az.resource.resource_groups.update("rg1", {"tags": {"a": "b"}})
+
+
+def test_injected_conflict_raises_resource_exists(arm: ArmEmulator, az: Clients) -> None:
+    make_group(az)
+    arm.faults.add(method="PUT", path_regex="/publicIPAddresses/", status=409, code="AnotherOperationInProgress")
+    with pytest.raises(ResourceExistsError) as conflict:
+        az.network.public_ip_addresses.begin_create_or_update("rg1", "pip", {"location": LOC})
+    assert conflict.value.error.code == "AnotherOperationInProgress"
+    # times=1: the next call goes through.
+    assert az.network.public_ip_addresses.begin_create_or_update("rg1", "pip", {"location": LOC}).result()
+
+
+def test_fault_after_skips_earlier_calls(arm: ArmEmulator, az: Clients) -> None:
+    make_group(az)
+    arm.faults.add(method="PUT", path_regex="/networkSecurityGroups/", status=400, code="InvalidParameter", after=1)
+    az.network.network_security_groups.begin_create_or_update("rg1", "first", {"location": LOC}).result()
+    with pytest.raises(HttpResponseError) as second:
+        az.network.network_security_groups.begin_create_or_update("rg1", "second", {"location": LOC})
+    assert second.value.error.code == "InvalidParameter"
+
+
+def test_in_use_resources_refuse_deletion(arm: ArmEmulator, az: Clients) -> None:
+    vm, ids = make_vm(az)
+    net = az.network
+    with pytest.raises(HttpResponseError) as nsg:
+        net.network_security_groups.begin_delete("rg1", "nsg1")
+    assert nsg.value.status_code == 400 and nsg.value.error.code == "InUseNetworkSecurityGroupCannotBeDeleted"
+    assert ids["subnet"] in nsg.value.error.message
+    with pytest.raises(HttpResponseError) as nic:
+        net.network_interfaces.begin_delete("rg1", "nic1")
+    assert nic.value.error.code == "NicInUse"
+    with pytest.raises(HttpResponseError) as subnet:
+        net.subnets.begin_delete("rg1", "vnet1", "default")
+    assert subnet.value.error.code == "InUseSubnetCannotBeDeleted"
+    with pytest.raises(ResourceExistsError) as disk:
+        az.compute.disks.begin_delete("rg1", vm.storage_profile.os_disk.name)
+    assert disk.value.status_code == 409 and disk.value.error.code == "OperationNotAllowed"
+
+    # Take things apart in order and every delete goes through.
+    az.compute.virtual_machines.begin_delete("rg1", "vm1").result()
+    net.network_interfaces.begin_delete("rg1", "nic1").result()
+    net.subnets.begin_delete("rg1", "vnet1", "default").result()
+    net.network_security_groups.begin_delete("rg1", "nsg1").result()
+
+
+def test_failed_async_operation_surfaces_its_code(arm: ArmEmulator, az: Clients) -> None:
+    make_group(az)
+    ids = make_network(az)
+    arm.faults.fail_operation(method="PUT", path_regex="/virtualMachines/vm1$", code="QuotaExceeded",
+                              message="Operation could not be completed as it results in exceeding approved quota.")
+    poller = az.compute.virtual_machines.begin_create_or_update("rg1", "vm1", vm_model(ids["nic"]))
+    with pytest.raises(HttpResponseError) as failed:
+        poller.result()
+    assert failed.value.error.code == "QuotaExceeded" and failed.value.status_code == 200
+    assert poller.status() == "Failed"
+    assert az.compute.virtual_machines.get("rg1", "vm1").provisioning_state == "Failed"
+
+    arm.faults.fail_operation(method="POST", path_regex="/deallocate$", code="AuthorizationFailed", polls=1)
+    with pytest.raises(HttpResponseError) as denied:
+        az.compute.virtual_machines.begin_deallocate("rg1", "vm1").result()
+    assert denied.value.error.code == "AuthorizationFailed"
+
+    # Resource group delete reports through Location, so the failure is the poll's HTTP status.
+    arm.faults.fail_operation(method="DELETE", path_regex="/resourcegroups/rg1$", code="OperationNotAllowed")
+    with pytest.raises(HttpResponseError) as refused:
+        az.resource.resource_groups.begin_delete("rg1").result()
+    assert refused.value.status_code == 409 and "OperationNotAllowed" in str(refused.value)
+    assert az.resource.resource_groups.check_existence("rg1")
+
+
+def test_hung_operation_never_finishes(arm: ArmEmulator, az: Clients) -> None:
+    make_group(az)
+    arm.faults.slow_operation(method="DELETE", path_regex="/resourcegroups/rg1$", polls=None)
+    poller = az.resource.resource_groups.begin_delete("rg1")
+    poller.wait(timeout=0.5)
+    assert not poller.done() and poller.status() == "InProgress"
+    assert len([c for c in arm.calls if "/operationresults/" in c.path]) > 3
+    assert az.resource.resource_groups.get("rg1").properties.provisioning_state == "Deleting"
+
+
+def test_snake_case_body_is_refused(arm: ArmEmulator, az: Clients) -> None:
+    """The current SDKs send a dict verbatim, and real Azure would silently ignore snake_case keys;
+    the emulator refuses them so such a bug fails here rather than building the wrong resource."""
+    make_group(az)
+    url = f"{arm.base_url}{ARM_PREFIX}/rg1/providers/Microsoft.Network/publicIPAddresses/pip?api-version=2026-03-01"
+    snake = {"location": LOC, "properties": {"public_ip_allocation_method": "Static"}}
+    bad = requests.put(url, json=snake, headers=AUTH, timeout=5)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "InvalidRequestContent"
+    flat = requests.put(url, json={"location": LOC, "publicIPAllocationMethod": "Static"}, headers=AUTH, timeout=5)
+    assert flat.status_code == 400 and "properties" in flat.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------- replication
+
+
+def gallery_version_body(image_id: str) -> dict[str, Any]:
+    return {"location": LOC, "properties": {
+        "publishingProfile": {"targetRegions": [
+            {"name": "eastus", "regionalReplicaCount": 1}, {"name": "westus2", "regionalReplicaCount": 2}]},
+        "storageProfile": {"source": {"id": image_id}}}}
+
+
+def make_gallery_image(az: Clients) -> str:
+    vm, _ = make_vm(az)
+    az.compute.virtual_machines.begin_deallocate("rg1", "vm1").result()
+    az.compute.virtual_machines.generalize("rg1", "vm1")
+    image = az.compute.images.begin_create_or_update("rg1", "img", {
+        "location": LOC, "properties": {"sourceVirtualMachine": {"id": vm.id}}}).result()
+    az.compute.galleries.begin_create_or_update("rg1", "gal", {"location": LOC}).result()
+    az.compute.gallery_images.begin_create_or_update("rg1", "gal", "def", {"location": LOC, "properties": {
+        "osType": "Linux", "osState": "Generalized", "identifier": {"publisher": "p", "offer": "o", "sku": "s"}}}
+    ).result()
+    return image.id
+
+
+def test_gallery_version_reports_per_region_replication(arm: ArmEmulator, az: Clients) -> None:
+    image_id = make_gallery_image(az)
+    slow = arm.faults.slow_replication(polls=None, regions=["westus2"])
+    versions = az.compute.gallery_image_versions
+
+    def regions() -> dict[str, tuple[str, int]]:
+        status = versions.get("rg1", "gal", "def", "1.0.0", expand="ReplicationStatus").replication_status
+        return {s.region: (s.state, s.progress) for s in status.summary}
+
+    poller = versions.begin_create_or_update("rg1", "gal", "def", "1.0.0", gallery_version_body(image_id))
+    assert versions.get("rg1", "gal", "def", "1.0.0").replication_status is None  # only with $expand
+    # eastus needs the default single InProgress poll; westus2 waits for the test.
+    wait_until(lambda: regions()["eastus"] == ("Completed", 100))
+    state, progress = regions()["westus2"]
+    assert state == "Replicating" and 0 < progress < 100
+    status = versions.get("rg1", "gal", "def", "1.0.0", expand="ReplicationStatus").replication_status
+    assert status.aggregated_state == "InProgress"
+    assert versions.get("rg1", "gal", "def", "1.0.0").provisioning_state == "Creating"
+    assert not poller.done()
+
+    slow.polls = 0
+    assert poller.result(timeout=10).provisioning_state == "Succeeded"
+    status = versions.get("rg1", "gal", "def", "1.0.0", expand="ReplicationStatus").replication_status
+    assert status.aggregated_state == "Completed"
+    assert regions() == {"eastus": ("Completed", 100), "westus2": ("Completed", 100)}
+
+
+def test_gallery_version_regional_replication_failure(arm: ArmEmulator, az: Clients) -> None:
+    image_id = make_gallery_image(az)
+    arm.faults.slow_replication(polls=1, regions=["westus2"], fail_code="ReplicationFailed",
+                                fail_message="Replication to westus2 failed: storage unavailable.")
+    versions = az.compute.gallery_image_versions
+    with pytest.raises(HttpResponseError) as failed:
+        versions.begin_create_or_update("rg1", "gal", "def", "1.0.0", gallery_version_body(image_id)).result()
+    assert failed.value.error.code == "ReplicationFailed"
+    status = versions.get("rg1", "gal", "def", "1.0.0", expand="ReplicationStatus").replication_status
+    assert status.aggregated_state == "Failed"
+    assert {s.region: s.state for s in status.summary} == {"eastus": "Completed", "westus2": "Failed"}
+
+
+# ---------------------------------------------------------------------------------------------- call log
+
+
+def test_call_log_counts_each_exchange(arm: ArmEmulator, az: Clients) -> None:
+    make_group(az)
+    arm.calls.clear()
+    az.network.network_security_groups.begin_create_or_update("rg1", "nsg", {"location": LOC}).result()
+    nsg = f"{ARM_PREFIX}/rg1/providers/Microsoft.Network/networkSecurityGroups/nsg"
+    assert [(c.method, c.status) for c in arm.calls] == [("PUT", 201), ("GET", 200), ("GET", 200), ("GET", 200)]
+    assert arm.calls[0].path == nsg and arm.calls[-1].path == nsg
+    assert "/providers/Microsoft.Network/locations/eastus/operations/" in arm.calls[1].path
+
+
+# ---------------------------------------------------------------------------------------------- guests
+
+
+class _BannerServer(socketserver.ThreadingTCPServer):
+    """Stands in for a guest's sshd: answers with an SSH identification string."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Banner(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.request.sendall(b"SSH-2.0-kiln_guest\r\n")
+
+
+def test_guest_factory_serves_the_vm_address(arm: ArmEmulator, az: Clients) -> None:
+    specs: list[GuestSpec] = []
+    servers: list[_BannerServer] = []
+
+    def factory(spec: GuestSpec) -> GuestEndpoint:
+        specs.append(spec)
+        server = _BannerServer(("127.0.0.1", 0), _Banner)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+
+        def close() -> None:
+            server.shutdown()
+            server.server_close()
+
+        return GuestEndpoint("127.0.0.1", server.server_address[1], close)
+
+    arm.guest_factory = factory
+    vm, _ = make_vm(az)
+    assert specs[0].admin_username == "kiln" and specs[0].ssh_public_keys == ("ssh-ed25519 AAAAC3Nza kiln",)
+    assert specs[0].os_type == "Linux" and specs[0].image_reference["offer"] == "0001-com-ubuntu-server-jammy"
+    host = az.network.public_ip_addresses.get("rg1", "pip1").ip_address
+    assert host == az.network.network_interfaces.get("rg1", "nic1").ip_configurations[0].private_ip_address
+    endpoint = arm.guest("vm1")
+    assert endpoint is not None and endpoint.host == host
+    with socket.create_connection((host, endpoint.port), timeout=5) as conn:
+        assert conn.recv(64).startswith(b"SSH-2.0-")
+
+    az.compute.virtual_machines.begin_delete("rg1", "vm1").result()
+    assert arm.guest("vm1") is None
+    with pytest.raises(OSError):
+        socket.create_connection((host, endpoint.port), timeout=1).close()
+
+
+def test_guest_that_fails_to_boot_fails_the_vm_creation(arm: ArmEmulator, az: Clients) -> None:
+    def broken(spec: GuestSpec) -> GuestEndpoint:
+        raise RuntimeError("no rootfs")
+
+    arm.guest_factory = broken
+    with pytest.raises(HttpResponseError) as failed:
+        make_vm(az)
+    assert failed.value.error.code == "OSProvisioningInternalError" and "no rootfs" in failed.value.error.message
+    assert az.compute.virtual_machines.get("rg1", "vm1").provisioning_state == "Failed"
+
+
+# ---------------------------------------------------------------------------------------------- async clients
+
+
+async def test_async_clients_create_poll_and_delete(arm: ArmEmulator) -> None:
+    kwargs = client_kwargs(arm.base_url, aio=True)
+    async with FakeAsyncCredential() as cred, \
+            AioResourceManagementClient(cred, SUB, **kwargs) as resource, \
+            AioNetworkManagementClient(cred, SUB, **client_kwargs(arm.base_url, aio=True)) as network, \
+            AioComputeManagementClient(cred, SUB, **client_kwargs(arm.base_url, aio=True)) as compute:
+        await resource.resource_groups.create_or_update("rg1", {"location": LOC})
+        arm.faults.add(method="PUT", path_regex="/networkInterfaces/", status=429, retry_after=1, times=1)
+        nsg = await (await network.network_security_groups.begin_create_or_update(
+            "rg1", "nsg", {"location": LOC})).result()
+        vnet = await (await network.virtual_networks.begin_create_or_update("rg1", "vnet", {
+            "location": LOC, "properties": {"addressSpace": {"addressPrefixes": ["10.1.0.0/16"]},
+                                            "subnets": [{"name": "s", "properties": {
+                                                "addressPrefix": "10.1.0.0/24",
+                                                "networkSecurityGroup": {"id": nsg.id}}}]}})).result()
+        nic = await (await network.network_interfaces.begin_create_or_update("rg1", "nic", {
+            "location": LOC, "properties": {"ipConfigurations": [
+                {"name": "ip", "properties": {"subnet": {"id": vnet.subnets[0].id}}}]}})).result()
+        vm = await (await compute.virtual_machines.begin_create_or_update(
+            "rg1", "vm1", vm_model(nic.id))).result()
+        assert vm.provisioning_state == "Succeeded"
+        out = await (await compute.virtual_machines.begin_run_command(
+            "rg1", "vm1", {"commandId": "RunShellScript", "script": ["true"]})).result()
+        assert out.value[0].code == "ProvisioningState/succeeded"
+
+        arm.faults.fail_operation(method="POST", path_regex="/powerOff$", code="OperationNotAllowed")
+        with pytest.raises(HttpResponseError) as failed:
+            await (await compute.virtual_machines.begin_power_off("rg1", "vm1")).result()
+        assert failed.value.error.code == "OperationNotAllowed"
+
+        with pytest.raises(HttpResponseError) as in_use:
+            await network.network_security_groups.begin_delete("rg1", "nsg")
+        assert in_use.value.error.code == "InUseNetworkSecurityGroupCannotBeDeleted"
+        await (await resource.resource_groups.begin_delete("rg1")).result()
+    assert arm.resources() == []
+    assert [c.status for c in arm.calls if c.method == "PUT" and "/networkInterfaces/" in c.path] == [429, 201]
+
+
+# ---------------------------------------------------------------------------------------------- Azurite
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def azurite(tmp_path: Path) -> Iterator[Azurite]:
+    """An Azurite blob service, when its `azurite-blob` binary is on PATH (npm package azurite)."""
+    binary = shutil.which("azurite-blob")
+    if binary is None:
+        pytest.skip("azurite-blob is not on PATH")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(tmp_path),
+         "--silent", "--skipApiVersionCheck", "--loose"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    pytest.fail("Azurite did not start")
+                time.sleep(0.2)
+        yield Azurite(f"http://127.0.0.1:{port}/devstoreaccount1")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_disk_export_and_storage_endpoints_in_azurite(azurite: Azurite) -> None:
+    with ArmEmulator(azurite=azurite) as arm:
+        kwargs = client_kwargs(arm.base_url)
+        az = Clients(*(cls(FakeCredential(), SUB, **kwargs) for cls in (
+            ResourceManagementClient, NetworkManagementClient, ComputeManagementClient, StorageManagementClient)))
+        vm, _ = make_vm(az)
+        account = az.storage.storage_accounts.begin_create(
+            "rg1", "kilnstaging", {"location": LOC, "sku": {"name": "Standard_LRS"}, "kind": "StorageV2"}).result()
+        assert account.primary_endpoints.blob == azurite.blob_url + "/"
+        key = az.storage.storage_accounts.list_keys("rg1", "kilnstaging").as_dict()["keys"][0]["value"]
+        assert key == azurite.account_key
+
+        az.compute.virtual_machines.begin_deallocate("rg1", "vm1").result()
+        sas = az.compute.disks.begin_grant_access(
+            "rg1", vm.storage_profile.os_disk.name, {"access": "Read", "durationInSeconds": 600}).result().access_sas
+        assert sas.startswith(azurite.blob_url) and "sig=" in sas
+        blob = BlobClient.from_blob_url(sas)
+        assert blob.get_blob_properties().blob_type == "PageBlob"
+        vhd = blob.download_blob().readall()
+        assert vhd[-512:-504] == b"conectix" and len(vhd) % 512 == 0
+
+
+def test_fixed_vhd_footer_is_valid() -> None:
+    from tests.arm_emulator import fixed_vhd
+
+    footer = fixed_vhd()[-512:]
+    checksum = int.from_bytes(footer[64:68], "big")
+    assert checksum == ~(sum(footer[:64]) + sum(footer[68:])) & 0xFFFFFFFF
+    assert int.from_bytes(footer[48:56], "big") == 1024 * 1024  # current size
+    assert int.from_bytes(footer[60:64], "big") == 2  # fixed disk
