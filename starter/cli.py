@@ -96,6 +96,26 @@ def parser() -> argparse.ArgumentParser:
     template_arguments(p)
 
     command("schema", commands.schema, "print the JSON Schema of AIB templates as kiln reads them", remote=False)
+
+    gallery = sub.add_parser("gallery", help="local galleries (the local cloud's Azure Compute Gallery)")
+    gallery_sub = gallery.add_subparsers(title="gallery commands", required=True, metavar="COMMAND")
+    p = gallery_sub.add_parser("create", help="make a local gallery and image definition for SharedImage targets")
+    p.set_defaults(handler=commands.gallery_create)
+    p.add_argument(
+        "image_definition_id",
+        help="/subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.Compute/galleries/<gallery>/images/<name>",
+    )
+    p.add_argument("--location", default="westeurope", help="the gallery's region (default: westeurope)")
+    p.add_argument("--publisher", default="kiln")
+    p.add_argument("--offer", default="golden")
+    p.add_argument("--sku", default="1")
+    p.add_argument("--os-type", choices=["Linux", "Windows"], default="Linux")
+    p.add_argument("--hyper-v-generation", choices=["V1", "V2"], default="V2")
+    p = gallery_sub.add_parser("list", help="local galleries, image definitions and versions")
+    p.set_defaults(handler=commands.gallery_list)
+
+    p = command("resources", commands.resources, "what the local cloud has made, from its resource store")
+    p.add_argument("--orphans", action="store_true", help="only temporary resources of builds no longer running")
     return root
 
 

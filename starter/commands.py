@@ -17,6 +17,7 @@ from starter.builds import (
     EXIT_SUCCEEDED,
     EXIT_USAGE,
     WORKFLOW_TYPE,
+    UsageError,
     Build,
     check_name,
     exit_code,
@@ -29,7 +30,7 @@ from starter.builds import (
 from starter.connection import connect
 from starter.logs import read_log, sibling_log
 from starter.progress import CUSTOMIZATION_LOG, POLL_SECONDS, STATE_STYLES, VALIDATION_LOG, follow, summary
-from workflows.models import CLOUD, RUN_STATE, SOURCE_IMAGE, TASK_QUEUES, TEMPLATE_NAME, RunState
+from workflows.models import BUILD_ID, CLOUD, RUN_STATE, SOURCE_IMAGE, TASK_QUEUES, TEMPLATE_NAME, RunState
 from workflows.template import TemplateError, template_json_schema
 
 
@@ -188,4 +189,71 @@ async def logs(args: argparse.Namespace, io: Io) -> int:
     if not found:
         io.err.print(Text(f"build {args.name} has no {log_name}" + ("" if current.finished else " yet")))
         return EXIT_USAGE
+    return EXIT_SUCCEEDED
+
+
+async def gallery_create(args: argparse.Namespace, io: Io) -> int:
+    """Make a local gallery and image definition: SharedImage targets need them first, as on Azure."""
+    from activities.clouds.base import PermanentError
+    from activities.clouds.local.storage import LocalStorage
+    from activities.clouds.local.store import ResourceStore
+
+    gallery_id = args.image_definition_id.split("/images/")[0]
+    try:
+        async with LocalStorage(store=ResourceStore()) as storage:
+            await storage.create_gallery(gallery_id, location=args.location)
+            await storage.create_image_definition(
+                args.image_definition_id,
+                os_type=args.os_type,
+                hyper_v_generation=args.hyper_v_generation,
+                publisher=args.publisher,
+                offer=args.offer,
+                sku=args.sku,
+            )
+    except PermanentError as err:
+        raise UsageError(err.message) from None
+    io.out.print(Text.assemble("Local gallery image definition ready: ", (args.image_definition_id, "bold")))
+    return EXIT_SUCCEEDED
+
+
+async def gallery_list(args: argparse.Namespace, io: Io) -> int:
+    from activities.clouds.local.storage import LocalStorage
+    from activities.clouds.local.store import ResourceStore
+
+    async with LocalStorage(store=ResourceStore()) as storage:
+        records = await storage.list_gallery()
+    table = Table("kind", "id", "version", "regions")
+    for record in records:
+        regions = record.data.get("regions") or {}
+        table.add_row(record.kind, record.id, record.data.get("version", ""), ", ".join(regions))
+    io.out.print(table if table.row_count else "no local galleries: make one with `kiln gallery create`")
+    return EXIT_SUCCEEDED
+
+
+async def resources(args: argparse.Namespace, io: Io) -> int:
+    """What the local cloud has made, from its resource store; ``--orphans``: temporary resources of builds
+    that are no longer running (a terminated build never ran its cleanup)."""
+    from activities.clouds.local.storage import LocalStorage
+    from activities.clouds.local.store import TAG_ROLE, ResourceStore
+
+    active: set[str] = set()
+    if args.orphans:
+        client = await connect(address=args.address, namespace=args.namespace)
+        query = f"WorkflowType = '{WORKFLOW_TYPE}' AND ExecutionStatus = 'Running'"
+        async for execution in client.list_workflows(query):
+            if build_id := execution.typed_search_attributes.get(BUILD_ID):
+                active.add(build_id)
+    async with LocalStorage(store=ResourceStore()) as storage:
+        records = await storage.list_resources(args.orphans, active_builds=active)
+    table = Table("kind", "id", "build", "role", "created")
+    for record in records:
+        table.add_row(
+            record.kind,
+            record.id,
+            record.build_id or "",
+            record.tags.get(TAG_ROLE, "temporary"),
+            record.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    what = "orphaned resources" if args.orphans else "local resources"
+    io.out.print(table if table.row_count else f"no {what}")
     return EXIT_SUCCEEDED

@@ -1,0 +1,129 @@
+"""The demo: a real golden-image build on this machine, end to end (`make demo`).
+
+It starts the embedded Temporal dev server, Azurite and a local worker (`python worker.py --dev`), serves
+`examples/files/` on a loopback port for the template's scriptUri and sourceUri, makes the local gallery the
+template distributes to, builds `examples/debian-golden.json` with `kiln build`, and then opens the gallery
+image it produced, read-only, to show the customization inside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+
+PROJECT = Path(__file__).resolve().parent.parent
+TEMPLATE = PROJECT / "examples" / "debian-golden.json"
+FILES_PORT = 8780  # the port the example template's URIs name
+KILN = [sys.executable, "-m", "starter"]
+console = Console(highlight=False)
+
+
+def serve_examples() -> http.server.ThreadingHTTPServer:
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(PROJECT / "examples"))
+    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", FILES_PORT), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def wait_for_port(port: int, seconds: float, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if process.poll() is not None:
+            raise SystemExit(f"the worker exited with code {process.returncode}; see its output above")
+        time.sleep(0.2)
+    raise SystemExit(f"nothing answered on 127.0.0.1:{port} after {seconds:.0f} s")
+
+
+def kiln(*args: str) -> int:
+    return subprocess.call([*KILN, *args], cwd=PROJECT)
+
+
+def gallery_image_id() -> str:
+    template = json.loads(TEMPLATE.read_text())
+    return next(d["galleryImageId"] for d in template["properties"]["distribute"] if d["type"] == "SharedImage")
+
+
+async def final_status(name: str):  # noqa: ANN201 - BuildStatus, imported lazily with the project
+    from starter.connection import connect
+    from workflows.build import ImageBuildWorkflow
+
+    client = await connect()
+    return await client.get_workflow_handle(name).query(ImageBuildWorkflow.status)
+
+
+async def open_image(artifact_id: str) -> Path:
+    """The gallery version's VHD, fetched (sparse) from the region's storage account in Azurite."""
+    from activities.clouds.local.storage import LocalStorage
+    from activities.clouds.local.store import ResourceStore
+
+    async with LocalStorage(store=ResourceStore()) as storage:
+        return (await storage.locate_image(artifact_id)).vhd_path
+
+
+def debugfs(image: Path, request: str) -> str:
+    # debugfs without -w opens the filesystem read-only; the fixed VHD's data is the ext4 filesystem itself.
+    result = subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True, text=True)
+    return result.stdout.strip()
+
+
+def show_inside(image: Path) -> None:
+    console.rule("[bold]inside the image (read-only)")
+    console.print("/etc/kiln-release:", debugfs(image, "cat /etc/kiln-release"))
+    tree = debugfs(image, "stat /usr/bin/tree")
+    console.print("/usr/bin/tree (package tree):", "installed" if "Inode:" in tree else "[red]missing")
+    console.print("/etc/motd:", debugfs(image, "cat /etc/motd"))
+    passwd = debugfs(image, "cat /etc/passwd")
+    left = [line.split(":")[0] for line in passwd.splitlines() if line.startswith("kiln")]
+    console.print("build user:", f"[red]still there: {', '.join(left)}" if left else "removed by deprovision")
+    host_keys = debugfs(image, "ls /etc/ssh")
+    console.print("SSH host keys:", "[red]still there" if "ssh_host_" in host_keys else "removed by deprovision")
+
+
+def main() -> int:
+    os.chdir(PROJECT)
+    console.rule("[bold]kiln demo: a Debian 12 golden image, built on this machine")
+    worker = subprocess.Popen([sys.executable, "worker.py", "--dev"], cwd=PROJECT)
+    files = serve_examples()
+    try:
+        wait_for_port(7233, 120, worker)
+        if kiln("gallery", "create", gallery_image_id(), "--location", "westeurope") != 0:
+            return 1
+        name = f"debian-golden-{datetime.now():%Y%m%d-%H%M%S}"
+        code = kiln("build", str(TEMPLATE), "--name", name)
+        status = asyncio.run(final_status(name))
+        gallery = next((o for o in status.run_outputs if o.type == "SharedImage" and o.artifact_id), None)
+        if gallery is not None:
+            image = asyncio.run(open_image(gallery.artifact_id))
+            show_inside(image)
+        console.rule()
+        console.print(f"The build's history: http://127.0.0.1:8233/namespaces/default/workflows/{name}")
+        console.print("Temporal, Azurite and the worker keep running for you to look; Ctrl-C stops them.")
+        worker.wait()
+        return code
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        files.shutdown()
+        if worker.poll() is None:
+            worker.terminate()
+            worker.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

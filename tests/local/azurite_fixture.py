@@ -1,0 +1,54 @@
+"""A real Azurite for the local-cloud tests: one per session, on a free loopback port, its data in a temp folder.
+
+Import the fixtures into a test module (or conftest) to use them:
+``from tests.local.azurite_fixture import azurite, local_storage  # noqa: F401``
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from activities.clouds.local.azurite import Azurite, start_azurite
+from activities.clouds.local.storage import LocalStorage
+from activities.clouds.local.store import ResourceStore
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest_asyncio.fixture(scope="session")
+async def azurite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Azurite]:
+    server = await start_azurite(location=tmp_path_factory.mktemp("azurite"), port=free_port())
+    before = os.environ.get("KILN_AZURITE_ENDPOINT")
+    os.environ["KILN_AZURITE_ENDPOINT"] = server.endpoint  # code that finds Azurite by itself finds this one
+    try:
+        yield server
+    finally:
+        if before is None:
+            os.environ.pop("KILN_AZURITE_ENDPOINT", None)
+        else:
+            os.environ["KILN_AZURITE_ENDPOINT"] = before
+        await server.stop()
+
+
+@pytest_asyncio.fixture
+async def local_storage(
+    azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[LocalStorage]:
+    """A LocalStorage with its own state folder (resource store, image cache) on the session's Azurite."""
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "state"))
+    async with LocalStorage(
+        store=ResourceStore(tmp_path / "state" / "resources.db"), endpoint=azurite.endpoint
+    ) as storage:
+        yield storage

@@ -1,0 +1,620 @@
+"""The local cloud's storage on a real Azurite: staging, logs, VHD, managed image and gallery distribution."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import socket
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from activities.clouds.base import PermanentError
+from activities.clouds.local import azurite as azurite_mod
+from activities.clouds.local import storage as storage_mod
+from activities.clouds.local.azurite import Azurite, account_for_region, start_azurite
+from activities.clouds.local.storage import (
+    KIND_BLOB,
+    KIND_CONTAINER,
+    KIND_GROUP,
+    KIND_IMAGE_VERSION,
+    LocalStorage,
+    next_version,
+    nonzero_runs,
+    read_log,
+)
+from activities.clouds.local.store import ROLE_LOG, ROLE_OUTPUT, TAG_BUILD_ID, TAG_ROLE, ResourceStore
+from tests.local.vhd_files import used_pages, write_vhd
+from workflows.models import (
+    Artifact,
+    BuildContext,
+    CapturedImage,
+    DistributeRequest,
+    ResolvedSource,
+    RunOutput,
+    Staging,
+)
+from workflows.template import (
+    ManagedImageDistributor,
+    SharedImageDistributor,
+    TargetRegion,
+    Versioning,
+    VhdDistributor,
+)
+
+pytestmark = pytest.mark.local
+pytest_plugins = ["tests.local.azurite_fixture"]
+
+MiB = 1024 * 1024
+SUB = "/subscriptions/11111111-2222-3333-4444-555555555555/resourceGroups/images"
+GALLERY = f"{SUB}/providers/Microsoft.Compute/galleries/kilnGallery"
+DEFINITION = f"{GALLERY}/images/debian12"
+
+
+class WorkerLost(Exception):
+    """Stands for a worker that died mid-call: the progress callback raises it."""
+
+
+def new_build(**kwargs: Any) -> BuildContext:
+    return BuildContext(
+        build_id=str(uuid.uuid4()),
+        template_name="debian12",
+        location="eastus",
+        cloud="local",
+        destination_resource_group="images",
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64 MiB sparse fixed VHD: scattered writes, a run across a 4 MiB boundary, zero pages among data."""
+    rnd = random.Random(7)
+    writes = {
+        0: rnd.randbytes(3 * 4096),
+        4 * MiB - 1024: rnd.randbytes(8192),  # crosses a read-chunk boundary
+        9 * MiB: rnd.randbytes(700) + bytes(2048) + rnd.randbytes(700),  # a zero page inside a run
+        20 * MiB + 100: rnd.randbytes(5 * MiB),  # starts mid-page
+        63 * MiB: rnd.randbytes(MiB),
+    }
+    return write_vhd(tmp_path_factory.mktemp("vhd") / "disk.vhd", 64 * MiB, writes)
+
+
+@pytest.fixture(scope="module")
+def small_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_vhd(tmp_path_factory.mktemp("vhd") / "small.vhd", MiB, {4096: os.urandom(8192)})
+
+
+async def staging_of(storage: LocalStorage, build: BuildContext) -> Staging:
+    return await storage.create_staging(build)
+
+
+def request_for(
+    build: BuildContext, staging: Staging, vhd: Path, target: Any, *, index: int = 0, source_version: str = "1.2.3"
+) -> DistributeRequest:
+    return DistributeRequest(
+        build=build,
+        staging=staging,
+        image=CapturedImage(id=f"captured-{build.build_id}", uri=vhd.as_uri(), size_bytes=vhd.stat().st_size),
+        source=ResolvedSource(image_id="debian:debian-12:12:latest", exact_version=source_version),
+        target=target,
+        index=index,
+    )
+
+
+async def distribute(storage: LocalStorage, request: DistributeRequest, resume: dict | None = None) -> RunOutput:
+    return await storage.distribute(request, resume=resume, progress=lambda point: None)
+
+
+async def blob_bytes(storage: LocalStorage, url: str) -> bytes:
+    return await (await storage._blob_at(url).download_blob()).readall()
+
+
+async def make_definition(storage: LocalStorage, definition: str = DEFINITION) -> None:
+    await storage.create_gallery(definition.rsplit("/images/", 1)[0], location="eastus")
+    await storage.create_image_definition(definition, publisher="kiln", offer="debian", sku="12")
+
+
+def shared(definition: str = DEFINITION, **kwargs: Any) -> SharedImageDistributor:
+    kwargs.setdefault("target_regions", [TargetRegion(name="eastus")])
+    return SharedImageDistributor(type="SharedImage", run_output_name="sig", gallery_image_id=definition, **kwargs)
+
+
+# ---- pure parts
+
+
+def test_nonzero_runs_match_a_page_by_page_scan() -> None:
+    rnd = random.Random(1)
+    for _ in range(200):
+        pages = [
+            rnd.choice([bytes(512), rnd.randbytes(512), bytes(511) + b"\x01", bytes(300) + b"\x02" + bytes(211)])
+            for _ in range(rnd.randint(0, 300))
+        ]
+        buf = b"".join(pages)
+        expected, start = [], None
+        for i, page in enumerate([*pages, bytes(512)]):
+            if page != bytes(512) and start is None:
+                start = i * 512
+            elif page == bytes(512) and start is not None:
+                expected.append((start, i * 512))
+                start = None
+        assert list(nonzero_runs(buf)) == expected
+
+
+def test_next_version_follows_the_aib_example() -> None:
+    gallery = ["0.1.1", "0.1.2", "1.1.0", "1.2.0", "2.0.0", "2.1.0"]
+    assert next_version(gallery) == "2.1.1"
+    assert next_version(gallery, 2) == "2.1.1"
+    assert next_version(gallery, 1) == "1.2.1"
+    assert next_version(gallery, 0) == "0.1.3"
+    assert next_version([]) == "1.0.0"
+    assert next_version(gallery, 5) == "5.0.0"
+    assert next_version(["1.9.0", "1.10.0"]) == "1.10.1"  # numeric, not text, order
+
+
+def test_staging_names_fit_azure_limits() -> None:
+    build = new_build().model_copy(update={"template_name": "t" * 200, "destination_resource_group": "rg" * 50})
+    name = storage_mod.staging_group_name(build)
+    assert len(name) == 90 and name.startswith("IT_rgrg") and name.endswith(f"_{build.build_id[:8]}")
+    odd = storage_mod._container_name("staging", "Build_ID/with spaces--and" + "x" * 80)
+    assert len(odd) <= 63 and odd.startswith("staging-build-id-with-spaces-and") and "--" not in odd
+
+
+def test_unknown_region_names_the_field_and_the_local_regions() -> None:
+    assert account_for_region("East US 2") == "kilneastus2"
+    with pytest.raises(PermanentError) as err:
+        account_for_region("mars", field="properties.distribute[0].location")
+    assert "properties.distribute[0].location" in str(err.value) and "westeurope" in str(err.value)
+
+
+# ---- Azurite
+
+
+async def test_start_azurite_reuses_a_running_one(azurite: Azurite) -> None:
+    port = int(azurite.endpoint.rsplit(":", 1)[1])
+    again = await start_azurite(location=azurite.location, port=port)
+    assert not again.owned and again.endpoint == azurite.endpoint and again.pid == azurite.pid
+    await again.stop()
+    assert await azurite_mod.answers(azurite.endpoint)  # a reused one is left running
+
+
+async def test_azurite_keeps_its_data_across_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("KILN_AZURITE_ENDPOINT", f"http://127.0.0.1:{port}")
+    first = await start_azurite(location=tmp_path)  # host and port from KILN_AZURITE_ENDPOINT
+    assert first.owned and first.endpoint == azurite_mod.endpoint()
+    async with LocalStorage(store=ResourceStore(tmp_path / "resources.db")) as storage:
+        await storage._ensure_container("kilnuksouth", "keep")
+        await storage._blob("kilnuksouth", "keep", "a").upload_blob(b"kept")
+    await first.stop()
+    assert not await azurite_mod.answers(first.endpoint) and not (tmp_path / azurite_mod.PID_FILE).exists()
+    second = await start_azurite(location=tmp_path)
+    try:
+        async with LocalStorage(store=ResourceStore(tmp_path / "resources.db")) as storage:
+            assert await (await storage._blob("kilnuksouth", "keep", "a").download_blob()).readall() == b"kept"
+    finally:
+        await second.stop()
+
+
+async def test_a_port_taken_by_something_else_is_reported(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="did not start"):
+            await start_azurite(location=tmp_path, port=taken.getsockname()[1])
+
+
+# ---- staging and logs
+
+
+async def test_staging_create_and_delete_are_idempotent(local_storage: LocalStorage) -> None:
+    build = new_build()
+    await local_storage.delete_staging(build)  # before create: nothing to do
+    first = await local_storage.create_staging(build)
+    again = await local_storage.create_staging(build)
+    assert first == again and first.created_group
+    assert "/resourceGroups/IT_images_debian12_" in first.resource_group_id
+    kinds = {r.kind for r in local_storage.store.list(build_id=build.build_id)}
+    assert kinds == {KIND_GROUP, KIND_CONTAINER}
+
+    artifact = Artifact(source_uri="https://example.invalid/setup.sh", field="properties.customize[0].scriptUri")
+    staged = await local_storage.stage_artifact(build, first, artifact, b"echo hello\n")
+    assert staged.sha256 == hashlib.sha256(b"echo hello\n").hexdigest() and staged.staged_uri.startswith(
+        first.storage_uri
+    )
+    assert await local_storage.read_staged(build, staged) == b"echo hello\n"
+
+    await local_storage.delete_staging(build)
+    await local_storage.delete_staging(build)
+    assert local_storage.store.list(build_id=build.build_id) == []
+    with pytest.raises(Exception, match="BlobNotFound|ContainerNotFound"):
+        await local_storage.read_staged(build, staged)
+
+
+async def test_an_existing_staging_group_is_used_but_never_deleted(local_storage: LocalStorage) -> None:
+    group = f"/subscriptions/{storage_mod.LOCAL_SUBSCRIPTION}/resourceGroups/my-staging"
+    local_storage.store.record(group.lower(), kind=KIND_GROUP, build_id=None, data={"id": group})
+    build = new_build(staging_resource_group=group)
+    staging = await local_storage.create_staging(build)
+    assert staging.resource_group_id == group and not staging.created_group
+    await local_storage.delete_staging(build)
+    assert local_storage.store.get(group.lower()) is not None
+    assert local_storage.store.list(build_id=build.build_id) == []
+
+
+async def test_logs_survive_delete_staging(local_storage: LocalStorage) -> None:
+    build = new_build()
+    staging = await local_storage.create_staging(build)
+    log = await local_storage.open_log(build, staging, "customization.log")
+    assert log.uri == f"{staging.log_uri_prefix}customization.log" and "?" not in log.uri
+    await log.append(b"line 1\n")
+    await log.append(b"line 2\n")
+    assert await read_log(log.uri) == b"line 1\nline 2\n"
+    assert await read_log(log.uri, 7) == b"line 2\n"
+    assert await read_log(log.uri, 14) == b""
+    assert await read_log(f"{staging.log_uri_prefix}validation.log") == b""
+
+    await local_storage.delete_staging(build)
+    taken_over = await local_storage.open_log(build, staging, "customization.log")  # another worker carries on
+    await taken_over.append(b"line 3\n")
+    assert await read_log(log.uri) == b"line 1\nline 2\nline 3\n"
+    await log.append(b"line 4\n")  # the first writer, behind the log's end, follows it instead of failing
+    assert await read_log(log.uri) == b"line 1\nline 2\nline 3\nline 4\n"
+    [record] = local_storage.store.list(build_id=build.build_id)
+    assert record.id == log.uri and record.tags[TAG_ROLE] == ROLE_LOG
+
+
+# ---- VHD
+
+
+async def test_vhd_upload_sends_only_used_pages(local_storage: LocalStorage, disk: Path) -> None:
+    build = new_build()
+    staging = await local_storage.create_staging(build)
+    target = VhdDistributor(type="VHD", run_output_name="vhd", artifact_tags={"team": "images"})
+    points: list[dict] = []
+    output = await local_storage.distribute(
+        request_for(build, staging, disk, target), resume=None, progress=points.append
+    )
+
+    assert output.type == "VHD" and output.artifact_uri.endswith(f"/{build.build_id}/vhd.vhd")
+    assert "?" not in output.artifact_uri and output.artifact_uri.startswith(local_storage.endpoint)
+    blob = local_storage._blob_at(output.artifact_uri)
+    ranges = [r async for r in blob.list_page_ranges()]
+    assert sum(r.end + 1 - r.start for r in ranges) == used_pages(disk) < disk.stat().st_size // 10
+    assert await blob_bytes(local_storage, output.artifact_uri) == disk.read_bytes()
+    assert points and points[-1]["offset"] == disk.stat().st_size
+    record = local_storage.store.get(output.artifact_uri)
+    assert record.data["sentBytes"] == used_pages(disk)
+    assert record.tags == {"team": "images", TAG_BUILD_ID: build.build_id, "createdBy": "kiln", TAG_ROLE: ROLE_OUTPUT}
+
+    await local_storage.delete_staging(build)  # the VHD is an output: it stays
+    assert await blob.exists()
+
+
+async def test_vhd_to_a_given_uri(local_storage: LocalStorage, small_disk: Path) -> None:
+    build = new_build()
+    staging = await local_storage.create_staging(build)
+    uri = f"{local_storage.endpoint}/kilnwesteurope/exports/{build.build_id}.vhd"
+    output = await distribute(
+        local_storage, request_for(build, staging, small_disk, VhdDistributor(type="VHD", run_output_name="v", uri=uri))
+    )
+    assert output.artifact_uri == uri and await blob_bytes(local_storage, uri) == small_disk.read_bytes()
+    other = new_build()
+    with pytest.raises(PermanentError, match=r"distribute\[0\]\.uri: a blob already exists"):
+        await distribute(
+            local_storage,
+            request_for(other, staging, small_disk, VhdDistributor(type="VHD", run_output_name="v", uri=uri)),
+        )
+    with pytest.raises(PermanentError, match=r"distribute\[0\]\.uri"):
+        await distribute(
+            local_storage,
+            request_for(
+                other,
+                staging,
+                small_disk,
+                VhdDistributor(type="VHD", run_output_name="v", uri="https://x.example/a/b.vhd"),
+            ),
+        )
+
+
+# ---- managed image
+
+
+async def test_managed_image_is_registered_and_located(
+    local_storage: LocalStorage, small_disk: Path, disk: Path
+) -> None:
+    image_id = f"{SUB}/providers/Microsoft.Compute/images/debian12-golden"
+    build = new_build()
+    staging = await local_storage.create_staging(build)
+    target = ManagedImageDistributor(type="ManagedImage", run_output_name="mi", image_id=image_id, location="East US")
+    output = await distribute(local_storage, request_for(build, staging, small_disk, target))
+    assert output.artifact_id == image_id
+    found = await local_storage.locate_image(image_id.upper())  # ARM ids are case-insensitive
+    assert found.vhd_path.read_bytes() == small_disk.read_bytes() and found.hyper_v_generation == "V2"
+    assert (await local_storage.locate_image(image_id)).vhd_path == found.vhd_path  # downloaded once
+
+    # Built again at the same id, the image is replaced and the old blob goes.
+    old_blob = local_storage.store.get(image_id.lower()).data["blobUrl"]
+    rebuild = new_build()
+    await distribute(local_storage, request_for(rebuild, staging, disk, target))
+    assert (await local_storage.locate_image(image_id)).vhd_path.read_bytes() == disk.read_bytes()
+    assert not await local_storage._blob_at(old_blob).exists() and local_storage.store.get(old_blob) is None
+
+    moved = target.model_copy(update={"location": "westeurope"})
+    with pytest.raises(PermanentError, match=r"distribute\[0\]\.location: the image .* exists in eastus"):
+        await distribute(local_storage, request_for(new_build(), staging, small_disk, moved))
+    with pytest.raises(PermanentError, match=r"distribute\[0\]\.location: 'mars' is not a region.*swedencentral"):
+        await distribute(
+            local_storage, request_for(new_build(), staging, small_disk, target.model_copy(update={"location": "mars"}))
+        )
+    with pytest.raises(
+        PermanentError, match=r"properties\.source\.imageId: there is no local managed image .*debian12-golden"
+    ):
+        await local_storage.locate_image(f"{SUB}/providers/Microsoft.Compute/images/nope")
+
+
+# ---- gallery
+
+
+async def test_gallery_and_definition_must_exist(local_storage: LocalStorage, small_disk: Path) -> None:
+    build = new_build()
+    staging = await local_storage.create_staging(build)
+    request = request_for(build, staging, small_disk, shared(), index=2)
+    with pytest.raises(
+        PermanentError, match=r"distribute\[2\]\.galleryImageId: the gallery .* does not exist.*kiln gallery create"
+    ):
+        await distribute(local_storage, request)
+    await local_storage.create_gallery(GALLERY)
+    with pytest.raises(PermanentError, match=r"image definition .*debian12 does not exist.*kiln gallery create"):
+        await distribute(local_storage, request)
+    await local_storage.create_image_definition(
+        DEFINITION, hyper_v_generation="V1", publisher="kiln", offer="d", sku="12"
+    )
+    with pytest.raises(PermanentError, match="generation V2, but the image definition .* is V1"):
+        await distribute(local_storage, request)
+    assert local_storage.store.list(build_id=build.build_id, kind=KIND_IMAGE_VERSION) == []
+
+
+async def test_versions_are_numbered_by_the_versioning_scheme(local_storage: LocalStorage, small_disk: Path) -> None:
+    await make_definition(local_storage)
+    build = new_build()
+    staging = await local_storage.create_staging(build)
+
+    async def version(target: SharedImageDistributor, source_version: str = "1.2.3") -> str:
+        output = await distribute(
+            local_storage, request_for(new_build(), staging, small_disk, target, source_version=source_version)
+        )
+        return output.artifact_id.rsplit("/versions/", 1)[1]
+
+    assert await version(shared()) == "1.0.0"
+    for v in ["0.1.1", "0.1.2", "1.1.0", "1.2.0", "2.0.0", "2.1.0"]:
+        assert await version(shared(f"{DEFINITION}/versions/{v}")) == v
+    assert await version(shared(versioning=Versioning(scheme="Latest", major=1))) == "1.2.1"
+    assert await version(shared(versioning=Versioning(scheme="Latest", major=0))) == "0.1.3"
+    assert await version(shared(versioning=Versioning(scheme="Latest"))) == "2.1.1"
+    assert await version(shared()) == "2.1.2"
+    assert await version(shared(versioning=Versioning(scheme="Source")), "12.20240101.3") == "12.20240101.3"
+    with pytest.raises(PermanentError, match=r"versioning\.scheme: version 12\.20240101\.3 of .* already exists"):
+        await version(shared(versioning=Versioning(scheme="Source")), "12.20240101.3")
+    with pytest.raises(PermanentError, match=r"versioning\.scheme: '20240101' is not a gallery image version"):
+        await version(shared(versioning=Versioning(scheme="Source")), "20240101")
+    with pytest.raises(PermanentError, match=r"galleryImageId: version 1\.1\.0 of .* already exists"):
+        await version(shared(f"{DEFINITION}/versions/1.1.0"))
+
+    # A retried target gets the version its first try claimed, not the next number.
+    retried = new_build()
+    request = request_for(retried, staging, small_disk, shared())
+    first = await distribute(local_storage, request)
+    assert (await distribute(local_storage, request)).artifact_id == first.artifact_id
+
+
+async def test_replication_to_three_regions_with_two_replicas(local_storage: LocalStorage, disk: Path) -> None:
+    await make_definition(local_storage)
+    build = new_build()
+    staging = await local_storage.create_staging(build)
+    regions = [TargetRegion(name=n, replica_count=2) for n in ("eastus", "West US 2", "northeurope")]
+    output = await distribute(local_storage, request_for(build, staging, disk, shared(target_regions=regions)))
+    assert output.replication == {"eastus": "Completed", "West US 2": "Completed", "northeurope": "Completed"}
+    [version] = local_storage.store.list(build_id=build.build_id, kind=KIND_IMAGE_VERSION)
+    assert version.id == output.artifact_id.lower() and version.data["state"] == "Succeeded"
+    expected = hashlib.sha256(disk.read_bytes()).hexdigest()
+    blobs = [url for region in version.data["regions"].values() for url in region["blobs"]]
+    assert len(blobs) == 6 and len({url.split("/")[3] for url in blobs}) == 3  # one account per region
+    for url in blobs:
+        assert hashlib.sha256(await blob_bytes(local_storage, url)).hexdigest() == expected
+        assert local_storage.store.get(url).tags[TAG_ROLE] == ROLE_OUTPUT
+
+
+async def test_a_resumed_replication_skips_completed_regions(
+    local_storage: LocalStorage,
+    disk: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await make_definition(local_storage)
+    build = new_build()
+    staging = await local_storage.create_staging(build)
+    regions = [TargetRegion(name=n, replica_count=2) for n in ("eastus", "westus2", "northeurope")]
+    request = request_for(build, staging, disk, shared(target_regions=regions))
+
+    sent: list[int] = []
+    send = LocalStorage._send_used_pages
+
+    async def counting_send(self: LocalStorage, *args: Any, **kwargs: Any) -> int:
+        sent.append(await send(self, *args, **kwargs))
+        return sent[-1]
+
+    finish = LocalStorage._finish_region
+
+    async def failing_finish(self: LocalStorage, entry: dict) -> None:
+        if entry["name"] == "westus2":
+            raise ConnectionError("worker lost")
+        await finish(self, entry)
+
+    monkeypatch.setattr(LocalStorage, "_send_used_pages", counting_send)
+    monkeypatch.setattr(LocalStorage, "_finish_region", failing_finish)
+    points: list[dict] = []
+    with pytest.raises(ConnectionError):
+        await local_storage.distribute(request, resume=None, progress=lambda p: points.append(dict(p)))
+    assert points[-1]["completed"] == ["eastus", "northeurope"]
+    [version] = local_storage.store.list(build_id=build.build_id, kind=KIND_IMAGE_VERSION)
+    done = {
+        url: (await local_storage._blob_at(url).get_blob_properties()).etag
+        for k in ("eastus", "northeurope")
+        for url in version.data["regions"][k]["blobs"]
+    }
+
+    monkeypatch.setattr(LocalStorage, "_finish_region", finish)
+    output = await local_storage.distribute(request, resume=points[-1], progress=lambda p: None)
+    assert set(output.replication.values()) == {"Completed"}
+    assert sent == [used_pages(disk), 0]  # the file was streamed once; the retry only finished westus2's replicas
+    for url, etag in done.items():
+        assert (await local_storage._blob_at(url).get_blob_properties()).etag == etag
+    westus2 = version.data["regions"]["westus2"]["blobs"]
+    assert await blob_bytes(local_storage, westus2[1]) == disk.read_bytes()
+
+
+async def test_an_interrupted_upload_carries_on_from_its_checkpoint(
+    local_storage: LocalStorage,
+    disk: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await make_definition(local_storage)
+    monkeypatch.setattr(storage_mod, "_BATCH_BYTES", MiB)
+    build = new_build()
+    staging = await local_storage.create_staging(build)
+    request = request_for(
+        build, staging, disk, shared(target_regions=[TargetRegion(name="eastus"), TargetRegion(name="uksouth")])
+    )
+    points: list[dict] = []
+
+    def progress(point: dict) -> None:
+        points.append(dict(point))
+        if len(points) == 2:
+            raise WorkerLost
+
+    with pytest.raises(WorkerLost):
+        await local_storage.distribute(request, resume=None, progress=progress)
+    checkpoint = points[-1]
+    assert 0 < checkpoint["offset"] < disk.stat().st_size and checkpoint["completed"] == []
+    later: list[dict] = []
+    output = await local_storage.distribute(request, resume=checkpoint, progress=later.append)
+    assert later[0]["offset"] > checkpoint["offset"] and later[0]["version"] == checkpoint["version"]
+    for region in local_storage.store.get(output.artifact_id.lower()).data["regions"].values():
+        assert await blob_bytes(local_storage, region["blobs"][0]) == disk.read_bytes()
+
+
+async def test_exclude_from_latest(local_storage: LocalStorage, disk: Path, small_disk: Path) -> None:
+    await make_definition(local_storage)
+    staging = await local_storage.create_staging(new_build())
+    await distribute(local_storage, request_for(new_build(), staging, disk, shared(f"{DEFINITION}/versions/1.0.0")))
+    await distribute(
+        local_storage,
+        request_for(new_build(), staging, small_disk, shared(f"{DEFINITION}/versions/1.0.1", exclude_from_latest=True)),
+    )
+
+    latest = await local_storage.locate_image(f"{DEFINITION}/versions/latest")
+    assert latest.exact_version == "1.0.0" and latest.vhd_path.read_bytes() == disk.read_bytes()
+    assert latest.vhd_path.stat().st_blocks * 512 < 16 * MiB  # downloaded sparse: only the used pages
+    pinned = await local_storage.locate_image(f"{DEFINITION}/versions/1.0.1")
+    assert pinned.exact_version == "1.0.1" and pinned.vhd_path.read_bytes() == small_disk.read_bytes()
+    with pytest.raises(
+        PermanentError, match=r"properties\.source\.imageVersionId: no version '9\.9\.9' .*versions: 1\.0\.0, 1\.0\.1"
+    ):
+        await local_storage.locate_image(f"{DEFINITION}/versions/9.9.9")
+
+
+async def test_delete_output_removes_an_unfinished_distribution(
+    local_storage: LocalStorage,
+    disk: Path,
+    small_disk: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await make_definition(local_storage)
+    monkeypatch.setattr(storage_mod, "_BATCH_BYTES", MiB)
+    build = new_build()
+    staging = await local_storage.create_staging(build)
+    targets = [
+        shared(target_regions=[TargetRegion(name="eastus", replica_count=2), TargetRegion(name="westus3")]),
+        VhdDistributor(type="VHD", run_output_name="vhd"),
+    ]
+
+    def stop_at_second_batch() -> Callable[[dict], None]:
+        seen: list[dict] = []
+
+        def progress(point: dict) -> None:
+            seen.append(point)
+            if len(seen) == 2:
+                raise WorkerLost
+
+        return progress
+
+    for index, target in enumerate(targets):
+        with pytest.raises(WorkerLost):
+            await local_storage.distribute(
+                request_for(build, staging, disk, target, index=index), resume=None, progress=stop_at_second_batch()
+            )
+    left = [r for r in local_storage.store.list(build_id=build.build_id) if r.kind not in (KIND_GROUP, KIND_CONTAINER)]
+    assert {r.kind for r in left} == {KIND_BLOB, KIND_IMAGE_VERSION} and len(left) == 5
+    for index, target in enumerate(targets):
+        await local_storage.delete_output(build, target, index)
+        await local_storage.delete_output(build, target, index)  # already gone: fine
+    for record in left:
+        assert local_storage.store.get(record.id) is None
+        if record.kind == KIND_BLOB:
+            assert not await local_storage._blob_at(record.id).exists()
+
+    # A finished output is not "unfinished": delete_output leaves it.
+    done = await distribute(local_storage, request_for(build, staging, small_disk, targets[1], index=1))
+    await local_storage.delete_output(build, targets[1], 1)
+    assert await local_storage._blob_at(done.artifact_uri).exists()
+
+
+async def test_every_blob_is_recorded_and_temporary_ones_forgotten(
+    local_storage: LocalStorage, small_disk: Path
+) -> None:
+    await make_definition(local_storage)
+    build = new_build()
+    staging = await local_storage.create_staging(build)
+    await local_storage.stage_artifact(build, staging, Artifact(source_uri="file:///a", field="f"), b"data")
+    await (await local_storage.open_log(build, staging, "customization.log")).append(b"x")
+    targets = [
+        VhdDistributor(type="VHD", run_output_name="vhd"),
+        ManagedImageDistributor(
+            type="ManagedImage",
+            run_output_name="mi",
+            image_id=f"{SUB}/providers/Microsoft.Compute/images/rec",
+            location="uksouth",
+        ),
+        shared(target_regions=[TargetRegion(name="eastus", replica_count=2)]),
+    ]
+    for index, target in enumerate(targets):
+        await distribute(local_storage, request_for(build, staging, small_disk, target, index=index))
+
+    async def blobs_of_build() -> set[str]:
+        found = set()
+        for account in azurite_mod.local_accounts():
+            service = local_storage._service(account)
+            async for container in service.list_containers():
+                async for blob in service.get_container_client(container.name).list_blobs(include=["metadata"]):
+                    if blob.metadata.get("kilnbuildid") == build.build_id:
+                        found.add(service.get_blob_client(container.name, blob.name).url)
+        return found
+
+    recorded = {r.id for r in local_storage.store.list(build_id=build.build_id, kind=KIND_BLOB)}
+    assert await blobs_of_build() == recorded and len(recorded) == 6  # artifact, log, vhd, image, 2 replicas
+    orphans = await local_storage.list_resources(orphans_only=True)
+    assert {r.kind for r in orphans if r.build_id == build.build_id} == {KIND_GROUP, KIND_CONTAINER, KIND_BLOB}
+    assert await local_storage.list_resources(orphans_only=True, active_builds={build.build_id}) == []
+
+    await local_storage.delete_staging(build)
+    left = local_storage.store.list(build_id=build.build_id)
+    assert all(r.tags[TAG_ROLE] in (ROLE_OUTPUT, ROLE_LOG) for r in left) and len(left) == 7
+    assert {r.id for r in left if r.kind == KIND_BLOB} == await blobs_of_build()
+    listed = await local_storage.list_gallery(GALLERY)
+    assert [r.kind for r in listed] == ["gallery", "galleryImageDefinition", "galleryImageVersion"]
