@@ -112,6 +112,8 @@ async def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("azure", "asyncssh"):  # every HTTP request and SSH channel otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -130,13 +132,16 @@ async def main(argv: list[str] | None = None) -> None:
     try:
         client = await connect(address=args.address, namespace=args.namespace)
         cloud = await make_cloud(args.cloud)
-        await run_worker(
-            client,
-            cloud,
-            task_queue=TASK_QUEUES[args.cloud],
-            stop=stop,
-            max_activities_per_second=args.max_activities_per_second,
-        )
+        try:
+            await run_worker(
+                client,
+                cloud,
+                task_queue=TASK_QUEUES[args.cloud],
+                stop=stop,
+                max_activities_per_second=args.max_activities_per_second,
+            )
+        finally:
+            await cloud.close()
     except ConnectError as err:
         raise SystemExit(str(err)) from None
     finally:

@@ -6,12 +6,12 @@ cd "$(dirname "$0")/.."
 
 packages=(
     python3-venv          # the virtual environment
-    mmdebstrap            # local cloud: base images from the Debian package registry
+    mmdebstrap debian-archive-keyring   # local cloud: base images from the Debian package registry
     qemu-utils            # local cloud: fixed VHDs (qemu-img)
     e2fsprogs             # local cloud: ext4 from a folder (mke2fs -d), debugfs
     openssh-client        # local cloud: ssh-keygen for host keys
     iproute2              # local cloud: a loopback address per build VM
-    util-linux            # local cloud: unshare, mount
+    util-linux mount      # local cloud: unshare, setsid, nsenter, mount
     nodejs npm            # Azurite, the Azure Storage emulator
 )
 missing=()

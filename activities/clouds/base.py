@@ -123,3 +123,6 @@ class Cloud(Protocol):
 
     async def delete_output(self, build: BuildContext, target: Distributor, index: int) -> None:
         """Remove what an unfinished distribution left (a half-replicated version, a partial VHD)."""
+
+    async def close(self) -> None:
+        """Release the cloud's clients and connections when the worker stops."""

@@ -78,3 +78,21 @@ def used_pages(path: Path) -> int:
         while page := f.read(PAGE):
             total += PAGE if page != zero[: len(page)] else 0
     return total
+
+
+def sent_pages(path: Path, merge_gap: int) -> int:
+    """Bytes a page-blob upload writes: the non-zero pages, plus zero gaps shorter than ``merge_gap`` between
+    two of them (sent inside one write), counted the slow obvious way."""
+    zero = bytes(PAGE)
+    total = gap = 0
+    seen_data = False
+    with open(path, "rb") as f:
+        while page := f.read(PAGE):
+            if page != zero[: len(page)]:
+                if seen_data and gap < merge_gap:
+                    total += gap
+                total += PAGE
+                gap, seen_data = 0, True
+            else:
+                gap += PAGE
+    return total

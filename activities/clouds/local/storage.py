@@ -47,6 +47,7 @@ from workflows.models import (
     Artifact,
     BuildContext,
     DistributeRequest,
+    ResolvedSource,
     Resource,
     RunOutput,
     StagedArtifact,
@@ -54,6 +55,7 @@ from workflows.models import (
 )
 from workflows.template import (
     Distributor,
+    ImageTemplate,
     ManagedImageDistributor,
     SharedImageDistributor,
     VhdDistributor,
@@ -179,6 +181,24 @@ def staging_group_name(build: BuildContext) -> str:
     return f"IT_{middle[: 90 - 3 - 9]}_{_short_id(build.build_id)}"
 
 
+MERGE_GAP = 64 * 1024
+
+
+def write_runs(buf: bytes) -> Iterator[tuple[int, int]]:
+    """The non-zero runs of ``buf`` joined across gaps shorter than MERGE_GAP: a page write costs a request,
+    which is worth far more than the few zero bytes a short gap adds to it."""
+    current: tuple[int, int] | None = None
+    for start, end in nonzero_runs(buf):
+        if current is not None and start - current[1] < MERGE_GAP:
+            current = (current[0], end)
+            continue
+        if current is not None:
+            yield current
+        current = (start, end)
+    if current is not None:
+        yield current
+
+
 def nonzero_runs(buf: bytes) -> Iterator[tuple[int, int]]:
     """``(start, end)`` of each run of 512-byte pages of ``buf`` that are not all zero; ``buf`` starts on a page."""
     size = len(buf)
@@ -236,7 +256,7 @@ class _UsedPages:
             hole_at = os.lseek(self._fd, data_at, os.SEEK_HOLE)
             end = min(self.size, -(-hole_at // PAGE) * PAGE, start + MAX_PAGE_WRITE)
             chunk = os.pread(self._fd, end - start, start)
-            for a, b in nonzero_runs(chunk):
+            for a, b in write_runs(chunk):
                 batch.append((start + a, chunk[a:b]))
                 total += b - a
             self.position = start + len(chunk)
@@ -702,11 +722,24 @@ class LocalStorage:
             await self._db(self.store.forget, previous.data["blobUrl"])
         return RunOutput(run_output_name=target.run_output_name, type="ManagedImage", artifact_id=target.image_id)
 
+    async def check_targets(self, template: ImageTemplate, source: ResolvedSource) -> None:
+        """Refuse, before a build makes anything, a target it could not distribute to at its end: a region with no
+        local storage account, a gallery or image definition that does not exist or does not fit the image."""
+        for index, target in enumerate(template.properties.distribute):
+            field = f"properties.distribute[{index}]"
+            if isinstance(target, ManagedImageDistributor):
+                azurite.account_for_region(target.location, field=f"{field}.location")
+            elif isinstance(target, SharedImageDistributor):
+                await self._gallery_target(index, target, source.hyper_v_generation, source.os_type)
+                region_field = "targetRegions" if target.target_regions is not None else "replicationRegions"
+                for i, region in enumerate(target.regions()):
+                    azurite.account_for_region(region.name, field=f"{field}.{region_field}[{i}].name")
+
     async def _gallery_target(
-        self, request: DistributeRequest, target: SharedImageDistributor
+        self, index: int, target: SharedImageDistributor, hyper_v_generation: str, os_type: str
     ) -> tuple[_GalleryRef, ResourceRecord]:
         """The image definition a SharedImage target writes to; it and its gallery must exist, as on Azure."""
-        field = f"properties.distribute[{request.index}].galleryImageId"
+        field = f"properties.distribute[{index}].galleryImageId"
         ref = _gallery_ref(target.gallery_image_id)
         if ref is None or ref.image is None:
             raise PermanentError(
@@ -728,15 +761,15 @@ class LocalStorage:
                 f"Make it with `kiln gallery create {ref.image_id}`",
                 kind="BadSharedImageDistribute",
             )
-        if definition.data.get("hyperVGeneration") != request.image.hyper_v_generation:
+        if definition.data.get("hyperVGeneration") != hyper_v_generation:
             raise PermanentError(
-                f"{field}: the image is Hyper-V generation {request.image.hyper_v_generation}, but the image "
+                f"{field}: the image is Hyper-V generation {hyper_v_generation}, but the image "
                 f"definition {ref.image_id} is {definition.data.get('hyperVGeneration')}",
                 kind="BadSharedImageDistribute",
             )
-        if definition.data.get("osType") != request.source.os_type:
+        if definition.data.get("osType") != os_type:
             raise PermanentError(
-                f"{field}: the image is {request.source.os_type}, the image definition {ref.image_id} is "
+                f"{field}: the image is {os_type}, the image definition {ref.image_id} is "
                 f"{definition.data.get('osType')}",
                 kind="BadSharedImageDistribute",
             )
@@ -813,7 +846,9 @@ class LocalStorage:
     ) -> RunOutput:
         build = request.build
         field = f"properties.distribute[{request.index}]"
-        ref, _ = await self._gallery_target(request, target)
+        ref, _ = await self._gallery_target(
+            request.index, target, request.image.hyper_v_generation, request.source.os_type
+        )
         region_field = "targetRegions" if target.target_regions is not None else "replicationRegions"
         plan: dict[str, dict[str, Any]] = {}
         for i, region in enumerate(target.regions()):

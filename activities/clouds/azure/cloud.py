@@ -1,0 +1,640 @@
+"""``AzureCloud``: the ``Cloud`` protocol on Azure. See the package docstring for its configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from azure.core.exceptions import ResourceNotFoundError
+
+from activities.clouds.azure import storage
+from activities.clouds.azure.clients import PUBLIC_ARM, ArmClients, BlobClients, is_loopback_http
+from activities.clouds.azure.distribute import AzureDistribution
+from activities.clouds.azure.errors import arm_call
+from activities.clouds.azure.names import (
+    LOGS_CONTAINER,
+    ROLE_TEMPORARY,
+    STAGING_CONTAINER,
+    TAG_BUILD_ID,
+    TAG_GENERATION,
+    VmParts,
+    admin_user,
+    base_tags,
+    parse_id,
+    snapshot_name,
+    staging_group,
+    storage_account_name,
+)
+from activities.clouds.azure.vm import (
+    SSH_PORT,
+    WINRM_HTTPS_PORT,
+    AzureVms,
+    image_reference,
+    lro,
+    parse_platform_image_id,
+    platform_image_id,
+    windows_password,
+)
+from activities.clouds.base import GuestSession, LogSink, PermanentError
+from activities.remote.keys import derive_key, public_line
+from activities.remote.ssh import open_session
+from workflows.models import (
+    Artifact,
+    BuildContext,
+    BuildVm,
+    CapturedImage,
+    CaptureSpec,
+    DistributeRequest,
+    ResolvedSource,
+    Resource,
+    RunOutput,
+    StagedArtifact,
+    Staging,
+    VmSpec,
+)
+from workflows.template import (
+    Distributor,
+    ImageTemplate,
+    ManagedImageSource,
+    PlatformImageSource,
+    SharedImageVersionSource,
+)
+
+log = logging.getLogger("kiln.azure")
+
+DEPROVISION_LINUX = """\
+WAAGENT=/usr/sbin/waagent
+waagent -version 1> /dev/null 2>&1
+if [ $? -eq 0 ]; then
+  WAAGENT=waagent
+fi
+$WAAGENT -force -deprovision+user && export HISTSIZE=0 && sync
+"""
+
+DEPROVISION_WINDOWS = """\
+Write-Output '>>> Waiting for GA Service (RdAgent) to start ...'
+while ((Get-Service RdAgent).Status -ne 'Running') { Start-Sleep -s 5 }
+Write-Output '>>> Waiting for GA Service (WindowsAzureTelemetryService) to start ...'
+while ((Get-Service WindowsAzureTelemetryService) -and ((Get-Service WindowsAzureTelemetryService).Status -ne 'Running')) { Start-Sleep -s 5 }
+Write-Output '>>> Waiting for GA Service (WindowsAzureGuestAgent) to start ...'
+while ((Get-Service WindowsAzureGuestAgent).Status -ne 'Running') { Start-Sleep -s 5 }
+if( Test-Path $Env:SystemRoot\\system32\\Sysprep\\unattend.xml ) {
+  Write-Output '>>> Removing Sysprep\\unattend.xml ...'
+  Remove-Item $Env:SystemRoot\\system32\\Sysprep\\unattend.xml -Force
+}
+if (Test-Path $Env:SystemRoot\\Panther\\unattend.xml) {
+  Write-Output '>>> Removing Panther\\unattend.xml ...'
+  Remove-Item $Env:SystemRoot\\Panther\\unattend.xml -Force
+}
+Write-Output '>>> Sysprepping VM ...'
+& $Env:SystemRoot\\System32\\Sysprep\\Sysprep.exe /oobe /generalize /quiet /quit
+while($true) {
+  $imageState = (Get-ItemProperty HKLM:\\SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\Setup\\State).ImageState
+  Write-Output $imageState
+  if ($imageState -eq 'IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE') { break }
+  Start-Sleep -s 5
+}
+Write-Output '>>> Sysprep complete ...'
+"""
+
+EGRESS_LOOKUP = "https://api.ipify.org"
+# Cleanup order inside a staging group kiln did not create: users before what they use.
+_DELETE_ORDER = [
+    "microsoft.compute/virtualmachines",
+    "microsoft.network/networkinterfaces",
+    "microsoft.network/publicipaddresses",
+    "microsoft.network/virtualnetworks",
+    "microsoft.network/networksecuritygroups",
+    "microsoft.compute/disks",
+    "microsoft.compute/images",
+    "microsoft.compute/snapshots",
+    "microsoft.storage/storageaccounts",
+]
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else -1 for p in re.split(r"[.]", version))
+
+
+def _default_endpoint(vm_id: str, address: str, port: int) -> tuple[str, int]:
+    return address, port
+
+
+def _account_url(value: str) -> str:
+    """A storage account's blob endpoint from its name or from the endpoint itself."""
+    if "://" in value:
+        return value.rstrip("/") + "/"
+    return f"https://{value}.blob.core.windows.net/"
+
+
+class AzureCloud:
+    """The ``Cloud`` on Azure. One instance per worker; its clients are shared by every build the worker runs."""
+
+    name = "azure"
+
+    def __init__(
+        self,
+        credential: Any,
+        subscription_id: str,
+        *,
+        arm_endpoint: str = PUBLIC_ARM,
+        client_options: dict[str, Any] | None = None,
+        blob_credential: Any | None = None,
+        secret: bytes,
+        egress_ip: str | None = None,
+        log_account: str | None = None,
+        guest_endpoint: Callable[[str, str, int], tuple[str, int]] | None = None,
+        conflict_backoff: float = 3.0,
+    ) -> None:
+        """``credential`` is an async token credential. ``blob_credential`` is what the blob clients
+        authenticate with: by default the same Entra credential (staging accounts allow no shared keys); tests
+        pass a storage emulator's account key instead, since an emulator takes nothing else.
+        ``guest_endpoint(vm_id, address, port)`` maps a VM's address to where the worker connects; the default is
+        the address itself. ``client_options`` go to every management client (transport, policies, retries)."""
+        self.subscription_id = subscription_id
+        self.arm = ArmClients(credential, subscription_id, arm_endpoint=arm_endpoint, options=client_options)
+        self.blobs = BlobClients(blob_credential if blob_credential is not None else credential)
+        self._credential = credential
+        self._secret = secret
+        self._egress_ip = egress_ip
+        self._egress_lock = asyncio.Lock()
+        self._log_account_url = _account_url(log_account) if log_account else None
+        self.vms = AzureVms(
+            self.arm,
+            egress_source=self._egress_source,
+            guest_endpoint=guest_endpoint or _default_endpoint,
+            conflict_backoff=conflict_backoff,
+        )
+        self.distribution = AzureDistribution(self.arm, self.blobs, self.vms, output_account=self._output_account)
+
+    @classmethod
+    def from_environment(cls) -> AzureCloud:
+        from azure.identity.aio import DefaultAzureCredential
+
+        from activities.clouds.local.config import worker_secret
+
+        subscription = os.environ.get("AZURE_SUBSCRIPTION_ID")
+        if not subscription:
+            raise SystemExit("AZURE_SUBSCRIPTION_ID is not set: kiln needs the subscription to build in")
+        endpoint = os.environ.get("KILN_ARM_ENDPOINT") or PUBLIC_ARM
+        if endpoint.startswith("http://") and not is_loopback_http(endpoint):
+            raise SystemExit(f"KILN_ARM_ENDPOINT {endpoint}: tokens go over https only (or to a loopback emulator)")
+        secret_hex = os.environ.get("KILN_WORKER_SECRET")
+        return cls(
+            DefaultAzureCredential(),
+            subscription,
+            arm_endpoint=endpoint,
+            secret=bytes.fromhex(secret_hex) if secret_hex else worker_secret(),
+            egress_ip=os.environ.get("KILN_EGRESS_IP") or None,
+            log_account=os.environ.get("KILN_LOG_ACCOUNT") or None,
+        )
+
+    async def close(self) -> None:
+        await self.arm.close()
+        await self.blobs.close()
+        if hasattr(self._credential, "close"):
+            await self._credential.close()
+
+    async def _egress_source(self) -> str:
+        """The NSG's source prefix: the worker's egress address, looked up once when not configured."""
+        async with self._egress_lock:
+            if self._egress_ip is None:
+
+                def lookup() -> str:
+                    with urllib.request.urlopen(EGRESS_LOOKUP, timeout=5) as response:
+                        return response.read().decode().strip()
+
+                try:
+                    self._egress_ip = await asyncio.to_thread(lookup)
+                except OSError as err:
+                    log.warning("could not learn this worker's egress address (%s); build VMs admit SSH and "
+                                "WinRM from any source: set KILN_EGRESS_IP", err)
+                    self._egress_ip = "*"
+            return self._egress_ip
+
+    # ---- source
+
+    async def resolve_source(self, build: BuildContext, template: ImageTemplate) -> ResolvedSource:
+        source = template.properties.source
+        if isinstance(source, PlatformImageSource):
+            return await self._resolve_platform(build, source)
+        if isinstance(source, ManagedImageSource):
+            return await self._resolve_managed(source)
+        assert isinstance(source, SharedImageVersionSource)
+        return await self._resolve_gallery(source)
+
+    async def _resolve_platform(self, build: BuildContext, source: PlatformImageSource) -> ResolvedSource:
+        images = self.arm.compute.virtual_machine_images
+        label = f"{source.publisher}:{source.offer}:{source.sku}:{source.version}"
+        needs = "Microsoft.Compute/locations/publishers/artifacttypes/offers/skus/versions/read"
+        version = source.version
+        async with arm_call(f"properties.source ({label})", needs=needs):
+            try:
+                if version.lower() == "latest":
+                    listed = await images.list(build.location, source.publisher, source.offer, source.sku)
+                    if not listed:
+                        raise ResourceNotFoundError("no versions")
+                    version = max((i.name for i in listed), key=_version_key)
+                image = await images.get(build.location, source.publisher, source.offer, source.sku, version)
+            except ResourceNotFoundError as err:
+                raise PermanentError(
+                    f"properties.source: the platform image {label} does not exist in {build.location}",
+                    kind="SourceImageNotFound",
+                ) from err
+        if image.plan is not None and source.plan_info is None:
+            raise PermanentError(
+                f"properties.source: {label} is a marketplace image with a purchase plan "
+                f"({image.plan.publisher}/{image.plan.product}/{image.plan.name}); give it in properties.source.planInfo",
+                kind="PlanInfoRequired",
+            )
+        os_disk = image.os_disk_image
+        return ResolvedSource(
+            image_id=platform_image_id(
+                self.subscription_id, build.location, source.publisher, source.offer, source.sku, version
+            ),
+            exact_version=version,
+            os_type="Windows" if os_disk is not None and os_disk.operating_system == "Windows" else "Linux",
+            hyper_v_generation="V2" if image.hyper_v_generation == "V2" else "V1",
+        )
+
+    async def _resolve_managed(self, source: ManagedImageSource) -> ResolvedSource:
+        ref = parse_id(source.image_id, field="properties.source.imageId")
+        async with arm_call(f"properties.source.imageId {source.image_id}", needs="Microsoft.Compute/images/read"):
+            try:
+                image = await self.arm.compute.images.get(ref.group, ref.name)
+            except ResourceNotFoundError as err:
+                raise PermanentError(
+                    f"properties.source.imageId: the managed image {source.image_id} does not exist",
+                    kind="SourceImageNotFound",
+                ) from err
+        os_disk = image.storage_profile.os_disk if image.storage_profile else None
+        return ResolvedSource(
+            image_id=image.id,
+            exact_version="",
+            os_type="Windows" if os_disk is not None and os_disk.os_type == "Windows" else "Linux",
+            hyper_v_generation="V2" if image.hyper_v_generation == "V2" else "V1",
+            size_bytes=(os_disk.disk_size_gb or 0) << 30 if os_disk is not None else 0,
+        )
+
+    async def _resolve_gallery(self, source: SharedImageVersionSource) -> ResolvedSource:
+        field = "properties.source.imageVersionId"
+        ref = parse_id(source.image_version_id, field=field)
+        if [p.lower() for p in ref.path[0::2]] != ["galleries", "images", "versions"]:
+            raise PermanentError(
+                f"{field}: shared and community gallery sources are not supported yet; give a gallery image version "
+                "id in a subscription", kind="UnsupportedSource"
+            )
+        gallery, definition, version = ref.path[1], ref.path[3], ref.path[5]
+        versions = self.arm.compute.gallery_image_versions
+        async with arm_call(f"{field} {source.image_version_id}", needs="Microsoft.Compute/galleries/images/versions/read"):
+            try:
+                image = await self.arm.compute.gallery_images.get(ref.group, gallery, definition)
+                if version.lower() == "latest":
+                    candidates = [
+                        v.name
+                        async for v in versions.list_by_gallery_image(ref.group, gallery, definition)
+                        if v.provisioning_state == "Succeeded"
+                        and not (v.publishing_profile and v.publishing_profile.exclude_from_latest)
+                    ]
+                    if not candidates:
+                        raise ResourceNotFoundError("no versions")
+                    version = max(candidates, key=_version_key)
+                found = await versions.get(ref.group, gallery, definition, version)
+            except ResourceNotFoundError as err:
+                raise PermanentError(
+                    f"{field}: {source.image_version_id} does not exist (or has no version that 'latest' can mean)",
+                    kind="SourceImageNotFound",
+                ) from err
+        return ResolvedSource(
+            image_id=found.id,
+            exact_version=version,
+            os_type="Windows" if image.os_type == "Windows" else "Linux",
+            hyper_v_generation="V2" if image.hyper_v_generation == "V2" else "V1",
+        )
+
+    def deprovision_script(self, os_type: str) -> str:
+        return DEPROVISION_WINDOWS if os_type == "Windows" else DEPROVISION_LINUX
+
+    # ---- staging
+
+    async def create_staging(self, build: BuildContext) -> Staging:
+        group = staging_group(build, self.subscription_id)
+        tags = base_tags(build, role=ROLE_TEMPORARY)
+        created = await self._ensure_group(build, group.name, user_given=group.user_given, tags=tags)
+        account = storage_account_name(build.build_id)
+        async with arm_call(f"staging storage account {account}", needs="Microsoft.Storage/storageAccounts/write"):
+            made = await lro(
+                self.arm.storage.storage_accounts.begin_create(
+                    group.name,
+                    account,
+                    {
+                        "location": build.location,
+                        "tags": tags,
+                        "sku": {"name": "Standard_LRS"},
+                        "kind": "StorageV2",
+                        "properties": {
+                            "allowSharedKeyAccess": False,
+                            "allowBlobPublicAccess": False,
+                            "minimumTlsVersion": "TLS1_2",
+                        },
+                    },
+                )
+            )
+        blob_endpoint = made.primary_endpoints.blob
+        container_url = f"{blob_endpoint.rstrip('/')}/{STAGING_CONTAINER}"
+        logs_url = f"{(self._log_account_url or blob_endpoint).rstrip('/')}/{LOGS_CONTAINER}"
+        await storage.ensure_container(self.blobs, container_url)
+        await storage.ensure_container(self.blobs, logs_url)
+        resources = [Resource(id=made.id, kind="storageAccount", owner="staging")]
+        if created:
+            resources.insert(0, Resource(id=group.id, kind="resourceGroup", owner="staging"))
+        return Staging(
+            resource_group_id=group.id,
+            created_group=created,
+            storage_uri=container_url,
+            log_uri_prefix=f"{logs_url}/{build.build_id}/",
+            resources=resources,
+        )
+
+    async def _ensure_group(self, build: BuildContext, name: str, *, user_given: bool, tags: dict[str, str]) -> bool:
+        """Create the staging group, or check the one the template names. True when kiln made it (now or on an
+        earlier try of this build), which is what allows deleting it at cleanup."""
+        groups = self.arm.resource.resource_groups
+        field = "properties.stagingResourceGroup"
+        async with arm_call(f"staging resource group {name}", needs="Microsoft.Resources/subscriptions/resourceGroups/write"):
+            try:
+                existing = await groups.get(name)
+            except ResourceNotFoundError:
+                existing = None
+            if existing is None:
+                await groups.create_or_update(name, {"location": build.location, "tags": tags})
+                return True
+            if (existing.tags or {}).get(TAG_BUILD_ID) == build.build_id:
+                return True
+            if not user_given:
+                raise PermanentError(
+                    f"the staging resource group {name} exists and was not made by this build", kind="StagingGroupTaken"
+                )
+            others = [
+                r.id
+                async for r in self.arm.resource.resources.list_by_resource_group(name)
+                if (r.tags or {}).get(TAG_BUILD_ID) != build.build_id
+            ]
+        if others:
+            raise PermanentError(
+                f"{field}: the resource group {existing.id} must be empty when the build starts, "
+                f"but holds {len(others)} resource(s), such as {others[0]}",
+                kind="StagingGroupNotEmpty",
+            )
+        return False
+
+    async def delete_staging(self, build: BuildContext) -> None:
+        """Delete the staging group when kiln made it, else only kiln's resources in it. When the logs live in the
+        staging account (no log account configured), that account and so its group are kept."""
+        group = staging_group(build, self.subscription_id)
+        groups = self.arm.resource.resource_groups
+        try:
+            existing = await groups.get(group.name)
+        except ResourceNotFoundError:
+            return
+        logs_here = self._log_account_url is None
+        if (existing.tags or {}).get(TAG_BUILD_ID) == build.build_id and not logs_here:
+            await self.vms.delete(
+                f"staging resource group {group.name}",
+                "Microsoft.Resources/subscriptions/resourceGroups",
+                lambda: groups.begin_delete(group.name),
+            )
+            return
+        found = [
+            r
+            async for r in self.arm.resource.resources.list_by_resource_group(
+                group.name, filter=f"tagName eq '{TAG_BUILD_ID}' and tagValue eq '{build.build_id}'"
+            )
+        ]
+        # Whatever the saga's own undos did not get (a half-made create whose undo was lost): VM parts first.
+        for vm in [r for r in found if r.type.lower() == "microsoft.compute/virtualmachines"]:
+            await self.vms.delete_vm_parts(group.name, VmParts(vm.name))
+        for arm_type in _DELETE_ORDER:
+            if arm_type == "microsoft.storage/storageaccounts" and logs_here:
+                continue
+            for res in [r for r in found if r.type.lower() == arm_type]:
+                await self._delete_by_type(group.name, arm_type, res.name)
+
+    async def _delete_by_type(self, group: str, arm_type: str, name: str) -> None:
+        compute, network = self.arm.compute, self.arm.network
+        begin = {
+            "microsoft.compute/virtualmachines": lambda: compute.virtual_machines.begin_delete(group, name),
+            "microsoft.network/networkinterfaces": lambda: network.network_interfaces.begin_delete(group, name),
+            "microsoft.network/publicipaddresses": lambda: network.public_ip_addresses.begin_delete(group, name),
+            "microsoft.network/virtualnetworks": lambda: network.virtual_networks.begin_delete(group, name),
+            "microsoft.network/networksecuritygroups": lambda: network.network_security_groups.begin_delete(group, name),
+            "microsoft.compute/disks": lambda: compute.disks.begin_delete(group, name),
+            "microsoft.compute/images": lambda: compute.images.begin_delete(group, name),
+            "microsoft.compute/snapshots": lambda: compute.snapshots.begin_delete(group, name),
+            "microsoft.storage/storageaccounts": lambda: self.arm.storage.storage_accounts.delete(group, name),
+        }[arm_type]
+        await self.vms.delete(f"{arm_type.split('/')[-1]} {name}", arm_type, begin)
+
+    async def stage_artifact(
+        self, build: BuildContext, staging: Staging, artifact: Artifact, data: bytes
+    ) -> StagedArtifact:
+        return await storage.stage(self.blobs, staging.storage_uri, build.build_id, artifact, data)
+
+    async def read_staged(self, build: BuildContext, staged: StagedArtifact) -> bytes:
+        return await storage.read(self.blobs, staged.staged_uri)
+
+    async def open_log(self, build: BuildContext, staging: Staging, name: str) -> LogSink:
+        return await storage.AppendLog.open(self.blobs, f"{staging.log_uri_prefix}{name}", build.build_id)
+
+    async def _output_account(self, build: BuildContext) -> str:
+        """Where a VHD output without ``uri`` goes: the log account, else the staging account (kept then)."""
+        if self._log_account_url:
+            return self._log_account_url
+        group = staging_group(build, self.subscription_id).name
+        account = await self.arm.storage.storage_accounts.get_properties(group, storage_account_name(build.build_id))
+        return account.primary_endpoints.blob
+
+    # ---- build VM
+
+    async def create_vm(self, build: BuildContext, staging: Staging, spec: VmSpec) -> BuildVm:
+        """Create-or-get the VM and its parts (names from the VM name), then learn its address and host key."""
+        group = staging_group(build, self.subscription_id).name
+        parts = VmParts(spec.name)
+        source = spec.source
+        tags = {**base_tags(build, role=ROLE_TEMPORARY), TAG_GENERATION: source.hyper_v_generation}
+        vnet = spec.vm_profile.vnet_config
+        subnet_id = vnet.subnet_id if vnet is not None and vnet.subnet_id else None
+        nic, made = await self.vms.create_network(group, parts, location=build.location, tags=tags, subnet_id=subnet_id)
+        user = admin_user(build.build_id)
+        windows = source.os_type == "Windows"
+        client_key = derive_key(self._secret, build.build_id, "client")
+        vm = await self.vms.create_vm(
+            group,
+            parts,
+            location=build.location,
+            tags=tags,
+            nic_id=nic.id,
+            image_reference=image_reference(spec.image_id),
+            plan=await self._plan_of(spec.image_id),
+            os_type=source.os_type,
+            generation=source.hyper_v_generation,
+            vm_size=spec.vm_profile.vm_size,
+            os_disk_size_gb=spec.vm_profile.os_disk_size_gb,
+            identities=spec.vm_profile.user_assigned_identities,
+            admin_user=user,
+            ssh_public_key=None if windows else public_line(client_key),
+            password=windows_password(self._secret, build.build_id) if windows else None,
+        )
+        address = await self.vms.address_of(group, parts, public=subnet_id is None)
+        if windows:
+            host_key = await self.vms.enable_winrm(group, parts.vm)
+        else:
+            host_key = await self.vms.read_host_key(group, parts.vm)
+        host, port = self.vms.endpoint(vm.id, address, WINRM_HTTPS_PORT if windows else SSH_PORT)
+        os_disk = vm.storage_profile.os_disk.managed_disk.id if vm.storage_profile else None
+        resources = [Resource(id=rid, kind=kind, owner=spec.name) for rid, kind in made]
+        resources.append(Resource(id=vm.id, kind="virtualMachine", owner=spec.name))
+        if os_disk:
+            resources.append(Resource(id=os_disk, kind="disk", owner=spec.name))
+        return BuildVm(
+            name=spec.name,
+            host=host,
+            port=port,
+            admin_user=user,
+            host_key=host_key,
+            os_type=source.os_type,
+            resources=resources,
+        )
+
+    async def _plan_of(self, image_id: str) -> dict[str, str] | None:
+        """The purchase plan a marketplace image needs on the VM (resolve_source checked planInfo names it)."""
+        platform = parse_platform_image_id(image_id)
+        if platform is None:
+            return None
+        image = await self.arm.compute.virtual_machine_images.get(
+            platform["location"], platform["publisher"], platform["offer"], platform["sku"], platform["version"]
+        )
+        if image.plan is None:
+            return None
+        return {"name": image.plan.name, "product": image.plan.product, "publisher": image.plan.publisher}
+
+    async def delete_vm(self, build: BuildContext, name: str) -> None:
+        await self.vms.delete_vm_parts(staging_group(build, self.subscription_id).name, VmParts(name))
+
+    def connect(self, build: BuildContext, vm: BuildVm) -> AbstractAsyncContextManager[GuestSession]:
+        if vm.os_type == "Windows":
+            return _refuse_windows()
+        return open_session(
+            host=vm.host,
+            port=vm.port,
+            username=vm.admin_user,
+            host_key=vm.host_key,
+            client_key=derive_key(self._secret, build.build_id, "client"),
+        )
+
+    # ---- capture
+
+    async def capture_image(
+        self, build: BuildContext, staging: Staging, vm: BuildVm, spec: CaptureSpec
+    ) -> CapturedImage:
+        """Deallocate and generalize the VM, then snapshot its OS disk and make a managed image of it. The image
+        makes validation VMs, gallery versions and managed images; the snapshot is what a VHD is exported from.
+        A retry after success finds both and returns them."""
+        group = staging_group(build, self.subscription_id).name
+        compute = self.arm.compute
+        tags = base_tags(build, role=ROLE_TEMPORARY)
+        snap_name = snapshot_name(spec.name)
+        try:
+            image = await compute.images.get(group, spec.name)
+            snapshot = await compute.snapshots.get(group, snap_name)
+            if image.provisioning_state == "Succeeded" and snapshot.provisioning_state == "Succeeded":
+                return self._captured(image, snapshot)
+        except ResourceNotFoundError:
+            pass
+        try:
+            machine = await compute.virtual_machines.get(group, vm.name)
+        except ResourceNotFoundError as err:
+            raise PermanentError(f"there is no VM {vm.name} in {group} to capture", kind="VmNotFound") from err
+        generation = (machine.tags or {}).get(TAG_GENERATION, "V1")
+        os_disk = machine.storage_profile.os_disk
+        async with arm_call(f"VM {vm.name}", needs="Microsoft.Compute/virtualMachines/deallocate/action, "
+                            "Microsoft.Compute/virtualMachines/generalize/action"):
+            await lro(compute.virtual_machines.begin_deallocate(group, vm.name))
+            await compute.virtual_machines.generalize(group, vm.name)
+        async with arm_call(f"snapshot {snap_name}", needs="Microsoft.Compute/snapshots/write"):
+            snapshot = await lro(
+                compute.snapshots.begin_create_or_update(
+                    group,
+                    snap_name,
+                    {
+                        "location": build.location,
+                        "tags": tags,
+                        "sku": {"name": "Standard_LRS"},
+                        "properties": {
+                            "creationData": {"createOption": "Copy", "sourceResourceId": os_disk.managed_disk.id},
+                            "osType": os_disk.os_type or vm.os_type,
+                            "hyperVGeneration": generation,
+                        },
+                    },
+                )
+            )
+        async with arm_call(f"image {spec.name}", needs="Microsoft.Compute/images/write"):
+            image = await lro(
+                compute.images.begin_create_or_update(
+                    group,
+                    spec.name,
+                    {
+                        "location": build.location,
+                        "tags": tags,
+                        "properties": {"sourceVirtualMachine": {"id": machine.id}, "hyperVGeneration": generation},
+                    },
+                )
+            )
+        return self._captured(image, snapshot)
+
+    @staticmethod
+    def _captured(image: Any, snapshot: Any) -> CapturedImage:
+        size_gb = snapshot.disk_size_gb or 0
+        return CapturedImage(
+            id=image.id,
+            # The OS-disk snapshot: what a VHD output is exported from.
+            uri=snapshot.id,
+            size_bytes=size_gb << 30,
+            hyper_v_generation="V2" if image.hyper_v_generation == "V2" else "V1",
+            resources=[Resource(id=image.id, kind="image"), Resource(id=snapshot.id, kind="snapshot")],
+        )
+
+    async def delete_image(self, build: BuildContext, name: str) -> None:
+        group = staging_group(build, self.subscription_id).name
+        compute = self.arm.compute
+        await self.vms.delete(f"image {name}", "Microsoft.Compute/images", lambda: compute.images.begin_delete(group, name))
+        snap = snapshot_name(name)
+        await self.vms.delete(
+            f"snapshot {snap}", "Microsoft.Compute/snapshots", lambda: compute.snapshots.begin_delete(group, snap)
+        )
+
+    # ---- distribution
+
+    async def distribute(
+        self,
+        request: DistributeRequest,
+        *,
+        resume: dict[str, Any] | None,
+        progress: Callable[[dict[str, Any]], None],
+    ) -> RunOutput:
+        return await self.distribution.distribute(request, resume=resume, progress=progress)
+
+    async def delete_output(self, build: BuildContext, target: Distributor, index: int) -> None:
+        await self.distribution.delete_output(build, target, index)
+
+
+@asynccontextmanager
+async def _refuse_windows() -> AsyncIterator[GuestSession]:
+    raise PermanentError("Windows guests are not supported yet", kind="UnsupportedOsType")
+    yield  # an async generator: the refusal comes when the session is entered  # noqa

@@ -1,0 +1,289 @@
+"""Distribution on Azure: a managed image, a gallery image version (replicated per region), or a VHD blob.
+
+Replication can outlast a worker, so a gallery version records the SDK poller's continuation token as its
+resume point; the retry on another worker picks the same operation up from it instead of sending the PUT again.
+Success is judged by the version itself: one whose replication finished after the poller gave up still counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+from activities.clouds.azure import storage
+from activities.clouds.azure.clients import ArmClients, BlobClients, split_blob_url
+from activities.clouds.azure.errors import arm_call, permanent
+from activities.clouds.azure.names import ROLE_OUTPUT, TAG_BUILD_ID, VHD_CONTAINER, base_tags, parse_id
+from activities.clouds.azure.vm import AzureVms, lro
+from activities.clouds.base import PermanentError
+from activities.clouds.local.storage import next_version, parse_version
+from workflows.models import BuildContext, DistributeRequest, RunOutput
+from workflows.template import Distributor, ManagedImageDistributor, SharedImageDistributor, VhdDistributor
+
+TAG_OUTPUT_INDEX = "kilnOutputIndex"
+SAS_SECONDS = 4 * 3600
+COPY_POLL_SECONDS = 2.0
+
+
+def output_tags(request: DistributeRequest) -> dict[str, str]:
+    return {
+        **request.target.artifact_tags,
+        **base_tags(request.build, role=ROLE_OUTPUT),
+        TAG_OUTPUT_INDEX: str(request.index),
+    }
+
+
+class AzureDistribution:
+    def __init__(
+        self,
+        arm: ArmClients,
+        blobs: BlobClients,
+        vms: AzureVms,
+        *,
+        output_account: Callable[[BuildContext], Awaitable[str]],
+    ) -> None:
+        self._arm = arm
+        self._blobs = blobs
+        self._vms = vms
+        self._output_account = output_account
+
+    async def distribute(
+        self, request: DistributeRequest, *, resume: dict[str, Any] | None, progress: Callable[[dict[str, Any]], None]
+    ) -> RunOutput:
+        target = request.target
+        if isinstance(target, ManagedImageDistributor):
+            return await self._managed_image(request, target)
+        if isinstance(target, SharedImageDistributor):
+            return await self._shared_image(request, target, resume or {}, progress)
+        assert isinstance(target, VhdDistributor)
+        return await self._vhd(request, target, resume or {}, progress)
+
+    # ---- managed image
+
+    async def _managed_image(self, request: DistributeRequest, target: ManagedImageDistributor) -> RunOutput:
+        field = f"properties.distribute[{request.index}].imageId"
+        ref = parse_id(target.image_id, field=field)
+        images = self._arm.compute.images
+        async with arm_call(f"{field} {target.image_id}", needs="Microsoft.Compute/images/write"):
+            try:
+                existing = await images.get(ref.group, ref.name)
+            except ResourceNotFoundError:
+                existing = None
+            if existing is not None and (existing.tags or {}).get(TAG_BUILD_ID) != request.build.build_id:
+                raise PermanentError(f"{field}: the managed image {target.image_id} already exists", kind="ImageExists")
+            await lro(
+                images.begin_create_or_update(
+                    ref.group,
+                    ref.name,
+                    {
+                        "location": target.location,
+                        "tags": output_tags(request),
+                        "properties": {
+                            "hyperVGeneration": request.image.hyper_v_generation,
+                            "storageProfile": {
+                                "osDisk": {
+                                    "osType": request.source.os_type,
+                                    "osState": "Generalized",
+                                    "snapshot": {"id": request.image.uri},
+                                }
+                            },
+                        },
+                    },
+                )
+            )
+        return RunOutput(run_output_name=target.run_output_name, type="ManagedImage", artifact_id=target.image_id)
+
+    # ---- gallery image version
+
+    async def _shared_image(
+        self,
+        request: DistributeRequest,
+        target: SharedImageDistributor,
+        resume: dict[str, Any],
+        progress: Callable[[dict[str, Any]], None],
+    ) -> RunOutput:
+        field = f"properties.distribute[{request.index}].galleryImageId"
+        ref = parse_id(target.gallery_image_id, field=field)
+        kinds = [p.lower() for p in ref.path[0::2]]
+        if kinds not in (["galleries", "images"], ["galleries", "images", "versions"]):
+            raise PermanentError(f"{field}: '{target.gallery_image_id}' is not an image definition id", kind="BadSharedImageDistribute")
+        gallery, definition_name = ref.path[1], ref.path[3]
+        compute = self._arm.compute
+        versions = compute.gallery_image_versions
+        needs = "Microsoft.Compute/galleries/images/versions/write"
+        async with arm_call(f"{field} {target.gallery_image_id}", needs=needs):
+            try:
+                definition = await compute.gallery_images.get(ref.group, gallery, definition_name)
+            except ResourceNotFoundError as err:
+                raise PermanentError(
+                    f"{field}: the gallery image definition {target.gallery_image_id} does not exist; a gallery and "
+                    "image definition must exist before a build writes to them",
+                    kind="BadSharedImageDistribute",
+                ) from err
+            if (definition.hyper_v_generation or "V1") != request.image.hyper_v_generation:
+                raise PermanentError(
+                    f"{field}: the image is Hyper-V generation {request.image.hyper_v_generation}, the image "
+                    f"definition is {definition.hyper_v_generation or 'V1'}",
+                    kind="BadSharedImageDistribute",
+                )
+            version = resume.get("version") or await self._version_for(request, target, ref.group, gallery, definition_name)
+            token = resume.get("token") if resume.get("version") == version else None
+            if token:
+                poller = await versions.begin_create_or_update(
+                    ref.group, gallery, definition_name, version, {}, continuation_token=token
+                )
+            else:
+                regions = [
+                    {
+                        "name": r.name,
+                        "regionalReplicaCount": r.replica_count,
+                        "storageAccountType": r.storage_account_type,
+                    }
+                    for r in target.regions()
+                ]
+                poller = await versions.begin_create_or_update(
+                    ref.group,
+                    gallery,
+                    definition_name,
+                    version,
+                    {
+                        "location": definition.location,
+                        "tags": output_tags(request),
+                        "properties": {
+                            "publishingProfile": {
+                                "targetRegions": regions,
+                                "excludeFromLatest": target.exclude_from_latest,
+                            },
+                            "storageProfile": {"source": {"id": request.image.id}},
+                        },
+                    },
+                )
+                progress({"version": version, "token": poller.continuation_token()})
+            try:
+                await poller.result()
+            except HttpResponseError as err:
+                if permanent(err, what=field, needs=needs) is not None:
+                    raise
+                # The poller may give up while replication goes on; the version's own state decides.
+                state = await versions.get(ref.group, gallery, definition_name, version)
+                if state.provisioning_state != "Succeeded":
+                    raise
+            final = await versions.get(ref.group, gallery, definition_name, version, expand="ReplicationStatus")
+        status = final.replication_status
+        replication = {s.region: s.state for s in (status.summary or [])} if status else {}
+        return RunOutput(
+            run_output_name=target.run_output_name, type="SharedImage", artifact_id=final.id, replication=replication
+        )
+
+    async def _version_for(
+        self, request: DistributeRequest, target: SharedImageDistributor, group: str, gallery: str, definition: str
+    ) -> str:
+        """The version this target writes: one an earlier try of it already made (found by its tags), the one the
+        id pins, the source's (scheme Source), or the next patch of the latest (scheme Latest, the default)."""
+        field = f"properties.distribute[{request.index}]"
+        existing = [v async for v in self._arm.compute.gallery_image_versions.list_by_gallery_image(group, gallery, definition)]
+        for v in existing:
+            tags = v.tags or {}
+            if tags.get(TAG_BUILD_ID) == request.build.build_id and tags.get(TAG_OUTPUT_INDEX) == str(request.index):
+                return v.name
+        ref = parse_id(target.gallery_image_id, field=f"{field}.galleryImageId")
+        pinned = ref.path[5] if len(ref.path) == 6 else None
+        why = f"{field}.galleryImageId"
+        if pinned is None and target.versioning is not None and target.versioning.scheme == "Source":
+            pinned, why = request.source.exact_version, f"{field}.versioning.scheme"
+        if pinned is not None:
+            if parse_version(pinned) is None:
+                raise PermanentError(f"{why}: '{pinned}' is not a gallery image version (major.minor.patch)",
+                                     kind="BadSharedImageDistribute")
+            if any(v.name == pinned for v in existing):
+                raise PermanentError(f"{why}: version {pinned} of {target.gallery_image_id} already exists",
+                                     kind="BadSharedImageDistribute")
+            return pinned
+        major = target.versioning.major if target.versioning is not None else -1
+        return next_version([v.name for v in existing], major)
+
+    # ---- VHD
+
+    async def _vhd_url(self, build: BuildContext, target: VhdDistributor) -> str:
+        """The artifactUri without a SAS (a SAS never goes into a run output), or a blob of the build's own."""
+        if target.uri:
+            return target.uri.split("?", 1)[0]
+        account = await self._output_account(build)
+        return f"{account.rstrip('/')}/{VHD_CONTAINER}/{build.build_id}/{target.run_output_name}.vhd"
+
+    async def _vhd(
+        self,
+        request: DistributeRequest,
+        target: VhdDistributor,
+        resume: dict[str, Any],
+        progress: Callable[[dict[str, Any]], None],
+    ) -> RunOutput:
+        """Export the OS-disk snapshot (a read SAS) and copy it server-side to the target blob."""
+        snapshot = parse_id(request.image.uri, field="the captured snapshot")
+        snapshots = self._arm.compute.snapshots
+        url = await self._vhd_url(request.build, target)
+        blob = self._blobs.blob(url)
+        if resume.get("blob") == url:
+            props = await blob.get_blob_properties()
+            if props.copy.status == "success":
+                return self._vhd_output(target, url)
+        async with arm_call(f"snapshot {snapshot.name}", needs="Microsoft.Compute/snapshots/beginGetAccess/action"):
+            access = await lro(
+                snapshots.begin_grant_access(
+                    snapshot.group, snapshot.name, {"access": "Read", "durationInSeconds": SAS_SECONDS}
+                )
+            )
+        try:
+            account_url, container, _ = split_blob_url(url)
+            await storage.ensure_container(self._blobs, f"{account_url}/{container}")
+            copy = await blob.start_copy_from_url(access.access_sas)
+            progress({"blob": url, "copy": copy.get("copy_id")})
+            while (props := await blob.get_blob_properties()).copy.status == "pending":
+                await asyncio.sleep(COPY_POLL_SECONDS)
+            if props.copy.status != "success":
+                raise RuntimeError(f"copying the VHD to {url} ended {props.copy.status}: {props.copy.status_description}")
+        finally:
+            await lro(snapshots.begin_revoke_access(snapshot.group, snapshot.name))
+        return self._vhd_output(target, url)
+
+    @staticmethod
+    def _vhd_output(target: VhdDistributor, url: str) -> RunOutput:
+        return RunOutput(run_output_name=target.run_output_name, type="VHD", artifact_uri=url)
+
+    # ---- cleanup of unfinished outputs
+
+    async def delete_output(self, build: BuildContext, target: Distributor, index: int) -> None:
+        """Remove what this build made for the target: found by the build's tags, so a finished output of another
+        build (or a user's image of the same name) is never touched."""
+        compute = self._arm.compute
+        if isinstance(target, ManagedImageDistributor):
+            ref = parse_id(target.image_id, field=f"properties.distribute[{index}].imageId")
+            try:
+                image = await compute.images.get(ref.group, ref.name)
+            except ResourceNotFoundError:
+                return
+            if (image.tags or {}).get(TAG_BUILD_ID) == build.build_id:
+                await self._vms.delete(f"image {ref.name}", "Microsoft.Compute/images",
+                                       lambda: compute.images.begin_delete(ref.group, ref.name))
+        elif isinstance(target, SharedImageDistributor):
+            ref = parse_id(target.gallery_image_id, field=f"properties.distribute[{index}].galleryImageId")
+            group, gallery, definition = ref.group, ref.path[1], ref.path[3]
+            versions = compute.gallery_image_versions
+            try:
+                mine = [
+                    v.name
+                    async for v in versions.list_by_gallery_image(group, gallery, definition)
+                    if (v.tags or {}).get(TAG_BUILD_ID) == build.build_id
+                    and (v.tags or {}).get(TAG_OUTPUT_INDEX) == str(index)
+                ]
+            except ResourceNotFoundError:
+                return
+            for name in mine:
+                await self._vms.delete(f"gallery image version {name}", "Microsoft.Compute/galleries/images/versions",
+                                       lambda name=name: versions.begin_delete(group, gallery, definition, name))
+        else:
+            assert isinstance(target, VhdDistributor)
+            await storage.delete_blob(self._blobs, await self._vhd_url(build, target))

@@ -1,0 +1,91 @@
+"""Blob data: staged artifacts, build logs and VHD outputs.
+
+Where things live:
+
+* Staged artifacts go to the build's staging storage account (container ``staging``, one folder per build).
+* Logs (``packerlogs/<build id>/customization.log``, append blobs) and VHD outputs without a ``uri`` go to the
+  *output account*: the long-lived account named by ``KILN_LOG_ACCOUNT`` when set, else the staging account.
+  With a log account the staging group is deleted whole at cleanup and the logs outlive it; without one the
+  staging account is kept at cleanup (as AIB keeps its staging account) and only the rest is deleted, the
+  account staying tagged with the build id for the janitor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from contextlib import suppress
+
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.storage.blob import StorageErrorCode
+from azure.storage.blob.aio import BlobClient
+
+from activities.clouds.azure.clients import BlobClients
+from workflows.models import Artifact, StagedArtifact
+
+# Append blobs take at most 4 MiB per block.
+MAX_APPEND = 4 * 1024 * 1024
+
+
+def _metadata(build_id: str) -> dict[str, str]:
+    # Blob metadata names must be C# identifiers, so these are not the resource tag names.
+    return {"kilnbuildid": build_id}
+
+
+async def ensure_container(blobs: BlobClients, url: str) -> None:
+    with suppress(ResourceExistsError):
+        await blobs.container(url).create_container()
+
+
+def staged_blob_name(build_id: str, artifact: Artifact, data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    return f"{build_id}/{re.sub(r'[^A-Za-z0-9._-]+', '-', artifact.field).strip('-')}-{digest[:12]}"
+
+
+async def stage(blobs: BlobClients, container_url: str, build_id: str, artifact: Artifact, data: bytes) -> StagedArtifact:
+    url = f"{container_url.rstrip('/')}/{staged_blob_name(build_id, artifact, data)}"
+    await blobs.blob(url).upload_blob(data, overwrite=True, metadata=_metadata(build_id))
+    return StagedArtifact(
+        source_uri=artifact.source_uri, staged_uri=url, sha256=hashlib.sha256(data).hexdigest(), size=len(data)
+    )
+
+
+async def read(blobs: BlobClients, url: str) -> bytes:
+    return await (await blobs.blob(url).download_blob()).readall()
+
+
+class AppendLog:
+    """A build log as an append blob. Each append is conditional on the length written so far, so an append the
+    SDK retries after a lost response is not written twice, and a worker that takes the build over appends after
+    what the last one wrote."""
+
+    def __init__(self, blob: BlobClient, length: int) -> None:
+        self.uri = blob.url
+        self._blob = blob
+        self._length = length
+
+    @classmethod
+    async def open(cls, blobs: BlobClients, url: str, build_id: str) -> AppendLog:
+        blob = blobs.blob(url)
+        with suppress(ResourceExistsError):
+            await blob.create_append_blob(metadata=_metadata(build_id), if_none_match="*")
+        return cls(blob, (await blob.get_blob_properties()).size)
+
+    async def append(self, data: bytes) -> None:
+        for start in range(0, len(data), MAX_APPEND):
+            chunk = data[start : start + MAX_APPEND]
+            try:
+                await self._blob.append_block(chunk, length=len(chunk), appendpos_condition=self._length)
+            except HttpResponseError as err:
+                if err.error_code != StorageErrorCode.APPEND_POSITION_CONDITION_NOT_MET:
+                    raise
+                length = (await self._blob.get_blob_properties()).size
+                if length != self._length + len(chunk):  # not our lost retry: someone else appended; go after it
+                    self._length = length
+                    await self._blob.append_block(chunk, length=len(chunk), appendpos_condition=length)
+            self._length += len(chunk)
+
+
+async def delete_blob(blobs: BlobClients, url: str) -> None:
+    with suppress(ResourceNotFoundError):
+        await blobs.blob(url).delete_blob(delete_snapshots="include")

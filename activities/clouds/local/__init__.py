@@ -1,0 +1,225 @@
+"""The local cloud: real image builds on this machine, with no Azure account.
+
+Base images are Debian root filesystems made with mmdebstrap; a build VM is one booted in namespaces of its
+own and reached over real SSH; capture writes a real fixed VHD. Staging, logs and distribution are the
+storage layer's (``LocalStorage``, blobs in Azurite), which this class forwards to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from activities.clouds.base import GuestSession, LogSink, PermanentError
+from activities.clouds.local.capture import vhd_file, write_vhd
+from activities.clouds.local.config import state_dir, worker_secret
+from activities.clouds.local.host import file_lock
+from activities.clouds.local.images import ImageCache, platform_image_version, resolve_platform_image
+from activities.clouds.local.store import ROLE_TEMPORARY, ResourceStore, kiln_tags
+from activities.clouds.local.vm import GUEST_FILES, LocalVms, vm_id
+from activities.remote.keys import derive_key
+from activities.remote.ssh import open_session
+from workflows.models import (
+    Artifact,
+    BuildContext,
+    BuildVm,
+    CapturedImage,
+    CaptureSpec,
+    DistributeRequest,
+    ResolvedSource,
+    Resource,
+    RunOutput,
+    StagedArtifact,
+    Staging,
+    VmSpec,
+)
+from workflows.template import (
+    Distributor,
+    ImageTemplate,
+    ManagedImageSource,
+    PlatformImageSource,
+    SharedImageVersionSource,
+)
+
+if TYPE_CHECKING:
+    from activities.clouds.local.storage import LocalStorage
+
+IMAGE_KIND = "image"
+
+# The local waagent -force -deprovision+user: what makes this VM's disk an image any machine can start from.
+DEPROVISION_LINUX = f"""\
+user=$(cat /{GUEST_FILES}/admin-user 2>/dev/null || true)
+if [ -n "$user" ] && id -u "$user" > /dev/null 2>&1; then
+  echo "deleting the build user $user"
+  # -f: the user is still logged in (this very session); its run files live outside its home and survive.
+  userdel -f -r "$user" 2>&1 | grep -v 'mail spool' || true
+  rm -f "/etc/sudoers.d/90-$user"
+fi
+echo "deleting SSH host keys, the machine id, shell history, temporary files and logs"
+rm -f /etc/ssh/ssh_host_*
+: > /etc/machine-id
+rm -f /root/.bash_history /home/*/.bash_history
+rm -rf /tmp/* /tmp/.[!.]* /var/tmp/* /var/tmp/.[!.]*
+find /var/log -type f -delete
+export HISTSIZE=0
+sync
+"""
+
+
+def capture_id(name: str) -> str:
+    return f"kiln-local/{IMAGE_KIND}/{name}"
+
+
+class LocalCloud:
+    """The ``Cloud`` of this machine."""
+
+    name = "local"
+
+    def __init__(self, *, storage: LocalStorage, store: ResourceStore, state: Path | None = None) -> None:
+        self._state = state or state_dir()
+        self._storage = storage
+        self._store = store
+        self._secret = worker_secret()
+        self._captures = self._state / "images" / "captured"
+        self.images = ImageCache(self._state / "images")
+        self.vms = LocalVms(state=self._state, store=store, secret=self._secret)
+
+    async def resolve_source(self, build: BuildContext, template: ImageTemplate) -> ResolvedSource:
+        resolved = await self._resolve(build, template)
+        await self._storage.check_targets(template, resolved)
+        return resolved
+
+    async def close(self) -> None:
+        await self._storage.close()
+
+    async def _resolve(self, build: BuildContext, template: ImageTemplate) -> ResolvedSource:
+        source = template.properties.source
+        if isinstance(source, PlatformImageSource):
+            return await resolve_platform_image(self.images, source, state=self._state, location=build.location)
+        if isinstance(source, ManagedImageSource):
+            image = await self._storage.locate_image(source.image_id)
+            return ResolvedSource(
+                image_id=source.image_id,
+                exact_version=image.exact_version,
+                hyper_v_generation=image.hyper_v_generation,
+                size_bytes=vhd_file(image.vhd_path).size_bytes,
+            )
+        assert isinstance(source, SharedImageVersionSource)
+        image = await self._storage.locate_image(source.image_version_id)
+        return ResolvedSource(
+            # .../versions/latest is pinned to the version it meant when the build started.
+            image_id=re.sub(r"/versions/latest$", f"/versions/{image.exact_version}", source.image_version_id,
+                            flags=re.IGNORECASE),
+            exact_version=image.exact_version,
+            hyper_v_generation=image.hyper_v_generation,
+            size_bytes=vhd_file(image.vhd_path).size_bytes,
+        )
+
+    def deprovision_script(self, os_type: str) -> str:
+        if os_type != "Linux":
+            raise PermanentError(f"the local cloud cannot generalize a {os_type} guest", kind="UnsupportedOsType")
+        return DEPROVISION_LINUX
+
+    async def create_vm(self, build: BuildContext, staging: Staging, spec: VmSpec) -> BuildVm:
+        return await self.vms.create(build, spec, await self._rootfs_of(spec.image_id))
+
+    async def delete_vm(self, build: BuildContext, name: str) -> None:
+        await self.vms.delete(name)
+
+    def connect(self, build: BuildContext, vm: BuildVm) -> AbstractAsyncContextManager[GuestSession]:
+        return open_session(
+            host=vm.host,
+            port=vm.port,
+            username=vm.admin_user,
+            host_key=vm.host_key,
+            client_key=derive_key(self._secret, build.build_id, "client"),
+        )
+
+    async def capture_image(
+        self, build: BuildContext, staging: Staging, vm: BuildVm, spec: CaptureSpec
+    ) -> CapturedImage:
+        """Stop the VM and write its disk as a fixed VHD; a retry after success returns the same image."""
+        target = self._captures / f"{spec.name}.vhd"
+        record_id = capture_id(spec.name)
+        async with file_lock(self._captures / f"{spec.name}.lock"):
+            record = await asyncio.to_thread(self._store.get, record_id)
+            if record is None or not target.exists():
+                vm_record = await asyncio.to_thread(self._store.get, vm_id(vm.name))
+                if vm_record is None:
+                    raise PermanentError(f"there is no local VM named {vm.name} to capture", kind="VmNotFound")
+                tags = kiln_tags(build.build_id, role=ROLE_TEMPORARY, extra=build.managed_resource_tags)
+                data = {"path": str(target), "vm": vm.name, "hyperVGeneration": vm_record.data["hyperVGeneration"]}
+                record = await asyncio.to_thread(
+                    self._store.record, record_id, kind=IMAGE_KIND, build_id=build.build_id, tags=tags, data=data
+                )
+                await self.vms.stop(vm.name)
+                await write_vhd(await self.vms.layers(vm.name), target, os_disk_size_gb=spec.os_disk_size_gb)
+        vhd = vhd_file(target)
+        return CapturedImage(
+            id=record_id,
+            uri=target.as_uri(),
+            size_bytes=vhd.size_bytes,
+            used_bytes=vhd.used_bytes,
+            hyper_v_generation=record.data["hyperVGeneration"],
+            resources=[Resource(id=record_id, kind=IMAGE_KIND, owner=spec.name)],
+        )
+
+    async def delete_image(self, build: BuildContext, name: str) -> None:
+        target = self._captures / f"{name}.vhd"
+        async with file_lock(self._captures / f"{name}.lock"):
+            if target.exists():
+                await self.images.forget_unpacked(target)  # a validation VM's copy of it
+            target.unlink(missing_ok=True)
+            await asyncio.to_thread(self._store.forget, capture_id(name))
+            (self._captures / f"{name}.lock").unlink(missing_ok=True)
+
+    async def _rootfs_of(self, image_id: str) -> Path:
+        """The root filesystem a VM of ``image_id`` starts from: a base, or an unpacked image of a build."""
+        if (platform := platform_image_version(image_id)) is not None:
+            offer, version = platform
+            return (await self.images.resolve(offer, version)).rootfs
+        if image_id.startswith(capture_id("")):
+            record = await asyncio.to_thread(self._store.get, image_id)
+            if record is None:
+                raise PermanentError(f"there is no captured image {image_id}", kind="SourceImageNotFound")
+            return await self.images.unpacked(Path(record.data["path"]))
+        image = await self._storage.locate_image(image_id)
+        return await self.images.unpacked(image.vhd_path)
+
+    # The storage side: staging, logs and distribution live in LocalStorage.
+
+    async def create_staging(self, build: BuildContext) -> Staging:
+        return await self._storage.create_staging(build)
+
+    async def delete_staging(self, build: BuildContext) -> None:
+        await self._storage.delete_staging(build)
+
+    async def stage_artifact(
+        self, build: BuildContext, staging: Staging, artifact: Artifact, data: bytes
+    ) -> StagedArtifact:
+        return await self._storage.stage_artifact(build, staging, artifact, data)
+
+    async def read_staged(self, build: BuildContext, staged: StagedArtifact) -> bytes:
+        return await self._storage.read_staged(build, staged)
+
+    async def open_log(self, build: BuildContext, staging: Staging, name: str) -> LogSink:
+        return await self._storage.open_log(build, staging, name)
+
+    async def distribute(
+        self,
+        request: DistributeRequest,
+        *,
+        resume: dict[str, Any] | None,
+        progress: Callable[[dict[str, Any]], None],
+    ) -> RunOutput:
+        return await self._storage.distribute(request, resume=resume, progress=progress)
+
+    async def delete_output(self, build: BuildContext, target: Distributor, index: int) -> None:
+        await self._storage.delete_output(build, target, index)
+
+
+__all__ = ["LocalCloud"]

@@ -1,0 +1,62 @@
+"""Host commands and file locks, shared by the local cloud's images, VMs and captures."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+LOCK_POLL_SECONDS = 0.05
+
+
+class CommandFailed(RuntimeError):
+    def __init__(self, argv: tuple[str, ...], returncode: int, stderr: bytes) -> None:
+        self.returncode = returncode
+        self.stderr = stderr.decode(errors="replace").strip()
+        super().__init__(f"{' '.join(argv)} exited with {returncode}: {self.stderr[-2000:]}")
+
+
+async def run(*argv: str, input: bytes | None = None, check: bool = True) -> bytes:
+    """Run a host command and return its stdout; raise ``CommandFailed`` with its stderr when it fails."""
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate(input)
+    if check and process.returncode != 0:
+        raise CommandFailed(argv, process.returncode or 0, stderr)
+    return stdout
+
+
+@asynccontextmanager
+async def file_lock(path: Path) -> AsyncIterator[None]:
+    """Hold an exclusive lock on ``path`` across processes (every worker on the machine shares the state folder).
+
+    Polls with a non-blocking lock rather than blocking in a thread, so a cancelled waiter leaves nothing
+    behind that could take the lock later. The kernel drops the lock if the holder dies. The holder may unlink
+    ``path`` when what it guards is gone: a waiter that then gets the lock on the unlinked file starts over.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(LOCK_POLL_SECONDS)
+            try:
+                still_there = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                still_there = False
+            if still_there:
+                yield
+                return
+        finally:
+            os.close(fd)

@@ -1,0 +1,314 @@
+"""The local marketplace: Debian base images made with mmdebstrap, and images earlier local builds produced.
+
+A base is made once per offer and kept in the state folder under a date-based version (``0.20261126.1``),
+so ``latest`` pins to the newest one kept and a template can name an exact one. Images from earlier builds
+(ManagedImage and SharedImageVersion sources, and a build's own capture for its validation VM) are fixed VHDs
+whose data is a bare ext4 filesystem; each is unpacked once into the cache and then used like a base.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from activities.clouds.base import PermanentError
+from activities.clouds.local.host import CommandFailed, file_lock, run
+from workflows.models import ResolvedSource
+from workflows.template import PlatformImageSource
+
+PUBLISHER = "Debian"
+MAPPING_FILE = "local-images.json"
+DEBIAN_MIRROR = os.environ.get("KILN_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+DEBIAN_SECURITY_MIRROR = os.environ.get("KILN_DEBIAN_SECURITY_MIRROR", "http://deb.debian.org/debian-security")
+
+# What a cloud image needs beyond minbase: a way in (sshd, sudo), TLS roots for customizers' downloads, and
+# the everyday tools scripts assume (ip, ps).
+BASE_PACKAGES = ["openssh-server", "sudo", "ca-certificates", "iproute2", "procps"]
+# Documentation and translations make up a third of a minimal system and no build reads them.
+_DPKG_EXCLUDES = [
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+]
+# Leave nothing in the base that must be unique per machine or that came from the host that made it.
+_GENERALIZE_HOOK = (
+    'rm -f "$1"/etc/ssh/ssh_host_*_key "$1"/etc/ssh/ssh_host_*_key.pub'
+    ' && : > "$1"/etc/machine-id && : > "$1"/etc/resolv.conf && echo localhost > "$1"/etc/hostname'
+)
+
+_VERSION = re.compile(r"0\.(\d{8})\.(\d+)")
+_PLATFORM_ID = re.compile(
+    r"/Subscriptions/local/Providers/Microsoft\.Compute/Locations/[^/]+/Publishers/(?P<publisher>[^/]+)"
+    r"/ArtifactTypes/VMImage/Offers/(?P<offer>[^/]+)/Skus/(?P<sku>[^/]+)/Versions/(?P<version>[^/]+)"
+)
+
+
+@dataclass(frozen=True)
+class LocalOffer:
+    offer: str
+    sku: str
+    suite: str
+    hyper_v_generation: str
+
+    @property
+    def urn(self) -> str:
+        return f"{PUBLISHER}:{self.offer}:{self.sku}"
+
+
+# The offers and skus of Azure's own Debian images, so a Debian template runs here unchanged.
+OFFERS = [
+    LocalOffer("debian-12", "12", "bookworm", "V1"),
+    LocalOffer("debian-12", "12-gen2", "bookworm", "V2"),
+    LocalOffer("debian-11", "11", "bullseye", "V1"),
+    LocalOffer("debian-11", "11-gen2", "bullseye", "V2"),
+]
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    offer: LocalOffer
+    version: str
+    rootfs: Path
+    size_bytes: int
+
+    def image_id(self, location: str) -> str:
+        """An id shaped like Azure's platform image ids, which ``platform_image_version`` reads back."""
+        return (
+            f"/Subscriptions/local/Providers/Microsoft.Compute/Locations/{location}/Publishers/{PUBLISHER}"
+            f"/ArtifactTypes/VMImage/Offers/{self.offer.offer}/Skus/{self.offer.sku}/Versions/{self.version}"
+        )
+
+
+def find_offer(offer: str, sku: str) -> LocalOffer | None:
+    return next((o for o in OFFERS if o.offer.lower() == offer.lower() and o.sku.lower() == sku.lower()), None)
+
+
+def platform_image_version(image_id: str) -> tuple[LocalOffer, str] | None:
+    """The offer and version a local platform image id names, or None for any other id."""
+    match = _PLATFORM_ID.fullmatch(image_id)
+    if match is None:
+        return None
+    offer = find_offer(match["offer"], match["sku"])
+    return (offer, match["version"]) if offer is not None else None
+
+
+BaseBuilder = Callable[[LocalOffer, Path, Path], Awaitable[None]]
+
+
+async def mmdebstrap_base(offer: LocalOffer, rootfs: Path, log: Path) -> None:
+    """Make a Debian root filesystem for ``offer`` at ``rootfs`` from the Debian package registry."""
+    suite = offer.suite
+    argv = [
+        "mmdebstrap",
+        "--variant=minbase",
+        "--format=directory",
+        f"--include={','.join(BASE_PACKAGES)}",
+        *(f"--dpkgopt={option}" for option in _DPKG_EXCLUDES),
+        f"--customize-hook={_GENERALIZE_HOOK}",
+        suite,
+        str(rootfs),
+        f"deb {DEBIAN_MIRROR} {suite} main",
+        f"deb {DEBIAN_MIRROR} {suite}-updates main",
+        f"deb {DEBIAN_SECURITY_MIRROR} {suite}-security main",
+    ]
+    with log.open("wb") as output:
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=asyncio.subprocess.STDOUT
+        )
+        returncode = await process.wait()
+    if returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise RuntimeError(f"mmdebstrap could not make the {offer.urn} base ({returncode}):\n" + "\n".join(tail))
+
+
+class ImageCache:
+    """Base images by offer and version, and unpacked VHDs, under ``<state>/images``."""
+
+    def __init__(self, root: Path, *, builder: BaseBuilder = mmdebstrap_base) -> None:
+        self.root = root
+        self._builder = builder
+
+    def _suite_dir(self, offer: LocalOffer) -> Path:
+        return self.root / "base" / offer.suite
+
+    def versions(self, offer: LocalOffer) -> list[str]:
+        """The versions of ``offer`` kept here, oldest first."""
+        folder = self._suite_dir(offer)
+        found = [p.name for p in folder.iterdir() if _VERSION.fullmatch(p.name)] if folder.is_dir() else []
+        return sorted(found, key=lambda v: tuple(int(part) for part in v.split(".")))
+
+    def base(self, offer: LocalOffer, version: str) -> BaseImage:
+        folder = self._suite_dir(offer) / version
+        meta = json.loads((folder / "image.json").read_text())
+        return BaseImage(offer=offer, version=version, rootfs=folder / "rootfs", size_bytes=meta["sizeBytes"])
+
+    async def resolve(self, offer: LocalOffer, version: str) -> BaseImage:
+        """Pin ``version`` (``latest`` or exact) to a kept base, making the first one if there is none.
+
+        Concurrent builds wait on one lock per suite, so a base is never made twice.
+        """
+        if version.lower() != "latest":
+            if version not in self.versions(offer):
+                kept = ", ".join(self.versions(offer)) or "none yet; use version 'latest' to make one"
+                raise PermanentError(
+                    f"properties.source.version: {offer.urn} has no local version '{version}' (kept: {kept})",
+                    kind="SourceImageNotFound",
+                )
+            return self.base(offer, version)
+        if versions := self.versions(offer):
+            return self.base(offer, versions[-1])
+        async with file_lock(self._suite_dir(offer).with_suffix(".lock")):
+            if versions := self.versions(offer):  # another worker made it while this one waited
+                return self.base(offer, versions[-1])
+            return await self._make_base(offer)
+
+    async def _make_base(self, offer: LocalOffer) -> BaseImage:
+        folder = self._suite_dir(offer)
+        version = _next_version(self.versions(offer))
+        staging = folder / f".{version}.partial"
+        await asyncio.to_thread(shutil.rmtree, staging, True)  # what a worker that died half-way left
+        staging.mkdir(parents=True)
+        await self._builder(offer, staging / "rootfs", staging / "build.log")
+        size, _ = await asyncio.to_thread(tree_usage, staging / "rootfs")
+        (staging / "image.json").write_text(json.dumps({"urn": offer.urn, "version": version, "sizeBytes": size}))
+        staging.rename(folder / version)  # appears whole or not at all
+        return self.base(offer, version)
+
+    def _unpacked_folder(self, vhd: Path) -> Path:
+        """Where ``vhd`` is unpacked; a VHD replaced at the same path gets a folder of its own."""
+        stat = vhd.stat()
+        key = hashlib.sha256(f"{vhd.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+        return self.root / "unpacked" / key
+
+    async def forget_unpacked(self, vhd: Path) -> None:
+        """Remove the unpacked copy of ``vhd``, before the VHD itself goes."""
+        folder = self._unpacked_folder(vhd)
+        async with file_lock(folder.with_suffix(".lock")):
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+            folder.with_suffix(".lock").unlink(missing_ok=True)
+
+    async def unpacked(self, vhd: Path) -> Path:
+        """The root filesystem inside a fixed VHD from an earlier build, unpacked here once."""
+        folder = self._unpacked_folder(vhd)
+        key = folder.name
+        if (folder / "rootfs").is_dir():
+            return folder / "rootfs"
+        async with file_lock(folder.with_suffix(".lock")):
+            if (folder / "rootfs").is_dir():
+                return folder / "rootfs"
+            staging = folder.with_name(f".{key}.partial")
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            staging.mkdir(parents=True)
+            await unpack_vhd(vhd, staging)
+            staging.rename(folder)
+        return folder / "rootfs"
+
+
+async def unpack_vhd(vhd: Path, into: Path) -> None:
+    """Copy the ext4 filesystem of a fixed VHD to ``into/rootfs``, owners, modes and xattrs included.
+
+    A fixed VHD is the raw disk followed by a 512-byte footer, and ext4 ignores what lies past its end, so
+    the file is mounted as it is: read-only, from a loop device, inside a mount namespace of its own so the
+    mount goes away with the command even if the worker dies.
+    """
+    mountpoint = into / "mnt"
+    mountpoint.mkdir()
+    script = 'mount -o loop,ro,noload "$1" "$2" && cp -a "$2/." "$3/"'
+    (into / "rootfs").mkdir()
+    try:
+        await run("unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                  "sh", str(vhd), str(mountpoint), str(into / "rootfs"))
+    except CommandFailed as err:
+        raise RuntimeError(f"could not unpack {vhd}: {err.stderr}") from err
+    mountpoint.rmdir()
+
+
+def tree_usage(root: Path) -> tuple[int, int]:
+    """Bytes the files under ``root`` take on disk (each rounded up to 4 KiB blocks), and how many there are."""
+    total = entries = 0
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            info = os.lstat(os.path.join(folder, name))
+            total += -(-info.st_size // 4096) * 4096
+            entries += 1
+    return total, entries
+
+
+def _next_version(existing: list[str]) -> str:
+    today = datetime.date.today().strftime("%Y%m%d")
+    same_day = [int(m[2]) for v in existing if (m := _VERSION.fullmatch(v)) and m[1] == today]
+    return f"0.{today}.{max(same_day, default=0) + 1}"
+
+
+async def resolve_platform_image(
+    cache: ImageCache, source: PlatformImageSource, *, state: Path, location: str
+) -> ResolvedSource:
+    """Pin a PlatformImage source to a local base: Debian's own offers as they are, any other publisher only
+    through the mapping in ``local-images.json``; refused before anything is made otherwise."""
+    offer, sku, version = source.offer, source.sku, source.version or "latest"
+    mapped_from = ""
+    if source.publisher.lower() != PUBLISHER.lower():
+        mapped = read_mapping(state).get(f"{source.publisher}:{offer}:{sku}".lower())
+        if mapped is None:
+            raise PermanentError(
+                unknown_source_message(source.publisher, offer, sku, state), kind="SourceImageNotAvailable"
+            )
+        # The source's own version means nothing for another publisher's image: latest, unless the mapping pins one.
+        offer, sku, version, *_ = [*mapped.split(":"), "latest"]
+        mapped_from = f" (mapped from {source.publisher}:{source.offer}:{source.sku} in {state / MAPPING_FILE})"
+    local = find_offer(offer, sku)
+    if local is None:
+        known = ", ".join(o.urn for o in OFFERS)
+        field = "sku" if any(o.offer.lower() == offer.lower() for o in OFFERS) else "offer"
+        raise PermanentError(
+            f"properties.source.{field}: {PUBLISHER}:{offer}:{sku}{mapped_from} is not a local image "
+            f"(local images: {known})",
+            kind="SourceImageNotAvailable",
+        )
+    base = await cache.resolve(local, version)
+    return ResolvedSource(
+        image_id=base.image_id(location),
+        exact_version=base.version,
+        os_type="Linux",
+        hyper_v_generation=local.hyper_v_generation,
+        size_bytes=base.size_bytes,
+    )
+
+
+def read_mapping(state: Path) -> dict[str, str]:
+    """``local-images.json``: ``{"Publisher:offer:sku": "debian-12:12-gen2"}``, keys matched without case."""
+    path = state / MAPPING_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as err:
+        raise PermanentError(f"{path} is not valid JSON: {err}", kind="InvalidConfiguration") from err
+    return {key.lower(): value for key, value in raw.items()}
+
+
+def unknown_source_message(publisher: str, offer: str, sku: str, state: Path) -> str:
+    """Why a source cannot be built here, what can, and how to map the source to it for a local trial."""
+    urn = f"{publisher}:{offer}:{sku}"
+    lines = [f"properties.source: {urn} is not an image the local cloud has."]
+    if publisher.lower().startswith("microsoftwindows"):
+        lines.append("The local cloud runs Linux guests only: Windows customizers (PowerShell, WindowsRestart, "
+                     "WindowsUpdate) need the azure cloud.")
+    lines += [
+        "The local cloud builds from these images (publisher:offer:sku):",
+        *(f"  {o.urn} (Hyper-V generation {o.hyper_v_generation})" for o in OFFERS),
+        f"To try this template locally, map its source to one of them in {state / MAPPING_FILE}",
+        f'(value "offer:sku", or "offer:sku:version"), e.g. {{"{urn}": "debian-12:12-gen2"}},',
+        "or build it on the azure cloud (task queue kiln-azure).",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,199 @@
+"""A ``GuestSession`` over SSH (asyncssh), for any Linux VM kiln can reach: a local build VM or an Azure one.
+
+Scripts run detached in the guest (``setsid``), writing their output and then their exit code to files under
+``/var/lib/kiln-guest/runs/<run id>/``. So a dropped connection or a dead worker does not end a script, and
+whoever connects next reads on from any offset. The run files belong to root but are readable by everyone:
+the deprovision step deletes the very user the session logged in as, and the open session must still be able
+to read how it ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import shlex
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncssh
+
+from activities.clouds.base import PermanentError, ScriptProgress
+
+GUEST_DIR = "/var/lib/kiln-guest"
+RUNS_DIR = f"{GUEST_DIR}/runs"
+# How long a refused connection is retried: the guest's sshd may still be starting.
+CONNECT_RETRY_SECONDS = 20.0
+POLL_CHUNK_BYTES = 1 << 20
+KILL_GRACE_SECONDS = 5
+
+# Claims the run (mkdir is atomic, so a second start is a no-op) only once the whole script has arrived, and
+# starts it in a session of its own. $1 run dir, $2 expected script size, $3 user to run as ("" for root),
+# $4 interpreter ("" when the script has its own #! line).
+_START = r"""
+set -eu
+dir=$1
+mkdir -p -m 0755 "${dir%/*}"
+incoming="${dir%/*}/.incoming-$$"
+cat > "$incoming"
+if [ "$(wc -c < "$incoming")" -ne "$2" ]; then rm -f "$incoming"; echo "script arrived incomplete" >&2; exit 2; fi
+if ! mkdir -m 0755 "$dir" 2>/dev/null; then rm -f "$incoming"; exit 0; fi
+chmod 0755 "$incoming"
+mv "$incoming" "$dir/script"
+: > "$dir/output"
+setsid -f sh -c '
+  dir=$1 user=$2 interp=$3
+  echo $$ > "$dir/pid.tmp" && mv "$dir/pid.tmp" "$dir/pid"
+  trap : TERM  # kill_script stops the process group: outlive the script long enough to record its end
+  if [ -n "$user" ]; then
+    runuser -u "$user" -- sh -c "cd 2>/dev/null || cd /; exec \"\$@\"" sh $interp "$dir/script" > "$dir/output" 2>&1 < /dev/null
+  else
+    (cd /root 2>/dev/null || cd /; exec $interp "$dir/script") > "$dir/output" 2>&1 < /dev/null
+  fi
+  echo $? > "$dir/exit.tmp" && mv "$dir/exit.tmp" "$dir/exit"
+' sh "$dir" "$3" "$4" > /dev/null 2>&1 < /dev/null
+# Return once the run has its pid file, so a kill_script right after this always finds the process group.
+waited=0
+until [ -e "$dir/pid" ]; do
+  [ "$waited" -lt 500 ] || { echo "the script did not start" >&2; exit 2; }
+  sleep 0.01
+  waited=$((waited + 1))
+done
+"""
+
+# Reads the exit code before the output: once the exit file is there the output file is complete, so reading
+# in this order never reports an end while output is still unread.
+_POLL = r"""
+dir=$1
+[ -d "$dir" ] || { echo missing; exit 0; }
+code=$(cat "$dir/exit" 2>/dev/null || true)
+echo "${code:--}"
+tail -c "+$(($2 + 1))" "$dir/output" | head -c "$3"
+"""
+
+_KILL = r"""
+dir=$1
+[ -f "$dir/exit" ] && exit 0
+[ -f "$dir/pid" ] || exit 0  # never started
+group=$(cat "$dir/pid")
+# env: dash's own kill cannot signal a process group.
+env kill -TERM -- "-$group" 2>/dev/null || exit 0
+waited=0
+while env kill -0 -- "-$group" 2>/dev/null; do
+  if [ "$waited" -ge "$(($2 * 10))" ]; then env kill -KILL -- "-$group" 2>/dev/null; sleep 0.1; break; fi
+  sleep 0.1
+  waited=$((waited + 1))
+done
+[ -f "$dir/exit" ] || { echo 137 > "$dir/exit.tmp" && mv "$dir/exit.tmp" "$dir/exit"; }
+"""
+
+_SAFE_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def run_dir(run_id: str) -> str:
+    """The guest folder of one run; a run id that is not a plain file name is hashed into one."""
+    if not _SAFE_RUN_ID.fullmatch(run_id):
+        run_id = hashlib.sha256(run_id.encode()).hexdigest()[:32]
+    return f"{RUNS_DIR}/{run_id}"
+
+
+class SshSession:
+    """``GuestSession`` on one asyncssh connection, logged in as ``username`` (root work goes through sudo)."""
+
+    def __init__(self, connection: asyncssh.SSHClientConnection, username: str) -> None:
+        self._connection = connection
+        self._username = username
+
+    async def upload(self, data: bytes, destination: str, *, mode: int = 0o644) -> None:
+        async with self._connection.start_sftp_client() as sftp:
+            async with sftp.open(destination, "wb") as remote:
+                await remote.write(data)
+            await sftp.chmod(destination, mode)
+
+    async def path_exists(self, path: str) -> bool:
+        result = await self._connection.run(f"test -e {shlex.quote(path)}", check=False)
+        return result.exit_status == 0
+
+    async def start_script(self, run_id: str, script: str, *, as_root: bool = False) -> None:
+        data = script.encode()
+        run_as = "" if as_root or self._username == "root" else self._username
+        interpreter = "" if data.startswith(b"#!") else "/bin/sh"
+        result = await self._run(_START, run_dir(run_id), str(len(data)), run_as, interpreter, stdin=data, as_root=True)
+        if result.exit_status != 0:
+            raise RuntimeError(f"could not start {run_id} in the guest: {_text(result.stderr)}")
+
+    async def poll_script(self, run_id: str, offset: int) -> ScriptProgress:
+        result = await self._run(_POLL, run_dir(run_id), str(offset), str(POLL_CHUNK_BYTES))
+        if result.exit_status != 0:
+            raise RuntimeError(f"could not read {run_id} in the guest: {_text(result.stderr)}")
+        status, _, output = bytes(result.stdout).partition(b"\n")
+        if status == b"missing":
+            raise PermanentError(f"the guest has no script run {run_id}: it was never started there", kind="ScriptLost")
+        # A full chunk may not be the end of the output: report the exit code only once all of it is read.
+        ended = status != b"-" and len(output) < POLL_CHUNK_BYTES
+        return ScriptProgress(output=output, exit_code=int(status) if ended else None)
+
+    async def kill_script(self, run_id: str) -> None:
+        result = await self._run(_KILL, run_dir(run_id), str(KILL_GRACE_SECONDS), as_root=True)
+        if result.exit_status != 0:
+            raise RuntimeError(f"could not stop {run_id} in the guest: {_text(result.stderr)}")
+
+    async def _run(
+        self, script: str, *args: str, stdin: bytes | None = None, as_root: bool = False
+    ) -> asyncssh.SSHCompletedProcess:
+        command = " ".join(["sh", "-c", shlex.quote(script), "sh", *map(shlex.quote, args)])
+        if as_root and self._username != "root":
+            command = f"sudo -n {command}"
+        return await self._connection.run(command, input=stdin, encoding=None, check=False)
+
+
+def _text(data: bytes | str | None) -> str:
+    if isinstance(data, bytes):
+        data = data.decode(errors="replace")
+    return (data or "").strip()
+
+
+@asynccontextmanager
+async def open_session(
+    *,
+    host: str,
+    port: int,
+    username: str,
+    host_key: str,
+    client_key: asyncssh.SSHKey,
+    retry_seconds: float = CONNECT_RETRY_SECONDS,
+) -> AsyncIterator[SshSession]:
+    """Log in with ``client_key``, accepting only ``host_key`` (an ``ssh-ed25519 AAAA...`` line) from the
+    server: the key is known before the VM boots, so nothing is ever trusted on first use."""
+    trusted = ([asyncssh.import_public_key(host_key)], [], [])
+    deadline = time.monotonic() + retry_seconds
+    while True:
+        try:
+            connection = await asyncssh.connect(
+                host,
+                port,
+                username=username,
+                client_keys=[client_key],
+                known_hosts=trusted,
+                agent_path=None,
+                config=None,
+                connect_timeout=30,
+            )
+            break
+        except asyncssh.HostKeyNotVerifiable as err:
+            raise PermanentError(
+                f"{host}:{port} presented a host key other than the one pinned for it: {err.reason}",
+                kind="HostKeyMismatch",
+            ) from err
+        except asyncssh.PermissionDenied as err:
+            raise PermanentError(f"{host}:{port} refused the login of {username}: {err.reason}", kind="LoginRefused") from err
+        except (ConnectionRefusedError, asyncssh.ConnectionLost):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+    try:
+        yield SshSession(connection, username)
+    finally:
+        connection.close()
+        await connection.wait_closed()

@@ -1,0 +1,204 @@
+"""Local build VMs: boot, SSH with pinned keys, detached scripts, deprovision, delete, and surviving their maker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from activities.clouds.base import PermanentError
+from activities.clouds.local import LocalCloud
+from activities.clouds.local.store import ResourceStore
+from activities.clouds.local.vm import admin_user_of
+from activities.remote.keys import derive_key, public_line
+from activities.remote.ssh import open_session
+from tests.local.conftest import STAGING, MakeVm, guest_run, new_build, run_to_end
+from workflows.models import BuildVm, ResolvedSource, VmSpec
+
+pytestmark = pytest.mark.local
+
+
+def loopback_addresses() -> str:
+    return subprocess.run(["ip", "-o", "addr", "show", "dev", "lo"], capture_output=True, text=True).stdout
+
+
+def pid_namespace_members(pid: int) -> list[int]:
+    namespace = os.stat(f"/proc/{pid}/ns/pid").st_ino
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.stat(entry / "ns" / "pid").st_ino == namespace:
+                    members.append(int(entry.name))
+            except (FileNotFoundError, PermissionError):
+                pass  # gone meanwhile, or another user namespace's
+    return members
+
+
+async def test_script_runs_as_the_admin_user_and_reports_output_and_exit_code(cloud: LocalCloud, make_vm: MakeVm):
+    build, vm = await make_vm()
+    assert vm.port == 22 and vm.host.startswith("127.") and vm.admin_user == admin_user_of(build.build_id)
+    async with cloud.connect(build, vm) as guest:
+        script = "echo out; echo err >&2; id -un; hostname; pwd; sudo -n id -u; exit 7"
+        output, exit_code = await run_to_end(guest, "run-1", script)
+    assert exit_code == 7
+    assert output.decode().splitlines() == ["out", "err", vm.admin_user, vm.name, f"/home/{vm.admin_user}", "0"]
+
+
+async def test_a_started_run_id_is_not_started_again(cloud: LocalCloud, make_vm: MakeVm):
+    build, vm = await make_vm()
+    async with cloud.connect(build, vm) as guest:
+        await run_to_end(guest, "once", "echo ran >> /tmp/count")
+        await guest.start_script("once", "echo ran >> /tmp/count")
+        output, _ = await run_to_end(guest, "count", "cat /tmp/count")
+    assert output == b"ran\n"
+
+
+async def test_script_outlives_the_connection_and_polls_resume_at_an_offset(cloud: LocalCloud, make_vm: MakeVm):
+    build, vm = await make_vm()
+    async with cloud.connect(build, vm) as guest:
+        await guest.start_script("long", "echo first; sleep 1; echo second")
+        first = await guest.poll_script("long", 0)
+    # A new connection, as a worker that took over would make, reads on from where the last one stopped.
+    async with cloud.connect(build, vm) as guest:
+        offset, rest = len(first.output), b""
+        while True:
+            progress = await guest.poll_script("long", offset)
+            rest += progress.output
+            offset += len(progress.output)
+            if progress.exit_code is not None:
+                break
+            await asyncio.sleep(0.1)
+    assert first.output + rest == b"first\nsecond\n" and progress.exit_code == 0
+
+
+async def test_kill_script_stops_its_process_group(cloud: LocalCloud, make_vm: MakeVm):
+    build, vm = await make_vm()
+    async with cloud.connect(build, vm) as guest:
+        await guest.start_script("sleeper", "sleep 300 & sleep 301; echo never")
+        await guest.kill_script("sleeper")  # right away: start_script returns only once the run can be stopped
+        progress = await guest.poll_script("sleeper", 0)
+        await guest.kill_script("sleeper")  # already ended: nothing to do
+    assert progress.exit_code is not None and progress.exit_code != 0
+    assert b"never" not in progress.output
+    assert "sleep 30" not in await guest_run(cloud, vm.name, "ps -eo args")
+
+
+async def test_upload_and_path_exists(cloud: LocalCloud, make_vm: MakeVm):
+    build, vm = await make_vm()
+    async with cloud.connect(build, vm) as guest:
+        assert not await guest.path_exists("/tmp/DeprovisioningScript.sh")
+        await guest.upload(b"echo custom\n", "/tmp/DeprovisioningScript.sh", mode=0o755)
+        assert await guest.path_exists("/tmp/DeprovisioningScript.sh")
+        output, _ = await run_to_end(guest, "ls", "stat -c '%a %U' /tmp/DeprovisioningScript.sh")
+    assert output.decode().split() == ["755", vm.admin_user]
+
+
+async def test_connect_refuses_a_host_key_other_than_the_pinned_one(cloud: LocalCloud, make_vm: MakeVm):
+    build, vm = await make_vm()
+    other = public_line(derive_key(b"another secret", build.build_id, "host"))
+    session = open_session(
+        host=vm.host, port=vm.port, username=vm.admin_user, host_key=other,
+        client_key=derive_key(b"another secret", build.build_id, "client"),
+    )
+    with pytest.raises(PermanentError, match="host key"):
+        async with session:
+            pass
+
+
+async def test_create_again_returns_the_running_vm(cloud: LocalCloud, make_vm: MakeVm, debian: ResolvedSource):
+    build, vm = await make_vm()
+    spec = VmSpec(name=vm.name, purpose="build", image_id=debian.image_id, source=debian, vm_profile={})
+    assert await cloud.create_vm(build, STAGING, spec) == vm
+
+
+async def test_vm_size_sets_cgroup_limits_clamped_to_the_machine(cloud: LocalCloud, make_vm: MakeVm):
+    _, vm = await make_vm(vm_size="Standard_D2s_v3")
+    memory = Path(f"/sys/fs/cgroup/memory/kiln/{vm.name}/memory.limit_in_bytes")
+    if not memory.exists():
+        pytest.skip("this machine has no cgroup v1 memory controller")
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert int(memory.read_text()) == min(8 << 30, machine)
+    quota = int(Path(f"/sys/fs/cgroup/cpu/kiln/{vm.name}/cpu.cfs_quota_us").read_text())
+    assert quota == min(2, os.cpu_count() or 1) * 100_000
+    pid = int(cloud.vms.folder(vm.name).pid_file.read_text().split()[0])
+    assert f"/kiln/{vm.name}" in Path(f"/proc/{pid}/cgroup").read_text()
+
+
+async def test_deprovision_removes_the_user_and_host_keys_and_still_reports_its_end(
+    cloud: LocalCloud, make_vm: MakeVm
+):
+    build, vm = await make_vm()
+    async with cloud.connect(build, vm) as guest:
+        await run_to_end(guest, "dirty", "echo x > /tmp/junk; sudo sh -c 'echo log > /var/log/custom.log'")
+        # The session's own user goes away here; the open session still reads how the script ended.
+        output, exit_code = await run_to_end(guest, "deprovision", cloud.deprovision_script("Linux"), as_root=True)
+    assert exit_code == 0, output
+    user = vm.admin_user
+    leftovers = await guest_run(
+        cloud,
+        vm.name,
+        f"getent passwd {user} > /dev/null && echo user; [ -e /home/{user} ] && echo home;"
+        f" [ -e /etc/sudoers.d/90-{user} ] && echo sudoers; ls /etc/ssh/ssh_host_* > /dev/null 2>&1 && echo host-keys;"
+        " [ -s /etc/machine-id ] && echo machine-id; [ -e /tmp/junk ] && echo tmp;"
+        " find /var/log -type f | grep -q . && echo logs; echo checked",
+    )
+    assert leftovers == "checked\n"
+
+
+async def test_delete_leaves_no_process_mount_folder_address_or_record(
+    cloud: LocalCloud, store: ResourceStore, debian: ResolvedSource
+):
+    build = new_build()
+    spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=debian.image_id, source=debian, vm_profile={})
+    vm = await cloud.create_vm(build, STAGING, spec)
+    try:
+        folder = cloud.vms.folder(vm.name).path
+        pid = int((folder / "pid").read_text().split()[0])
+        members = pid_namespace_members(pid)
+        assert members and {r.kind for r in store.list(build_id=build.build_id)} == {"vm", "overlay", "address"}
+        assert f"{vm.host}/32" in loopback_addresses()
+    finally:
+        await cloud.delete_vm(build, vm.name)
+
+    assert not any(Path(f"/proc/{member}").exists() for member in members)
+    assert str(folder) not in Path("/proc/self/mountinfo").read_text()
+    assert not folder.exists()
+    assert f"{vm.host}/32" not in loopback_addresses()
+    assert not Path(f"/sys/fs/cgroup/memory/kiln/{vm.name}").exists()
+    assert store.list(build_id=build.build_id) == []
+    await cloud.delete_vm(build, vm.name)  # already gone: succeeds
+
+
+async def test_vm_outlives_the_process_that_made_it(cloud: LocalCloud, state: Path, debian: ResolvedSource):
+    build = new_build()
+    spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=debian.image_id, source=debian, vm_profile={})
+    maker = f"""
+import asyncio, sys
+from pathlib import Path
+from activities.clouds.local import LocalCloud
+from activities.clouds.local.store import ResourceStore
+from workflows.models import BuildContext, Staging, VmSpec
+cloud = LocalCloud(storage=None, store=ResourceStore(Path({str(state / 'resources.db')!r})), state=Path({str(state)!r}))
+vm = asyncio.run(cloud.create_vm(BuildContext.model_validate_json(sys.argv[1]),
+                 Staging.model_validate_json(sys.argv[2]), VmSpec.model_validate_json(sys.argv[3])))
+print(vm.model_dump_json())
+"""
+    made = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", maker, build.model_dump_json(), STAGING.model_dump_json(), spec.model_dump_json(),
+        cwd=Path(__file__).parents[2], stdout=asyncio.subprocess.PIPE,
+    )
+    stdout, _ = await made.communicate()
+    assert made.returncode == 0
+    vm = BuildVm.model_validate(json.loads(stdout))
+    try:
+        async with cloud.connect(build, vm) as guest:
+            output, exit_code = await run_to_end(guest, "alive", "echo still here")
+        assert (output, exit_code) == (b"still here\n", 0)
+    finally:
+        await cloud.delete_vm(build, vm.name)
