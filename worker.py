@@ -27,9 +27,11 @@ from temporalio.worker import Worker
 
 from activities import activities_for
 from activities.clouds.base import Cloud
+from activities.janitor import JanitorActivities
 from activities.clouds.local.config import state_dir
 from starter.connection import ConnectError, connect
 from workflows.build import ImageBuildWorkflow
+from workflows.janitor import JanitorWorkflow
 from workflows.models import SEARCH_ATTRIBUTES, TASK_QUEUES
 
 DEV_PORT = 7233
@@ -49,8 +51,8 @@ async def run_worker(
     async with Worker(
         client,
         task_queue=task_queue,
-        workflows=[ImageBuildWorkflow],
-        activities=activities_for(cloud),
+        workflows=[ImageBuildWorkflow, JanitorWorkflow],
+        activities=[*activities_for(cloud), JanitorActivities().find_abandoned_builds],
         # Across every worker of the queue: ARM throttles per subscription, not per process.
         max_task_queue_activities_per_second=max_activities_per_second,
         graceful_shutdown_timeout=timedelta(seconds=20),

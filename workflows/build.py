@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -29,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.generalize import GeneralizeActivities
     from activities.source import SourceActivities
     from activities.staging import StagingActivities
+    from workflows.camel import CamelModel
     from workflows.models import (
         BUILD_ID,
         CLOUD,
@@ -49,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
         DeleteRequest,
         DistributeRequest,
         GuestScriptRequest,
+        PendingUndo,
         ResolvedSource,
         ResolveSourceRequest,
         Resource,
@@ -86,16 +87,6 @@ CLEANUP_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_inter
 CLEANUP = "cleanup"
 
 
-@dataclass
-class Undo:
-    """One compensation: the activity that deletes what ``owner`` made."""
-
-    owner: str
-    label: str
-    activity: Callable[..., Awaitable[Any]]
-    request: Any
-
-
 class BuildAborted(Exception):
     """A customizer or validator failed and errorHandling says abort: keep the VM for debugging."""
 
@@ -104,7 +95,6 @@ class BuildAborted(Exception):
 class ImageBuildWorkflow:
     def __init__(self) -> None:
         self._status = BuildStatus()
-        self._undo: list[Undo] = []
         self._abort_keeps: set[str] = set()
         self._finished_outputs: set[str] = set()
         self._deadline_moved = False
@@ -235,7 +225,7 @@ class ImageBuildWorkflow:
                 non_retryable=True,
             )
 
-        self._push_undo(Undo("staging", "delete staging", StagingActivities.delete_staging, DeleteRequest(build=context, name="staging")))
+        self._push_undo("staging", "delete staging", "delete_staging", DeleteRequest(build=context, name="staging"))
         staging = await self._step("create staging", StagingActivities.create_staging, context)
         self._status.exact_staging_resource_group = staging.resource_group_id
         self._status.log_uri = f"{staging.log_uri_prefix}customization.log"
@@ -288,7 +278,7 @@ class ImageBuildWorkflow:
 
         self._set_sub_state(RunSubState.OPTIMIZING)
         image_name = f"{context.build_id}-image"
-        self._push_undo(Undo(image_name, "delete captured image", CaptureActivities.delete_image, DeleteRequest(build=context, name=image_name)))
+        self._push_undo(image_name, "delete captured image", "delete_image", DeleteRequest(build=context, name=image_name))
         image = await self._step(
             "capture image",
             CaptureActivities.capture_image,
@@ -321,7 +311,7 @@ class ImageBuildWorkflow:
         purpose: str,
     ) -> BuildVm:
         name = f"{context.build_id}-{purpose}"
-        self._push_undo(Undo(name, f"delete {purpose} VM", BuildVmActivities.delete_vm, DeleteRequest(build=context, name=name)))
+        self._push_undo(name, f"delete {purpose} VM", "delete_vm", DeleteRequest(build=context, name=name))
         vm = await self._step(
             f"create {purpose} VM",
             BuildVmActivities.create_vm,
@@ -395,8 +385,10 @@ class ImageBuildWorkflow:
             target = template.properties.distribute[index]
             owner = f"output-{index}"
             self._push_undo(
-                Undo(owner, f"delete unfinished {target.run_output_name}", DistributeActivities.delete_output,
-                     DeleteOutputRequest(build=context, target=target, index=index))
+                owner,
+                f"delete unfinished {target.run_output_name}",
+                "delete_output",
+                DeleteOutputRequest(build=context, target=target, index=index),
             )
             try:
                 output = await self._step(
@@ -442,46 +434,54 @@ class ImageBuildWorkflow:
                 cancellation_type=WAIT,
                 summary=name,
             )
-        except BaseException as err:
+        # Not BaseException: a workflow evicted from a worker's cache unwinds with GeneratorExit, outside the
+        # workflow's event loop, where workflow.now() cannot be asked.
+        except (Exception, asyncio.CancelledError) as err:
             record.outcome = "canceled" if is_cancelled_exception(err) else "failed"
             record.message = "" if record.outcome == "canceled" else cause_of(err)
-            raise
-        finally:
             record.ended = workflow.now()
-        record.outcome = "succeeded"
+            raise
+        record.outcome, record.ended = "succeeded", workflow.now()
         return result
 
-    def _push_undo(self, undo: Undo) -> None:
-        self._undo.append(undo)
+    def _push_undo(self, owner: str, label: str, activity: str, request: CamelModel) -> None:
+        """Register an undo before the create it undoes: a create that dies half-way still gets cleaned up."""
+        self._status.pending_cleanup.append(
+            PendingUndo(owner=owner, label=label, activity=activity, request=request.model_dump(mode="json"))
+        )
 
     def _track(self, owner: str, resources: list[Resource]) -> None:
         self._status.resources += [r.model_copy(update={"owner": owner}) for r in resources]
 
     async def _undo_now(self, owner: str) -> None:
         """Run one undo early (the build VM once it is captured), and take it off the stack."""
-        undo = next(u for u in self._undo if u.owner == owner)
-        await self._run_undo(undo)
-        self._undo.remove(undo)
+        undo = next(u for u in self._status.pending_cleanup if u.owner == owner)
+        if await self._run_undo(undo):
+            self._status.pending_cleanup.remove(undo)
 
     async def _cleanup(self, *, aborted: bool, keep_outputs: bool) -> None:
         """Run the undo stack, newest first. Finished outputs are kept only when the build ran to its end: a
         cancelled or timed-out build publishes nothing."""
         # The staging group holds the VM (on Azure, deleting the group deletes the VM), so abort keeps both.
         kept = self._abort_keeps | {"staging"} if aborted else set()
-        for undo in reversed(self._undo):
+        for undo in reversed(list(self._status.pending_cleanup)):
             if keep_outputs and undo.owner in self._finished_outputs:
-                continue
-            if undo.owner in kept:
+                done = True
+            elif undo.owner in kept:
                 self._status.kept_on_abort += [r for r in self._status.resources if r.owner == undo.owner]
-                continue
-            await self._run_undo(undo)
-        self._undo.clear()
+                done = True
+            else:
+                done = await self._run_undo(undo)
+            if done:
+                self._status.pending_cleanup.remove(undo)
 
-    async def _run_undo(self, undo: Undo) -> None:
+    async def _run_undo(self, undo: PendingUndo) -> bool:
+        """Run one undo; False if it failed for good (the janitor's to finish)."""
         record = StepRecord(name=f"{CLEANUP}: {undo.label}", started=workflow.now())
         self._status.steps.append(record)
         try:
-            await workflow.execute_activity_method(
+            # By name, with the request as the status holds it: the janitor runs these the same way.
+            await workflow.execute_activity(
                 undo.activity,
                 undo.request,
                 start_to_close_timeout=timedelta(minutes=30),
@@ -491,13 +491,12 @@ class ImageBuildWorkflow:
             )
         except ActivityError as err:
             # Only a non-retryable error gets here (say, a lost permission); the janitor retries later.
-            record.outcome, record.message = "failed", cause_of(err)
+            record.outcome, record.message, record.ended = "failed", cause_of(err), workflow.now()
             workflow.logger.warning("%s failed, left for the janitor: %s", undo.label, record.message)
-        else:
-            record.outcome = "succeeded"
-            self._status.resources = [r for r in self._status.resources if r.owner != undo.owner]
-        finally:
-            record.ended = workflow.now()
+            return False
+        record.outcome, record.ended = "succeeded", workflow.now()
+        self._status.resources = [r for r in self._status.resources if r.owner != undo.owner]
+        return True
 
     def _outcome(self) -> tuple[RunState, str]:
         outputs = self._status.run_outputs

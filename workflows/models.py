@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from temporalio.common import SearchAttributeKey
 
@@ -196,6 +196,19 @@ class RunOutput(CamelModel):
     replication: dict[str, str] = {}
 
 
+class PendingUndo(CamelModel):
+    """One compensation still to run: the activity that deletes what ``owner`` made, and its request.
+
+    The status carries the whole undo stack, so the janitor can finish the cleanup of a build that was
+    terminated (terminate runs no workflow code) from nothing but the build's last status.
+    """
+
+    owner: str
+    label: str
+    activity: str
+    request: dict[str, Any]
+
+
 class StepRecord(CamelModel):
     """One step of the build as the status shows it: what AIB does not tell you."""
 
@@ -225,6 +238,7 @@ class BuildStatus(CamelModel):
     steps: list[StepRecord] = []
     resources: list[Resource] = []
     kept_on_abort: list[Resource] = []
+    pending_cleanup: list[PendingUndo] = []
 
     @property
     def finished(self) -> bool:
@@ -272,3 +286,23 @@ class CaptureRequest(CamelModel):
     staging: Staging
     vm: BuildVm
     spec: CaptureSpec
+
+
+class JanitorRequest(CamelModel):
+    """Which closed builds to look at: those that closed within ``lookback_hours``, on one task queue or all."""
+
+    lookback_hours: float = 24.0
+    task_queue: str | None = None
+
+
+class AbandonedBuild(CamelModel):
+    workflow_id: str
+    run_id: str
+    task_queue: str
+    pending_cleanup: list[PendingUndo]
+
+
+class JanitorReport(CamelModel):
+    builds: list[str] = []
+    cleaned: list[str] = []
+    failed: list[str] = []

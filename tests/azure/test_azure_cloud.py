@@ -1,0 +1,230 @@
+"""AzureCloud, method by method, against the ARM emulator with the real SDK clients and Azurite.
+
+Each create is run twice (create-or-get), each delete twice (gone is done), and the failures that matter are
+injected: conflicts while deleting, throttling with Retry-After, quota and permission errors.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from activities.clouds.azure import AzureCloud
+from activities.clouds.azure.names import staging_group_name, storage_account_name
+from activities.clouds.base import PermanentError
+from tests.azure.conftest import LOCATION, SUB, Guests, ImageArm, kiln_resources
+from workflows.models import Artifact, BuildContext, VmSpec
+from workflows.template import VmProfile, parse_template
+
+
+def build_context(**overrides: object) -> BuildContext:
+    values: dict = {
+        "build_id": f"unit-{time.monotonic_ns() % 10**8:08d}",
+        "template_name": "helloImageTemplateLinux01",
+        "location": LOCATION,
+        "cloud": "azure",
+        "destination_resource_group": "aibImageRG",
+        "managed_resource_tags": {"team": "images"},
+    }
+    values.update(overrides)
+    return BuildContext(**values)
+
+
+def template(source: dict | None = None, **properties: object) -> object:
+    return parse_template(
+        {
+            "location": LOCATION,
+            "properties": {
+                "source": source
+                or {"type": "PlatformImage", "publisher": "Canonical", "offer": "UbuntuServer", "sku": "18.04-LTS",
+                    "version": "latest"},
+                "distribute": [{"type": "VHD", "runOutputName": "vhd"}],
+                **properties,
+            },
+        }
+    )
+
+
+async def test_resolve_platform_latest_to_newest_version(cloud: AzureCloud) -> None:
+    source = await cloud.resolve_source(build_context(), template())
+    assert source.exact_version == "18.04.202401010"
+    assert source.hyper_v_generation == "V1" and source.os_type == "Linux"
+    gen2 = await cloud.resolve_source(
+        build_context(),
+        template({"type": "PlatformImage", "publisher": "Canonical", "offer": "0001-com-ubuntu-server-focal",
+                  "sku": "20_04-lts-gen2", "version": "latest"}),
+    )
+    assert gen2.hyper_v_generation == "V2" and gen2.exact_version == "20.04.202402010"
+
+
+async def test_resolve_unknown_image_is_permanent(cloud: AzureCloud) -> None:
+    with pytest.raises(PermanentError, match="properties.source"):
+        await cloud.resolve_source(
+            build_context(),
+            template({"type": "PlatformImage", "publisher": "Nobody", "offer": "x", "sku": "y", "version": "latest"}),
+        )
+
+
+async def test_staging_create_twice_delete_twice(cloud: AzureCloud, arm: ImageArm) -> None:
+    build = build_context()
+    first = await cloud.create_staging(build)
+    second = await cloud.create_staging(build)
+    assert first == second
+    group_name = staging_group_name(build)
+    assert len(group_name) <= 90 and group_name.startswith("IT_aibImageRG_helloImageTemplateLinux01_")
+    group = next(r for r in arm.resources() if r["type"] == "Microsoft.Resources/resourceGroups")
+    assert group["tags"] == {
+        "team": "images",
+        "createdBy": "kiln",
+        "imageTemplateName": build.template_name,
+        "imageTemplateResourceGroupName": "aibImageRG",
+        "kilnBuildId": build.build_id,
+        "kilnRole": "temporary",
+    }
+    account = next(r for r in arm.resources() if r["type"] == "Microsoft.Storage/storageAccounts")
+    assert account["name"] == storage_account_name(build.build_id)
+    assert account["properties"]["allowSharedKeyAccess"] is False
+
+    staged = await cloud.stage_artifact(build, first, Artifact(source_uri="file:///x.sh", field="f"), b"echo hi\n")
+    assert await cloud.read_staged(build, staged) == b"echo hi\n"
+    log = await cloud.open_log(build, first, "customization.log")
+    await log.append(b"one\n")
+    again = await cloud.open_log(build, first, "customization.log")
+    await again.append(b"two\n")
+    assert log.uri.endswith(f"/packerlogs/{build.build_id}/customization.log")
+
+    await cloud.delete_staging(build)
+    await cloud.delete_staging(build)
+    assert kiln_resources(arm) == []
+
+
+async def test_long_staging_names_fit_arm(cloud: AzureCloud) -> None:
+    build = build_context(template_name="t" * 64, destination_resource_group="g" * 90)
+    assert len(staging_group_name(build)) == 90
+    await cloud.create_staging(build)
+    await cloud.delete_staging(build)
+
+
+async def test_user_staging_group_must_be_empty_and_is_kept(cloud: AzureCloud, arm: ImageArm) -> None:
+    groups = cloud.arm.resource.resource_groups
+    await groups.create_or_update("my-staging", {"location": LOCATION})
+    await cloud.arm.network.network_security_groups.begin_create_or_update(
+        "my-staging", "users-own", {"location": LOCATION}
+    )
+    build = build_context(staging_resource_group=f"/subscriptions/{SUB}/resourceGroups/my-staging")
+    with pytest.raises(PermanentError, match=r"properties\.stagingResourceGroup"):
+        await cloud.create_staging(build)
+
+    await groups.create_or_update("empty-staging", {"location": LOCATION})
+    build = build_context(staging_resource_group=f"/subscriptions/{SUB}/resourceGroups/empty-staging")
+    staging = await cloud.create_staging(build)
+    assert staging.created_group is False
+    assert (await cloud.create_staging(build)).created_group is False  # its own account does not count
+    await cloud.delete_staging(build)
+    await cloud.delete_staging(build)
+    assert kiln_resources(arm) == []
+    assert await groups.check_existence("empty-staging")
+
+
+async def test_user_staging_group_made_when_missing_is_deleted(cloud: AzureCloud, arm: ImageArm) -> None:
+    build = build_context(staging_resource_group=f"/subscriptions/{SUB}/resourceGroups/made-for-me")
+    staging = await cloud.create_staging(build)
+    assert staging.created_group is True
+    await cloud.delete_staging(build)
+    assert not await cloud.arm.resource.resource_groups.check_existence("made-for-me")
+
+
+async def test_throttling_with_retry_after_is_honoured(cloud: AzureCloud, arm: ImageArm) -> None:
+    fault = arm.faults.add(method="PUT", path_regex="/resourcegroups/IT_", status=429, retry_after=1, times=2)
+    started = time.monotonic()
+    await cloud.create_staging(build_context())
+    assert fault.hits == 2
+    assert time.monotonic() - started >= 2
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "message", "kind", "named"),
+    [
+        ("QuotaExceeded", 409, "Operation could not be completed as it results in exceeding approved standardDv2Family "
+         "Cores quota.", "QuotaExceeded", "quota"),
+        ("OperationNotAllowed", 409, "Operation results in exceeding quota limits of Core.", "QuotaExceeded", "quota"),
+        ("AuthorizationFailed", 403, "The client does not have authorization to perform action "
+         "'Microsoft.Compute/virtualMachines/write'.", "AuthorizationFailed", "deploy/azure-role.json"),
+        ("LinkedAuthorizationFailed", 403, "The client has permission to perform action on scope, however it does "
+         "not have permission to perform action 'Microsoft.Network/virtualNetworks/subnets/join/action'.",
+         "AuthorizationFailed", "deploy/azure-role.json"),
+    ],
+)
+async def test_quota_and_permission_fail_at_once_and_leave_nothing(
+    cloud: AzureCloud, arm: ImageArm, code: str, status: int, message: str, kind: str, named: str
+) -> None:
+    build = build_context()
+    staging = await cloud.create_staging(build)
+    source = await cloud.resolve_source(build, template())
+    fault = arm.faults.add(method="PUT", path_regex="/virtualMachines/", status=status, code=code, message=message,
+                           times=None)
+    spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source,
+                  vm_profile=VmProfile())
+    with pytest.raises(PermanentError, match=named) as caught:
+        await cloud.create_vm(build, staging, spec)
+    assert caught.value.type == kind
+    assert fault.hits == 1  # not retried
+    # The saga's undo entries, as the workflow runs them:
+    await cloud.delete_vm(build, spec.name)
+    await cloud.delete_staging(build)
+    assert kiln_resources(arm) == []
+
+
+async def test_delete_conflicts_are_retried(cloud: AzureCloud, arm: ImageArm) -> None:
+    build = build_context()
+    await cloud.create_staging(build)
+    parts_group = staging_group_name(build)
+    network = cloud.arm.network
+    await cloud.vms.create_network(parts_group, _parts(build), location=LOCATION, tags={"kilnBuildId": build.build_id},
+                                   subnet_id=None)
+    fault = arm.faults.add(method="DELETE", path_regex="/networkSecurityGroups/", status=400,
+                           code="InUseNetworkSecurityGroupCannotBeDeleted", message="in use", times=2)
+    await cloud.delete_vm(build, _parts(build).vm)
+    assert fault.hits == 2
+    assert [r async for r in network.network_security_groups.list(parts_group)] == []
+    await cloud.delete_staging(build)
+
+
+def _parts(build: BuildContext):  # noqa: ANN202
+    from activities.clouds.azure.names import VmParts
+
+    return VmParts(f"{build.build_id}-build")
+
+
+async def test_vm_create_twice_connect_and_delete_twice(cloud: AzureCloud, arm: ImageArm, guests: Guests) -> None:
+    arm.guest_factory = guests.boot
+    arm.run_command = guests.run_command
+    build = build_context()
+    staging = await cloud.create_staging(build)
+    source = await cloud.resolve_source(build, template())
+    spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source,
+                  vm_profile=VmProfile(os_disk_size_gb=30))
+    vm = await cloud.create_vm(build, staging, spec)
+    assert await cloud.create_vm(build, staging, spec) == vm
+    assert vm.host_key.startswith("ssh-ed25519 ")
+    made = arm.resources({"kilnBuildId": build.build_id})
+    types = sorted(r["type"] for r in made)
+    assert "Microsoft.Compute/virtualMachines" in types and "Microsoft.Network/publicIPAddresses" in types
+    machine = next(r for r in made if r["type"] == "Microsoft.Compute/virtualMachines")
+    assert machine["properties"]["hardwareProfile"]["vmSize"] == "Standard_D1_v2"
+    assert machine["properties"]["osProfile"]["linuxConfiguration"]["disablePasswordAuthentication"] is True
+    nsg = next(r for r in made if r["type"] == "Microsoft.Network/networkSecurityGroups")
+    assert {rule["properties"]["destinationPortRange"] for rule in nsg["properties"]["securityRules"]} == {"22", "5986"}
+    assert {rule["properties"]["sourceAddressPrefix"] for rule in nsg["properties"]["securityRules"]} == {"127.0.0.1"}
+
+    async with cloud.connect(build, vm) as guest:
+        await guest.start_script("hello", "echo hello from $(id -un)\n")
+        while (progress := await guest.poll_script("hello", 0)).exit_code is None:
+            pass
+        assert b"hello from" in progress.output
+
+    await cloud.delete_vm(build, vm.name)
+    await cloud.delete_vm(build, vm.name)
+    await cloud.delete_staging(build)
+    assert kiln_resources(arm) == []
