@@ -12,6 +12,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 from rich.console import Console
@@ -36,6 +37,14 @@ def positive(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"{value!r} is not a positive number")
     return int(value)
+
+
+def duration(value: str) -> timedelta:
+    """``30m``, ``1h``, ``1d``: how often a schedule runs."""
+    units = {"m": "minutes", "h": "hours", "d": "days"}
+    if len(value) < 2 or value[-1] not in units or not value[:-1].isdigit() or int(value[:-1]) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration like 30m, 1h or 1d")
+    return timedelta(**{units[value[-1]]: int(value[:-1])})
 
 
 def connection_options(default: object) -> argparse.ArgumentParser:
@@ -113,6 +122,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hyper-v-generation", choices=["V1", "V2"], default="V2")
     p = gallery_sub.add_parser("list", help="local galleries, image definitions and versions")
     p.set_defaults(handler=commands.gallery_list)
+
+    p = command("janitor", commands.janitor, "clean up after builds that ended without their own cleanup (terminated)")
+    p.add_argument("--cloud", choices=sorted(TASK_QUEUES), default="local", help="whose builds (default: local)")
+    p.add_argument("--every", type=duration, help="keep running on a schedule, e.g. 1h or 30m, instead of once")
 
     p = command("resources", commands.resources, "what the local cloud has made, from its resource store")
     p.add_argument("--orphans", action="store_true", help="only temporary resources of builds no longer running")

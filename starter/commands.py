@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import sys
+import uuid
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -14,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from starter.builds import (
+    EXIT_FAILED,
     EXIT_SUCCEEDED,
     EXIT_USAGE,
     WORKFLOW_TYPE,
@@ -256,4 +258,48 @@ async def resources(args: argparse.Namespace, io: Io) -> int:
         )
     what = "orphaned resources" if args.orphans else "local resources"
     io.out.print(table if table.row_count else f"no {what}")
+    return EXIT_SUCCEEDED
+
+
+async def janitor(args: argparse.Namespace, io: Io) -> int:
+    """Run the janitor once and show what it cleaned, or (``--every``) keep it running on a schedule."""
+    from temporalio.client import (
+        Schedule,
+        ScheduleActionStartWorkflow,
+        ScheduleAlreadyRunningError,
+        ScheduleIntervalSpec,
+        SchedulePolicy,
+        ScheduleSpec,
+        ScheduleUpdate,
+    )
+
+    from workflows.janitor import JanitorWorkflow
+    from workflows.models import JanitorRequest
+
+    client = await connect(address=args.address, namespace=args.namespace)
+    task_queue = TASK_QUEUES[args.cloud]
+    request = JanitorRequest(task_queue=task_queue)
+    if args.every is None:
+        report = await client.execute_workflow(
+            JanitorWorkflow.run, request, id=f"kiln-janitor-{args.cloud}-{uuid.uuid4().hex[:8]}", task_queue=task_queue
+        )
+        io.out.print(f"looked at {len(report.builds)} abandoned build(s) on {task_queue}")
+        for line in report.cleaned:
+            io.out.print(Text(f"  cleaned  {line}", style="green"))
+        for line in report.failed:
+            io.out.print(Text(f"  failed   {line}", style="red"))
+        return EXIT_SUCCEEDED if not report.failed else EXIT_FAILED
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            JanitorWorkflow.run, request, id=f"kiln-janitor-{args.cloud}", task_queue=task_queue
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=args.every)]),
+        policy=SchedulePolicy(catchup_window=args.every),
+    )
+    schedule_id = f"kiln-janitor-{args.cloud}"
+    try:
+        await client.create_schedule(schedule_id, schedule)
+    except ScheduleAlreadyRunningError:
+        await client.get_schedule_handle(schedule_id).update(lambda _: ScheduleUpdate(schedule=schedule))
+    io.out.print(f"schedule {schedule_id}: the janitor runs every {args.every} on {task_queue}")
     return EXIT_SUCCEEDED
