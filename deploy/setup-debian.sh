@@ -4,20 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(
-    python3-venv          # the virtual environment
-    mmdebstrap debian-archive-keyring   # local cloud: base images from the Debian package registry
-    qemu-utils            # local cloud: fixed VHDs (qemu-img)
-    e2fsprogs             # local cloud: ext4 from a folder (mke2fs -d), debugfs
-    openssh-client        # local cloud: ssh-keygen for host keys
-    iproute2              # local cloud: a loopback address per build VM
-    util-linux mount      # local cloud: unshare, setsid, nsenter, mount
-    nodejs npm            # Azurite, the Azure Storage emulator
-)
 missing=()
-for package in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
-done
+# need COMMAND PACKAGE: install PACKAGE when COMMAND is not there (a Node.js from elsewhere is fine too).
+need() { command -v "$1" >/dev/null 2>&1 || missing+=("$2"); }
+need mmdebstrap mmdebstrap     # local cloud: base images from the Debian package registry
+need qemu-img qemu-utils       # local cloud: fixed VHDs
+need mke2fs e2fsprogs          # local cloud: ext4 from a folder (mke2fs -d); debugfs reads images
+need ip iproute2               # local cloud: a loopback address per build VM
+need unshare util-linux        # local cloud: namespaces (unshare, nsenter, setsid)
+need mount mount
+need npm npm                   # Azurite, the Azure Storage emulator (Debian's npm brings nodejs)
+[[ -e /usr/share/keyrings/debian-archive-keyring.gpg ]] || missing+=(debian-archive-keyring)
+python3 -c "import ensurepip" 2>/dev/null || missing+=(python3-venv)
 if ((${#missing[@]})); then
     echo "==> installing ${missing[*]}"
     apt-get update -q

@@ -523,7 +523,9 @@ class ImageBuildWorkflow:
                 f"(delete them yourself): {kept}. {self._log_hint()}"
             )
         cause = cause_of(failure)
-        message = cause if cause.startswith(step) else f"{step} failed: {cause}"
+        # An error the workflow raised itself (a template the source cannot take) is not a step's failure.
+        own = not isinstance(failure, ActivityError)
+        message = cause if own or cause.startswith(step) else f"{step} failed: {cause}"
         return message if self._status.log_uri in message else f"{message} {self._log_hint()}".strip()
 
     def _log_hint(self) -> str:
