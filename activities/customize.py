@@ -2,7 +2,7 @@
 
 A script is never run twice. It runs detached in the guest under a run id derived from the build and the step,
 and starting a run id that already started does nothing; so when a worker dies mid-script, the retry attaches to
-the same run and reads on from the offset its last heartbeat recorded. A connection that never got as far as
+the same run and reads on from where the log stops. A connection that never got as far as
 starting the script is simply retried.
 """
 
@@ -16,7 +16,6 @@ from temporalio import activity
 
 from activities.clouds.base import Cloud, GuestSession, LogSink, PermanentError
 from activities.common import CloudActivities, heartbeating
-from workflows.camel import CamelModel
 from workflows.models import GuestScriptRequest, GuestScriptResult, StagedArtifact
 from workflows.template import (
     FileCustomizer,
@@ -28,12 +27,6 @@ from workflows.template import (
 
 POLL_EVERY = 0.5
 TAIL_LINES = 10
-
-
-class ScriptCheckpoint(CamelModel):
-    """Heartbeat details of a running script: how much of its output is already in the log."""
-
-    offset: int = 0
 
 
 class CustomizeActivities(CloudActivities):
@@ -76,9 +69,8 @@ class CustomizeActivities(CloudActivities):
 async def open_guest(cloud: Cloud, request: GuestScriptRequest, stack: AsyncExitStack) -> tuple[GuestSession, LogSink]:
     """Connect to the VM and open the step's log, heartbeating meanwhile (a VM still booting can take a while).
 
-    The heartbeat repeats the previous attempt's checkpoint, so a retry that is slow to connect keeps its place.
     """
-    async with heartbeating(*activity.info().heartbeat_details):
+    async with heartbeating():
         guest = await stack.enter_async_context(cloud.connect(request.build, request.vm))
         log = await cloud.open_log(request.build, request.staging, request.log_name)
     return guest, log
@@ -96,12 +88,12 @@ async def run_script(
     """Start (or re-attach to) one script in the guest, stream its output into the log, and judge its exit code."""
     started = time.monotonic()
     run_id = f"{request.build.build_id}-{request.log_name.removesuffix('.log')}-{request.index}"
-    details = activity.info().heartbeat_details
-    offset = ScriptCheckpoint.model_validate(details[0]).offset if details else 0
-    if offset == 0:
-        await log.append(f"\n==> {request.label}\n".encode())
-    else:
-        await log.append(f"==> {request.label}: worker changed, reading on from byte {offset}\n".encode())
+    header = f"\n==> {request.label}\n".encode()
+    # A retry reads on from what the log already holds of this run: heartbeat details would lag behind it.
+    offset = await logged_output(log, header, request.label) if activity.info().attempt > 1 else None
+    if offset is None:
+        await log.append(header)
+        offset = 0
     await guest.start_script(run_id, script, as_root=as_root)
     tail = b""
     try:
@@ -111,7 +103,7 @@ async def run_script(
                 await log.append(progress.output)
                 offset += len(progress.output)
                 tail = (tail + progress.output)[-8192:]
-            activity.heartbeat(ScriptCheckpoint(offset=offset))
+            activity.heartbeat()
             if progress.exit_code is not None:
                 break
             await asyncio.sleep(POLL_EVERY)
@@ -129,6 +121,21 @@ async def run_script(
             kind="CustomizerFailed",
         )
     return GuestScriptResult(exit_code=exit_code, duration_seconds=time.monotonic() - started)
+
+
+async def logged_output(log: LogSink, header: bytes, label: str) -> int | None:
+    """How many bytes of this step's script output the log holds already, or None if no attempt began it.
+
+    The step's section runs from its header to its first ``==> label:`` note (or the end): only the script's
+    own output is in between.
+    """
+    text = await log.read()
+    at = text.rfind(header)
+    if at < 0:
+        return None
+    section = text[at + len(header) :]
+    end = section.find(f"==> {label}: ".encode())
+    return len(section) if end < 0 else end
 
 
 async def stop_script(guest: GuestSession, log: LogSink, run_id: str, label: str) -> None:

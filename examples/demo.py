@@ -30,9 +30,13 @@ KILN = [sys.executable, "-m", "starter"]
 console = Console(highlight=False)
 
 
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # the build's own log shows each fetch
+
+
 def serve_examples() -> http.server.ThreadingHTTPServer:
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(PROJECT / "examples"))
-    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    handler = functools.partial(QuietFiles, directory=str(PROJECT / "examples"))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", FILES_PORT), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server

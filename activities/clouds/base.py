@@ -73,6 +73,9 @@ class LogSink(Protocol):
 
     async def append(self, data: bytes) -> None: ...
 
+    async def read(self) -> bytes:
+        """The whole log: a step that a new worker takes over finds in it how far the last one got."""
+
 
 class Cloud(Protocol):
     name: str

@@ -19,7 +19,7 @@ from azure.core.credentials import AccessToken
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 
 from .blobs import AZURITE_ACCOUNT, AZURITE_KEY, Azurite, fixed_vhd
-from .server import ArmEmulator, ArmError, Call, GuestEndpoint, GuestSpec
+from .server import ArmEmulator, ArmError, Call, GuestEndpoint, GuestSpec, PlatformImage
 
 __all__ = [
     "AZURITE_ACCOUNT",
@@ -33,6 +33,7 @@ __all__ = [
     "FakeCredential",
     "GuestEndpoint",
     "GuestSpec",
+    "PlatformImage",
     "client_kwargs",
     "fixed_vhd",
 ]

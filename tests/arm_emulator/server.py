@@ -23,6 +23,10 @@ shared/reference/arm.md:
 Deliberate strictness beyond ARM: request bodies with snake_case keys are refused with 400,
 because the current SDKs send a dict verbatim and real Azure would silently ignore such keys.
 
+Platform images: `platform_images` is the marketplace catalogue that the VirtualMachineImages list
+and get endpoints serve (see `PlatformImage`); a VM created from a catalogue image that has a
+purchase plan must carry that plan, as in ARM.
+
 Guest execution: a VM's NIC private IP and public IP are loopback addresses. A test sets
 `guest_factory` to start something that answers SSH for the VM (the local cloud's VM code can
 serve as a real guest) and returns where it listens; see `GuestSpec` / `GuestEndpoint`.
@@ -34,6 +38,7 @@ import copy
 import json
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -42,18 +47,24 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from .blobs import Azurite, ServedBlobs, fixed_vhd
 from .faults import Faults
 
 
 class Call(NamedTuple):
-    """One HTTP exchange; status 0 means the connection was dropped without an answer."""
+    """One HTTP exchange; status 0 means the connection was dropped without an answer.
+
+    `at` (epoch seconds, when the request was read) and `seconds` (until the answer was ready,
+    injected delays and a VM's guest boot included) say how long the emulated ARM itself took.
+    """
 
     method: str
     path: str
     status: int
+    at: float = 0.0
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,25 @@ class GuestEndpoint:
     host: str = "127.0.0.1"
     port: int = 22
     close: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class PlatformImage:
+    """One marketplace SKU (publisher/offer/sku) and its versions, as VirtualMachineImages serves it.
+
+    `plan` is the purchase plan (`{"name", "product", "publisher"}`) a VM made from it must name;
+    `locations` limits the regions that offer it (None: every region).
+    """
+
+    versions: tuple[str, ...] | list[str]
+    os_type: str = "Linux"
+    hyper_v_generation: str = "V1"
+    plan: dict[str, str] | None = None
+    architecture: str = "x64"
+    locations: tuple[str, ...] | None = None
+
+    def offered_in(self, location: str) -> bool:
+        return self.locations is None or _region_name(location) in {_region_name(loc) for loc in self.locations}
 
 
 class ArmError(Exception):
@@ -203,7 +233,7 @@ class _Request:
 @dataclass
 class _Response:
     status: int
-    body: dict[str, Any] | bytes | None = None
+    body: dict[str, Any] | list[Any] | bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -211,9 +241,10 @@ class ArmEmulator:
     """The emulator. `start()` serves on a free 127.0.0.1 port and returns the base URL.
 
     Settings are plain attributes and may change while it runs: `operation_polls` (InProgress
-    answers per LRO), `poll_ms` (the retry-after-ms hint), `guest_factory`, `run_command`
-    (callable `(vm_id, request_body) -> (stdout, stderr)`) and `vhd` (the bytes every disk export
-    serves). Blob data goes to `azurite` when given, else to a read-only server built in.
+    answers per LRO), `poll_ms` (the retry-after-ms hint), `platform_images` (the marketplace
+    catalogue, keyed by `(publisher, offer, sku)`, matched case-insensitively), `guest_factory`,
+    `run_command` (callable `(vm_id, request_body) -> (stdout, stderr)`) and `vhd` (the bytes every
+    disk export serves). Blob data goes to `azurite` when given, else to a read-only server built in.
     """
 
     def __init__(
@@ -223,6 +254,7 @@ class ArmEmulator:
         operation_polls: int = 1,
         poll_ms: int = 10,
         azurite: Azurite | None = None,
+        platform_images: dict[tuple[str, str, str], PlatformImage] | None = None,
         guest_factory: Callable[[GuestSpec], GuestEndpoint] | None = None,
         run_command: Callable[[str, dict[str, Any]], tuple[str, str]] | None = None,
     ) -> None:
@@ -230,6 +262,7 @@ class ArmEmulator:
         self.calls: list[Call] = []
         self.operation_polls = operation_polls
         self.poll_ms = poll_ms
+        self.platform_images = dict(platform_images or {})
         self.guest_factory = guest_factory
         self.run_command = run_command or (lambda vm_id, body: ("", ""))
         self.vhd = fixed_vhd()
@@ -247,8 +280,7 @@ class ArmEmulator:
 
     def start(self) -> str:
         handler = type("_BoundHandler", (_Handler,), {"emulator": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", self._port), handler)
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
         if self._azurite is None:
             self.blobs = ServedBlobs(self.base_url)
@@ -299,6 +331,7 @@ class ArmEmulator:
             # cut instead of being served by a dead emulator for the rest of the test session.
             h.close_connection = True
             return
+        at, started = time.time(), time.perf_counter()
         url = urlsplit(h.path)
         query = {k.lower(): v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         length = int(h.headers.get("Content-Length") or 0)
@@ -309,7 +342,7 @@ class ArmEmulator:
             time.sleep(fault.delay)
             if fault.drop:
                 h.close_connection = True
-                self.calls.append(Call(req.method, req.path, 0))
+                self.calls.append(Call(req.method, req.path, 0, at, time.perf_counter() - started))
                 return
         if fault is not None and fault.status is not None:
             resp = _error(fault.status, fault.code or _DEFAULT_CODES.get(fault.status, "InjectedFault"),
@@ -323,7 +356,8 @@ class ArmEmulator:
                 resp = _error(e.status, e.code, e.message)
             except Exception as e:  # an emulator bug: make it visible to the test, not a dropped socket
                 resp = _error(500, "InternalServerError", f"ARM emulator failure: {e!r}")
-        self.calls.append(Call(req.method, req.path, resp.status))
+        # Logged before the answer goes out, so a caller that has its answer finds its call in the log.
+        self.calls.append(Call(req.method, req.path, resp.status, at, time.perf_counter() - started))
         _write(h, req.method, resp)
 
     def _route(self, req: _Request) -> _Response:
@@ -346,6 +380,10 @@ class ArmEmulator:
         if "api-version" not in req.query:
             raise ArmError(400, "MissingApiVersionParameter",
                            "The api-version query parameter (?api-version=) is required for all requests.")
+        if len(rest) in (13, 14) and lrest[:3] == ["providers", "microsoft.compute", "locations"] \
+                and lrest[4] == "publishers" and lrest[6:9] == ["artifacttypes", "vmimage", "offers"] \
+                and lrest[10] == "skus" and lrest[12] == "versions":
+            return self._platform_image(req, sub, *(unquote(rest[i]) for i in (3, 5, 9, 11)), [unquote(v) for v in rest[13:]])
         if lrest == ["resourcegroups"] and req.method == "GET":
             return self._list(sub, None, _GROUP_TYPE, req)
         if len(rest) == 2 and lrest[0] == "resourcegroups":
@@ -394,6 +432,41 @@ class ArmEmulator:
         default = f"/subscriptions/{sub}/resourceGroups/{group}"
         existing = self._store.get(default.lower())
         return existing.id if existing else default
+
+    # ----------------------------------------------------------------- platform images
+
+    def _catalogue_entry(self, publisher: str, offer: str, sku: str) -> PlatformImage | None:
+        wanted = (publisher.lower(), offer.lower(), sku.lower())
+        return next((image for key, image in list(self.platform_images.items())
+                     if tuple(k.lower() for k in key) == wanted), None)
+
+    def _platform_image(
+        self, req: _Request, sub: str, location: str, publisher: str, offer: str, sku: str, version: list[str]
+    ) -> _Response:
+        """VirtualMachineImages list (a bare JSON array, ascending by version unless $orderby says
+        otherwise, $top honoured) and get. The ids use ARM's capitalised form and echo the request's
+        publisher/offer/sku; an unknown SKU, version or region is 404 NotFound, as ARM answers it."""
+        if req.method != "GET":
+            raise _method_not_allowed(req)
+        image = self._catalogue_entry(publisher, offer, sku)
+        region = _region_name(location)
+        if image is None or not image.offered_in(region) or (version and version[0] not in image.versions):
+            raise ArmError(404, "NotFound", "Artifact: VMImage was not found.")
+        base = (f"/Subscriptions/{sub}/Providers/Microsoft.Compute/Locations/{region}/Publishers/{publisher}"
+                f"/ArtifactTypes/VMImage/Offers/{offer}/Skus/{sku}/Versions")
+        if version:
+            return _Response(200, _image_version(image, base, region, version[0], with_properties=True))
+        order = re.fullmatch(r"\s*name(?:\s+(asc|desc))?\s*", req.query.get("$orderby", "name"), re.IGNORECASE)
+        if order is None:
+            raise ArmError(400, "InvalidParameter", f"$orderby '{req.query['$orderby']}' is not supported.")
+        names = sorted(image.versions, key=_version_key, reverse=(order.group(1) or "").lower() == "desc")
+        top = req.query.get("$top")
+        if top is not None:
+            if not top.isdigit():
+                raise ArmError(400, "InvalidParameter", f"$top '{top}' is not a non-negative integer.")
+            names = names[:int(top)]
+        expand = req.query.get("$expand", "").lower() == "properties"
+        return _Response(200, [_image_version(image, base, region, v, with_properties=expand) for v in names])
 
     # ----------------------------------------------------------------- resource groups
 
@@ -679,7 +752,7 @@ class ArmEmulator:
         if not location:
             group = self._store.get("/".join(res.key.split("/")[:5]))
             location = group.envelope.get("location") if group else "global"
-        return str(location).replace(" ", "").lower()
+        return _region_name(str(location))
 
     def _poll(self, req: _Request, op_id: str, *, via: str) -> _Response:
         with self._lock:
@@ -934,6 +1007,7 @@ class ArmEmulator:
             os_profile.pop(secret, None)
         storage = props.setdefault("storageProfile", {})
         image = storage.get("imageReference") or {}
+        self._check_plan(res, image)
         windows = "windowsConfiguration" in os_profile or "windows" in str(image.get("offer", "")).lower()
         computer = os_profile.get("computerName")
         if computer and len(computer) > (15 if windows else 64):
@@ -968,6 +1042,18 @@ class ArmEmulator:
             )
         res.state.update(power="starting", generalized=False,
                          os_type=os_disk["osType"], computer_name=computer or res.name)
+
+    def _check_plan(self, vm: _Resource, image: dict[str, Any]) -> None:
+        """A VM made from a marketplace image that has a purchase plan must name that plan."""
+        entry = self._catalogue_entry(image.get("publisher", ""), image.get("offer", ""), image.get("sku", ""))
+        if entry is None or entry.plan is None:
+            return
+        given = {k: str(v).lower() for k, v in (vm.envelope.get("plan") or {}).items()}
+        if any(given.get(k) != str(v).lower() for k, v in entry.plan.items()):
+            raise ArmError(400, "VMMarketplaceInvalidInput",
+                           "Creating a virtual machine from Marketplace image or a custom image sourced from a "
+                           "Marketplace image requires Plan information in the request. "
+                           f"VM: '{vm.id}'.")
 
     def _ready_virtualMachines(self, res: _Resource) -> None:
         if "boot_error" in res.state:
@@ -1253,6 +1339,15 @@ _DEFAULT_CODES = {
 }
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that resets a kept-alive connection is ordinary; anything else is printed."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as azure-core's requests session expects
     emulator: ArmEmulator
@@ -1283,6 +1378,32 @@ def _write(h: BaseHTTPRequestHandler, method: str, resp: _Response) -> None:
     h.end_headers()
     if method != "HEAD":
         h.wfile.write(data)
+
+
+def _region_name(location: str) -> str:
+    """A location as ARM writes it in ids: "East US" and "eastus" are the same region."""
+    return location.replace(" ", "").lower()
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else -1 for p in version.split("."))
+
+
+def _image_version(image: PlatformImage, base: str, region: str, version: str, *, with_properties: bool
+                   ) -> dict[str, Any]:
+    """A VirtualMachineImage: the list shows name, location and id; get adds its properties."""
+    out: dict[str, Any] = {"location": region, "name": version, "id": f"{base}/{version}"}
+    if with_properties:
+        out["properties"] = {
+            "osDiskImage": {"operatingSystem": image.os_type},
+            "dataDiskImages": [],
+            "automaticOSUpgradeProperties": {"automaticOSUpgradeSupported": False},
+            "hyperVGeneration": image.hyper_v_generation,
+            "architecture": image.architecture,
+            "imageDeprecationStatus": {"imageState": "Active"},
+            **({"plan": dict(image.plan)} if image.plan else {}),
+        }
+    return out
 
 
 def _error(status: int, code: str, message: str) -> _Response:

@@ -45,6 +45,7 @@ from tests.arm_emulator import (
     FakeCredential,
     GuestEndpoint,
     GuestSpec,
+    PlatformImage,
     client_kwargs,
 )
 
@@ -649,6 +650,62 @@ def test_guest_that_fails_to_boot_fails_the_vm_creation(arm: ArmEmulator, az: Cl
         make_vm(az)
     assert failed.value.error.code == "OSProvisioningInternalError" and "no rootfs" in failed.value.error.message
     assert az.compute.virtual_machines.get("rg1", "vm1").provisioning_state == "Failed"
+
+
+# ---------------------------------------------------------------------------------------------- platform images
+
+JAMMY = ("Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2")
+PLAN = {"name": "cis-ubuntu2204-l1", "product": "cis-ubuntu-linux-2204-l1", "publisher": "center-for-internet-security-inc"}
+
+
+def test_platform_image_catalogue_lists_and_gets(arm: ArmEmulator, az: Clients) -> None:
+    arm.platform_images = {
+        JAMMY: PlatformImage(versions=["22.04.202309190", "22.04.202402010", "22.04.202310250"],
+                             hyper_v_generation="V2"),
+        (PLAN["publisher"], PLAN["product"], PLAN["name"]): PlatformImage(
+            versions=["1.0.0"], plan=PLAN, locations=("West Europe",)),
+        ("MicrosoftWindowsServer", "WindowsServer", "2022-datacenter"): PlatformImage(
+            versions=["20348.2227.240104"], os_type="Windows"),
+    }
+    images = az.compute.virtual_machine_images
+    listed = images.list("East US", "canonical", "0001-com-ubuntu-server-jammy", "22_04-LTS-gen2")
+    assert [i.name for i in listed] == ["22.04.202309190", "22.04.202310250", "22.04.202402010"]
+    assert listed[0].location == "eastus"
+    assert listed[0].id == (f"/Subscriptions/{SUB}/Providers/Microsoft.Compute/Locations/eastus/Publishers/canonical"
+                            "/ArtifactTypes/VMImage/Offers/0001-com-ubuntu-server-jammy/Skus/22_04-LTS-gen2"
+                            "/Versions/22.04.202309190")
+    latest = images.list(LOC, *JAMMY, orderby="name desc", top=1)
+    assert [i.name for i in latest] == ["22.04.202402010"]
+
+    image = images.get(LOC, *JAMMY, "22.04.202402010")
+    assert (image.name, image.hyper_v_generation, image.architecture) == ("22.04.202402010", "V2", "x64")
+    assert image.os_disk_image.operating_system == "Linux" and image.plan is None
+    windows = images.get(LOC, "MicrosoftWindowsServer", "WindowsServer", "2022-datacenter", "20348.2227.240104")
+    assert (windows.os_disk_image.operating_system, windows.hyper_v_generation) == ("Windows", "V1")
+    cis = images.get("westeurope", PLAN["publisher"], PLAN["product"], PLAN["name"], "1.0.0")
+    assert (cis.plan.publisher, cis.plan.product, cis.plan.name) == (PLAN["publisher"], PLAN["product"], PLAN["name"])
+
+    for missing in (lambda: images.list(LOC, "Canonical", "0001-com-ubuntu-server-jammy", "no-such-sku"),
+                    lambda: images.get(LOC, *JAMMY, "22.04.000000000"),
+                    lambda: images.get(LOC, PLAN["publisher"], PLAN["product"], PLAN["name"], "1.0.0")):  # westeurope only
+        with pytest.raises(ResourceNotFoundError) as not_found:
+            missing()
+        assert not_found.value.error.code == "NotFound"
+        assert not_found.value.error.message == "Artifact: VMImage was not found."
+
+
+def test_vm_from_a_plan_image_needs_the_plan(arm: ArmEmulator, az: Clients) -> None:
+    arm.platform_images[(PLAN["publisher"], PLAN["product"], PLAN["name"])] = PlatformImage(versions=["1.0.0"], plan=PLAN)
+    make_group(az)
+    vm = vm_model(make_network(az)["nic"])
+    vm.storage_profile.image_reference = cm.ImageReference(
+        publisher=PLAN["publisher"], offer=PLAN["product"], sku=PLAN["name"], version="1.0.0")
+    with pytest.raises(HttpResponseError) as refused:
+        az.compute.virtual_machines.begin_create_or_update("rg1", "vm1", vm)
+    assert refused.value.status_code == 400 and refused.value.error.code == "VMMarketplaceInvalidInput"
+    vm.plan = cm.Plan(**PLAN)
+    made = az.compute.virtual_machines.begin_create_or_update("rg1", "vm1", vm).result()
+    assert made.provisioning_state == "Succeeded" and made.plan.name == PLAN["name"]
 
 
 # ---------------------------------------------------------------------------------------------- async clients

@@ -4,161 +4,32 @@ the ARM emulator (real SDK clients), Azurite and real SSH guests; then the fault
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import os
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client
 
 from activities.clouds.azure import AzureCloud
-from tests.azure.conftest import LOCATION, SUB, Guests, ImageArm, make_cloud
-from worker import run_worker
-from workflows.build import ImageBuildWorkflow
-from workflows.models import BuildStatus, RunState
-
-CORPUS = Path(os.environ.get("KILN_AIB_CORPUS", "/work/shared/aib-corpus"))
-REGION2 = "westus2"
-RG = "aibImageRG"
-GALLERY = "kilnGallery"
-SCRIPT = b"#!/bin/sh\necho customized by $(id -un) > /tmp/customized\n"
-
-
-@dataclass
-class AzureHarness:
-    client: Client
-    arm: ImageArm
-    blob_account: str
-    secret: bytes
-    task_queue: str
-    artifacts: Path
-    workers: list[tuple[asyncio.Event, asyncio.Task[None], AzureCloud]]
-
-    def start_worker(self) -> AzureCloud:
-        cloud = make_cloud(self.arm, self.blob_account, secret=self.secret)
-        stop = asyncio.Event()
-        task = asyncio.create_task(run_worker(self.client, cloud, task_queue=self.task_queue, stop=stop))
-        self.workers.append((stop, task, cloud))
-        return cloud
-
-    async def stop_worker(self, index: int) -> None:
-        stop, task, cloud = self.workers[index]
-        stop.set()
-        await task
-        await cloud.close()
-
-    async def start(self, template: dict[str, Any], name: str) -> WorkflowHandle[Any, Any]:
-        return await self.client.start_workflow(
-            ImageBuildWorkflow.run, template, id=f"{name}-{uuid.uuid4().hex[:6]}", task_queue=self.task_queue
-        )
-
-    async def finish(self, handle: WorkflowHandle[Any, Any]) -> BuildStatus:
-        try:
-            await handle.result()
-        except WorkflowFailureError:
-            pass
-        return await handle.query(ImageBuildWorkflow.status)
-
-    async def wait_for_step(self, handle: WorkflowHandle[Any, Any], prefix: str, timeout: float = 120) -> BuildStatus:
-        async with asyncio.timeout(timeout):
-            while True:
-                status = await handle.query(ImageBuildWorkflow.status)
-                if any(s.name.startswith(prefix) and s.outcome == "running" for s in status.steps):
-                    return status
-                if status.run_state != RunState.RUNNING:
-                    raise AssertionError(f"build ended ({status.run_state}: {status.message}) before {prefix!r}")
-                await asyncio.sleep(0.2)
-
-    def corpus(self, name: str, **extra: str) -> dict[str, Any]:
-        """A corpus template with its <placeholders> set to emulator values and its artifacts made local."""
-        values = {
-            "region": LOCATION, "region1": LOCATION, "region2": REGION2, "subscriptionID": SUB, "rgName": RG,
-            "resourceGroupName": RG, "imageName": "goldenImage", "runOutputName": "output",
-            "sharedImageGalName": GALLERY, "acgName": GALLERY, "imageDefName": "ubuntu",
-            "imgBuilderId": f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.ManagedIdentity/"
-                            "userAssignedIdentities/aibIdentity",
-            "vnetRgName": "vnetRG", "vnetName": "buildVnet", "subnetName": "buildSubnet",
-            "srcImageName": "sourceImage", "scriptName": "validate script",
-            "sigDefImgVersionId": f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/galleries/"
-                                  f"{GALLERY}/images/source/versions/latest",
-            **extra,
-        }
-        text = (CORPUS / name).read_text()
-        for key, value in values.items():
-            text = text.replace(f"<{key}>", value)
-        return self._local_artifacts(json.loads(text))
-
-    def _local_artifacts(self, node: Any) -> Any:
-        """Remote scriptUri/sourceUri become files here (there is no internet), checksums updated to match."""
-        if isinstance(node, list):
-            return [self._local_artifacts(n) for n in node]
-        if not isinstance(node, dict):
-            return node
-        node = {k: self._local_artifacts(v) for k, v in node.items()}
-        for key in ("scriptUri", "sourceUri"):
-            uri = node.get(key)
-            if isinstance(uri, str) and not uri.startswith("file:"):
-                data = SCRIPT if key == "scriptUri" else b"<h1>golden</h1>\n"
-                path = self.artifacts / hashlib.sha256(uri.encode()).hexdigest()[:12]
-                path.write_bytes(data)
-                node[key] = path.as_uri()
-                if node.get("sha256Checksum"):
-                    node["sha256Checksum"] = hashlib.sha256(data).hexdigest()
-        return node
+from tests.arm_emulator import ArmEmulator
+from tests.azure.environment import LOCATION, REGION2, SUB, AzureHarness, Guests, prepare, temporary
+from workflows.models import RunState
 
 
 @pytest_asyncio.fixture
 async def harness(
-    client: Client, arm: ImageArm, blob_account: str, guests: Guests, tmp_path: Path
+    client: Client, arm: ArmEmulator, blob_account: str, guests: Guests, tmp_path: Path
 ) -> AsyncIterator[AzureHarness]:
-    arm.guest_factory = guests.boot
-    arm.run_command = guests.run_command
+    guests.attach(arm)
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
     harness = AzureHarness(client, arm, blob_account, os.urandom(32), f"kiln-azure-test-{uuid.uuid4()}", artifacts, [])
     harness.start_worker()
     yield harness
-    for index, (stop, task, _) in enumerate(harness.workers):
-        if not task.done():
-            await harness.stop_worker(index)
-
-
-async def prepare(cloud: AzureCloud, *, generation: str = "V1") -> None:
-    """What the corpus templates expect to exist: the destination group, a gallery and its image definitions, a
-    source image and version, and a VNet with a subnet."""
-    resource, compute, network = cloud.arm.resource, cloud.arm.compute, cloud.arm.network
-    for group in (RG, "vnetRG"):
-        await resource.resource_groups.create_or_update(group, {"location": LOCATION})
-    await (await compute.galleries.begin_create_or_update(RG, GALLERY, {"location": LOCATION})).result()
-    for definition in ("ubuntu", "source"):
-        await (await compute.gallery_images.begin_create_or_update(RG, GALLERY, definition, {
-            "location": LOCATION,
-            "properties": {"osType": "Linux", "osState": "Generalized", "hyperVGeneration": generation,
-                           "identifier": {"publisher": "kiln", "offer": definition, "sku": generation}},
-        })).result()
-    image = await (await compute.images.begin_create_or_update(RG, "sourceImage", {
-        "location": LOCATION,
-        "properties": {"hyperVGeneration": generation, "storageProfile": {"osDisk": {
-            "osType": "Linux", "osState": "Generalized", "blobUri": "https://src.blob.core.windows.net/vhds/a.vhd"}}},
-    })).result()
-    await (await compute.gallery_image_versions.begin_create_or_update(RG, GALLERY, "source", "1.0.0", {
-        "location": LOCATION, "properties": {"storageProfile": {"source": {"id": image.id}}},
-    })).result()
-    await (await network.virtual_networks.begin_create_or_update("vnetRG", "buildVnet", {
-        "location": LOCATION,
-        "properties": {"addressSpace": {"addressPrefixes": ["10.1.0.0/16"]},
-                       "subnets": [{"name": "buildSubnet", "properties": {"addressPrefix": "10.1.0.0/24"}}]},
-    })).result()
-
-
-def temporary(arm: ImageArm) -> list[dict[str, Any]]:
-    return arm.resources({"kilnRole": "temporary"})
+    await harness.stop_workers()
 
 
 CORPUS_BUILDS = [

@@ -13,7 +13,8 @@ import pytest
 from activities.clouds.azure import AzureCloud
 from activities.clouds.azure.names import staging_group_name, storage_account_name
 from activities.clouds.base import PermanentError
-from tests.azure.conftest import LOCATION, SUB, Guests, ImageArm, kiln_resources
+from tests.arm_emulator import ArmEmulator
+from tests.azure.environment import LOCATION, SUB, Guests, kiln_resources
 from workflows.models import Artifact, BuildContext, VmSpec
 from workflows.template import VmProfile, parse_template
 
@@ -66,7 +67,7 @@ async def test_resolve_unknown_image_is_permanent(cloud: AzureCloud) -> None:
         )
 
 
-async def test_staging_create_twice_delete_twice(cloud: AzureCloud, arm: ImageArm) -> None:
+async def test_staging_create_twice_delete_twice(cloud: AzureCloud, arm: ArmEmulator) -> None:
     build = build_context()
     first = await cloud.create_staging(build)
     second = await cloud.create_staging(build)
@@ -106,7 +107,7 @@ async def test_long_staging_names_fit_arm(cloud: AzureCloud) -> None:
     await cloud.delete_staging(build)
 
 
-async def test_user_staging_group_must_be_empty_and_is_kept(cloud: AzureCloud, arm: ImageArm) -> None:
+async def test_user_staging_group_must_be_empty_and_is_kept(cloud: AzureCloud, arm: ArmEmulator) -> None:
     groups = cloud.arm.resource.resource_groups
     await groups.create_or_update("my-staging", {"location": LOCATION})
     await cloud.arm.network.network_security_groups.begin_create_or_update(
@@ -127,7 +128,7 @@ async def test_user_staging_group_must_be_empty_and_is_kept(cloud: AzureCloud, a
     assert await groups.check_existence("empty-staging")
 
 
-async def test_user_staging_group_made_when_missing_is_deleted(cloud: AzureCloud, arm: ImageArm) -> None:
+async def test_user_staging_group_made_when_missing_is_deleted(cloud: AzureCloud, arm: ArmEmulator) -> None:
     build = build_context(staging_resource_group=f"/subscriptions/{SUB}/resourceGroups/made-for-me")
     staging = await cloud.create_staging(build)
     assert staging.created_group is True
@@ -135,7 +136,7 @@ async def test_user_staging_group_made_when_missing_is_deleted(cloud: AzureCloud
     assert not await cloud.arm.resource.resource_groups.check_existence("made-for-me")
 
 
-async def test_throttling_with_retry_after_is_honoured(cloud: AzureCloud, arm: ImageArm) -> None:
+async def test_throttling_with_retry_after_is_honoured(cloud: AzureCloud, arm: ArmEmulator) -> None:
     fault = arm.faults.add(method="PUT", path_regex="/resourcegroups/IT_", status=429, retry_after=1, times=2)
     started = time.monotonic()
     await cloud.create_staging(build_context())
@@ -157,7 +158,7 @@ async def test_throttling_with_retry_after_is_honoured(cloud: AzureCloud, arm: I
     ],
 )
 async def test_quota_and_permission_fail_at_once_and_leave_nothing(
-    cloud: AzureCloud, arm: ImageArm, code: str, status: int, message: str, kind: str, named: str
+    cloud: AzureCloud, arm: ArmEmulator, code: str, status: int, message: str, kind: str, named: str
 ) -> None:
     build = build_context()
     staging = await cloud.create_staging(build)
@@ -176,7 +177,7 @@ async def test_quota_and_permission_fail_at_once_and_leave_nothing(
     assert kiln_resources(arm) == []
 
 
-async def test_delete_conflicts_are_retried(cloud: AzureCloud, arm: ImageArm) -> None:
+async def test_delete_conflicts_are_retried(cloud: AzureCloud, arm: ArmEmulator) -> None:
     build = build_context()
     await cloud.create_staging(build)
     parts_group = staging_group_name(build)
@@ -197,7 +198,7 @@ def _parts(build: BuildContext):  # noqa: ANN202
     return VmParts(f"{build.build_id}-build")
 
 
-async def test_vm_create_twice_connect_and_delete_twice(cloud: AzureCloud, arm: ImageArm, guests: Guests) -> None:
+async def test_vm_create_twice_connect_and_delete_twice(cloud: AzureCloud, arm: ArmEmulator, guests: Guests) -> None:
     arm.guest_factory = guests.boot
     arm.run_command = guests.run_command
     build = build_context()

@@ -41,6 +41,7 @@ from activities.clouds.azure.vm import (
     platform_image_id,
     windows_password,
 )
+from activities.clouds.append_log import AppendLog
 from activities.clouds.base import GuestSession, LogSink, PermanentError
 from activities.remote.keys import derive_key, public_line
 from activities.remote.ssh import open_session
@@ -450,7 +451,8 @@ class AzureCloud:
         return await storage.read(self.blobs, staged.staged_uri)
 
     async def open_log(self, build: BuildContext, staging: Staging, name: str) -> LogSink:
-        return await storage.AppendLog.open(self.blobs, f"{staging.log_uri_prefix}{name}", build.build_id)
+        blob = self.blobs.blob(f"{staging.log_uri_prefix}{name}")
+        return await AppendLog.open(blob, metadata=storage.blob_metadata(build.build_id))
 
     async def _output_account(self, build: BuildContext) -> str:
         """Where a VHD output without ``uri`` goes: the log account, else the staging account (kept then)."""

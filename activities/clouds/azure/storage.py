@@ -16,18 +16,15 @@ import hashlib
 import re
 from contextlib import suppress
 
-from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
-from azure.storage.blob import StorageErrorCode
-from azure.storage.blob.aio import BlobClient
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
 from activities.clouds.azure.clients import BlobClients
 from workflows.models import Artifact, StagedArtifact
 
 # Append blobs take at most 4 MiB per block.
-MAX_APPEND = 4 * 1024 * 1024
 
 
-def _metadata(build_id: str) -> dict[str, str]:
+def blob_metadata(build_id: str) -> dict[str, str]:
     # Blob metadata names must be C# identifiers, so these are not the resource tag names.
     return {"kilnbuildid": build_id}
 
@@ -44,7 +41,7 @@ def staged_blob_name(build_id: str, artifact: Artifact, data: bytes) -> str:
 
 async def stage(blobs: BlobClients, container_url: str, build_id: str, artifact: Artifact, data: bytes) -> StagedArtifact:
     url = f"{container_url.rstrip('/')}/{staged_blob_name(build_id, artifact, data)}"
-    await blobs.blob(url).upload_blob(data, overwrite=True, metadata=_metadata(build_id))
+    await blobs.blob(url).upload_blob(data, overwrite=True, metadata=blob_metadata(build_id))
     return StagedArtifact(
         source_uri=artifact.source_uri, staged_uri=url, sha256=hashlib.sha256(data).hexdigest(), size=len(data)
     )
@@ -52,38 +49,6 @@ async def stage(blobs: BlobClients, container_url: str, build_id: str, artifact:
 
 async def read(blobs: BlobClients, url: str) -> bytes:
     return await (await blobs.blob(url).download_blob()).readall()
-
-
-class AppendLog:
-    """A build log as an append blob. Each append is conditional on the length written so far, so an append the
-    SDK retries after a lost response is not written twice, and a worker that takes the build over appends after
-    what the last one wrote."""
-
-    def __init__(self, blob: BlobClient, length: int) -> None:
-        self.uri = blob.url
-        self._blob = blob
-        self._length = length
-
-    @classmethod
-    async def open(cls, blobs: BlobClients, url: str, build_id: str) -> AppendLog:
-        blob = blobs.blob(url)
-        with suppress(ResourceExistsError):
-            await blob.create_append_blob(metadata=_metadata(build_id), if_none_match="*")
-        return cls(blob, (await blob.get_blob_properties()).size)
-
-    async def append(self, data: bytes) -> None:
-        for start in range(0, len(data), MAX_APPEND):
-            chunk = data[start : start + MAX_APPEND]
-            try:
-                await self._blob.append_block(chunk, length=len(chunk), appendpos_condition=self._length)
-            except HttpResponseError as err:
-                if err.error_code != StorageErrorCode.APPEND_POSITION_CONDITION_NOT_MET:
-                    raise
-                length = (await self._blob.get_blob_properties()).size
-                if length != self._length + len(chunk):  # not our lost retry: someone else appended; go after it
-                    self._length = length
-                    await self._blob.append_block(chunk, length=len(chunk), appendpos_condition=length)
-            self._length += len(chunk)
 
 
 async def delete_blob(blobs: BlobClients, url: str) -> None:

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
-from azure.storage.blob import StorageErrorCode
 from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
+from activities.clouds.append_log import AppendLog
 from activities.clouds.base import PermanentError
 from activities.clouds.local import azurite
 from activities.clouds.local.config import state_dir
@@ -338,37 +338,6 @@ async def _read_from(blob: BlobClient, offset: int) -> bytes:
         raise
 
 
-class _AppendLog:
-    """A log as an append blob. Each append is conditional on the length written so far, so an append the SDK
-    retries after a lost response is not written twice."""
-
-    def __init__(self, blob: BlobClient, length: int) -> None:
-        self.uri = blob.url
-        self._blob = blob
-        self._length = length
-
-    async def append(self, data: bytes) -> None:
-        for start in range(0, len(data), MAX_PAGE_WRITE):
-            chunk = data[start : start + MAX_PAGE_WRITE]
-            try:
-                await self._blob.append_block(chunk, length=len(chunk), appendpos_condition=self._length)
-            except HttpResponseError as err:
-                if err.error_code != StorageErrorCode.APPEND_POSITION_CONDITION_NOT_MET:
-                    raise
-                length = (await self._blob.get_blob_properties()).size
-                if not await self._landed(chunk, length):  # another writer appended: carry on after it
-                    self._length = length
-                    await self._blob.append_block(chunk, length=len(chunk), appendpos_condition=length)
-            self._length += len(chunk)
-
-    async def _landed(self, chunk: bytes, length: int) -> bool:
-        """Whether an earlier try of this append was written after all: the log ends with it, where it belongs."""
-        if length != self._length + len(chunk):
-            return False
-        tail = await self._blob.download_blob(offset=self._length, length=len(chunk))
-        return await tail.readall() == chunk
-
-
 class LocalStorage:
     """Staging storage, logs and distribution of the local cloud, on Azurite (see the module docstring)."""
 
@@ -516,7 +485,7 @@ class LocalStorage:
     async def read_staged(self, build: BuildContext, staged: StagedArtifact) -> bytes:
         return await (await self._blob_at(staged.staged_uri).download_blob()).readall()
 
-    async def open_log(self, build: BuildContext, staging: Staging, name: str) -> _AppendLog:
+    async def open_log(self, build: BuildContext, staging: Staging, name: str) -> AppendLog:
         blob = self._blob_at(f"{staging.log_uri_prefix.rstrip('/')}/{name}")
         await self._db(
             self.store.record,
@@ -527,10 +496,7 @@ class LocalStorage:
             data={"container": LOGS_CONTAINER},
         )
         await self._ensure_container(azurite.STAGING_ACCOUNT, LOGS_CONTAINER)
-        with suppress(ResourceExistsError):
-            # if_none_match: a worker taking over the build appends to the log, it does not start it again
-            await blob.create_append_blob(metadata=_blob_metadata(build.build_id), if_none_match="*")
-        return _AppendLog(blob, (await blob.get_blob_properties()).size)
+        return await AppendLog.open(blob, metadata=_blob_metadata(build.build_id))
 
     # ---- page uploads
 

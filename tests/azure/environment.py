@@ -1,0 +1,317 @@
+"""The Azure cloud's test environment: the ARM emulator, Azurite, real SSH guests and corpus builds on a worker.
+
+Shared by the fixtures in ``conftest.py``, the build tests and ``bench/bench_azure.py``, so a benchmark measures
+exactly what the tests exercise. The real Azure SDK clients (``.aio``) talk to the emulator over HTTP; only the
+token is fake. Blob data goes to Azurite with its account key (Azurite takes no Entra tokens, hence
+``AzureCloud``'s ``blob_credential``). A VM the emulator creates gets a real guest: a local VM (``LocalVms``) whose
+root is an overlay on this machine's own root, provisioned as Azure's agent would from the VM's osProfile (admin
+user, SSH key), with a ``waagent`` that deprovisions the admin user, and reachable on its own loopback address at
+port 22.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+
+from activities.clouds.azure import AzureCloud
+from activities.clouds.local import azurite as local_azurite
+from activities.clouds.local.store import ResourceStore
+from activities.clouds.local.vm import LocalVms, _Layer
+from tests.arm_emulator import (
+    ArmEmulator,
+    Azurite,
+    FakeAsyncCredential,
+    GuestEndpoint,
+    GuestSpec,
+    PlatformImage,
+    client_kwargs,
+)
+from worker import run_worker
+from workflows.build import ImageBuildWorkflow
+from workflows.models import BuildContext, BuildStatus, ResolvedSource, RunState, VmSpec
+from workflows.template import VmProfile
+
+SUB = "6f1c2a9e-5b0d-4c47-9d43-0b6a3c2e7f10"
+LOCATION = "eastus"
+REGION2 = "westus2"
+RG = "aibImageRG"
+GALLERY = "kilnGallery"
+CORPUS = Path(os.environ.get("KILN_AIB_CORPUS", "/work/shared/aib-corpus"))
+SCRIPT = b"#!/bin/sh\necho customized by $(id -un) > /tmp/customized\n"
+# The marketplace as far as the corpus templates use it.
+PLATFORM_IMAGES = {
+    ("Canonical", "UbuntuServer", "18.04-LTS"): PlatformImage(versions=["18.04.202401010", "18.04.202312120"]),
+    ("Canonical", "UbuntuServer", "16.04-LTS"): PlatformImage(versions=["16.04.202109280"]),
+    ("Canonical", "0001-com-ubuntu-server-focal", "20_04-lts-gen2"): PlatformImage(
+        versions=["20.04.202402010", "20.04.202310250"], hyper_v_generation="V2"),
+}
+
+# The guest's agent and tools, as far as the corpus templates use them.
+WAAGENT = """#!/bin/sh
+if [ "$1" = "-version" ]; then echo "WALinuxAgent-2.9.1.1 running on kiln-test-guest"; exit 0; fi
+user=$(cat /var/lib/kiln-test-guest/admin-user)
+echo "WARNING! The waagent service will be stopped."
+echo "WARNING! $user account and entire home directory will be deleted."
+userdel -f "$user" 2>/dev/null || true
+rm -rf "/home/$user"
+touch /var/lib/kiln-test-guest/deprovisioned
+"""
+# The admin user is uid 0 in the test guest, so sudo needs no privilege of its own.
+SUDO = """#!/bin/sh
+[ "$1" = "-n" ] && shift
+exec "$@"
+"""
+APT = """#!/bin/sh
+echo "Reading package lists... Done"
+echo "$* : already the newest version (test guest)."
+"""
+
+
+def make_arm(blob_account: str, **settings: Any) -> ArmEmulator:
+    """An emulator (not started) with the corpus's platform images, exporting disks to Azurite's staging account."""
+    return ArmEmulator(
+        azurite=Azurite(
+            blob_url=blob_account,
+            account_name=local_azurite.STAGING_ACCOUNT,
+            account_key=local_azurite.ACCOUNT_KEY,
+            container=f"disk-exports-{uuid.uuid4().hex[:8]}",
+        ),
+        platform_images=PLATFORM_IMAGES,
+        **settings,
+    )
+
+
+def make_cloud(arm_url: str, blob_account: str, *, secret: bytes, **options: Any) -> AzureCloud:
+    return AzureCloud(
+        FakeAsyncCredential(),
+        SUB,
+        arm_endpoint=arm_url,
+        client_options=client_kwargs(arm_url, aio=True),
+        blob_credential=local_azurite.credential(local_azurite.STAGING_ACCOUNT),
+        secret=secret,
+        egress_ip="127.0.0.1",
+        log_account=options.pop("log_account", blob_account),
+        conflict_backoff=0.05,
+        **options,
+    )
+
+
+def kiln_resources(arm: ArmEmulator, build_id: str | None = None) -> list[dict[str, Any]]:
+    """What kiln made (and the emulator still has): everything tagged with a build id."""
+    return arm.resources({"kilnBuildId": build_id})
+
+
+def temporary(arm: ArmEmulator) -> list[dict[str, Any]]:
+    return arm.resources({"kilnRole": "temporary"})
+
+
+# ---------------------------------------------------------------------------------------------- guests
+
+
+class AzureLikeVms(LocalVms):
+    """Local VMs provisioned from an Azure osProfile: the admin user and its key, waagent, sudo and apt."""
+
+    profiles: dict[str, GuestSpec] = {}
+
+    def _prepare(self, build: Any, folder: Any, base: Path, data: dict, host_key: Any) -> None:
+        super()._prepare(build, folder, base, data, host_key)
+        spec = self.profiles[folder.path.name]
+        layer = _Layer(folder.upper, base)
+        user = spec.admin_username
+        layer._append("etc/passwd", f"{user}:x:0:0:azure admin:/home/{user}:/bin/sh\n")
+        layer._append("etc/shadow", f"{user}:*:19000:0:99999:7:::\n")
+        keys = "".join(f"{k}\n" for k in spec.ssh_public_keys).encode()
+        layer.write(f"home/{user}/.ssh/authorized_keys", keys, mode=0o600, folder_mode=0o700)
+        layer.write("var/lib/kiln-test-guest/admin-user", f"{user}\n".encode(), mode=0o644)
+        for name, text in (("waagent", WAAGENT), ("sudo", SUDO), ("apt", APT), ("apt-get", APT)):
+            layer.write(f"usr/local/bin/{name}", text.encode(), mode=0o755)
+
+
+def guests_supported(state: Path) -> bool:
+    """Real guests need root and an overlay whose lower layer is /."""
+    return os.geteuid() == 0 and overlay_on_root_works(state)
+
+
+def overlay_on_root_works(state: Path) -> bool:
+    probe = Path(tempfile.mkdtemp(dir=state))
+    for sub in ("u", "w", "m"):
+        (probe / sub).mkdir()
+    try:
+        done = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "mount", "-t", "overlay", "probe", "-o",
+             f"lowerdir=/,upperdir={probe / 'u'},workdir={probe / 'w'}", str(probe / "m")],
+            capture_output=True,
+        )
+        return done.returncode == 0
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+class Guests:
+    """Boots a real SSH guest for each VM the emulator creates, and answers run commands for it."""
+
+    def __init__(self, state: Path, secret: bytes) -> None:
+        self.vms = AzureLikeVms(state=state, store=ResourceStore(state / "guests.db"), secret=secret)
+        self.host_keys: dict[str, str] = {}
+        self.booted: list[str] = []
+
+    def attach(self, arm: ArmEmulator) -> None:
+        arm.guest_factory = self.boot
+        arm.run_command = self.run_command
+
+    def boot(self, spec: GuestSpec) -> GuestEndpoint:
+        if spec.os_type != "Linux":
+            raise RuntimeError("the test guests run Linux only")
+        name = f"g{uuid.uuid4().hex[:12]}"
+        self.vms.profiles[name] = spec
+        build = BuildContext(build_id=spec.name, template_name="guest", location=LOCATION, cloud="azure")
+        source = ResolvedSource(image_id="guest", exact_version="1")
+        vm_spec = VmSpec(name=name, purpose="build", image_id="guest", source=source, vm_profile=VmProfile())
+        vm = asyncio.run(self.vms.create(build, vm_spec, Path("/")))
+        self.host_keys[spec.vm_id.lower()] = vm.host_key
+        self.booted.append(name)
+        return GuestEndpoint(host=vm.host, port=22, close=lambda: asyncio.run(self.vms.delete(name)))
+
+    def run_command(self, vm_id: str, body: dict[str, Any]) -> tuple[str, str]:
+        script = "\n".join(body.get("script") or [])
+        if "ssh_host_ed25519_key.pub" in script:
+            return self.host_keys.get(vm_id.lower(), "") + "\n", ""
+        return "", f"the test guest runs only the host key query, not: {script}"
+
+    def close(self) -> None:
+        """Deletes every guest still up (deleting one twice is fine)."""
+        for name in self.booted:
+            asyncio.run(self.vms.delete(name))
+
+
+# ---------------------------------------------------------------------------------------------- builds
+
+
+@dataclass
+class AzureHarness:
+    """Workers on one task queue, building corpus templates against one emulator."""
+
+    client: Client
+    arm: ArmEmulator
+    blob_account: str
+    secret: bytes
+    task_queue: str
+    artifacts: Path
+    workers: list[tuple[asyncio.Event, asyncio.Task[None], AzureCloud]]
+
+    def start_worker(self) -> AzureCloud:
+        cloud = make_cloud(self.arm.base_url, self.blob_account, secret=self.secret)
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_worker(self.client, cloud, task_queue=self.task_queue, stop=stop))
+        self.workers.append((stop, task, cloud))
+        return cloud
+
+    async def stop_worker(self, index: int) -> None:
+        stop, task, cloud = self.workers[index]
+        stop.set()
+        await task
+        await cloud.close()
+
+    async def stop_workers(self) -> None:
+        for index, (_, task, _) in enumerate(self.workers):
+            if not task.done():
+                await self.stop_worker(index)
+
+    async def start(self, template: dict[str, Any], name: str) -> WorkflowHandle[Any, Any]:
+        return await self.client.start_workflow(
+            ImageBuildWorkflow.run, template, id=f"{name}-{uuid.uuid4().hex[:6]}", task_queue=self.task_queue
+        )
+
+    async def finish(self, handle: WorkflowHandle[Any, Any]) -> BuildStatus:
+        try:
+            await handle.result()
+        except WorkflowFailureError:
+            pass
+        return await handle.query(ImageBuildWorkflow.status)
+
+    async def wait_for_step(self, handle: WorkflowHandle[Any, Any], prefix: str, timeout: float = 120) -> BuildStatus:
+        async with asyncio.timeout(timeout):
+            while True:
+                status = await handle.query(ImageBuildWorkflow.status)
+                if any(s.name.startswith(prefix) and s.outcome == "running" for s in status.steps):
+                    return status
+                if status.run_state != RunState.RUNNING:
+                    raise AssertionError(f"build ended ({status.run_state}: {status.message}) before {prefix!r}")
+                await asyncio.sleep(0.2)
+
+    def corpus(self, name: str, **extra: str) -> dict[str, Any]:
+        """A corpus template with its <placeholders> set to emulator values and its artifacts made local."""
+        values = {
+            "region": LOCATION, "region1": LOCATION, "region2": REGION2, "subscriptionID": SUB, "rgName": RG,
+            "resourceGroupName": RG, "imageName": "goldenImage", "runOutputName": "output",
+            "sharedImageGalName": GALLERY, "acgName": GALLERY, "imageDefName": "ubuntu",
+            "imgBuilderId": f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.ManagedIdentity/"
+                            "userAssignedIdentities/aibIdentity",
+            "vnetRgName": "vnetRG", "vnetName": "buildVnet", "subnetName": "buildSubnet",
+            "srcImageName": "sourceImage", "scriptName": "validate script",
+            "sigDefImgVersionId": f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/galleries/"
+                                  f"{GALLERY}/images/source/versions/latest",
+            **extra,
+        }
+        text = (CORPUS / name).read_text()
+        for key, value in values.items():
+            text = text.replace(f"<{key}>", value)
+        return self._local_artifacts(json.loads(text))
+
+    def _local_artifacts(self, node: Any) -> Any:
+        """Remote scriptUri/sourceUri become files here (there is no internet), checksums updated to match."""
+        if isinstance(node, list):
+            return [self._local_artifacts(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        node = {k: self._local_artifacts(v) for k, v in node.items()}
+        for key in ("scriptUri", "sourceUri"):
+            uri = node.get(key)
+            if isinstance(uri, str) and not uri.startswith("file:"):
+                data = SCRIPT if key == "scriptUri" else b"<h1>golden</h1>\n"
+                path = self.artifacts / hashlib.sha256(uri.encode()).hexdigest()[:12]
+                path.write_bytes(data)
+                node[key] = path.as_uri()
+                if node.get("sha256Checksum"):
+                    node["sha256Checksum"] = hashlib.sha256(data).hexdigest()
+        return node
+
+
+async def prepare(cloud: AzureCloud, *, generation: str = "V1") -> None:
+    """What the corpus templates expect to exist: the destination group, a gallery and its image definitions, a
+    source image and version, and a VNet with a subnet."""
+    resource, compute, network = cloud.arm.resource, cloud.arm.compute, cloud.arm.network
+    for group in (RG, "vnetRG"):
+        await resource.resource_groups.create_or_update(group, {"location": LOCATION})
+    await (await compute.galleries.begin_create_or_update(RG, GALLERY, {"location": LOCATION})).result()
+    for definition in ("ubuntu", "source"):
+        await (await compute.gallery_images.begin_create_or_update(RG, GALLERY, definition, {
+            "location": LOCATION,
+            "properties": {"osType": "Linux", "osState": "Generalized", "hyperVGeneration": generation,
+                           "identifier": {"publisher": "kiln", "offer": definition, "sku": generation}},
+        })).result()
+    image = await (await compute.images.begin_create_or_update(RG, "sourceImage", {
+        "location": LOCATION,
+        "properties": {"hyperVGeneration": generation, "storageProfile": {"osDisk": {
+            "osType": "Linux", "osState": "Generalized", "blobUri": "https://src.blob.core.windows.net/vhds/a.vhd"}}},
+    })).result()
+    await (await compute.gallery_image_versions.begin_create_or_update(RG, GALLERY, "source", "1.0.0", {
+        "location": LOCATION, "properties": {"storageProfile": {"source": {"id": image.id}}},
+    })).result()
+    await (await network.virtual_networks.begin_create_or_update("vnetRG", "buildVnet", {
+        "location": LOCATION,
+        "properties": {"addressSpace": {"addressPrefixes": ["10.1.0.0/16"]},
+                       "subnets": [{"name": "buildSubnet", "properties": {"addressPrefix": "10.1.0.0/24"}}]},
+    })).result()

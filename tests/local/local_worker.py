@@ -1,0 +1,29 @@
+"""A local-cloud worker in a process of its own, for tests that kill one: ``python -m tests.local.local_worker``.
+
+It builds the same LocalCloud as ``worker.py`` from the environment: the state folder from ``KILN_HOME``, Azurite
+from ``KILN_AZURITE_ENDPOINT``, Temporal from ``TEMPORAL_ADDRESS``, and serves ``KILN_TEST_TASK_QUEUE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from starter.connection import connect
+from worker import make_cloud, run_worker
+
+
+async def main() -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    client = await connect()
+    cloud = await make_cloud("local")
+    try:
+        await run_worker(client, cloud, task_queue=os.environ["KILN_TEST_TASK_QUEUE"], stop=stop)
+    finally:
+        await cloud.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
