@@ -56,6 +56,10 @@ async def run_worker(
         # Across every worker of the queue: ARM throttles per subscription, not per process.
         max_task_queue_activities_per_second=max_activities_per_second,
         graceful_shutdown_timeout=timedelta(seconds=20),
+        # A cancel reaches a running activity only with a heartbeat's answer: send them often enough that a
+        # cancelled build stops its script within seconds, not at 0.8 x the heartbeat timeout.
+        max_heartbeat_throttle_interval=timedelta(seconds=2),
+        default_heartbeat_throttle_interval=timedelta(seconds=2),
     ):
         log.info("kiln worker serving %s on %s", task_queue, client.service_client.config.target_host)
         await stop.wait()

@@ -100,6 +100,9 @@ class ImageBuildWorkflow:
         self._deadline_moved = False
         self._deadline_changed = False
         self._validation_failed = False
+        # Set once the build is cancelled or times out: an activity that finishes anyway must not lead to
+        # another step (a cancel reaches a running activity only at its next heartbeat).
+        self._stopping = False
 
     @workflow.query
     def status(self) -> BuildStatus:
@@ -130,10 +133,12 @@ class ImageBuildWorkflow:
             try:
                 await workflow.wait_condition(lambda: build.done() or self._deadline_changed, timeout=remaining)
             except asyncio.TimeoutError:
+                self._stopping = True
                 build.cancel()
                 return "timeout"
             except asyncio.CancelledError:  # a client asked to cancel; CancelledError is not an Exception
                 self._set_state(RunState.CANCELING)
+                self._stopping = True
                 build.cancel()
                 return "cancel"
         return None
@@ -421,6 +426,8 @@ class ImageBuildWorkflow:
         timeout: timedelta = timedelta(minutes=30),
     ) -> T:
         """Run one build step as an activity and record its start, end and outcome in the status."""
+        if self._stopping:
+            raise asyncio.CancelledError()
         record = StepRecord(name=name, started=workflow.now())
         self._status.steps.append(record)
         workflow.set_current_details(f"**{self._status.run_sub_state}**: {name}")
@@ -455,6 +462,8 @@ class ImageBuildWorkflow:
 
     async def _undo_now(self, owner: str) -> None:
         """Run one undo early (the build VM once it is captured), and take it off the stack."""
+        if self._stopping:
+            raise asyncio.CancelledError()
         undo = next(u for u in self._status.pending_cleanup if u.owner == owner)
         if await self._run_undo(undo):
             self._status.pending_cleanup.remove(undo)
@@ -487,9 +496,13 @@ class ImageBuildWorkflow:
                 start_to_close_timeout=timedelta(minutes=30),
                 heartbeat_timeout=HEARTBEAT,
                 retry_policy=CLEANUP_RETRY,
+                cancellation_type=WAIT,
                 summary=record.name,
             )
         except ActivityError as err:
+            if is_cancelled_exception(err):  # the build stopped while it freed a VM early: the undo stays stacked
+                record.outcome, record.ended = "canceled", workflow.now()
+                raise
             # Only a non-retryable error gets here (say, a lost permission); the janitor retries later.
             record.outcome, record.message, record.ended = "failed", cause_of(err), workflow.now()
             workflow.logger.warning("%s failed, left for the janitor: %s", undo.label, record.message)

@@ -8,16 +8,12 @@ call log. Everything runs on 127.0.0.1; only the bearer token is fake.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import socketserver
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,10 +30,13 @@ from azure.mgmt.compute.aio import ComputeManagementClient as AioComputeManageme
 from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.network.aio import NetworkManagementClient as AioNetworkManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
-from azure.mgmt.resource.resources.aio import ResourceManagementClient as AioResourceManagementClient
+from azure.mgmt.resource.resources.aio import (
+    ResourceManagementClient as AioResourceManagementClient,
+)
 from azure.mgmt.storage import StorageManagementClient
 from azure.storage.blob import BlobClient
 
+from activities.clouds.local import azurite as local_azurite
 from tests.arm_emulator import (
     ArmEmulator,
     Azurite,
@@ -48,6 +47,7 @@ from tests.arm_emulator import (
     PlatformImage,
     client_kwargs,
 )
+from tests.local.azurite_fixture import azurite  # noqa: F401  (the session's Azurite)
 
 SUB = "6f1c2a9e-5b0d-4c47-9d43-0b6a3c2e7f10"
 LOC = "eastus"
@@ -759,34 +759,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def azurite(tmp_path: Path) -> Iterator[Azurite]:
-    """An Azurite blob service, when its `azurite-blob` binary is on PATH (npm package azurite)."""
-    binary = shutil.which("azurite-blob")
-    if binary is None:
-        pytest.skip("azurite-blob is not on PATH")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(tmp_path),
-         "--silent", "--skipApiVersionCheck", "--loose"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
+def emulator_azurite(azurite: local_azurite.Azurite) -> Azurite:  # noqa: F811
+    """The session's Azurite, seen through its staging account."""
+    return Azurite(
+        local_azurite.account_url(local_azurite.STAGING_ACCOUNT, base=azurite.endpoint),
+        account_name=local_azurite.STAGING_ACCOUNT,
+        account_key=local_azurite.ACCOUNT_KEY,
     )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("Azurite did not start")
-                time.sleep(0.2)
-        yield Azurite(f"http://127.0.0.1:{port}/devstoreaccount1")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
-def test_disk_export_and_storage_endpoints_in_azurite(azurite: Azurite) -> None:
+def test_disk_export_and_storage_endpoints_in_azurite(emulator_azurite: Azurite) -> None:
+    azurite = emulator_azurite
     with ArmEmulator(azurite=azurite) as arm:
         kwargs = client_kwargs(arm.base_url)
         az = Clients(*(cls(FakeCredential(), SUB, **kwargs) for cls in (

@@ -6,18 +6,20 @@ import asyncio
 import copy
 import hashlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest_asyncio
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from tests.fixtures.recording_cloud import RecordingCloud
 from worker import run_worker
 from workflows.build import ImageBuildWorkflow
-from workflows.models import BuildStatus, RunState
+from workflows.models import BuildStatus, DeadlineRequest, RunState
 
 SCRIPT = b"#!/bin/sh\necho configured > /tmp/configured\n"
 
@@ -98,15 +100,62 @@ class Harness:
                     raise AssertionError(f"build ended ({status.run_state}: {status.message}) before {prefix!r} ran")
                 await asyncio.sleep(0.2)
 
+    async def wait_for_fault(self, point: str, *, times: int = 1, timeout: float = 60) -> None:
+        """Wait until the fault injected at ``point`` has fired ``times`` times: the step is inside the cloud call."""
+        async with asyncio.timeout(timeout):
+            while self.cloud.faults_taken(point) < times:
+                await asyncio.sleep(0.2)
+
+    async def set_deadline(self, handle: WorkflowHandle[Any, Any], seconds: float) -> None:
+        await handle.execute_update(ImageBuildWorkflow.set_deadline, DeadlineRequest(seconds=seconds))
+
+
+async def retried_activities(handle: WorkflowHandle[Any, Any]) -> set[str]:
+    """The types of the activities that needed more than one attempt, from the build's history."""
+    types: dict[int, str] = {}
+    retried = set()
+    async for event in handle.fetch_history_events():
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            types[event.event_id] = event.activity_task_scheduled_event_attributes.activity_type.name
+        elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+            attributes = event.activity_task_started_event_attributes
+            if attributes.attempt > 1:
+                retried.add(types[attributes.scheduled_event_id])
+    return retried
+
+
+def unserved(client: Client, directory: Path) -> Harness:
+    """A recording cloud in ``directory`` and a task queue of its own, with no worker yet."""
+    artifacts = directory / "artifacts"
+    artifacts.mkdir(parents=True)
+    return Harness(client, RecordingCloud(directory / "cloud.db"), f"kiln-test-{uuid.uuid4()}", artifacts)
+
+
+@asynccontextmanager
+async def serving(client: Client, directory: Path) -> AsyncIterator[Harness]:
+    """A recording cloud in ``directory``, served by an in-process worker on a task queue of its own."""
+    harness = unserved(client, directory)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(client, harness.cloud, task_queue=harness.task_queue, stop=stop))
+    try:
+        yield harness
+    finally:
+        stop.set()
+        await worker
+
+
+async def check_all(scenarios: dict[str, Coroutine[Any, Any, None]]) -> None:
+    """Run the scenarios at once (their waiting overlaps) and fail naming every one that failed."""
+    results = await asyncio.gather(*scenarios.values(), return_exceptions=True)
+    failures = [
+        f"{name}: {type(result).__name__}: {result}"
+        for name, result in zip(scenarios, results, strict=True)
+        if isinstance(result, BaseException)
+    ]
+    assert not failures, "\n".join(failures)
+
 
 @pytest_asyncio.fixture
 async def harness(client: Client, tmp_path: Path) -> AsyncIterator[Harness]:
-    cloud = RecordingCloud(tmp_path / "cloud.db")
-    task_queue = f"kiln-test-{uuid.uuid4()}"
-    stop = asyncio.Event()
-    worker = asyncio.create_task(run_worker(client, cloud, task_queue=task_queue, stop=stop))
-    artifacts = tmp_path / "artifacts"
-    artifacts.mkdir()
-    yield Harness(client, cloud, task_queue, artifacts)
-    stop.set()
-    await worker
+    async with serving(client, tmp_path) as harness:
+        yield harness
