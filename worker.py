@@ -27,8 +27,8 @@ from temporalio.worker import Worker
 
 from activities import activities_for
 from activities.clouds.base import Cloud
-from activities.janitor import JanitorActivities
 from activities.clouds.local.config import state_dir
+from activities.janitor import JanitorActivities
 from starter.connection import ConnectError, connect
 from workflows.build import ImageBuildWorkflow
 from workflows.janitor import JanitorWorkflow
@@ -90,10 +90,19 @@ async def start_dev_server() -> asyncio.subprocess.Process | None:
         return None
     temporal = shutil.which("temporal") or str(Path(sys.executable).parent / "temporal")
     args = [
-        temporal, "server", "start-dev",
-        "--ip", "127.0.0.1", "--port", str(DEV_PORT), "--ui-port", str(DEV_UI_PORT),
-        "--db-filename", str(state_dir() / "temporal.db"),
-        "--log-level", "warn",
+        temporal,
+        "server",
+        "start-dev",
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        str(DEV_PORT),
+        "--ui-port",
+        str(DEV_UI_PORT),
+        "--db-filename",
+        str(state_dir() / "temporal.db"),
+        "--log-level",
+        "warn",
     ]
     for key in SEARCH_ATTRIBUTES:
         args += ["--search-attribute", f"{key.name}=Keyword"]

@@ -67,9 +67,7 @@ class CustomizeActivities(CloudActivities):
 
 
 async def open_guest(cloud: Cloud, request: GuestScriptRequest, stack: AsyncExitStack) -> tuple[GuestSession, LogSink]:
-    """Connect to the VM and open the step's log, heartbeating meanwhile (a VM still booting can take a while).
-
-    """
+    """Connect to the VM and open the step's log, heartbeating meanwhile (a VM still booting can take a while)."""
     async with heartbeating():
         guest = await stack.enter_async_context(cloud.connect(request.build, request.vm))
         log = await cloud.open_log(request.build, request.staging, request.log_name)

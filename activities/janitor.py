@@ -31,7 +31,9 @@ class JanitorActivities:
                 # A query on a closed build replays its history on a worker of its queue: its last status, exactly.
                 status = await handle.query("status", result_type=BuildStatus, rpc_timeout=timedelta(seconds=10))
             except (RPCError, WorkflowQueryFailedError) as err:
-                activity.logger.warning("%s: its status cannot be read now (%s); left for a later run", execution.id, err)
+                activity.logger.warning(
+                    "%s: its status cannot be read now (%s); left for a later run", execution.id, err
+                )
                 continue
             if status.pending_cleanup:
                 abandoned.append(

@@ -69,5 +69,7 @@ async def fetch(uri: str, *, field: str) -> bytes:
         return await asyncio.to_thread(download)
     except urllib.error.HTTPError as err:
         if 400 <= err.code < 500 and err.code not in (408, 429):
-            raise PermanentError(f"{field}: fetching {uri} failed: HTTP {err.code} {err.reason}", kind="ArtifactNotFound") from err
+            raise PermanentError(
+                f"{field}: fetching {uri} failed: HTTP {err.code} {err.reason}", kind="ArtifactNotFound"
+            ) from err
         raise

@@ -154,7 +154,7 @@ def resource_type(path: str) -> str:
             return "Microsoft.Resources operation (poll)"
         return "Microsoft.Resources/resourceGroups" if "resourcegroups" in low else "/".join(segs[2:]) or path
     at = low.index("providers")
-    ns, rest = segs[at + 1], segs[at + 2:]
+    ns, rest = segs[at + 1], segs[at + 2 :]
     if rest and rest[0].lower() == "locations":
         if len(rest) > 2 and rest[2].lower() in ("operations", "operationresults"):
             return f"{ns} operation (poll)"
@@ -170,8 +170,10 @@ def print_build(status: BuildStatus, wall: float, calls: list[Call], started: fl
     polls = sum(1 for c in calls if is_poll(c))
     polling = polls * POLL_MS / 1000
     kiln = wall - arm - polling
-    print(f"  wall {wall:6.2f} s = ARM {arm:5.2f} s (of which VM PUT with guest boot {boot:4.2f} s)"
-          f" + polling {polling:4.2f} s ({polls} polls) + kiln {kiln:5.2f} s   [{status.run_state}]")
+    print(
+        f"  wall {wall:6.2f} s = ARM {arm:5.2f} s (of which VM PUT with guest boot {boot:4.2f} s)"
+        f" + polling {polling:4.2f} s ({polls} polls) + kiln {kiln:5.2f} s   [{status.run_state}]"
+    )
     print(f"    {'step':44} {'wall s':>7} {'ARM s':>6} {'rest s':>7}")
     for step in status.steps:
         if step.ended is None:
@@ -209,8 +211,10 @@ async def sequential(harness: AzureHarness, builds: int) -> None:
             print(f"(b) ARM calls of build {run + 1}")
             print_calls(calls)
     if builds > 1:
-        print("(a) median over the builds: " + ", ".join(
-            f"{key} {statistics.median(f[key] for f in figures):.2f} s" for key in figures[0]))
+        print(
+            "(a) median over the builds: "
+            + ", ".join(f"{key} {statistics.median(f[key] for f in figures):.2f} s" for key in figures[0])
+        )
 
 
 # ---------------------------------------------------------------------------------------------- (c)
@@ -252,7 +256,8 @@ async def in_flight(harness: AzureHarness, target: str, count: int, sleep: int) 
     print(f"(c) {count} builds of {TEMPLATE} with a first customizer 'sleep {sleep}', started at once on one worker")
     task_queue = f"kiln-azure-bench-{uuid.uuid4().hex[:8]}"
     child = multiprocessing.get_context("spawn").Process(
-        target=worker_process, args=(target, task_queue, harness.arm.base_url, harness.blob_account, harness.secret))
+        target=worker_process, args=(target, task_queue, harness.arm.base_url, harness.blob_account, harness.secret)
+    )
     child.start()
     try:
         await asyncio.sleep(5)  # imports, connect, first polls: the worker idles from here on
@@ -262,9 +267,14 @@ async def in_flight(harness: AzureHarness, target: str, count: int, sleep: int) 
         clock = time.perf_counter()
         for index in range(count):
             template = harness.corpus(TEMPLATE, imageName=f"flight{index}")
-            template["properties"]["customize"].insert(0, {"type": "Shell", "name": "overlap", "inline": [f"sleep {sleep}"]})
-            handles.append(await harness.client.start_workflow(
-                "ImageBuild", template, id=f"flight-{index}-{uuid.uuid4().hex[:6]}", task_queue=task_queue))
+            template["properties"]["customize"].insert(
+                0, {"type": "Shell", "name": "overlap", "inline": [f"sleep {sleep}"]}
+            )
+            handles.append(
+                await harness.client.start_workflow(
+                    "ImageBuild", template, id=f"flight-{index}-{uuid.uuid4().hex[:6]}", task_queue=task_queue
+                )
+            )
 
         async def sample() -> None:
             while True:
@@ -280,12 +290,18 @@ async def in_flight(harness: AzureHarness, target: str, count: int, sleep: int) 
         os.kill(child.pid, signal.SIGTERM)
         child.join(30)
     states = Counter(str(s.run_state) for s in statuses)
-    sleeping = [(s.started.timestamp(), s.ended.timestamp()) for st in statuses for s in st.steps
-                if s.name.startswith("customize 1/") and s.ended is not None]
+    sleeping = [
+        (s.started.timestamp(), s.ended.timestamp())
+        for st in statuses
+        for s in st.steps
+        if s.name.startswith("customize 1/") and s.ended is not None
+    ]
     print(f"  outcomes: {dict(states)}; at most {max_overlap(sleeping)} builds in the sleep customizer at once")
     print(f"  total wall time (first start to last result): {wall:.1f} s")
-    print(f"  worker RSS idle {idle / 1024:.1f} MiB, highest sample {max(samples) / 1024:.1f} MiB, "
-          f"peak (VmHWM) {peak / 1024:.1f} MiB")
+    print(
+        f"  worker RSS idle {idle / 1024:.1f} MiB, highest sample {max(samples) / 1024:.1f} MiB, "
+        f"peak (VmHWM) {peak / 1024:.1f} MiB"
+    )
     print(f"  memory per in-flight build: (peak - idle) / {count} = {(peak - idle) / count / 1024:.2f} MiB")
     failed = [s for s in statuses if s.run_state != RunState.SUCCEEDED]
     for status in failed[:3]:
@@ -302,8 +318,11 @@ async def main(builds: int, count: int, sleep: int) -> None:
             raise SystemExit("real SSH guests need root and overlayfs over /")
         azurite = await local_azurite.start_azurite(location=scratch / "azurite", port=free_port())
         guests = Guests(scratch / "guests", os.urandom(32))
-        arm = make_arm(local_azurite.account_url(local_azurite.STAGING_ACCOUNT, base=azurite.endpoint),
-                       operation_polls=0, poll_ms=POLL_MS)
+        arm = make_arm(
+            local_azurite.account_url(local_azurite.STAGING_ACCOUNT, base=azurite.endpoint),
+            operation_polls=0,
+            poll_ms=POLL_MS,
+        )
         try:
             async with await WorkflowEnvironment.start_local(
                 dev_server_existing_path=temporal_cli(),
@@ -315,9 +334,15 @@ async def main(builds: int, count: int, sleep: int) -> None:
                 arm.start()
                 guests.attach(arm)
                 (scratch / "artifacts").mkdir()
-                harness = AzureHarness(env.client, arm, local_azurite.account_url(
-                    local_azurite.STAGING_ACCOUNT, base=azurite.endpoint), os.urandom(32),
-                    f"kiln-azure-bench-{uuid.uuid4().hex[:8]}", scratch / "artifacts", [])
+                harness = AzureHarness(
+                    env.client,
+                    arm,
+                    local_azurite.account_url(local_azurite.STAGING_ACCOUNT, base=azurite.endpoint),
+                    os.urandom(32),
+                    f"kiln-azure-bench-{uuid.uuid4().hex[:8]}",
+                    scratch / "artifacts",
+                    [],
+                )
                 await prepare(harness.start_worker())
                 await sequential(harness, builds)
                 await harness.stop_workers()

@@ -54,7 +54,10 @@ def print_steps(status: BuildStatus, total: float) -> None:
     for step in status.steps:
         seconds = (step.ended - step.started).total_seconds() if step.ended else float("nan")
         print(f"  {seconds:7.2f} s  {step.name}")
-    figures = {"create build VM": "create to SSH-ready", "create validation VM": "unpack the image, create to SSH-ready"}
+    figures = {
+        "create build VM": "create to SSH-ready",
+        "create validation VM": "unpack the image, create to SSH-ready",
+    }
     for name, what in figures.items():
         step = next((s for s in status.steps if s.name == name and s.ended), None)
         if step is not None:
@@ -74,8 +77,13 @@ async def main(runs: int) -> None:
                     ui=False,
                     dev_server_log_level="error",
                 ) as env,
-                serving(env.client, azurite.endpoint, TEST_HOME, ResourceStore(TEST_HOME / "resources.db"),
-                        PROJECT / "examples") as builds,
+                serving(
+                    env.client,
+                    azurite.endpoint,
+                    TEST_HOME,
+                    ResourceStore(TEST_HOME / "resources.db"),
+                    PROJECT / "examples",
+                ) as builds,
             ):
                 started = time.monotonic()
                 debian = next(o for o in OFFERS if (o.offer, o.sku) == ("debian-12", "12-gen2"))

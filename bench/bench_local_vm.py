@@ -28,7 +28,9 @@ GROW_TO_1GIB = "sudo sh -c 'head -c 600M /dev/urandom > /var/lib/bulk && cp -a /
 
 
 def new_build() -> BuildContext:
-    return BuildContext(build_id=f"bench-{uuid.uuid4().hex[:8]}", template_name="bench", location="westeurope", cloud="local")
+    return BuildContext(
+        build_id=f"bench-{uuid.uuid4().hex[:8]}", template_name="bench", location="westeurope", cloud="local"
+    )
 
 
 async def main(boots: int) -> None:
@@ -41,7 +43,9 @@ async def main(boots: int) -> None:
     ready, first_command = [], []
     for _ in range(boots):
         build = new_build()
-        spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source, vm_profile={})
+        spec = VmSpec(
+            name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source, vm_profile={}
+        )
         started = time.monotonic()
         vm = await cloud.create_vm(build, STAGING, spec)
         ready.append(time.monotonic() - started)
@@ -53,7 +57,9 @@ async def main(boots: int) -> None:
     print(f"create to first command done over SSH: median {statistics.median(first_command):.3f} s")
 
     build = new_build()
-    spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source, vm_profile={})
+    spec = VmSpec(
+        name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source, vm_profile={}
+    )
     vm = await cloud.create_vm(build, STAGING, spec)
     try:
         async with cloud.connect(build, vm) as guest:
@@ -63,8 +69,10 @@ async def main(boots: int) -> None:
         image = await cloud.capture_image(build, STAGING, vm, CaptureSpec(name=f"{build.build_id}-image"))
         seconds = time.monotonic() - started
         print(f"capture of a {output.decode().split()[-1]} MiB root filesystem: {seconds:.2f} s")
-        print(f"VHD: used {image.used_bytes / 2**20:.0f} MiB of {image.size_bytes / 2**20:.0f} MiB virtual "
-              f"({image.used_bytes} / {image.size_bytes} bytes)")
+        print(
+            f"VHD: used {image.used_bytes / 2**20:.0f} MiB of {image.size_bytes / 2**20:.0f} MiB virtual "
+            f"({image.used_bytes} / {image.size_bytes} bytes)"
+        )
         await cloud.delete_image(build, f"{build.build_id}-image")
     finally:
         await cloud.delete_vm(build, vm.name)

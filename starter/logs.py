@@ -83,7 +83,9 @@ def _read_http(uri: str, offset: int) -> bytes:
         if err.code == 404:
             raise FileNotFoundError(f"no log at {uri}") from err
         if err.code in (401, 403):
-            raise PermissionError(f"{uri} refused an anonymous read ({err.code}); reading it needs the storage key") from err
+            raise PermissionError(
+                f"{uri} refused an anonymous read ({err.code}); reading it needs the storage key"
+            ) from err
         raise
 
 

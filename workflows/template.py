@@ -458,9 +458,7 @@ class VhdDistributor(AibModel):
     uri: str | None = None
 
 
-Distributor = Annotated[
-    ManagedImageDistributor | SharedImageDistributor | VhdDistributor, Field(discriminator="type")
-]
+Distributor = Annotated[ManagedImageDistributor | SharedImageDistributor | VhdDistributor, Field(discriminator="type")]
 
 # --------------------------------------------------------------------------------------------------
 # vmProfile and the rest of properties

@@ -23,9 +23,7 @@ def derive_key(secret: bytes, build_id: str, role: KeyRole) -> asyncssh.SSHKey:
     The role is part of the HMAC message, so the two keys of a build are unrelated to each other.
     """
     seed = hmac.new(secret, f"kiln/ssh/{role}/{build_id}".encode(), hashlib.sha256).digest()
-    pem = Ed25519PrivateKey.from_private_bytes(seed).private_bytes(
-        Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption()
-    )
+    pem = Ed25519PrivateKey.from_private_bytes(seed).private_bytes(Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption())
     return asyncssh.import_private_key(pem)
 
 

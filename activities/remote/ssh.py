@@ -187,7 +187,9 @@ async def open_session(
                 kind="HostKeyMismatch",
             ) from err
         except asyncssh.PermissionDenied as err:
-            raise PermanentError(f"{host}:{port} refused the login of {username}: {err.reason}", kind="LoginRefused") from err
+            raise PermanentError(
+                f"{host}:{port} refused the login of {username}: {err.reason}", kind="LoginRefused"
+            ) from err
         except (ConnectionRefusedError, asyncssh.ConnectionLost):
             if time.monotonic() > deadline:
                 raise

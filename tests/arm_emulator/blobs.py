@@ -15,7 +15,7 @@ import struct
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 # Azurite's documented development account; not a secret.
 AZURITE_ACCOUNT = "devstoreaccount1"
@@ -101,7 +101,11 @@ class Azurite:
 
     def publish(self, name: str, data: bytes) -> str:
         from azure.core.exceptions import ResourceExistsError
-        from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
+        from azure.storage.blob import (
+            BlobSasPermissions,
+            BlobServiceClient,
+            generate_blob_sas,
+        )
 
         service = BlobServiceClient(self.blob_url, credential=self.account_key)
         container = service.get_container_client(self.container)
@@ -117,7 +121,7 @@ class Azurite:
             name,
             account_key=self.account_key,
             permission=BlobSasPermissions(read=True),
-            expiry=datetime.now(timezone.utc) + timedelta(hours=1),
+            expiry=datetime.now(UTC) + timedelta(hours=1),
         )
         return f"{blob.url}?{sas}"
 

@@ -129,9 +129,7 @@ class Faults:
         >= 400 for any method and sleep exactly that long; leave it None to test the SDK's own
         retry set. `times=None` faults every match.
         """
-        fault = RequestFault(
-            _Match(method, path_regex, times, after), status, code, message, retry_after, delay, drop
-        )
+        fault = RequestFault(_Match(method, path_regex, times, after), status, code, message, retry_after, delay, drop)
         with self._lock:
             self._request.append(fault)
         return fault

@@ -23,6 +23,11 @@ shared/reference/arm.md:
 Deliberate strictness beyond ARM: request bodies with snake_case keys are refused with 400,
 because the current SDKs send a dict verbatim and real Azure would silently ignore such keys.
 
+Storage faults: with `proxy_storage`, storage accounts' blob endpoints point at the emulator itself,
+which passes every blob request on to Azurite unchanged (the signed path is the same) and so applies
+request faults to blob traffic too; those are answered as the blob service answers errors (XML body,
+`x-ms-error-code`).
+
 Platform images: `platform_images` is the marketplace catalogue that the VirtualMachineImages list
 and get endpoints serve (see `PlatformImage`); a VM created from a catalogue image that has a
 purchase plan must carry that plan, as in ARM.
@@ -35,6 +40,7 @@ serve as a real guest) and returns where it listens; see `GuestSpec` / `GuestEnd
 from __future__ import annotations
 
 import copy
+import http.client
 import json
 import re
 import socket
@@ -44,7 +50,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -159,8 +165,7 @@ _GROUP_TYPE = "Microsoft.Resources/resourceGroups"
 _NICS, _VMS = "Microsoft.Network/networkInterfaces", "Microsoft.Compute/virtualMachines"
 _SUBNETS = "Microsoft.Network/virtualNetworks/subnets"
 _IN_USE = {
-    "microsoft.network/networksecuritygroups": (
-        400, "InUseNetworkSecurityGroupCannotBeDeleted", {_NICS, _SUBNETS}),
+    "microsoft.network/networksecuritygroups": (400, "InUseNetworkSecurityGroupCannotBeDeleted", {_NICS, _SUBNETS}),
     "microsoft.network/virtualnetworks": (400, "InUseSubnetCannotBeDeleted", {_NICS}),
     "microsoft.network/virtualnetworks/subnets": (400, "InUseSubnetCannotBeDeleted", {_NICS}),
     "microsoft.network/networkinterfaces": (400, "NicInUse", {_VMS}),
@@ -173,7 +178,7 @@ _ALLOWED_TOP = {*_ENVELOPE, "properties", "id", "name", "type", "etag"}
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass
@@ -219,6 +224,8 @@ class _Request:
     origin: str  # scheme://host:port as the client addressed us, for absolute URLs
     range: str | None = None  # Range / x-ms-range, only read for served blobs
     authorization: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # all of them, for requests passed on to Azurite
+    raw_query: str = ""
 
     def json(self) -> dict[str, Any]:
         try:
@@ -235,6 +242,7 @@ class _Response:
     status: int
     body: dict[str, Any] | list[Any] | bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    raw: bool = False  # Azurite's own answer: its headers go out as they are
 
 
 class ArmEmulator:
@@ -244,7 +252,8 @@ class ArmEmulator:
     answers per LRO), `poll_ms` (the retry-after-ms hint), `platform_images` (the marketplace
     catalogue, keyed by `(publisher, offer, sku)`, matched case-insensitively), `guest_factory`,
     `run_command` (callable `(vm_id, request_body) -> (stdout, stderr)`) and `vhd` (the bytes every
-    disk export serves). Blob data goes to `azurite` when given, else to a read-only server built in.
+    disk export serves). Blob data goes to `azurite` when given, else to a read-only server built in;
+    `proxy_storage` routes storage accounts' blob traffic through the emulator (see the module notes).
     """
 
     def __init__(
@@ -257,7 +266,10 @@ class ArmEmulator:
         platform_images: dict[tuple[str, str, str], PlatformImage] | None = None,
         guest_factory: Callable[[GuestSpec], GuestEndpoint] | None = None,
         run_command: Callable[[str, dict[str, Any]], tuple[str, str]] | None = None,
+        proxy_storage: bool = False,
     ) -> None:
+        if proxy_storage and azurite is None:
+            raise ValueError("proxy_storage passes blob requests on to Azurite: give azurite too")
         self.faults = Faults()
         self.calls: list[Call] = []
         self.operation_polls = operation_polls
@@ -268,6 +280,7 @@ class ArmEmulator:
         self.vhd = fixed_vhd()
         self._port = port
         self._azurite = azurite
+        self._proxy_storage = proxy_storage
         self.blobs: Azurite | ServedBlobs | None = azurite
         self._store: dict[str, _Resource] = {}
         self._ops: dict[str, _Operation] = {}
@@ -285,8 +298,9 @@ class ArmEmulator:
         if self._azurite is None:
             self.blobs = ServedBlobs(self.base_url)
         # A short select timeout makes stop() (which waits for the loop to notice) quick.
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="arm-emulator",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="arm-emulator", daemon=True
+        )
         self._thread.start()
         return self.base_url
 
@@ -335,8 +349,17 @@ class ArmEmulator:
         url = urlsplit(h.path)
         query = {k.lower(): v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         length = int(h.headers.get("Content-Length") or 0)
-        req = _Request(h.command, url.path, query, h.rfile.read(length), f"http://{h.headers.get('Host')}",
-                       h.headers.get("x-ms-range") or h.headers.get("Range"), h.headers.get("Authorization"))
+        req = _Request(
+            h.command,
+            url.path,
+            query,
+            h.rfile.read(length),
+            f"http://{h.headers.get('Host')}",
+            h.headers.get("x-ms-range") or h.headers.get("Range"),
+            h.headers.get("Authorization"),
+            dict(h.headers.items()),
+            url.query,
+        )
         fault = self.faults.request_fault(req.method, req.path)
         if fault is not None:
             time.sleep(fault.delay)
@@ -345,8 +368,11 @@ class ArmEmulator:
                 self.calls.append(Call(req.method, req.path, 0, at, time.perf_counter() - started))
                 return
         if fault is not None and fault.status is not None:
-            resp = _error(fault.status, fault.code or _DEFAULT_CODES.get(fault.status, "InjectedFault"),
-                          fault.message or "Fault injected by the ARM emulator.")
+            resp = (_storage_error if self._is_storage(req) else _error)(
+                fault.status,
+                fault.code or _DEFAULT_CODES.get(fault.status, "InjectedFault"),
+                fault.message or "Fault injected by the ARM emulator.",
+            )
             if fault.retry_after is not None:
                 resp.headers["Retry-After"] = str(fault.retry_after)
         else:
@@ -361,6 +387,8 @@ class ArmEmulator:
         _write(h, req.method, resp)
 
     def _route(self, req: _Request) -> _Response:
+        if self._is_storage(req):
+            return self._pass_to_azurite(req)
         segs = [s for s in req.path.split("/") if s]
         low = [s.lower() for s in segs]
         if low[:1] == ["_blobs"] and len(segs) >= 2 and isinstance(self.blobs, ServedBlobs):
@@ -374,16 +402,30 @@ class ArmEmulator:
         # Operation URLs are minted here with api-version inside; the SDK GETs them verbatim.
         if len(rest) == 2 and lrest[0] == "operationresults":
             return self._poll(req, rest[1], via="location")
-        if len(rest) == 6 and lrest[0] == "providers" and lrest[2] == "locations" \
-                and lrest[4] in ("operations", "operationresults"):
+        if (
+            len(rest) == 6
+            and lrest[0] == "providers"
+            and lrest[2] == "locations"
+            and lrest[4] in ("operations", "operationresults")
+        ):
             return self._poll(req, rest[5], via="aao" if lrest[4] == "operations" else "location")
         if "api-version" not in req.query:
-            raise ArmError(400, "MissingApiVersionParameter",
-                           "The api-version query parameter (?api-version=) is required for all requests.")
-        if len(rest) in (13, 14) and lrest[:3] == ["providers", "microsoft.compute", "locations"] \
-                and lrest[4] == "publishers" and lrest[6:9] == ["artifacttypes", "vmimage", "offers"] \
-                and lrest[10] == "skus" and lrest[12] == "versions":
-            return self._platform_image(req, sub, *(unquote(rest[i]) for i in (3, 5, 9, 11)), [unquote(v) for v in rest[13:]])
+            raise ArmError(
+                400,
+                "MissingApiVersionParameter",
+                "The api-version query parameter (?api-version=) is required for all requests.",
+            )
+        if (
+            len(rest) in (13, 14)
+            and lrest[:3] == ["providers", "microsoft.compute", "locations"]
+            and lrest[4] == "publishers"
+            and lrest[6:9] == ["artifacttypes", "vmimage", "offers"]
+            and lrest[10] == "skus"
+            and lrest[12] == "versions"
+        ):
+            return self._platform_image(
+                req, sub, *(unquote(rest[i]) for i in (3, 5, 9, 11)), [unquote(v) for v in rest[13:]]
+            )
         if lrest == ["resourcegroups"] and req.method == "GET":
             return self._list(sub, None, _GROUP_TYPE, req)
         if len(rest) == 2 and lrest[0] == "resourcegroups":
@@ -419,8 +461,11 @@ class ArmEmulator:
     def _type(self, ns: str, types: list[str]) -> _Type:
         spec = _TYPES.get("/".join([ns, *types]).lower())
         if spec is None:
-            raise ArmError(400, "InvalidResourceType",
-                           f"The resource type '{'/'.join(types)}' could not be found in the namespace '{ns}'.")
+            raise ArmError(
+                400,
+                "InvalidResourceType",
+                f"The resource type '{'/'.join(types)}' could not be found in the namespace '{ns}'.",
+            )
         return spec
 
     def _id(self, sub: str, group: str, spec: _Type, names: list[str]) -> str:
@@ -437,8 +482,10 @@ class ArmEmulator:
 
     def _catalogue_entry(self, publisher: str, offer: str, sku: str) -> PlatformImage | None:
         wanted = (publisher.lower(), offer.lower(), sku.lower())
-        return next((image for key, image in list(self.platform_images.items())
-                     if tuple(k.lower() for k in key) == wanted), None)
+        return next(
+            (image for key, image in list(self.platform_images.items()) if tuple(k.lower() for k in key) == wanted),
+            None,
+        )
 
     def _platform_image(
         self, req: _Request, sub: str, location: str, publisher: str, offer: str, sku: str, version: list[str]
@@ -452,8 +499,10 @@ class ArmEmulator:
         region = _region_name(location)
         if image is None or not image.offered_in(region) or (version and version[0] not in image.versions):
             raise ArmError(404, "NotFound", "Artifact: VMImage was not found.")
-        base = (f"/Subscriptions/{sub}/Providers/Microsoft.Compute/Locations/{region}/Publishers/{publisher}"
-                f"/ArtifactTypes/VMImage/Offers/{offer}/Skus/{sku}/Versions")
+        base = (
+            f"/Subscriptions/{sub}/Providers/Microsoft.Compute/Locations/{region}/Publishers/{publisher}"
+            f"/ArtifactTypes/VMImage/Offers/{offer}/Skus/{sku}/Versions"
+        )
         if version:
             return _Response(200, _image_version(image, base, region, version[0], with_properties=True))
         order = re.fullmatch(r"\s*name(?:\s+(asc|desc))?\s*", req.query.get("$orderby", "name"), re.IGNORECASE)
@@ -464,7 +513,7 @@ class ArmEmulator:
         if top is not None:
             if not top.isdigit():
                 raise ArmError(400, "InvalidParameter", f"$top '{top}' is not a non-negative integer.")
-            names = names[:int(top)]
+            names = names[: int(top)]
         expand = req.query.get("$expand", "").lower() == "properties"
         return _Response(200, [_image_version(image, base, region, v, with_properties=expand) for v in names])
 
@@ -559,9 +608,12 @@ class ArmEmulator:
             group = parts[4]
             kind = "/".join(parts[6:7] + parts[7::2])
             name = "/".join(parts[8::2])
-            raise ArmError(404, "ResourceNotFound",
-                           f"The Resource '{kind}/{name}' under resource group '{group}' was not found. "
-                           "For more details please go to https://aka.ms/ARMResourceNotFoundFix")
+            raise ArmError(
+                404,
+                "ResourceNotFound",
+                f"The Resource '{kind}/{name}' under resource group '{group}' was not found. "
+                "For more details please go to https://aka.ms/ARMResourceNotFoundFix",
+            )
         return res
 
     def _put(self, req: _Request, rg: _Resource, spec: _Type, rid: str) -> tuple[_Response, _Resource | None]:
@@ -570,9 +622,12 @@ class ArmEmulator:
         if spec.name.count("/") > 1:
             parent_id = rid.rsplit("/", 2)[0]
             if parent_id.lower() not in self._store:
-                raise ArmError(404, "ParentResourceNotFound",
-                               f"Can not perform requested operation on nested resource. Parent resource "
-                               f"'{parent_id.rsplit('/', 1)[1]}' not found.")
+                raise ArmError(
+                    404,
+                    "ParentResourceNotFound",
+                    f"Can not perform requested operation on nested resource. Parent resource "
+                    f"'{parent_id.rsplit('/', 1)[1]}' not found.",
+                )
         body = req.json()
         _check_rest_shape(body)
         if spec.tracked and not body.get("location"):
@@ -677,10 +732,13 @@ class ArmEmulator:
             and any(ref == res.key or ref.startswith(res.key + "/") for ref in _references(other))
         ]
         if users:
-            raise ArmError(status, code,
-                           f"{res.type.split('/')[-1]} {res.id} cannot be deleted because it is in use by the "
-                           f"following resources: {', '.join(users)}. In order to delete it, remove the association "
-                           "with the resource(s).")
+            raise ArmError(
+                status,
+                code,
+                f"{res.type.split('/')[-1]} {res.id} cannot be deleted because it is in use by the "
+                f"following resources: {', '.join(users)}. In order to delete it, remove the association "
+                "with the resource(s).",
+            )
 
     def _list(self, sub: str, group: str | None, type_name: str | None, req: _Request) -> _Response:
         prefix = (f"/subscriptions/{sub}/" + (f"resourcegroups/{group}/" if group else "")).lower()
@@ -704,11 +762,7 @@ class ArmEmulator:
     def _list_children(self, owner_id: str, child: _Type, req: _Request) -> _Response:
         prefix = owner_id.lower() + "/"
         with self._lock:
-            found = [
-                self._render(r)
-                for r in self._store.values()
-                if r.type == child.name and r.key.startswith(prefix)
-            ]
+            found = [self._render(r) for r in self._store.values() if r.type == child.name and r.key.startswith(prefix)]
         return _Response(200, {"value": found})
 
     # ----------------------------------------------------------------- long-running operations
@@ -799,8 +853,11 @@ class ArmEmulator:
         handler = getattr(self, f"_act_{spec.name.split('/')[-1].lower()}_{action}", None)
         expected = "GET" if action == "instanceview" else "POST"
         if handler is None or req.method != expected:
-            raise ArmError(404 if handler is None else 405, "NotFound" if handler is None else "MethodNotAllowed",
-                           f"No {req.method} action '{action}' on {spec.name}.")
+            raise ArmError(
+                404 if handler is None else 405,
+                "NotFound" if handler is None else "MethodNotAllowed",
+                f"No {req.method} action '{action}' on {spec.name}.",
+            )
         with self._lock:
             _, _, sub, _, group = owner_id.split("/")[:5]
             self._require_group(sub, group)
@@ -856,15 +913,32 @@ class ArmEmulator:
         def succeed() -> dict[str, Any]:
             stdout, stderr = self.run_command(vm.id, body)
             if body.get("commandId") == "RunPowerShellScript":
-                return {"value": [
-                    {"code": "ComponentStatus/StdOut/succeeded", "level": "Info",
-                     "displayStatus": "Provisioning succeeded", "message": stdout},
-                    {"code": "ComponentStatus/StdErr/succeeded", "level": "Info",
-                     "displayStatus": "Provisioning succeeded", "message": stderr},
-                ]}
-            return {"value": [{"code": "ProvisioningState/succeeded", "level": "Info",
-                               "displayStatus": "Provisioning succeeded",
-                               "message": f"Enable succeeded: \n[stdout]\n{stdout}\n[stderr]\n{stderr}"}]}
+                return {
+                    "value": [
+                        {
+                            "code": "ComponentStatus/StdOut/succeeded",
+                            "level": "Info",
+                            "displayStatus": "Provisioning succeeded",
+                            "message": stdout,
+                        },
+                        {
+                            "code": "ComponentStatus/StdErr/succeeded",
+                            "level": "Info",
+                            "displayStatus": "Provisioning succeeded",
+                            "message": stderr,
+                        },
+                    ]
+                }
+            return {
+                "value": [
+                    {
+                        "code": "ProvisioningState/succeeded",
+                        "level": "Info",
+                        "displayStatus": "Provisioning succeeded",
+                        "message": f"Enable succeeded: \n[stdout]\n{stdout}\n[stderr]\n{stderr}",
+                    }
+                ]
+            }
 
         return self._async_action(req, vm, succeed, lambda: None)
 
@@ -877,9 +951,11 @@ class ArmEmulator:
 
         def succeed() -> dict[str, Any]:
             uri = f"https://emulated.blob.core.windows.net/system/Microsoft.Compute/Images/{container}/{prefix}-osDisk.{uuid.uuid4()}.vhd"
-            return {"$schema": "http://schema.management.azure.com/schemas/2014-04-01-preview/VM_IP.json",
-                    "contentVersion": "1.0.0.0",
-                    "resources": [{"properties": {"storageProfile": {"osDisk": {"image": {"uri": uri}}}}}]}
+            return {
+                "$schema": "http://schema.management.azure.com/schemas/2014-04-01-preview/VM_IP.json",
+                "contentVersion": "1.0.0.0",
+                "resources": [{"properties": {"storageProfile": {"osDisk": {"image": {"uri": uri}}}}}],
+            }
 
         return self._async_action(req, vm, succeed, lambda: None)
 
@@ -920,25 +996,38 @@ class ArmEmulator:
 
     def _act_storageaccounts_listkeys(self, req: _Request, account: _Resource) -> _Response:
         _, key = self.blobs.account_endpoint(account.name)
-        return _Response(200, {"keys": [{"keyName": "key1", "value": key, "permissions": "FULL"},
-                                        {"keyName": "key2", "value": key, "permissions": "FULL"}]})
+        return _Response(
+            200,
+            {
+                "keys": [
+                    {"keyName": "key1", "value": key, "permissions": "FULL"},
+                    {"keyName": "key2", "value": key, "permissions": "FULL"},
+                ]
+            },
+        )
 
     def _require_power(self, vm: _Resource, action: str, *allowed: str) -> None:
         if vm.state.get("power") not in allowed:
-            raise _not_allowed(f"Operation '{action}' is not allowed on VM '{vm.name}' since the VM is "
-                               f"{vm.state.get('power')}; it must be {' or '.join(allowed)}.")
+            raise _not_allowed(
+                f"Operation '{action}' is not allowed on VM '{vm.name}' since the VM is "
+                f"{vm.state.get('power')}; it must be {' or '.join(allowed)}."
+            )
 
     # ----------------------------------------------------------------- per-type preparation
 
     def _prepare_storageAccounts(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
         if not re.fullmatch(r"[a-z0-9]{3,24}", res.name):
-            raise ArmError(400, "AccountNameInvalid",
-                           f"{res.name} is not a valid storage account name. Storage account name must be between 3 "
-                           "and 24 characters in length and use numbers and lower-case letters only.")
+            raise ArmError(
+                400,
+                "AccountNameInvalid",
+                f"{res.name} is not a valid storage account name. Storage account name must be between 3 "
+                "and 24 characters in length and use numbers and lower-case letters only.",
+            )
         for other in self._store.values():
             if other.type == res.type and other.name == res.name and other.key != res.key:
-                raise ArmError(409, "StorageAccountAlreadyTaken",
-                               f"The storage account named {res.name} is already taken.")
+                raise ArmError(
+                    409, "StorageAccountAlreadyTaken", f"The storage account named {res.name} is already taken."
+                )
         res.envelope.setdefault("kind", "StorageV2")
         res.envelope.setdefault("sku", {"name": "Standard_LRS", "tier": "Standard"})
         res.properties.setdefault("creationTime", existing.properties["creationTime"] if existing else _now())
@@ -961,10 +1050,20 @@ class ArmEmulator:
         for rule in res.properties.get("securityRules") or []:
             rule["id"] = f"{res.id}/securityRules/{rule.get('name')}"
         res.properties["defaultSecurityRules"] = [
-            {"id": f"{res.id}/defaultSecurityRules/{name}", "name": name,
-             "properties": {"protocol": "*", "access": access, "direction": direction, "priority": priority,
-                            "sourceAddressPrefix": src, "sourcePortRange": "*", "destinationAddressPrefix": "*",
-                            "destinationPortRange": "*"}}
+            {
+                "id": f"{res.id}/defaultSecurityRules/{name}",
+                "name": name,
+                "properties": {
+                    "protocol": "*",
+                    "access": access,
+                    "direction": direction,
+                    "priority": priority,
+                    "sourceAddressPrefix": src,
+                    "sourcePortRange": "*",
+                    "destinationAddressPrefix": "*",
+                    "destinationPortRange": "*",
+                },
+            }
             for name, access, direction, priority, src in (
                 ("AllowVnetInBound", "Allow", "Inbound", 65000, "VirtualNetwork"),
                 ("DenyAllInBound", "Deny", "Inbound", 65500, "*"),
@@ -987,8 +1086,12 @@ class ArmEmulator:
             props = config.setdefault("properties", {})
             props.setdefault("privateIPAllocationMethod", "Dynamic")
             props.setdefault("primary", i == 0)
-        res.properties.setdefault("macAddress", existing.properties.get("macAddress") if existing else
-                                  "00-0D-3A-" + "-".join(f"{b:02X}" for b in uuid.uuid4().bytes[:3]))
+        res.properties.setdefault(
+            "macAddress",
+            existing.properties.get("macAddress")
+            if existing
+            else "00-0D-3A-" + "-".join(f"{b:02X}" for b in uuid.uuid4().bytes[:3]),
+        )
 
     def _prepare_virtualMachines(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
         props = res.properties
@@ -1011,8 +1114,9 @@ class ArmEmulator:
         windows = "windowsConfiguration" in os_profile or "windows" in str(image.get("offer", "")).lower()
         computer = os_profile.get("computerName")
         if computer and len(computer) > (15 if windows else 64):
-            raise ArmError(400, "InvalidParameter",
-                           f"The value '{computer}' of parameter 'osProfile.computerName' is too long.")
+            raise ArmError(
+                400, "InvalidParameter", f"The value '{computer}' of parameter 'osProfile.computerName' is too long."
+            )
         if existing is not None:
             props["vmId"] = existing.properties["vmId"]
             props["timeCreated"] = existing.properties["timeCreated"]
@@ -1034,14 +1138,20 @@ class ArmEmulator:
             managed["id"] = disk_id
             managed.setdefault("storageAccountType", "Standard_LRS")
             self._store[disk_id.lower()] = _Resource(
-                disk_id, "Microsoft.Compute/disks",
+                disk_id,
+                "Microsoft.Compute/disks",
                 {"location": res.envelope["location"], "tags": {}, "sku": {"name": managed["storageAccountType"]}},
-                {"osType": os_disk["osType"], "diskSizeGB": os_disk.get("diskSizeGB", 30),
-                 "creationData": {"createOption": "FromImage", "imageReference": image},
-                 "provisioningState": "Succeeded", "timeCreated": _now()},
+                {
+                    "osType": os_disk["osType"],
+                    "diskSizeGB": os_disk.get("diskSizeGB", 30),
+                    "creationData": {"createOption": "FromImage", "imageReference": image},
+                    "provisioningState": "Succeeded",
+                    "timeCreated": _now(),
+                },
             )
-        res.state.update(power="starting", generalized=False,
-                         os_type=os_disk["osType"], computer_name=computer or res.name)
+        res.state.update(
+            power="starting", generalized=False, os_type=os_disk["osType"], computer_name=computer or res.name
+        )
 
     def _check_plan(self, vm: _Resource, image: dict[str, Any]) -> None:
         """A VM made from a marketplace image that has a purchase plan must name that plan."""
@@ -1050,10 +1160,13 @@ class ArmEmulator:
             return
         given = {k: str(v).lower() for k, v in (vm.envelope.get("plan") or {}).items()}
         if any(given.get(k) != str(v).lower() for k, v in entry.plan.items()):
-            raise ArmError(400, "VMMarketplaceInvalidInput",
-                           "Creating a virtual machine from Marketplace image or a custom image sourced from a "
-                           "Marketplace image requires Plan information in the request. "
-                           f"VM: '{vm.id}'.")
+            raise ArmError(
+                400,
+                "VMMarketplaceInvalidInput",
+                "Creating a virtual machine from Marketplace image or a custom image sourced from a "
+                "Marketplace image requires Plan information in the request. "
+                f"VM: '{vm.id}'.",
+            )
 
     def _ready_virtualMachines(self, res: _Resource) -> None:
         if "boot_error" in res.state:
@@ -1068,13 +1181,23 @@ class ArmEmulator:
 
     def _ready_virtualMachines_runCommands(self, res: _Resource) -> None:
         source = res.properties.get("source") or {}
-        stdout, stderr = self.run_command(res.state["vm_id"], {
-            "commandId": source.get("commandId", "RunShellScript"),
-            "script": (source.get("script") or "").splitlines(),
-            "parameters": res.properties.get("parameters") or [],
-        })
-        res.state["instance_view"] = {"executionState": "Succeeded", "executionMessage": "", "exitCode": 0,
-                                      "output": stdout, "error": stderr, "startTime": _now(), "endTime": _now()}
+        stdout, stderr = self.run_command(
+            res.state["vm_id"],
+            {
+                "commandId": source.get("commandId", "RunShellScript"),
+                "script": (source.get("script") or "").splitlines(),
+                "parameters": res.properties.get("parameters") or [],
+            },
+        )
+        res.state["instance_view"] = {
+            "executionState": "Succeeded",
+            "executionMessage": "",
+            "exitCode": 0,
+            "output": stdout,
+            "error": stderr,
+            "startTime": _now(),
+            "endTime": _now(),
+        }
 
     def _prepare_disks(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
         creation = res.properties.get("creationData") or {}
@@ -1102,11 +1225,17 @@ class ArmEmulator:
                 raise _not_allowed(f"The source virtual machine '{vm.id}' must be generalized to create an image.")
             os_disk = vm.properties["storageProfile"]["osDisk"]
             res.properties["storageProfile"] = {
-                "osDisk": {"osType": os_disk["osType"], "osState": "Generalized", "caching": "ReadWrite",
-                           "managedDisk": {"id": os_disk["managedDisk"]["id"]},
-                           "storageAccountType": os_disk["managedDisk"].get("storageAccountType", "Standard_LRS"),
-                           "diskSizeGB": 30},
-                "dataDisks": [], "zoneResilient": False}
+                "osDisk": {
+                    "osType": os_disk["osType"],
+                    "osState": "Generalized",
+                    "caching": "ReadWrite",
+                    "managedDisk": {"id": os_disk["managedDisk"]["id"]},
+                    "storageAccountType": os_disk["managedDisk"].get("storageAccountType", "Standard_LRS"),
+                    "diskSizeGB": 30,
+                },
+                "dataDisks": [],
+                "zoneResilient": False,
+            }
         elif not (res.properties.get("storageProfile") or {}).get("osDisk"):
             raise ArmError(400, "InvalidParameter", "An image needs sourceVirtualMachine or storageProfile.osDisk.")
         res.properties.setdefault("hyperVGeneration", "V1")
@@ -1139,8 +1268,10 @@ class ArmEmulator:
             fault = self.faults.replication_fault(region["name"])
             error = None
             if fault is not None and fault.fail_code:
-                error = {"code": fault.fail_code,
-                         "message": fault.fail_message or f"Replication to region '{region['name']}' failed."}
+                error = {
+                    "code": fault.fail_code,
+                    "message": fault.fail_message or f"Replication to region '{region['name']}' failed.",
+                }
             need = (lambda f=fault: f.polls) if fault is not None else (lambda: polls)
             plans[region["name"]] = (need, error)
         res.state["replication"] = plans
@@ -1162,8 +1293,9 @@ class ArmEmulator:
         for ref in _ids_in(props):
             target = self._store.get(ref.lower())
             if target is None:
-                raise ArmError(400, "InvalidResourceReference",
-                               f"Resource {ref} referenced by the request was not found.")
+                raise ArmError(
+                    400, "InvalidResourceReference", f"Resource {ref} referenced by the request was not found."
+                )
             found.append(target)
         return found
 
@@ -1176,15 +1308,23 @@ class ArmEmulator:
             out["etag"] = f'W/"{uuid.uuid5(uuid.NAMESPACE_URL, res.key + json.dumps(props, sort_keys=True))}"'
         kind = res.type.lower()
         if kind == "microsoft.network/virtualnetworks":
-            props["subnets"] = [self._render(s) for s in self._store.values()
-                                if s.key.startswith(res.key + "/subnets/")]
+            props["subnets"] = [
+                self._render(s) for s in self._store.values() if s.key.startswith(res.key + "/subnets/")
+            ]
         elif kind == "microsoft.network/virtualnetworks/subnets":
-            props["ipConfigurations"] = [{"id": c["id"]} for c in self._ip_configs() if
-                                         (c["properties"].get("subnet") or {}).get("id", "").lower() == res.key]
+            props["ipConfigurations"] = [
+                {"id": c["id"]}
+                for c in self._ip_configs()
+                if (c["properties"].get("subnet") or {}).get("id", "").lower() == res.key
+            ]
         elif kind == "microsoft.network/networksecuritygroups":
             for field_name, wanted in (("subnets", _SUBNETS), ("networkInterfaces", _NICS)):
-                users = [o.id for o in self._store.values() if o.type == wanted
-                         and (o.properties.get("networkSecurityGroup") or {}).get("id", "").lower() == res.key]
+                users = [
+                    o.id
+                    for o in self._store.values()
+                    if o.type == wanted
+                    and (o.properties.get("networkSecurityGroup") or {}).get("id", "").lower() == res.key
+                ]
                 if users:
                     props[field_name] = [{"id": u} for u in users]
         elif kind == "microsoft.network/networkinterfaces":
@@ -1196,8 +1336,14 @@ class ArmEmulator:
                 config["properties"]["privateIPAddress"] = host
                 config["properties"]["provisioningState"] = props["provisioningState"]
         elif kind == "microsoft.network/publicipaddresses":
-            config = next((c for c in self._ip_configs()
-                           if (c["properties"].get("publicIPAddress") or {}).get("id", "").lower() == res.key), None)
+            config = next(
+                (
+                    c
+                    for c in self._ip_configs()
+                    if (c["properties"].get("publicIPAddress") or {}).get("id", "").lower() == res.key
+                ),
+                None,
+            )
             if config is not None:
                 props["ipConfiguration"] = {"id": config["id"]}
                 nic = self._store.get(config["id"].lower().rsplit("/ipconfigurations/", 1)[0])
@@ -1212,14 +1358,19 @@ class ArmEmulator:
             vm = self._attached_vm(res)
             if vm is not None:
                 out["managedBy"] = vm.id
-            props["diskState"] = ("ActiveSAS" if res.state.get("sas") else
-                                  "Unattached" if vm is None else
-                                  "Reserved" if vm.state.get("power") == "deallocated" else "Attached")
+            props["diskState"] = (
+                "ActiveSAS"
+                if res.state.get("sas")
+                else "Unattached"
+                if vm is None
+                else "Reserved"
+                if vm.state.get("power") == "deallocated"
+                else "Attached"
+            )
         elif kind == "microsoft.compute/galleries/images/versions" and (expand or "").lower() == "replicationstatus":
             props["replicationStatus"] = self._replication_status(res)
         elif kind == "microsoft.storage/storageaccounts":
-            blob, _ = self.blobs.account_endpoint(res.name)
-            props["primaryEndpoints"] = {"blob": blob}
+            props["primaryEndpoints"] = {"blob": self._blob_endpoint(res.name)}
             props["primaryLocation"] = res.envelope.get("location")
             props["statusOfPrimary"] = "available"
         out["properties"] = props
@@ -1228,10 +1379,13 @@ class ArmEmulator:
     def _instance_view(self, vm: _Resource) -> dict[str, Any]:
         state = vm.properties["provisioningState"].lower()
         statuses = [
-            {"code": f"ProvisioningState/{state}", "level": "Info" if state != "failed" else "Error",
-             "displayStatus": f"Provisioning {state}", "time": vm.properties["timeCreated"]},
-            {"code": f"PowerState/{vm.state['power']}", "level": "Info",
-             "displayStatus": f"VM {vm.state['power']}"},
+            {
+                "code": f"ProvisioningState/{state}",
+                "level": "Info" if state != "failed" else "Error",
+                "displayStatus": f"Provisioning {state}",
+                "time": vm.properties["timeCreated"],
+            },
+            {"code": f"PowerState/{vm.state['power']}", "level": "Info", "displayStatus": f"VM {vm.state['power']}"},
         ]
         if vm.state.get("generalized"):
             statuses.append({"code": "OSState/generalized", "level": "Info", "displayStatus": "VM generalized"})
@@ -1239,11 +1393,29 @@ class ArmEmulator:
         return {
             "computerName": vm.state["computer_name"],
             "osName": vm.state["os_type"].lower(),
-            "vmAgent": {"vmAgentVersion": "2.9.1.1", "statuses": [
-                {"code": "ProvisioningState/succeeded", "level": "Info", "displayStatus": "Ready",
-                 "message": "GuestAgent is running and accepting new configurations."}]},
-            "disks": [{"name": os_disk["name"], "statuses": [
-                {"code": "ProvisioningState/succeeded", "level": "Info", "displayStatus": "Provisioning succeeded"}]}],
+            "vmAgent": {
+                "vmAgentVersion": "2.9.1.1",
+                "statuses": [
+                    {
+                        "code": "ProvisioningState/succeeded",
+                        "level": "Info",
+                        "displayStatus": "Ready",
+                        "message": "GuestAgent is running and accepting new configurations.",
+                    }
+                ],
+            },
+            "disks": [
+                {
+                    "name": os_disk["name"],
+                    "statuses": [
+                        {
+                            "code": "ProvisioningState/succeeded",
+                            "level": "Info",
+                            "displayStatus": "Provisioning succeeded",
+                        }
+                    ],
+                }
+            ],
             "statuses": statuses,
         }
 
@@ -1265,8 +1437,12 @@ class ArmEmulator:
         return {"aggregatedState": aggregated, "summary": summary}
 
     def _ip_configs(self) -> list[dict[str, Any]]:
-        return [c for r in self._store.values() if r.type == "Microsoft.Network/networkInterfaces"
-                for c in r.properties.get("ipConfigurations") or []]
+        return [
+            c
+            for r in self._store.values()
+            if r.type == "Microsoft.Network/networkInterfaces"
+            for c in r.properties.get("ipConfigurations") or []
+        ]
 
     def _attached_vm(self, res: _Resource) -> _Resource | None:
         for vm in self._store.values():
@@ -1309,33 +1485,81 @@ class ArmEmulator:
         if guest is not None and guest.close is not None:
             guest.close()
 
+    # ----------------------------------------------------------------- storage passed on to Azurite
+
+    def _storage_prefix(self) -> str:
+        assert self._azurite is not None
+        return "/" + urlsplit(self._azurite.blob_url).path.strip("/")
+
+    def _is_storage(self, req: _Request) -> bool:
+        if not self._proxy_storage:
+            return False
+        prefix = self._storage_prefix()
+        return req.path == prefix or req.path.startswith(prefix + "/")
+
+    def _blob_endpoint(self, account: str) -> str:
+        blob, _ = self.blobs.account_endpoint(account)
+        return f"{self.base_url}{self._storage_prefix()}/" if self._proxy_storage else blob
+
+    def _pass_to_azurite(self, req: _Request) -> _Response:
+        assert self._azurite is not None
+        target = urlsplit(self._azurite.blob_url)
+        headers = {k: v for k, v in req.headers.items() if k.lower() not in ("host", "connection")}
+        connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+        try:
+            path = f"{req.path}?{req.raw_query}" if req.raw_query else req.path
+            connection.request(req.method, path, body=req.body, headers=headers)
+            answer = connection.getresponse()
+            body = answer.read()
+            hop = ("connection", "transfer-encoding", "keep-alive")
+            kept = {k: v for k, v in answer.getheaders() if k.lower() not in hop}
+            if answer.getheader("Transfer-Encoding") and not answer.getheader("Content-Length"):
+                kept["Content-Length"] = str(len(body))
+            return _Response(answer.status, body, kept, raw=True)
+        finally:
+            connection.close()
+
     # ----------------------------------------------------------------- served blobs
 
     def _serve_blob(self, req: _Request, token: str) -> _Response:
         data = self.blobs.blobs.get(token)
         if data is None:
             return _error(404, "BlobNotFound", "The specified blob does not exist.")
-        headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes", "ETag": f'"{token}"',
-                   "Last-Modified": "Sat, 01 Jan 2000 00:00:00 GMT", "x-ms-blob-type": "PageBlob",
-                   "x-ms-version": "2021-08-06"}
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes",
+            "ETag": f'"{token}"',
+            "Last-Modified": "Sat, 01 Jan 2000 00:00:00 GMT",
+            "x-ms-blob-type": "PageBlob",
+            "x-ms-version": "2021-08-06",
+        }
         if req.query.get("comp") == "pagelist":
             # Page-blob downloads ask which pages hold data first; all of them do.
-            xml = (f'<?xml version="1.0" encoding="utf-8"?><PageList><PageRange><Start>0</Start>'
-                   f"<End>{len(data) - 1}</End></PageRange></PageList>").encode()
-            return _Response(200, xml, {**headers, "Content-Type": "application/xml",
-                                        "x-ms-blob-content-length": str(len(data))})
+            xml = (
+                f'<?xml version="1.0" encoding="utf-8"?><PageList><PageRange><Start>0</Start>'
+                f"<End>{len(data) - 1}</End></PageRange></PageList>"
+            ).encode()
+            return _Response(
+                200, xml, {**headers, "Content-Type": "application/xml", "x-ms-blob-content-length": str(len(data))}
+            )
         wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", req.range or "")
         if wanted is None:
             return _Response(200, data, headers)
         start = int(wanted.group(1))
         end = min(int(wanted.group(2) or len(data) - 1), len(data) - 1)
         headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        return _Response(206, data[start:end + 1], headers)
+        return _Response(206, data[start : end + 1], headers)
 
 
 _DEFAULT_CODES = {
-    400: "BadRequest", 404: "NotFound", 409: "Conflict", 429: "TooManyRequests", 500: "InternalServerError",
-    502: "BadGateway", 503: "ServiceUnavailable", 504: "GatewayTimeout",
+    400: "BadRequest",
+    404: "NotFound",
+    409: "Conflict",
+    429: "TooManyRequests",
+    500: "InternalServerError",
+    502: "BadGateway",
+    503: "ServiceUnavailable",
+    504: "GatewayTimeout",
 }
 
 
@@ -1368,6 +1592,15 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _write(h: BaseHTTPRequestHandler, method: str, resp: _Response) -> None:
+    if resp.raw:
+        assert isinstance(resp.body, bytes)
+        h.send_response(resp.status)
+        for name, value in resp.headers.items():
+            h.send_header(name, value)
+        h.end_headers()
+        if method != "HEAD":
+            h.wfile.write(resp.body)
+        return
     data = resp.body if isinstance(resp.body, bytes) else b"" if resp.body is None else json.dumps(resp.body).encode()
     h.send_response(resp.status)
     h.send_header("Content-Type", resp.headers.pop("Content-Type", "application/json; charset=utf-8"))
@@ -1389,8 +1622,9 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(p) if p.isdigit() else -1 for p in version.split("."))
 
 
-def _image_version(image: PlatformImage, base: str, region: str, version: str, *, with_properties: bool
-                   ) -> dict[str, Any]:
+def _image_version(
+    image: PlatformImage, base: str, region: str, version: str, *, with_properties: bool
+) -> dict[str, Any]:
     """A VirtualMachineImage: the list shows name, location and id; get adds its properties."""
     out: dict[str, Any] = {"location": region, "name": version, "id": f"{base}/{version}"}
     if with_properties:
@@ -1410,13 +1644,22 @@ def _error(status: int, code: str, message: str) -> _Response:
     return _Response(status, {"error": {"code": code, "message": message}})
 
 
+def _storage_error(status: int, code: str, message: str) -> _Response:
+    """An error as the blob service answers it: XML body, the code in a header too."""
+    body = f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
+    return _Response(status, body.encode(), {"Content-Type": "application/xml", "x-ms-error-code": code})
+
+
 def _group_not_found(name: str) -> ArmError:
     return ArmError(404, "ResourceGroupNotFound", f"Resource group '{name}' could not be found.")
 
 
 def _group_being_deleted(name: str) -> ArmError:
-    return ArmError(409, "ResourceGroupBeingDeleted",
-                    f"The resource group '{name}' is in deprovisioning state and cannot perform this operation.")
+    return ArmError(
+        409,
+        "ResourceGroupBeingDeleted",
+        f"The resource group '{name}' is in deprovisioning state and cannot perform this operation.",
+    )
 
 
 def _not_allowed(message: str) -> ArmError:
@@ -1436,13 +1679,19 @@ def _check_rest_shape(body: dict[str, Any], *, envelope: bool = True) -> None:
     `properties`). Action bodies (runCommand, beginGetAccess) have no envelope."""
     unknown = set(body) - _ALLOWED_TOP if envelope else set()
     if unknown:
-        raise ArmError(400, "InvalidRequestContent",
-                       f"The request content was invalid: unknown top-level member(s) {sorted(unknown)}; "
-                       "resource fields belong under 'properties' in camelCase.")
+        raise ArmError(
+            400,
+            "InvalidRequestContent",
+            f"The request content was invalid: unknown top-level member(s) {sorted(unknown)}; "
+            "resource fields belong under 'properties' in camelCase.",
+        )
     bad = _snake_keys(body)
     if bad:
-        raise ArmError(400, "InvalidRequestContent",
-                       f"The request content was invalid: member(s) {sorted(bad)} are not camelCase REST names.")
+        raise ArmError(
+            400,
+            "InvalidRequestContent",
+            f"The request content was invalid: member(s) {sorted(bad)} are not camelCase REST names.",
+        )
 
 
 def _snake_keys(value: Any, under: str = "") -> set[str]:

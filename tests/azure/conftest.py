@@ -13,7 +13,6 @@ from activities.clouds.azure import AzureCloud
 from activities.clouds.local import azurite as local_azurite
 from tests.arm_emulator import ArmEmulator
 from tests.azure.environment import Guests, guests_supported, make_arm, make_cloud
-from tests.local.azurite_fixture import azurite  # noqa: F401  (the session's Azurite)
 
 
 @pytest.fixture

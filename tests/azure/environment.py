@@ -55,7 +55,8 @@ PLATFORM_IMAGES = {
     ("Canonical", "UbuntuServer", "18.04-LTS"): PlatformImage(versions=["18.04.202401010", "18.04.202312120"]),
     ("Canonical", "UbuntuServer", "16.04-LTS"): PlatformImage(versions=["16.04.202109280"]),
     ("Canonical", "0001-com-ubuntu-server-focal", "20_04-lts-gen2"): PlatformImage(
-        versions=["20.04.202402010", "20.04.202310250"], hyper_v_generation="V2"),
+        versions=["20.04.202402010", "20.04.202310250"], hyper_v_generation="V2"
+    ),
 }
 
 # The guest's agent and tools, as far as the corpus templates use them.
@@ -150,8 +151,19 @@ def overlay_on_root_works(state: Path) -> bool:
         (probe / sub).mkdir()
     try:
         done = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "mount", "-t", "overlay", "probe", "-o",
-             f"lowerdir=/,upperdir={probe / 'u'},workdir={probe / 'w'}", str(probe / "m")],
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "mount",
+                "-t",
+                "overlay",
+                "probe",
+                "-o",
+                f"lowerdir=/,upperdir={probe / 'u'},workdir={probe / 'w'}",
+                str(probe / "m"),
+            ],
             capture_output=True,
         )
         return done.returncode == 0
@@ -254,15 +266,26 @@ class AzureHarness:
     def corpus(self, name: str, **extra: str) -> dict[str, Any]:
         """A corpus template with its <placeholders> set to emulator values and its artifacts made local."""
         values = {
-            "region": LOCATION, "region1": LOCATION, "region2": REGION2, "subscriptionID": SUB, "rgName": RG,
-            "resourceGroupName": RG, "imageName": "goldenImage", "runOutputName": "output",
-            "sharedImageGalName": GALLERY, "acgName": GALLERY, "imageDefName": "ubuntu",
+            "region": LOCATION,
+            "region1": LOCATION,
+            "region2": REGION2,
+            "subscriptionID": SUB,
+            "rgName": RG,
+            "resourceGroupName": RG,
+            "imageName": "goldenImage",
+            "runOutputName": "output",
+            "sharedImageGalName": GALLERY,
+            "acgName": GALLERY,
+            "imageDefName": "ubuntu",
             "imgBuilderId": f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.ManagedIdentity/"
-                            "userAssignedIdentities/aibIdentity",
-            "vnetRgName": "vnetRG", "vnetName": "buildVnet", "subnetName": "buildSubnet",
-            "srcImageName": "sourceImage", "scriptName": "validate script",
+            "userAssignedIdentities/aibIdentity",
+            "vnetRgName": "vnetRG",
+            "vnetName": "buildVnet",
+            "subnetName": "buildSubnet",
+            "srcImageName": "sourceImage",
+            "scriptName": "validate script",
             "sigDefImgVersionId": f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/galleries/"
-                                  f"{GALLERY}/images/source/versions/latest",
+            f"{GALLERY}/images/source/versions/latest",
             **extra,
         }
         text = (CORPUS / name).read_text()
@@ -297,21 +320,63 @@ async def prepare(cloud: AzureCloud, *, generation: str = "V1") -> None:
         await resource.resource_groups.create_or_update(group, {"location": LOCATION})
     await (await compute.galleries.begin_create_or_update(RG, GALLERY, {"location": LOCATION})).result()
     for definition in ("ubuntu", "source"):
-        await (await compute.gallery_images.begin_create_or_update(RG, GALLERY, definition, {
-            "location": LOCATION,
-            "properties": {"osType": "Linux", "osState": "Generalized", "hyperVGeneration": generation,
-                           "identifier": {"publisher": "kiln", "offer": definition, "sku": generation}},
-        })).result()
-    image = await (await compute.images.begin_create_or_update(RG, "sourceImage", {
-        "location": LOCATION,
-        "properties": {"hyperVGeneration": generation, "storageProfile": {"osDisk": {
-            "osType": "Linux", "osState": "Generalized", "blobUri": "https://src.blob.core.windows.net/vhds/a.vhd"}}},
-    })).result()
-    await (await compute.gallery_image_versions.begin_create_or_update(RG, GALLERY, "source", "1.0.0", {
-        "location": LOCATION, "properties": {"storageProfile": {"source": {"id": image.id}}},
-    })).result()
-    await (await network.virtual_networks.begin_create_or_update("vnetRG", "buildVnet", {
-        "location": LOCATION,
-        "properties": {"addressSpace": {"addressPrefixes": ["10.1.0.0/16"]},
-                       "subnets": [{"name": "buildSubnet", "properties": {"addressPrefix": "10.1.0.0/24"}}]},
-    })).result()
+        await (
+            await compute.gallery_images.begin_create_or_update(
+                RG,
+                GALLERY,
+                definition,
+                {
+                    "location": LOCATION,
+                    "properties": {
+                        "osType": "Linux",
+                        "osState": "Generalized",
+                        "hyperVGeneration": generation,
+                        "identifier": {"publisher": "kiln", "offer": definition, "sku": generation},
+                    },
+                },
+            )
+        ).result()
+    image = await (
+        await compute.images.begin_create_or_update(
+            RG,
+            "sourceImage",
+            {
+                "location": LOCATION,
+                "properties": {
+                    "hyperVGeneration": generation,
+                    "storageProfile": {
+                        "osDisk": {
+                            "osType": "Linux",
+                            "osState": "Generalized",
+                            "blobUri": "https://src.blob.core.windows.net/vhds/a.vhd",
+                        }
+                    },
+                },
+            },
+        )
+    ).result()
+    await (
+        await compute.gallery_image_versions.begin_create_or_update(
+            RG,
+            GALLERY,
+            "source",
+            "1.0.0",
+            {
+                "location": LOCATION,
+                "properties": {"storageProfile": {"source": {"id": image.id}}},
+            },
+        )
+    ).result()
+    await (
+        await network.virtual_networks.begin_create_or_update(
+            "vnetRG",
+            "buildVnet",
+            {
+                "location": LOCATION,
+                "properties": {
+                    "addressSpace": {"addressPrefixes": ["10.1.0.0/16"]},
+                    "subnets": [{"name": "buildSubnet", "properties": {"addressPrefix": "10.1.0.0/24"}}],
+                },
+            },
+        )
+    ).result()

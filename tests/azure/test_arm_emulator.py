@@ -47,7 +47,6 @@ from tests.arm_emulator import (
     PlatformImage,
     client_kwargs,
 )
-from tests.local.azurite_fixture import azurite  # noqa: F401  (the session's Azurite)
 
 SUB = "6f1c2a9e-5b0d-4c47-9d43-0b6a3c2e7f10"
 LOC = "eastus"
@@ -88,28 +87,70 @@ def make_group(az: Clients, name: str = "rg1", tags: dict[str, str] | None = Non
 def make_network(az: Clients, rg: str = "rg1") -> dict[str, str]:
     """NSG, VNet with a subnet on that NSG, public IP and NIC; returns their ids by kind."""
     net = az.network
-    nsg = net.network_security_groups.begin_create_or_update(rg, "nsg1", {
-        "location": LOC,
-        "properties": {"securityRules": [{"name": "ssh", "properties": {
-            "protocol": "Tcp", "access": "Allow", "direction": "Inbound", "priority": 100,
-            "sourceAddressPrefix": "*", "sourcePortRange": "*", "destinationAddressPrefix": "*",
-            "destinationPortRange": "22"}}]},
-    }).result()
-    vnet = net.virtual_networks.begin_create_or_update(rg, "vnet1", {
-        "location": LOC,
-        "properties": {"addressSpace": {"addressPrefixes": ["10.0.0.0/16"]}},
-    }).result()
-    subnet = net.subnets.begin_create_or_update(rg, "vnet1", "default", {
-        "properties": {"addressPrefix": "10.0.0.0/24", "networkSecurityGroup": {"id": nsg.id}},
-    }).result()
-    pip = net.public_ip_addresses.begin_create_or_update(rg, "pip1", {
-        "location": LOC, "sku": {"name": "Standard"}, "properties": {"publicIPAllocationMethod": "Static"},
-    }).result()
-    nic = net.network_interfaces.begin_create_or_update(rg, "nic1", {
-        "location": LOC,
-        "properties": {"ipConfigurations": [{"name": "ipconfig1", "properties": {
-            "subnet": {"id": subnet.id}, "publicIPAddress": {"id": pip.id}}}]},
-    }).result()
+    nsg = net.network_security_groups.begin_create_or_update(
+        rg,
+        "nsg1",
+        {
+            "location": LOC,
+            "properties": {
+                "securityRules": [
+                    {
+                        "name": "ssh",
+                        "properties": {
+                            "protocol": "Tcp",
+                            "access": "Allow",
+                            "direction": "Inbound",
+                            "priority": 100,
+                            "sourceAddressPrefix": "*",
+                            "sourcePortRange": "*",
+                            "destinationAddressPrefix": "*",
+                            "destinationPortRange": "22",
+                        },
+                    }
+                ]
+            },
+        },
+    ).result()
+    vnet = net.virtual_networks.begin_create_or_update(
+        rg,
+        "vnet1",
+        {
+            "location": LOC,
+            "properties": {"addressSpace": {"addressPrefixes": ["10.0.0.0/16"]}},
+        },
+    ).result()
+    subnet = net.subnets.begin_create_or_update(
+        rg,
+        "vnet1",
+        "default",
+        {
+            "properties": {"addressPrefix": "10.0.0.0/24", "networkSecurityGroup": {"id": nsg.id}},
+        },
+    ).result()
+    pip = net.public_ip_addresses.begin_create_or_update(
+        rg,
+        "pip1",
+        {
+            "location": LOC,
+            "sku": {"name": "Standard"},
+            "properties": {"publicIPAllocationMethod": "Static"},
+        },
+    ).result()
+    nic = net.network_interfaces.begin_create_or_update(
+        rg,
+        "nic1",
+        {
+            "location": LOC,
+            "properties": {
+                "ipConfigurations": [
+                    {
+                        "name": "ipconfig1",
+                        "properties": {"subnet": {"id": subnet.id}, "publicIPAddress": {"id": pip.id}},
+                    }
+                ]
+            },
+        },
+    ).result()
     return {"nsg": nsg.id, "vnet": vnet.id, "subnet": subnet.id, "pip": pip.id, "nic": nic.id}
 
 
@@ -122,16 +163,20 @@ def vm_model(nic_id: str, *, computer_name: str = "vm1") -> cm.VirtualMachine:
             image_reference=cm.ImageReference(
                 publisher="Canonical", offer="0001-com-ubuntu-server-jammy", sku="22_04-lts-gen2", version="latest"
             ),
-            os_disk=cm.OSDisk(create_option="FromImage", managed_disk=cm.ManagedDiskParameters(
-                storage_account_type="Standard_LRS")),
+            os_disk=cm.OSDisk(
+                create_option="FromImage", managed_disk=cm.ManagedDiskParameters(storage_account_type="Standard_LRS")
+            ),
         ),
         os_profile=cm.OSProfile(
             computer_name=computer_name,
             admin_username="kiln",
             linux_configuration=cm.LinuxConfiguration(
                 disable_password_authentication=True,
-                ssh=cm.SshConfiguration(public_keys=[cm.SshPublicKey(
-                    path="/home/kiln/.ssh/authorized_keys", key_data="ssh-ed25519 AAAAC3Nza kiln")]),
+                ssh=cm.SshConfiguration(
+                    public_keys=[
+                        cm.SshPublicKey(path="/home/kiln/.ssh/authorized_keys", key_data="ssh-ed25519 AAAAC3Nza kiln")
+                    ]
+                ),
             ),
         ),
         network_profile=cm.NetworkProfile(network_interfaces=[cm.NetworkInterfaceReference(id=nic_id)]),
@@ -262,9 +307,15 @@ def test_managed_run_command_reports_output(arm: ArmEmulator, az: Clients) -> No
     arm.run_command = lambda vm_id, body: ("hello\n", "")
     make_vm(az)
     run = az.compute.virtual_machine_run_commands
-    run.begin_create_or_update("rg1", "vm1", "kiln-step", {
-        "location": LOC, "properties": {"source": {"script": "echo hello"}},
-    }).result()
+    run.begin_create_or_update(
+        "rg1",
+        "vm1",
+        "kiln-step",
+        {
+            "location": LOC,
+            "properties": {"source": {"script": "echo hello"}},
+        },
+    ).result()
     view = run.get_by_virtual_machine("rg1", "vm1", "kiln-step", expand="instanceView").instance_view
     assert (view.execution_state, view.exit_code, view.output) == ("Succeeded", 0, "hello\n")
 
@@ -273,12 +324,14 @@ def test_image_snapshot_gallery_and_disk_export(arm: ArmEmulator, az: Clients) -
     vm, _ = make_vm(az)
     compute = az.compute
     with pytest.raises(ResourceExistsError):
-        compute.images.begin_create_or_update("rg1", "img", {
-            "location": LOC, "properties": {"sourceVirtualMachine": {"id": vm.id}}})
+        compute.images.begin_create_or_update(
+            "rg1", "img", {"location": LOC, "properties": {"sourceVirtualMachine": {"id": vm.id}}}
+        )
     compute.virtual_machines.begin_deallocate("rg1", "vm1").result()
     compute.virtual_machines.generalize("rg1", "vm1")
-    image = compute.images.begin_create_or_update("rg1", "img", {
-        "location": LOC, "properties": {"sourceVirtualMachine": {"id": vm.id}, "hyperVGeneration": "V2"}}).result()
+    image = compute.images.begin_create_or_update(
+        "rg1", "img", {"location": LOC, "properties": {"sourceVirtualMachine": {"id": vm.id}, "hyperVGeneration": "V2"}}
+    ).result()
     assert image.storage_profile.os_disk.os_state == "Generalized"
 
     disk_id = vm.storage_profile.os_disk.managed_disk.id
@@ -288,8 +341,9 @@ def test_image_snapshot_gallery_and_disk_export(arm: ArmEmulator, az: Clients) -
     # Disk and snapshot PUTs answer 202 (never 201), which is all the SDK accepts for them.
     assert any(c.method == "PUT" and c.path.endswith("/snapshots/snap") and c.status == 202 for c in arm.calls)
 
-    access = compute.disks.begin_grant_access("rg1", vm.storage_profile.os_disk.name,
-                                              {"access": "Read", "durationInSeconds": 3600}).result()
+    access = compute.disks.begin_grant_access(
+        "rg1", vm.storage_profile.os_disk.name, {"access": "Read", "durationInSeconds": 3600}
+    ).result()
     assert compute.disks.get("rg1", vm.storage_profile.os_disk.name).disk_state == "ActiveSAS"
     vhd = BlobClient.from_blob_url(access.access_sas).download_blob().readall()
     assert len(vhd) == 1024 * 1024 + 512 and vhd[-512:-504] == b"conectix"
@@ -298,11 +352,23 @@ def test_image_snapshot_gallery_and_disk_export(arm: ArmEmulator, az: Clients) -
     assert compute.snapshots.begin_grant_access("rg1", "snap", {"access": "Read", "durationInSeconds": 60}).result()
 
     compute.galleries.begin_create_or_update("rg1", "gal", {"location": LOC, "properties": {}}).result()
-    compute.gallery_images.begin_create_or_update("rg1", "gal", "def", {"location": LOC, "properties": {
-        "osType": "Linux", "osState": "Generalized", "hyperVGeneration": "V2",
-        "identifier": {"publisher": "kiln", "offer": "demo", "sku": "1"}}}).result()
-    version = compute.gallery_image_versions.begin_create_or_update("rg1", "gal", "def", "1.0.0", {
-        "location": LOC, "properties": {"storageProfile": {"source": {"id": image.id}}}}).result()
+    compute.gallery_images.begin_create_or_update(
+        "rg1",
+        "gal",
+        "def",
+        {
+            "location": LOC,
+            "properties": {
+                "osType": "Linux",
+                "osState": "Generalized",
+                "hyperVGeneration": "V2",
+                "identifier": {"publisher": "kiln", "offer": "demo", "sku": "1"},
+            },
+        },
+    ).result()
+    version = compute.gallery_image_versions.begin_create_or_update(
+        "rg1", "gal", "def", "1.0.0", {"location": LOC, "properties": {"storageProfile": {"source": {"id": image.id}}}}
+    ).result()
     assert version.provisioning_state == "Succeeded"
     assert [v.name for v in compute.gallery_image_versions.list_by_gallery_image("rg1", "gal", "def")] == ["1.0.0"]
 
@@ -320,7 +386,8 @@ def test_group_delete_deletes_everything_inside(arm: ArmEmulator, az: Clients) -
 def test_resources_filter_by_tag(arm: ArmEmulator, az: Clients) -> None:
     make_group(az, "kiln-b1", tags={"kiln-build": "b1"})
     az.network.network_security_groups.begin_create_or_update(
-        "kiln-b1", "nsg", {"location": LOC, "tags": {"kiln-build": "b1"}}).result()
+        "kiln-b1", "nsg", {"location": LOC, "tags": {"kiln-build": "b1"}}
+    ).result()
     az.network.network_security_groups.begin_create_or_update("kiln-b1", "untagged", {"location": LOC}).result()
     assert {r["name"] for r in arm.resources(tag_filter={"kiln-build": "b1"})} == {"kiln-b1", "nsg"}
     assert arm.resources(tag_filter={"kiln-build": "b2"}) == []
@@ -473,8 +540,12 @@ def test_in_use_resources_refuse_deletion(arm: ArmEmulator, az: Clients) -> None
 def test_failed_async_operation_surfaces_its_code(arm: ArmEmulator, az: Clients) -> None:
     make_group(az)
     ids = make_network(az)
-    arm.faults.fail_operation(method="PUT", path_regex="/virtualMachines/vm1$", code="QuotaExceeded",
-                              message="Operation could not be completed as it results in exceeding approved quota.")
+    arm.faults.fail_operation(
+        method="PUT",
+        path_regex="/virtualMachines/vm1$",
+        code="QuotaExceeded",
+        message="Operation could not be completed as it results in exceeding approved quota.",
+    )
     poller = az.compute.virtual_machines.begin_create_or_update("rg1", "vm1", vm_model(ids["nic"]))
     with pytest.raises(HttpResponseError) as failed:
         poller.result()
@@ -521,21 +592,40 @@ def test_snake_case_body_is_refused(arm: ArmEmulator, az: Clients) -> None:
 
 
 def gallery_version_body(image_id: str) -> dict[str, Any]:
-    return {"location": LOC, "properties": {
-        "publishingProfile": {"targetRegions": [
-            {"name": "eastus", "regionalReplicaCount": 1}, {"name": "westus2", "regionalReplicaCount": 2}]},
-        "storageProfile": {"source": {"id": image_id}}}}
+    return {
+        "location": LOC,
+        "properties": {
+            "publishingProfile": {
+                "targetRegions": [
+                    {"name": "eastus", "regionalReplicaCount": 1},
+                    {"name": "westus2", "regionalReplicaCount": 2},
+                ]
+            },
+            "storageProfile": {"source": {"id": image_id}},
+        },
+    }
 
 
 def make_gallery_image(az: Clients) -> str:
     vm, _ = make_vm(az)
     az.compute.virtual_machines.begin_deallocate("rg1", "vm1").result()
     az.compute.virtual_machines.generalize("rg1", "vm1")
-    image = az.compute.images.begin_create_or_update("rg1", "img", {
-        "location": LOC, "properties": {"sourceVirtualMachine": {"id": vm.id}}}).result()
+    image = az.compute.images.begin_create_or_update(
+        "rg1", "img", {"location": LOC, "properties": {"sourceVirtualMachine": {"id": vm.id}}}
+    ).result()
     az.compute.galleries.begin_create_or_update("rg1", "gal", {"location": LOC}).result()
-    az.compute.gallery_images.begin_create_or_update("rg1", "gal", "def", {"location": LOC, "properties": {
-        "osType": "Linux", "osState": "Generalized", "identifier": {"publisher": "p", "offer": "o", "sku": "s"}}}
+    az.compute.gallery_images.begin_create_or_update(
+        "rg1",
+        "gal",
+        "def",
+        {
+            "location": LOC,
+            "properties": {
+                "osType": "Linux",
+                "osState": "Generalized",
+                "identifier": {"publisher": "p", "offer": "o", "sku": "s"},
+            },
+        },
     ).result()
     return image.id
 
@@ -569,8 +659,12 @@ def test_gallery_version_reports_per_region_replication(arm: ArmEmulator, az: Cl
 
 def test_gallery_version_regional_replication_failure(arm: ArmEmulator, az: Clients) -> None:
     image_id = make_gallery_image(az)
-    arm.faults.slow_replication(polls=1, regions=["westus2"], fail_code="ReplicationFailed",
-                                fail_message="Replication to westus2 failed: storage unavailable.")
+    arm.faults.slow_replication(
+        polls=1,
+        regions=["westus2"],
+        fail_code="ReplicationFailed",
+        fail_message="Replication to westus2 failed: storage unavailable.",
+    )
     versions = az.compute.gallery_image_versions
     with pytest.raises(HttpResponseError) as failed:
         versions.begin_create_or_update("rg1", "gal", "def", "1.0.0", gallery_version_body(image_id)).result()
@@ -655,25 +749,34 @@ def test_guest_that_fails_to_boot_fails_the_vm_creation(arm: ArmEmulator, az: Cl
 # ---------------------------------------------------------------------------------------------- platform images
 
 JAMMY = ("Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2")
-PLAN = {"name": "cis-ubuntu2204-l1", "product": "cis-ubuntu-linux-2204-l1", "publisher": "center-for-internet-security-inc"}
+PLAN = {
+    "name": "cis-ubuntu2204-l1",
+    "product": "cis-ubuntu-linux-2204-l1",
+    "publisher": "center-for-internet-security-inc",
+}
 
 
 def test_platform_image_catalogue_lists_and_gets(arm: ArmEmulator, az: Clients) -> None:
     arm.platform_images = {
-        JAMMY: PlatformImage(versions=["22.04.202309190", "22.04.202402010", "22.04.202310250"],
-                             hyper_v_generation="V2"),
+        JAMMY: PlatformImage(
+            versions=["22.04.202309190", "22.04.202402010", "22.04.202310250"], hyper_v_generation="V2"
+        ),
         (PLAN["publisher"], PLAN["product"], PLAN["name"]): PlatformImage(
-            versions=["1.0.0"], plan=PLAN, locations=("West Europe",)),
+            versions=["1.0.0"], plan=PLAN, locations=("West Europe",)
+        ),
         ("MicrosoftWindowsServer", "WindowsServer", "2022-datacenter"): PlatformImage(
-            versions=["20348.2227.240104"], os_type="Windows"),
+            versions=["20348.2227.240104"], os_type="Windows"
+        ),
     }
     images = az.compute.virtual_machine_images
     listed = images.list("East US", "canonical", "0001-com-ubuntu-server-jammy", "22_04-LTS-gen2")
     assert [i.name for i in listed] == ["22.04.202309190", "22.04.202310250", "22.04.202402010"]
     assert listed[0].location == "eastus"
-    assert listed[0].id == (f"/Subscriptions/{SUB}/Providers/Microsoft.Compute/Locations/eastus/Publishers/canonical"
-                            "/ArtifactTypes/VMImage/Offers/0001-com-ubuntu-server-jammy/Skus/22_04-LTS-gen2"
-                            "/Versions/22.04.202309190")
+    assert listed[0].id == (
+        f"/Subscriptions/{SUB}/Providers/Microsoft.Compute/Locations/eastus/Publishers/canonical"
+        "/ArtifactTypes/VMImage/Offers/0001-com-ubuntu-server-jammy/Skus/22_04-LTS-gen2"
+        "/Versions/22.04.202309190"
+    )
     latest = images.list(LOC, *JAMMY, orderby="name desc", top=1)
     assert [i.name for i in latest] == ["22.04.202402010"]
 
@@ -685,9 +788,11 @@ def test_platform_image_catalogue_lists_and_gets(arm: ArmEmulator, az: Clients) 
     cis = images.get("westeurope", PLAN["publisher"], PLAN["product"], PLAN["name"], "1.0.0")
     assert (cis.plan.publisher, cis.plan.product, cis.plan.name) == (PLAN["publisher"], PLAN["product"], PLAN["name"])
 
-    for missing in (lambda: images.list(LOC, "Canonical", "0001-com-ubuntu-server-jammy", "no-such-sku"),
-                    lambda: images.get(LOC, *JAMMY, "22.04.000000000"),
-                    lambda: images.get(LOC, PLAN["publisher"], PLAN["product"], PLAN["name"], "1.0.0")):  # westeurope only
+    for missing in (
+        lambda: images.list(LOC, "Canonical", "0001-com-ubuntu-server-jammy", "no-such-sku"),
+        lambda: images.get(LOC, *JAMMY, "22.04.000000000"),
+        lambda: images.get(LOC, PLAN["publisher"], PLAN["product"], PLAN["name"], "1.0.0"),
+    ):  # westeurope only
         with pytest.raises(ResourceNotFoundError) as not_found:
             missing()
         assert not_found.value.error.code == "NotFound"
@@ -695,11 +800,14 @@ def test_platform_image_catalogue_lists_and_gets(arm: ArmEmulator, az: Clients) 
 
 
 def test_vm_from_a_plan_image_needs_the_plan(arm: ArmEmulator, az: Clients) -> None:
-    arm.platform_images[(PLAN["publisher"], PLAN["product"], PLAN["name"])] = PlatformImage(versions=["1.0.0"], plan=PLAN)
+    arm.platform_images[(PLAN["publisher"], PLAN["product"], PLAN["name"])] = PlatformImage(
+        versions=["1.0.0"], plan=PLAN
+    )
     make_group(az)
     vm = vm_model(make_network(az)["nic"])
     vm.storage_profile.image_reference = cm.ImageReference(
-        publisher=PLAN["publisher"], offer=PLAN["product"], sku=PLAN["name"], version="1.0.0")
+        publisher=PLAN["publisher"], offer=PLAN["product"], sku=PLAN["name"], version="1.0.0"
+    )
     with pytest.raises(HttpResponseError) as refused:
         az.compute.virtual_machines.begin_create_or_update("rg1", "vm1", vm)
     assert refused.value.status_code == 400 and refused.value.error.code == "VMMarketplaceInvalidInput"
@@ -713,27 +821,54 @@ def test_vm_from_a_plan_image_needs_the_plan(arm: ArmEmulator, az: Clients) -> N
 
 async def test_async_clients_create_poll_and_delete(arm: ArmEmulator) -> None:
     kwargs = client_kwargs(arm.base_url, aio=True)
-    async with FakeAsyncCredential() as cred, \
-            AioResourceManagementClient(cred, SUB, **kwargs) as resource, \
-            AioNetworkManagementClient(cred, SUB, **client_kwargs(arm.base_url, aio=True)) as network, \
-            AioComputeManagementClient(cred, SUB, **client_kwargs(arm.base_url, aio=True)) as compute:
+    async with (
+        FakeAsyncCredential() as cred,
+        AioResourceManagementClient(cred, SUB, **kwargs) as resource,
+        AioNetworkManagementClient(cred, SUB, **client_kwargs(arm.base_url, aio=True)) as network,
+        AioComputeManagementClient(cred, SUB, **client_kwargs(arm.base_url, aio=True)) as compute,
+    ):
         await resource.resource_groups.create_or_update("rg1", {"location": LOC})
         arm.faults.add(method="PUT", path_regex="/networkInterfaces/", status=429, retry_after=1, times=1)
-        nsg = await (await network.network_security_groups.begin_create_or_update(
-            "rg1", "nsg", {"location": LOC})).result()
-        vnet = await (await network.virtual_networks.begin_create_or_update("rg1", "vnet", {
-            "location": LOC, "properties": {"addressSpace": {"addressPrefixes": ["10.1.0.0/16"]},
-                                            "subnets": [{"name": "s", "properties": {
-                                                "addressPrefix": "10.1.0.0/24",
-                                                "networkSecurityGroup": {"id": nsg.id}}}]}})).result()
-        nic = await (await network.network_interfaces.begin_create_or_update("rg1", "nic", {
-            "location": LOC, "properties": {"ipConfigurations": [
-                {"name": "ip", "properties": {"subnet": {"id": vnet.subnets[0].id}}}]}})).result()
-        vm = await (await compute.virtual_machines.begin_create_or_update(
-            "rg1", "vm1", vm_model(nic.id))).result()
+        nsg = await (
+            await network.network_security_groups.begin_create_or_update("rg1", "nsg", {"location": LOC})
+        ).result()
+        vnet = await (
+            await network.virtual_networks.begin_create_or_update(
+                "rg1",
+                "vnet",
+                {
+                    "location": LOC,
+                    "properties": {
+                        "addressSpace": {"addressPrefixes": ["10.1.0.0/16"]},
+                        "subnets": [
+                            {
+                                "name": "s",
+                                "properties": {"addressPrefix": "10.1.0.0/24", "networkSecurityGroup": {"id": nsg.id}},
+                            }
+                        ],
+                    },
+                },
+            )
+        ).result()
+        nic = await (
+            await network.network_interfaces.begin_create_or_update(
+                "rg1",
+                "nic",
+                {
+                    "location": LOC,
+                    "properties": {
+                        "ipConfigurations": [{"name": "ip", "properties": {"subnet": {"id": vnet.subnets[0].id}}}]
+                    },
+                },
+            )
+        ).result()
+        vm = await (await compute.virtual_machines.begin_create_or_update("rg1", "vm1", vm_model(nic.id))).result()
         assert vm.provisioning_state == "Succeeded"
-        out = await (await compute.virtual_machines.begin_run_command(
-            "rg1", "vm1", {"commandId": "RunShellScript", "script": ["true"]})).result()
+        out = await (
+            await compute.virtual_machines.begin_run_command(
+                "rg1", "vm1", {"commandId": "RunShellScript", "script": ["true"]}
+            )
+        ).result()
         assert out.value[0].code == "ProvisioningState/succeeded"
 
         arm.faults.fail_operation(method="POST", path_regex="/powerOff$", code="OperationNotAllowed")
@@ -772,18 +907,33 @@ def test_disk_export_and_storage_endpoints_in_azurite(emulator_azurite: Azurite)
     azurite = emulator_azurite
     with ArmEmulator(azurite=azurite) as arm:
         kwargs = client_kwargs(arm.base_url)
-        az = Clients(*(cls(FakeCredential(), SUB, **kwargs) for cls in (
-            ResourceManagementClient, NetworkManagementClient, ComputeManagementClient, StorageManagementClient)))
+        az = Clients(
+            *(
+                cls(FakeCredential(), SUB, **kwargs)
+                for cls in (
+                    ResourceManagementClient,
+                    NetworkManagementClient,
+                    ComputeManagementClient,
+                    StorageManagementClient,
+                )
+            )
+        )
         vm, _ = make_vm(az)
         account = az.storage.storage_accounts.begin_create(
-            "rg1", "kilnstaging", {"location": LOC, "sku": {"name": "Standard_LRS"}, "kind": "StorageV2"}).result()
+            "rg1", "kilnstaging", {"location": LOC, "sku": {"name": "Standard_LRS"}, "kind": "StorageV2"}
+        ).result()
         assert account.primary_endpoints.blob == azurite.blob_url + "/"
         key = az.storage.storage_accounts.list_keys("rg1", "kilnstaging").as_dict()["keys"][0]["value"]
         assert key == azurite.account_key
 
         az.compute.virtual_machines.begin_deallocate("rg1", "vm1").result()
-        sas = az.compute.disks.begin_grant_access(
-            "rg1", vm.storage_profile.os_disk.name, {"access": "Read", "durationInSeconds": 600}).result().access_sas
+        sas = (
+            az.compute.disks.begin_grant_access(
+                "rg1", vm.storage_profile.os_disk.name, {"access": "Read", "durationInSeconds": 600}
+            )
+            .result()
+            .access_sas
+        )
         assert sas.startswith(azurite.blob_url) and "sig=" in sas
         blob = BlobClient.from_blob_url(sas)
         assert blob.get_blob_properties().blob_type == "PageBlob"

@@ -15,7 +15,15 @@ from temporalio.client import Client
 
 from activities.clouds.azure import AzureCloud
 from tests.arm_emulator import ArmEmulator
-from tests.azure.environment import LOCATION, REGION2, SUB, AzureHarness, Guests, prepare, temporary
+from tests.azure.environment import (
+    LOCATION,
+    REGION2,
+    SUB,
+    AzureHarness,
+    Guests,
+    prepare,
+    temporary,
+)
 from workflows.models import RunState
 
 
@@ -59,8 +67,10 @@ async def test_corpus_build(harness: AzureHarness, name: str, generation: str) -
             image = next(r for r in harness.arm.resources() if r["id"].lower() == target["imageId"].lower())
             assert image["tags"]["source"] == "azVmImageBuilder"
         elif target["type"] == "SharedImage":
-            regions = {r if isinstance(r, str) else r["name"] for r in
-                       target.get("replicationRegions") or target.get("targetRegions")}
+            regions = {
+                r if isinstance(r, str) else r["name"]
+                for r in target.get("replicationRegions") or target.get("targetRegions")
+            }
             assert set(output.replication) == regions and set(output.replication.values()) == {"Completed"}
             assert any(r["id"] == output.artifact_id for r in harness.arm.resources())
         else:
@@ -81,8 +91,14 @@ async def test_fault_create_vm_fails(harness: AzureHarness) -> None:
     await prepare(cloud)
     template = harness.corpus("q0_helloImageTemplateLinux.json")
     template["properties"]["stagingResourceGroup"] = await user_staging_group(cloud)
-    harness.arm.faults.add(method="PUT", path_regex="/virtualMachines/", status=409, code="QuotaExceeded",
-                           message="Operation results in exceeding approved standardDv2Family Cores quota.", times=None)
+    harness.arm.faults.add(
+        method="PUT",
+        path_regex="/virtualMachines/",
+        status=409,
+        code="QuotaExceeded",
+        message="Operation results in exceeding approved standardDv2Family Cores quota.",
+        times=None,
+    )
     status = await harness.finish(await harness.start(template, "fault-vm"))
     assert status.run_state == RunState.FAILED
     assert "quota" in status.message.lower()
@@ -119,8 +135,9 @@ async def test_fault_worker_lost_mid_replication_resumes(harness: AzureHarness) 
     hang.polls = 0
     status = await harness.finish(handle)
     assert status.run_state == RunState.SUCCEEDED, status.message
-    version_puts = [c for c in harness.arm.calls if c.method == "PUT" and "/versions/" in c.path
-                    and "/images/ubuntu/" in c.path]
+    version_puts = [
+        c for c in harness.arm.calls if c.method == "PUT" and "/versions/" in c.path and "/images/ubuntu/" in c.path
+    ]
     assert len(version_puts) == 1  # picked up again, not started over
     assert status.run_outputs[0].replication == {LOCATION: "Completed", REGION2: "Completed"}
     assert temporary(harness.arm) == []

@@ -38,8 +38,13 @@ def template(source: dict | None = None, **properties: object) -> object:
             "location": LOCATION,
             "properties": {
                 "source": source
-                or {"type": "PlatformImage", "publisher": "Canonical", "offer": "UbuntuServer", "sku": "18.04-LTS",
-                    "version": "latest"},
+                or {
+                    "type": "PlatformImage",
+                    "publisher": "Canonical",
+                    "offer": "UbuntuServer",
+                    "sku": "18.04-LTS",
+                    "version": "latest",
+                },
                 "distribute": [{"type": "VHD", "runOutputName": "vhd"}],
                 **properties,
             },
@@ -53,8 +58,15 @@ async def test_resolve_platform_latest_to_newest_version(cloud: AzureCloud) -> N
     assert source.hyper_v_generation == "V1" and source.os_type == "Linux"
     gen2 = await cloud.resolve_source(
         build_context(),
-        template({"type": "PlatformImage", "publisher": "Canonical", "offer": "0001-com-ubuntu-server-focal",
-                  "sku": "20_04-lts-gen2", "version": "latest"}),
+        template(
+            {
+                "type": "PlatformImage",
+                "publisher": "Canonical",
+                "offer": "0001-com-ubuntu-server-focal",
+                "sku": "20_04-lts-gen2",
+                "version": "latest",
+            }
+        ),
     )
     assert gen2.hyper_v_generation == "V2" and gen2.exact_version == "20.04.202402010"
 
@@ -147,14 +159,29 @@ async def test_throttling_with_retry_after_is_honoured(cloud: AzureCloud, arm: A
 @pytest.mark.parametrize(
     ("code", "status", "message", "kind", "named"),
     [
-        ("QuotaExceeded", 409, "Operation could not be completed as it results in exceeding approved standardDv2Family "
-         "Cores quota.", "QuotaExceeded", "quota"),
+        (
+            "QuotaExceeded",
+            409,
+            "Operation could not be completed as it results in exceeding approved standardDv2Family Cores quota.",
+            "QuotaExceeded",
+            "quota",
+        ),
         ("OperationNotAllowed", 409, "Operation results in exceeding quota limits of Core.", "QuotaExceeded", "quota"),
-        ("AuthorizationFailed", 403, "The client does not have authorization to perform action "
-         "'Microsoft.Compute/virtualMachines/write'.", "AuthorizationFailed", "deploy/azure-role.json"),
-        ("LinkedAuthorizationFailed", 403, "The client has permission to perform action on scope, however it does "
-         "not have permission to perform action 'Microsoft.Network/virtualNetworks/subnets/join/action'.",
-         "AuthorizationFailed", "deploy/azure-role.json"),
+        (
+            "AuthorizationFailed",
+            403,
+            "The client does not have authorization to perform action 'Microsoft.Compute/virtualMachines/write'.",
+            "AuthorizationFailed",
+            "deploy/azure-role.json",
+        ),
+        (
+            "LinkedAuthorizationFailed",
+            403,
+            "The client has permission to perform action on scope, however it does "
+            "not have permission to perform action 'Microsoft.Network/virtualNetworks/subnets/join/action'.",
+            "AuthorizationFailed",
+            "deploy/azure-role.json",
+        ),
     ],
 )
 async def test_quota_and_permission_fail_at_once_and_leave_nothing(
@@ -163,10 +190,12 @@ async def test_quota_and_permission_fail_at_once_and_leave_nothing(
     build = build_context()
     staging = await cloud.create_staging(build)
     source = await cloud.resolve_source(build, template())
-    fault = arm.faults.add(method="PUT", path_regex="/virtualMachines/", status=status, code=code, message=message,
-                           times=None)
-    spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source,
-                  vm_profile=VmProfile())
+    fault = arm.faults.add(
+        method="PUT", path_regex="/virtualMachines/", status=status, code=code, message=message, times=None
+    )
+    spec = VmSpec(
+        name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source, vm_profile=VmProfile()
+    )
     with pytest.raises(PermanentError, match=named) as caught:
         await cloud.create_vm(build, staging, spec)
     assert caught.value.type == kind
@@ -182,10 +211,17 @@ async def test_delete_conflicts_are_retried(cloud: AzureCloud, arm: ArmEmulator)
     await cloud.create_staging(build)
     parts_group = staging_group_name(build)
     network = cloud.arm.network
-    await cloud.vms.create_network(parts_group, _parts(build), location=LOCATION, tags={"kilnBuildId": build.build_id},
-                                   subnet_id=None)
-    fault = arm.faults.add(method="DELETE", path_regex="/networkSecurityGroups/", status=400,
-                           code="InUseNetworkSecurityGroupCannotBeDeleted", message="in use", times=2)
+    await cloud.vms.create_network(
+        parts_group, _parts(build), location=LOCATION, tags={"kilnBuildId": build.build_id}, subnet_id=None
+    )
+    fault = arm.faults.add(
+        method="DELETE",
+        path_regex="/networkSecurityGroups/",
+        status=400,
+        code="InUseNetworkSecurityGroupCannotBeDeleted",
+        message="in use",
+        times=2,
+    )
     await cloud.delete_vm(build, _parts(build).vm)
     assert fault.hits == 2
     assert [r async for r in network.network_security_groups.list(parts_group)] == []
@@ -204,8 +240,13 @@ async def test_vm_create_twice_connect_and_delete_twice(cloud: AzureCloud, arm: 
     build = build_context()
     staging = await cloud.create_staging(build)
     source = await cloud.resolve_source(build, template())
-    spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source,
-                  vm_profile=VmProfile(os_disk_size_gb=30))
+    spec = VmSpec(
+        name=f"{build.build_id}-build",
+        purpose="build",
+        image_id=source.image_id,
+        source=source,
+        vm_profile=VmProfile(os_disk_size_gb=30),
+    )
     vm = await cloud.create_vm(build, staging, spec)
     assert await cloud.create_vm(build, staging, spec) == vm
     assert vm.host_key.startswith("ssh-ed25519 ")

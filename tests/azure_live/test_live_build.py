@@ -33,12 +33,22 @@ async def test_live_gallery_build_leaves_nothing(client: Client) -> None:
     template = {
         "location": location,
         "properties": {
-            "source": {"type": "PlatformImage", "publisher": "Canonical", "offer": "0001-com-ubuntu-server-jammy",
-                       "sku": "22_04-lts-gen2", "version": "latest"},
+            "source": {
+                "type": "PlatformImage",
+                "publisher": "Canonical",
+                "offer": "0001-com-ubuntu-server-jammy",
+                "sku": "22_04-lts-gen2",
+                "version": "latest",
+            },
             "customize": [{"type": "Shell", "name": "hello", "inline": ["echo built by kiln | sudo tee /etc/kiln"]}],
-            "distribute": [{"type": "SharedImage", "runOutputName": "live",
-                            "galleryImageId": os.environ["KILN_LIVE_GALLERY_IMAGE_ID"],
-                            "targetRegions": [{"name": location}]}],
+            "distribute": [
+                {
+                    "type": "SharedImage",
+                    "runOutputName": "live",
+                    "galleryImageId": os.environ["KILN_LIVE_GALLERY_IMAGE_ID"],
+                    "targetRegions": [{"name": location}],
+                }
+            ],
         },
     }
     cloud = AzureCloud.from_environment()
@@ -46,8 +56,9 @@ async def test_live_gallery_build_leaves_nothing(client: Client) -> None:
     stop = asyncio.Event()
     worker = asyncio.create_task(run_worker(client, cloud, task_queue=task_queue, stop=stop))
     try:
-        handle = await client.start_workflow(ImageBuildWorkflow.run, template, id=f"live-{uuid.uuid4().hex[:8]}",
-                                             task_queue=task_queue)
+        handle = await client.start_workflow(
+            ImageBuildWorkflow.run, template, id=f"live-{uuid.uuid4().hex[:8]}", task_queue=task_queue
+        )
         try:
             await handle.result()
         except WorkflowFailureError:
@@ -65,8 +76,11 @@ async def test_live_gallery_build_leaves_nothing(client: Client) -> None:
         output = status.run_outputs[0]
         version = output.artifact_id.rsplit("/", 1)[1]
         definition = os.environ["KILN_LIVE_GALLERY_IMAGE_ID"].split("/")
-        await (await cloud.arm.compute.gallery_image_versions.begin_delete(
-            definition[4], definition[8], definition[10], version)).result()
+        await (
+            await cloud.arm.compute.gallery_image_versions.begin_delete(
+                definition[4], definition[8], definition[10], version
+            )
+        ).result()
     finally:
         stop.set()
         await worker

@@ -1,7 +1,6 @@
-"""A real Azurite for the local-cloud tests: one per session, on a free loopback port, its data in a temp folder.
+"""A real Azurite for the tests: one per session, on a free loopback port, its data in a temp folder.
 
-Import the fixtures into a test module (or conftest) to use them:
-``from tests.local.azurite_fixture import azurite, local_storage  # noqa: F401``
+The root conftest loads these fixtures for every test folder.
 """
 
 from __future__ import annotations

@@ -170,8 +170,10 @@ class LocalBuilds:
 
     async def make_gallery(self) -> str:
         """A gallery of its own with a Debian 12 gen2 (Hyper-V V2) image definition; the definition's id."""
-        gallery = (f"/subscriptions/{LOCAL_SUBSCRIPTION}/resourceGroups/kiln-tests/providers/Microsoft.Compute"
-                   f"/galleries/tests{uuid.uuid4().hex[:8]}")
+        gallery = (
+            f"/subscriptions/{LOCAL_SUBSCRIPTION}/resourceGroups/kiln-tests/providers/Microsoft.Compute"
+            f"/galleries/tests{uuid.uuid4().hex[:8]}"
+        )
         definition = f"{gallery}/images/debian12"
         self.gallery_records.append((await self.storage.create_gallery(gallery, location="westeurope")).id)
         record = await self.storage.create_image_definition(
@@ -211,7 +213,11 @@ class LocalBuilds:
         captured = self.state / "images" / "captured"
         left += [f"captured image {p}" for p in captured.glob(f"{build.build_id}-*")]
         records = await asyncio.to_thread(self.store.list, build_id=build.build_id)
-        left += [f"record {r.kind} {r.id} ({r.tags.get(TAG_ROLE)})" for r in records if r.tags.get(TAG_ROLE) not in KEPT_ROLES]
+        left += [
+            f"record {r.kind} {r.id} ({r.tags.get(TAG_ROLE)})"
+            for r in records
+            if r.tags.get(TAG_ROLE) not in KEPT_ROLES
+        ]
         recorded = {r.id for r in records}
         blobs = await build_blobs(self.storage.endpoint, build.build_id)
         left += [f"blob {url} (no record of it)" for url in blobs if url not in recorded]
@@ -271,8 +277,11 @@ async def build_blobs(endpoint: str, build_id: str) -> set[str]:
 async def build_containers(endpoint: str, build_id: str) -> list[str]:
     """Containers the build made (its staging container)."""
     async with _service(endpoint, azurite.STAGING_ACCOUNT) as service:
-        return [c.name async for c in service.list_containers(include_metadata=True)
-                if (c.metadata or {}).get("kilnbuildid") == build_id]
+        return [
+            c.name
+            async for c in service.list_containers(include_metadata=True)
+            if (c.metadata or {}).get("kilnbuildid") == build_id
+        ]
 
 
 async def region_blobs(endpoint: str, region: str, container: str, prefix: str) -> dict[str, int]:
@@ -316,7 +325,9 @@ def kiln_home(state: Path) -> Iterator[None]:
 
 
 @asynccontextmanager
-async def worker_process(client: Client, state: Path, endpoint: str, task_queue: str) -> AsyncIterator[asyncio.subprocess.Process]:
+async def worker_process(
+    client: Client, state: Path, endpoint: str, task_queue: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """A worker in a process of its own (``tests.local.local_worker``), stopped at the end unless it is gone."""
     env = {
         **os.environ,
@@ -337,7 +348,9 @@ async def worker_process(client: Client, state: Path, endpoint: str, task_queue:
 
 
 @asynccontextmanager
-async def serving(client: Client, endpoint: str, state: Path, store: ResourceStore, files: Path) -> AsyncIterator[LocalBuilds]:
+async def serving(
+    client: Client, endpoint: str, state: Path, store: ResourceStore, files: Path
+) -> AsyncIterator[LocalBuilds]:
     """Real local builds on the base cached in ``state``, served on a task queue of their own; ``files`` is served
     for scriptUri and sourceUri. The builds' records (logs and outputs included) go afterwards, as the Azurite
     that held their blobs does."""

@@ -41,8 +41,14 @@ def debian_template(**source: str) -> ImageTemplate:
         {
             "location": "westeurope",
             "properties": {
-                "source": {"type": "PlatformImage", "publisher": "Debian", "offer": "debian-12", "sku": "12-gen2",
-                           "version": "latest", **source},
+                "source": {
+                    "type": "PlatformImage",
+                    "publisher": "Debian",
+                    "offer": "debian-12",
+                    "sku": "12-gen2",
+                    "version": "latest",
+                    **source,
+                },
                 "distribute": [{"type": "VHD", "runOutputName": "vhd"}],
             },
         }
@@ -132,8 +138,20 @@ async def guest_run(cloud: LocalCloud, vm_name: str, command: str) -> str:
     """Run ``command`` as root inside the VM's namespaces from the host: a look that needs no login."""
     pid = int(cloud.vms.folder(vm_name).pid_file.read_text().split()[0])
     process = await asyncio.create_subprocess_exec(
-        "nsenter", "--target", str(pid), "--mount", "--uts", "--ipc", "--pid", "--root", "--wd",
-        "sh", "-c", command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        "nsenter",
+        "--target",
+        str(pid),
+        "--mount",
+        "--uts",
+        "--ipc",
+        "--pid",
+        "--root",
+        "--wd",
+        "sh",
+        "-c",
+        command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     output, _ = await process.communicate()
     return output.decode()

@@ -45,7 +45,6 @@ pytestmark = [
         reason=f"local builds need root and {', '.join(HOST_TOOLS)}",
     ),
 ]
-pytest_plugins = ["tests.local.azurite_fixture"]
 
 RELEASE = b"NAME=kiln golden\nVERSION=1\n"
 CONFIGURE = b"#!/bin/sh\nset -e\necho 'configure: writing /etc/kiln-configured'\necho configured | sudo tee /etc/kiln-configured\n"
@@ -74,7 +73,11 @@ async def test_a_template_end_to_end(local_builds: LocalBuilds, tmp_path: Path) 
     release = tmp_path / "kiln-release"
     release.write_bytes(RELEASE)
     definition = await local_builds.make_gallery()
-    regions = [{"name": "westeurope", "replicaCount": 1}, {"name": "eastus", "replicaCount": 2}, {"name": "southeastasia"}]
+    regions = [
+        {"name": "westeurope", "replicaCount": 1},
+        {"name": "eastus", "replicaCount": 2},
+        {"name": "southeastasia"},
+    ]
     build = await local_builds.start(
         template(
             [
@@ -91,7 +94,12 @@ async def test_a_template_end_to_end(local_builds: LocalBuilds, tmp_path: Path) 
             ],
             [
                 {"type": "VHD", "runOutputName": "vhd"},
-                {"type": "SharedImage", "runOutputName": "gallery", "galleryImageId": definition, "targetRegions": regions},
+                {
+                    "type": "SharedImage",
+                    "runOutputName": "gallery",
+                    "galleryImageId": definition,
+                    "targetRegions": regions,
+                },
             ],
             validate={"inVMValidations": [shell("check", "grep -q golden /etc/kiln-release", "echo 'check: found'")]},
         ),
@@ -103,8 +111,13 @@ async def test_a_template_end_to_end(local_builds: LocalBuilds, tmp_path: Path) 
     assert outputs["gallery"].replication == {r["name"]: "Completed" for r in regions}
 
     log = await local_builds.log(status)
-    for line in ("motd: writing /etc/motd", "configure: writing /etc/kiln-configured",
-                 f"{len(RELEASE)} bytes copied", "install: done", "deleting the build user"):
+    for line in (
+        "motd: writing /etc/motd",
+        "configure: writing /etc/kiln-configured",
+        f"{len(RELEASE)} bytes copied",
+        "install: done",
+        "deleting the build user",
+    ):
         assert line in log
     assert "check: found" in await local_builds.log(status, "validation.log")
 
@@ -134,7 +147,9 @@ async def test_cleanup_after_a_failure_a_cancel_and_a_timeout(local_builds: Loca
     parts and the staging storage, and keeps only the log."""
 
     async def failing() -> None:
-        build = await local_builds.start(template([shell("fails", "echo 'fails: giving up'", "exit 3")]), prefix="fails")
+        build = await local_builds.start(
+            template([shell("fails", "echo 'fails: giving up'", "exit 3")]), prefix="fails"
+        )
         status = await local_builds.finish(build)
         assert status.run_state == RunState.FAILED
         assert "customize 1/1: fails failed with exit code 3" in status.message
@@ -171,7 +186,9 @@ async def test_a_worker_killed_mid_customizer(local_builds: LocalBuilds) -> None
     """SIGKILL the worker while a script runs and start another: the script ran once, its output is in the log
     once and whole, and the build succeeds and leaves nothing temporary."""
     queue = f"{local_builds.task_queue}-process"
-    step = shell("slow", "echo 'slow: started'", "sleep 5", "echo once | sudo tee -a /etc/kiln-marker", "echo 'slow: done'")
+    step = shell(
+        "slow", "echo 'slow: started'", "sleep 5", "echo once | sudo tee -a /etc/kiln-marker", "echo 'slow: done'"
+    )
     endpoint = local_builds.storage.endpoint
     async with worker_process(local_builds.client, local_builds.state, endpoint, queue) as first:
         build = await local_builds.start(template([step]), prefix="killed", task_queue=queue)
@@ -197,7 +214,9 @@ async def test_three_builds_at_once_do_not_collide(local_builds: LocalBuilds, tm
     statuses = await asyncio.gather(*(local_builds.finish(b) for b in builds))
     assert [s.run_state for s in statuses] == [RunState.SUCCEEDED] * 3, [s.message for s in statuses]
     vms = [vm for b in builds for vm in b.vms.values()]
-    assert len({vm.folder for vm in vms}) == len({vm.address for vm in vms}) == len({vm.pid_namespace for vm in vms}) == 3
+    assert (
+        len({vm.folder for vm in vms}) == len({vm.address for vm in vms}) == len({vm.pid_namespace for vm in vms}) == 3
+    )
     for token, build, status in zip(tokens, builds, statuses, strict=True):
         log = await local_builds.log(status)
         assert [t for t in tokens if t in log] == [token]

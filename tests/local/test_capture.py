@@ -13,7 +13,14 @@ import pytest
 from activities.clouds.local import LocalCloud
 from activities.clouds.local.storage import LocalImage
 from activities.clouds.local.store import ResourceStore
-from tests.local.conftest import STAGING, ImagesOnlyStorage, MakeVm, guest_run, new_build, run_to_end
+from tests.local.conftest import (
+    STAGING,
+    ImagesOnlyStorage,
+    MakeVm,
+    guest_run,
+    new_build,
+    run_to_end,
+)
 from workflows.models import BuildContext, BuildVm, CapturedImage, CaptureSpec
 from workflows.template import parse_template
 

@@ -11,7 +11,12 @@ import pytest
 
 from activities.clouds.base import PermanentError
 from activities.clouds.local import LocalCloud
-from activities.clouds.local.images import ImageCache, LocalOffer, find_offer, resolve_platform_image
+from activities.clouds.local.images import (
+    ImageCache,
+    LocalOffer,
+    find_offer,
+    resolve_platform_image,
+)
 from activities.clouds.local.store import ResourceStore
 from tests.local.conftest import ImagesOnlyStorage, debian_template, new_build
 from workflows.models import ResolvedSource

@@ -28,7 +28,13 @@ from activities.clouds.local.storage import (
     nonzero_runs,
     read_log,
 )
-from activities.clouds.local.store import ROLE_LOG, ROLE_OUTPUT, TAG_BUILD_ID, TAG_ROLE, ResourceStore
+from activities.clouds.local.store import (
+    ROLE_LOG,
+    ROLE_OUTPUT,
+    TAG_BUILD_ID,
+    TAG_ROLE,
+    ResourceStore,
+)
 from tests.local.vhd_files import sent_pages, used_pages, write_vhd
 from workflows.models import (
     Artifact,
@@ -48,7 +54,6 @@ from workflows.template import (
 )
 
 pytestmark = pytest.mark.local
-pytest_plugins = ["tests.local.azurite_fixture"]
 
 MiB = 1024 * 1024
 SUB = "/subscriptions/11111111-2222-3333-4444-555555555555/resourceGroups/images"
@@ -475,7 +480,10 @@ async def test_a_resumed_replication_skips_completed_regions(
     monkeypatch.setattr(LocalStorage, "_finish_region", finish)
     output = await local_storage.distribute(request, resume=points[-1], progress=lambda p: None)
     assert set(output.replication.values()) == {"Completed"}
-    assert sent == [sent_pages(disk, MERGE_GAP), 0]  # the file was streamed once; the retry only finished westus2's replicas
+    assert sent == [
+        sent_pages(disk, MERGE_GAP),
+        0,
+    ]  # the file was streamed once; the retry only finished westus2's replicas
     for url, etag in done.items():
         assert (await local_storage._blob_at(url).get_blob_properties()).etag == etag
     westus2 = version.data["regions"]["westus2"]["blobs"]
@@ -605,7 +613,7 @@ async def test_every_blob_is_recorded_and_temporary_ones_forgotten(
             service = local_storage._service(account)
             async for container in service.list_containers():
                 async for blob in service.get_container_client(container.name).list_blobs(include=["metadata"]):
-                    if blob.metadata.get("kilnbuildid") == build.build_id:
+                    if (blob.metadata or {}).get("kilnbuildid") == build.build_id:
                         found.add(service.get_blob_client(container.name, blob.name).url)
         return found
 

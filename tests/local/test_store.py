@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from activities.clouds.local.store import ROLE_TEMPORARY, TAG_BUILD_ID, ResourceStore, kiln_tags
+from activities.clouds.local.store import (
+    ROLE_TEMPORARY,
+    TAG_BUILD_ID,
+    ResourceStore,
+    kiln_tags,
+)
 
 pytestmark = pytest.mark.local
 

@@ -103,7 +103,10 @@ async def test_connect_refuses_a_host_key_other_than_the_pinned_one(cloud: Local
     build, vm = await make_vm()
     other = public_line(derive_key(b"another secret", build.build_id, "host"))
     session = open_session(
-        host=vm.host, port=vm.port, username=vm.admin_user, host_key=other,
+        host=vm.host,
+        port=vm.port,
+        username=vm.admin_user,
+        host_key=other,
         client_key=derive_key(b"another secret", build.build_id, "client"),
     )
     with pytest.raises(PermanentError, match="host key"):
@@ -130,9 +133,7 @@ async def test_vm_size_sets_cgroup_limits_clamped_to_the_machine(cloud: LocalClo
     assert f"/kiln/{vm.name}" in Path(f"/proc/{pid}/cgroup").read_text()
 
 
-async def test_deprovision_removes_the_user_and_host_keys_and_still_reports_its_end(
-    cloud: LocalCloud, make_vm: MakeVm
-):
+async def test_deprovision_removes_the_user_and_host_keys_and_still_reports_its_end(cloud: LocalCloud, make_vm: MakeVm):
     build, vm = await make_vm()
     async with cloud.connect(build, vm) as guest:
         await run_to_end(guest, "dirty", "echo x > /tmp/junk; sudo sh -c 'echo log > /var/log/custom.log'")
@@ -155,7 +156,9 @@ async def test_delete_leaves_no_process_mount_folder_address_or_record(
     cloud: LocalCloud, store: ResourceStore, debian: ResolvedSource
 ):
     build = new_build()
-    spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=debian.image_id, source=debian, vm_profile={})
+    spec = VmSpec(
+        name=f"{build.build_id}-build", purpose="build", image_id=debian.image_id, source=debian, vm_profile={}
+    )
     vm = await cloud.create_vm(build, STAGING, spec)
     try:
         folder = cloud.vms.folder(vm.name).path
@@ -177,21 +180,29 @@ async def test_delete_leaves_no_process_mount_folder_address_or_record(
 
 async def test_vm_outlives_the_process_that_made_it(cloud: LocalCloud, state: Path, debian: ResolvedSource):
     build = new_build()
-    spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=debian.image_id, source=debian, vm_profile={})
+    spec = VmSpec(
+        name=f"{build.build_id}-build", purpose="build", image_id=debian.image_id, source=debian, vm_profile={}
+    )
     maker = f"""
 import asyncio, sys
 from pathlib import Path
 from activities.clouds.local import LocalCloud
 from activities.clouds.local.store import ResourceStore
 from workflows.models import BuildContext, Staging, VmSpec
-cloud = LocalCloud(storage=None, store=ResourceStore(Path({str(state / 'resources.db')!r})), state=Path({str(state)!r}))
+cloud = LocalCloud(storage=None, store=ResourceStore(Path({str(state / "resources.db")!r})), state=Path({str(state)!r}))
 vm = asyncio.run(cloud.create_vm(BuildContext.model_validate_json(sys.argv[1]),
                  Staging.model_validate_json(sys.argv[2]), VmSpec.model_validate_json(sys.argv[3])))
 print(vm.model_dump_json())
 """
     made = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", maker, build.model_dump_json(), STAGING.model_dump_json(), spec.model_dump_json(),
-        cwd=Path(__file__).parents[2], stdout=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-c",
+        maker,
+        build.model_dump_json(),
+        STAGING.model_dump_json(),
+        spec.model_dump_json(),
+        cwd=Path(__file__).parents[2],
+        stdout=asyncio.subprocess.PIPE,
     )
     stdout, _ = await made.communicate()
     assert made.returncode == 0

@@ -50,7 +50,9 @@ def test_validate_accepts_a_corpus_template(capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().out.strip() == "OK: q0_helloImageTemplateLinux"
 
 
-def test_validate_resolves_an_arm_wrapper_with_its_parameters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_resolves_an_arm_wrapper_with_its_parameters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     parameters = tmp_path / "parameters.json"
     values = {"imageTemplateName": "win-sig", "api-version": "2022-02-14", "svclocation": "westus2"}
     parameters.write_text(json.dumps({"parameters": {k: {"value": v} for k, v in values.items()}}))
@@ -176,8 +178,12 @@ def test_summary_shows_outputs_leftovers_and_log() -> None:
         start_time=started,
         end_time=started + timedelta(minutes=12, seconds=3),
         run_outputs=[
-            RunOutput(run_output_name="gallery", type="SharedImage", artifact_id="/sub/img/1.0.0",
-                      replication={"westeurope": "Completed"}),
+            RunOutput(
+                run_output_name="gallery",
+                type="SharedImage",
+                artifact_id="/sub/img/1.0.0",
+                replication={"westeurope": "Completed"},
+            ),
             RunOutput(run_output_name="vhd", type="VHD", provisioning_state="Failed", message="quota"),
         ],
         resources=[Resource(id="/sub/rg/vm", kind="VirtualMachine", owner="golden-build")],
@@ -199,9 +205,7 @@ def test_summary_shows_outputs_leftovers_and_log() -> None:
         assert expected in text
 
 
-@pytest.mark.parametrize(
-    ("seconds", "text"), [(0, "0s"), (59.9, "59s"), (65, "1m 05s"), (3 * 3600 + 120, "3h 02m")]
-)
+@pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (59.9, "59s"), (65, "1m 05s"), (3 * 3600 + 120, "3h 02m")])
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
 
@@ -221,7 +225,10 @@ async def test_read_log_from_a_file_uri_and_offset(tmp_path: Path) -> None:
 
 def test_sibling_log_keeps_the_folder_and_a_sas_query() -> None:
     uri = "https://acct.blob.core.windows.net/logs/b1/customization.log?sv=2024&sig=abc"
-    assert sibling_log(uri, "validation.log") == "https://acct.blob.core.windows.net/logs/b1/validation.log?sv=2024&sig=abc"
+    assert (
+        sibling_log(uri, "validation.log")
+        == "https://acct.blob.core.windows.net/logs/b1/validation.log?sv=2024&sig=abc"
+    )
 
 
 async def test_log_tail_returns_complete_lines_once(tmp_path: Path) -> None:

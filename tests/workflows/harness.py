@@ -34,7 +34,13 @@ def linux_template(artifacts: Path, **properties: Any) -> dict[str, Any]:
     template = {
         "location": "westeurope",
         "properties": {
-            "source": {"type": "PlatformImage", "publisher": "Debian", "offer": "debian-12", "sku": "12", "version": "latest"},
+            "source": {
+                "type": "PlatformImage",
+                "publisher": "Debian",
+                "offer": "debian-12",
+                "sku": "12",
+                "version": "latest",
+            },
             "customize": [
                 {"type": "Shell", "name": "packages", "inline": ["sudo apt-get install -y tree"]},
                 {
@@ -45,9 +51,16 @@ def linux_template(artifacts: Path, **properties: Any) -> dict[str, Any]:
                 },
                 {"type": "File", "name": "page", "sourceUri": page.as_uri(), "destination": "/tmp/index.html"},
             ],
-            "validate": {"inVMValidations": [{"type": "Shell", "name": "check", "inline": ["test -f /tmp/configured"]}]},
+            "validate": {
+                "inVMValidations": [{"type": "Shell", "name": "check", "inline": ["test -f /tmp/configured"]}]
+            },
             "distribute": [
-                {"type": "ManagedImage", "runOutputName": "managed", "imageId": f"{sub}/images/golden", "location": "westeurope"},
+                {
+                    "type": "ManagedImage",
+                    "runOutputName": "managed",
+                    "imageId": f"{sub}/images/golden",
+                    "location": "westeurope",
+                },
                 {
                     "type": "SharedImage",
                     "runOutputName": "gallery",

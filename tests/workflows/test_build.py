@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.workflows.harness import Harness, harness  # noqa: F401  (fixture)
+from tests.workflows.harness import Harness
 from workflows.models import RunState
 
 
@@ -11,7 +11,9 @@ async def test_build_succeeds_and_leaves_only_its_outputs(harness: Harness) -> N
 
     assert status.run_state == RunState.SUCCEEDED, status.message
     assert [o.run_output_name for o in sorted(status.run_outputs, key=lambda o: o.run_output_name)] == [
-        "gallery", "managed", "vhd"
+        "gallery",
+        "managed",
+        "vhd",
     ]
     assert harness.cloud.alive() == []
     assert len(harness.cloud.alive(include_outputs=True)) == 3

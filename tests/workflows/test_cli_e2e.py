@@ -29,7 +29,9 @@ from start_build import start_build  # noqa: E402  (the example is tested as it 
 
 
 @pytest_asyncio.fixture
-async def cloud(env: WorkflowEnvironment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[RecordingCloud]:
+async def cloud(
+    env: WorkflowEnvironment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[RecordingCloud]:
     """A worker on kiln-local with a fresh recording cloud, and the CLI pointed at the test server."""
     monkeypatch.setenv("TEMPORAL_ADDRESS", env.client.service_client.config.target_host)
     cloud = RecordingCloud(tmp_path / "cloud.db")
@@ -148,9 +150,7 @@ async def test_unknown_build_exits_2(cloud: RecordingCloud, capsys: pytest.Captu
         assert "no build named no-such-build" in capsys.readouterr().err
 
 
-async def test_the_python_example_returns_run_outputs(
-    cloud: RecordingCloud, template_file: Path
-) -> None:
+async def test_the_python_example_returns_run_outputs(cloud: RecordingCloud, template_file: Path) -> None:
     status = await start_build(template_file, name=unique("example"))
     assert sorted(o.run_output_name for o in status.run_outputs) == ["gallery", "managed", "vhd"]
 

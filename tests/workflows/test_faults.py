@@ -16,10 +16,9 @@ from typing import Any
 
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
-from tests.workflows.harness import (  # noqa: F401  (harness: the fixture)
+from tests.workflows.harness import (
     Harness,
     check_all,
-    harness,
     retried_activities,
     serving,
     unserved,
@@ -180,9 +179,7 @@ async def worker_process(harness: Harness, log: Path) -> AsyncIterator[asyncio.s
             await process.wait()
 
 
-async def test_a_build_resumes_on_a_new_worker_when_its_worker_dies_at_any_step(
-    client: Client, tmp_path: Path
-) -> None:
+async def test_a_build_resumes_on_a_new_worker_when_its_worker_dies_at_any_step(client: Client, tmp_path: Path) -> None:
     """A worker killed mid-step loses nothing: another worker retries that step alone, re-attaches to a script
     already running in the guest instead of running it again, and the build succeeds with nothing left over."""
 

@@ -7,7 +7,7 @@ import uuid
 
 from temporalio.client import Client
 
-from tests.workflows.harness import Harness, harness  # noqa: F401  (fixture)
+from tests.workflows.harness import Harness
 from workflows.janitor import JanitorWorkflow
 from workflows.models import JanitorReport, JanitorRequest
 
@@ -17,7 +17,10 @@ async def run_janitor(client: Client, harness: Harness, build_id: str) -> Janito
     async with asyncio.timeout(30):
         while True:
             report = await client.execute_workflow(
-                JanitorWorkflow.run, JanitorRequest(task_queue=harness.task_queue), id=f"janitor-{uuid.uuid4()}", task_queue=harness.task_queue
+                JanitorWorkflow.run,
+                JanitorRequest(task_queue=harness.task_queue),
+                id=f"janitor-{uuid.uuid4()}",
+                task_queue=harness.task_queue,
             )
             if build_id in report.builds:
                 return report
@@ -49,7 +52,10 @@ async def test_janitor_leaves_finished_and_running_builds_alone(harness: Harness
     alive_before = harness.cloud.alive()
 
     report = await client.execute_workflow(
-        JanitorWorkflow.run, JanitorRequest(task_queue=harness.task_queue), id=f"janitor-{uuid.uuid4()}", task_queue=harness.task_queue
+        JanitorWorkflow.run,
+        JanitorRequest(task_queue=harness.task_queue),
+        id=f"janitor-{uuid.uuid4()}",
+        task_queue=harness.task_queue,
     )
 
     assert finished.id not in report.builds and running.id not in report.builds

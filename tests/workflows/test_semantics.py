@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 
-from tests.workflows.harness import Harness, harness  # noqa: F401  (fixture)
+from tests.workflows.harness import Harness
 from workflows.build import ImageBuildWorkflow
 from workflows.models import BuildStatus, RunState
 

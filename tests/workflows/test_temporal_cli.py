@@ -9,7 +9,7 @@ import uuid
 from temporalio.client import Client
 
 from tests.conftest import temporal_cli
-from tests.workflows.harness import Harness, harness  # noqa: F401  (fixture)
+from tests.workflows.harness import Harness
 from workflows.build import ImageBuildWorkflow
 from workflows.models import RunState
 
@@ -20,12 +20,19 @@ async def test_temporal_cli_start_with_the_template_file_as_input(harness: Harne
     name = f"cli-{uuid.uuid4().hex[:8]}"
 
     process = await asyncio.create_subprocess_exec(
-        temporal_cli(), "workflow", "start",
-        "--address", client.service_client.config.target_host,
-        "--type", "ImageBuild",
-        "--task-queue", harness.task_queue,
-        "--workflow-id", name,
-        "--input-file", str(template),
+        temporal_cli(),
+        "workflow",
+        "start",
+        "--address",
+        client.service_client.config.target_host,
+        "--type",
+        "ImageBuild",
+        "--task-queue",
+        harness.task_queue,
+        "--workflow-id",
+        name,
+        "--input-file",
+        str(template),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )

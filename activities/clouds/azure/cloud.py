@@ -13,6 +13,7 @@ from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
 
+from activities.clouds.append_log import AppendLog
 from activities.clouds.azure import storage
 from activities.clouds.azure.clients import PUBLIC_ARM, ArmClients, BlobClients, is_loopback_http
 from activities.clouds.azure.distribute import AzureDistribution
@@ -41,7 +42,6 @@ from activities.clouds.azure.vm import (
     platform_image_id,
     windows_password,
 )
-from activities.clouds.append_log import AppendLog
 from activities.clouds.base import GuestSession, LogSink, PermanentError
 from activities.remote.keys import derive_key, public_line
 from activities.remote.ssh import open_session
@@ -214,8 +214,11 @@ class AzureCloud:
                 try:
                     self._egress_ip = await asyncio.to_thread(lookup)
                 except OSError as err:
-                    log.warning("could not learn this worker's egress address (%s); build VMs admit SSH and "
-                                "WinRM from any source: set KILN_EGRESS_IP", err)
+                    log.warning(
+                        "could not learn this worker's egress address (%s); build VMs admit SSH and "
+                        "WinRM from any source: set KILN_EGRESS_IP",
+                        err,
+                    )
                     self._egress_ip = "*"
             return self._egress_ip
 
@@ -289,11 +292,14 @@ class AzureCloud:
         if [p.lower() for p in ref.path[0::2]] != ["galleries", "images", "versions"]:
             raise PermanentError(
                 f"{field}: shared and community gallery sources are not supported yet; give a gallery image version "
-                "id in a subscription", kind="UnsupportedSource"
+                "id in a subscription",
+                kind="UnsupportedSource",
             )
         gallery, definition, version = ref.path[1], ref.path[3], ref.path[5]
         versions = self.arm.compute.gallery_image_versions
-        async with arm_call(f"{field} {source.image_version_id}", needs="Microsoft.Compute/galleries/images/versions/read"):
+        async with arm_call(
+            f"{field} {source.image_version_id}", needs="Microsoft.Compute/galleries/images/versions/read"
+        ):
             try:
                 image = await self.arm.compute.gallery_images.get(ref.group, gallery, definition)
                 if version.lower() == "latest":
@@ -368,7 +374,9 @@ class AzureCloud:
         earlier try of this build), which is what allows deleting it at cleanup."""
         groups = self.arm.resource.resource_groups
         field = "properties.stagingResourceGroup"
-        async with arm_call(f"staging resource group {name}", needs="Microsoft.Resources/subscriptions/resourceGroups/write"):
+        async with arm_call(
+            f"staging resource group {name}", needs="Microsoft.Resources/subscriptions/resourceGroups/write"
+        ):
             try:
                 existing = await groups.get(name)
             except ResourceNotFoundError:
@@ -434,7 +442,9 @@ class AzureCloud:
             "microsoft.network/networkinterfaces": lambda: network.network_interfaces.begin_delete(group, name),
             "microsoft.network/publicipaddresses": lambda: network.public_ip_addresses.begin_delete(group, name),
             "microsoft.network/virtualnetworks": lambda: network.virtual_networks.begin_delete(group, name),
-            "microsoft.network/networksecuritygroups": lambda: network.network_security_groups.begin_delete(group, name),
+            "microsoft.network/networksecuritygroups": lambda: network.network_security_groups.begin_delete(
+                group, name
+            ),
             "microsoft.compute/disks": lambda: compute.disks.begin_delete(group, name),
             "microsoft.compute/images": lambda: compute.images.begin_delete(group, name),
             "microsoft.compute/snapshots": lambda: compute.snapshots.begin_delete(group, name),
@@ -565,8 +575,11 @@ class AzureCloud:
             raise PermanentError(f"there is no VM {vm.name} in {group} to capture", kind="VmNotFound") from err
         generation = (machine.tags or {}).get(TAG_GENERATION, "V1")
         os_disk = machine.storage_profile.os_disk
-        async with arm_call(f"VM {vm.name}", needs="Microsoft.Compute/virtualMachines/deallocate/action, "
-                            "Microsoft.Compute/virtualMachines/generalize/action"):
+        async with arm_call(
+            f"VM {vm.name}",
+            needs="Microsoft.Compute/virtualMachines/deallocate/action, "
+            "Microsoft.Compute/virtualMachines/generalize/action",
+        ):
             await lro(compute.virtual_machines.begin_deallocate(group, vm.name))
             await compute.virtual_machines.generalize(group, vm.name)
         async with arm_call(f"snapshot {snap_name}", needs="Microsoft.Compute/snapshots/write"):
@@ -615,7 +628,9 @@ class AzureCloud:
     async def delete_image(self, build: BuildContext, name: str) -> None:
         group = staging_group(build, self.subscription_id).name
         compute = self.arm.compute
-        await self.vms.delete(f"image {name}", "Microsoft.Compute/images", lambda: compute.images.begin_delete(group, name))
+        await self.vms.delete(
+            f"image {name}", "Microsoft.Compute/images", lambda: compute.images.begin_delete(group, name)
+        )
         snap = snapshot_name(name)
         await self.vms.delete(
             f"snapshot {snap}", "Microsoft.Compute/snapshots", lambda: compute.snapshots.begin_delete(group, snap)

@@ -109,7 +109,9 @@ class AzureDistribution:
         ref = parse_id(target.gallery_image_id, field=field)
         kinds = [p.lower() for p in ref.path[0::2]]
         if kinds not in (["galleries", "images"], ["galleries", "images", "versions"]):
-            raise PermanentError(f"{field}: '{target.gallery_image_id}' is not an image definition id", kind="BadSharedImageDistribute")
+            raise PermanentError(
+                f"{field}: '{target.gallery_image_id}' is not an image definition id", kind="BadSharedImageDistribute"
+            )
         gallery, definition_name = ref.path[1], ref.path[3]
         compute = self._arm.compute
         versions = compute.gallery_image_versions
@@ -129,7 +131,9 @@ class AzureDistribution:
                     f"definition is {definition.hyper_v_generation or 'V1'}",
                     kind="BadSharedImageDistribute",
                 )
-            version = resume.get("version") or await self._version_for(request, target, ref.group, gallery, definition_name)
+            version = resume.get("version") or await self._version_for(
+                request, target, ref.group, gallery, definition_name
+            )
             token = resume.get("token") if resume.get("version") == version else None
             if token:
                 poller = await versions.begin_create_or_update(
@@ -184,7 +188,9 @@ class AzureDistribution:
         """The version this target writes: one an earlier try of it already made (found by its tags), the one the
         id pins, the source's (scheme Source), or the next patch of the latest (scheme Latest, the default)."""
         field = f"properties.distribute[{request.index}]"
-        existing = [v async for v in self._arm.compute.gallery_image_versions.list_by_gallery_image(group, gallery, definition)]
+        existing = [
+            v async for v in self._arm.compute.gallery_image_versions.list_by_gallery_image(group, gallery, definition)
+        ]
         for v in existing:
             tags = v.tags or {}
             if tags.get(TAG_BUILD_ID) == request.build.build_id and tags.get(TAG_OUTPUT_INDEX) == str(request.index):
@@ -196,11 +202,15 @@ class AzureDistribution:
             pinned, why = request.source.exact_version, f"{field}.versioning.scheme"
         if pinned is not None:
             if parse_version(pinned) is None:
-                raise PermanentError(f"{why}: '{pinned}' is not a gallery image version (major.minor.patch)",
-                                     kind="BadSharedImageDistribute")
+                raise PermanentError(
+                    f"{why}: '{pinned}' is not a gallery image version (major.minor.patch)",
+                    kind="BadSharedImageDistribute",
+                )
             if any(v.name == pinned for v in existing):
-                raise PermanentError(f"{why}: version {pinned} of {target.gallery_image_id} already exists",
-                                     kind="BadSharedImageDistribute")
+                raise PermanentError(
+                    f"{why}: version {pinned} of {target.gallery_image_id} already exists",
+                    kind="BadSharedImageDistribute",
+                )
             return pinned
         major = target.versioning.major if target.versioning is not None else -1
         return next_version([v.name for v in existing], major)
@@ -244,7 +254,9 @@ class AzureDistribution:
             while (props := await blob.get_blob_properties()).copy.status == "pending":
                 await asyncio.sleep(COPY_POLL_SECONDS)
             if props.copy.status != "success":
-                raise RuntimeError(f"copying the VHD to {url} ended {props.copy.status}: {props.copy.status_description}")
+                raise RuntimeError(
+                    f"copying the VHD to {url} ended {props.copy.status}: {props.copy.status_description}"
+                )
         finally:
             await lro(snapshots.begin_revoke_access(snapshot.group, snapshot.name))
         return self._vhd_output(target, url)
@@ -266,8 +278,11 @@ class AzureDistribution:
             except ResourceNotFoundError:
                 return
             if (image.tags or {}).get(TAG_BUILD_ID) == build.build_id:
-                await self._vms.delete(f"image {ref.name}", "Microsoft.Compute/images",
-                                       lambda: compute.images.begin_delete(ref.group, ref.name))
+                await self._vms.delete(
+                    f"image {ref.name}",
+                    "Microsoft.Compute/images",
+                    lambda: compute.images.begin_delete(ref.group, ref.name),
+                )
         elif isinstance(target, SharedImageDistributor):
             ref = parse_id(target.gallery_image_id, field=f"properties.distribute[{index}].galleryImageId")
             group, gallery, definition = ref.group, ref.path[1], ref.path[3]
@@ -282,8 +297,11 @@ class AzureDistribution:
             except ResourceNotFoundError:
                 return
             for name in mine:
-                await self._vms.delete(f"gallery image version {name}", "Microsoft.Compute/galleries/images/versions",
-                                       lambda name=name: versions.begin_delete(group, gallery, definition, name))
+                await self._vms.delete(
+                    f"gallery image version {name}",
+                    "Microsoft.Compute/galleries/images/versions",
+                    lambda name=name: versions.begin_delete(group, gallery, definition, name),
+                )
         else:
             assert isinstance(target, VhdDistributor)
             await storage.delete_blob(self._blobs, await self._vhd_url(build, target))

@@ -53,8 +53,7 @@ def permanent(err: HttpResponseError, *, what: str, needs: str) -> PermanentErro
         )
     if code in _PERMISSION_CODES or err.status_code == 403:
         return PermanentError(
-            f"{what}: permission denied ({code or err.status_code}: {message}). "
-            f"{ROLE_HINT}: {needs}.",
+            f"{what}: permission denied ({code or err.status_code}: {message}). {ROLE_HINT}: {needs}.",
             kind="AuthorizationFailed",
         )
     return None

@@ -39,7 +39,9 @@ def staged_blob_name(build_id: str, artifact: Artifact, data: bytes) -> str:
     return f"{build_id}/{re.sub(r'[^A-Za-z0-9._-]+', '-', artifact.field).strip('-')}-{digest[:12]}"
 
 
-async def stage(blobs: BlobClients, container_url: str, build_id: str, artifact: Artifact, data: bytes) -> StagedArtifact:
+async def stage(
+    blobs: BlobClients, container_url: str, build_id: str, artifact: Artifact, data: bytes
+) -> StagedArtifact:
     url = f"{container_url.rstrip('/')}/{staged_blob_name(build_id, artifact, data)}"
     await blobs.blob(url).upload_blob(data, overwrite=True, metadata=blob_metadata(build_id))
     return StagedArtifact(

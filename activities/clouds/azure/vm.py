@@ -125,7 +125,9 @@ class AzureVms:
                 }
                 for name, port, priority in (("kiln-ssh", SSH_PORT, 100), ("kiln-winrm-https", WINRM_HTTPS_PORT, 110))
             ]
-            async with arm_call(f"network security group {parts.nsg}", needs="Microsoft.Network/networkSecurityGroups/write"):
+            async with arm_call(
+                f"network security group {parts.nsg}", needs="Microsoft.Network/networkSecurityGroups/write"
+            ):
                 nsg = await lro(
                     network.network_security_groups.begin_create_or_update(
                         group, parts.nsg, {"location": location, "tags": tags, "properties": {"securityRules": rules}}
@@ -156,7 +158,9 @@ class AzureVms:
                     )
                 )
             made.append((vnet.id, "virtualNetwork"))
-            async with arm_call(f"public IP address {parts.public_ip}", needs="Microsoft.Network/publicIPAddresses/write"):
+            async with arm_call(
+                f"public IP address {parts.public_ip}", needs="Microsoft.Network/publicIPAddresses/write"
+            ):
                 public_ip = await lro(
                     network.public_ip_addresses.begin_create_or_update(
                         group,
@@ -172,8 +176,10 @@ class AzureVms:
             made.append((public_ip.id, "publicIPAddress"))
             ip_config["subnet"] = {"id": f"{vnet.id}/subnets/{SUBNET}"}
             ip_config["publicIPAddress"] = {"id": public_ip.id}
-        async with arm_call(f"network interface {parts.nic}", needs="Microsoft.Network/networkInterfaces/write, "
-                            "Microsoft.Network/virtualNetworks/subnets/join/action"):
+        async with arm_call(
+            f"network interface {parts.nic}",
+            needs="Microsoft.Network/networkInterfaces/write, Microsoft.Network/virtualNetworks/subnets/join/action",
+        ):
             nic = await lro(
                 network.network_interfaces.begin_create_or_update(
                     group,
@@ -264,7 +270,9 @@ class AzureVms:
             os_profile["linuxConfiguration"] = {
                 "disablePasswordAuthentication": True,
                 "provisionVMAgent": True,
-                "ssh": {"publicKeys": [{"path": f"/home/{admin_user}/.ssh/authorized_keys", "keyData": ssh_public_key}]},
+                "ssh": {
+                    "publicKeys": [{"path": f"/home/{admin_user}/.ssh/authorized_keys", "keyData": ssh_public_key}]
+                },
             }
         os_disk: dict[str, Any] = {
             "name": parts.os_disk,
@@ -326,19 +334,37 @@ class AzureVms:
         """The VM and everything made for it, in dependency order: users before what they use."""
         compute, network = self._arm.compute, self._arm.network
         steps: list[tuple[str, str, Callable[[], Awaitable[Any]]]] = [
-            (f"VM {parts.vm}", "Microsoft.Compute/virtualMachines",
-             lambda: compute.virtual_machines.begin_delete(group, parts.vm)),
-            (f"network interface {parts.nic}", "Microsoft.Network/networkInterfaces",
-             lambda: network.network_interfaces.begin_delete(group, parts.nic)),
-            (f"public IP address {parts.public_ip}", "Microsoft.Network/publicIPAddresses",
-             lambda: network.public_ip_addresses.begin_delete(group, parts.public_ip)),
+            (
+                f"VM {parts.vm}",
+                "Microsoft.Compute/virtualMachines",
+                lambda: compute.virtual_machines.begin_delete(group, parts.vm),
+            ),
+            (
+                f"network interface {parts.nic}",
+                "Microsoft.Network/networkInterfaces",
+                lambda: network.network_interfaces.begin_delete(group, parts.nic),
+            ),
+            (
+                f"public IP address {parts.public_ip}",
+                "Microsoft.Network/publicIPAddresses",
+                lambda: network.public_ip_addresses.begin_delete(group, parts.public_ip),
+            ),
             # The subnet refers to the NSG, so the VNet goes first.
-            (f"virtual network {parts.vnet}", "Microsoft.Network/virtualNetworks",
-             lambda: network.virtual_networks.begin_delete(group, parts.vnet)),
-            (f"network security group {parts.nsg}", "Microsoft.Network/networkSecurityGroups",
-             lambda: network.network_security_groups.begin_delete(group, parts.nsg)),
-            (f"disk {parts.os_disk}", "Microsoft.Compute/disks",
-             lambda: compute.disks.begin_delete(group, parts.os_disk)),
+            (
+                f"virtual network {parts.vnet}",
+                "Microsoft.Network/virtualNetworks",
+                lambda: network.virtual_networks.begin_delete(group, parts.vnet),
+            ),
+            (
+                f"network security group {parts.nsg}",
+                "Microsoft.Network/networkSecurityGroups",
+                lambda: network.network_security_groups.begin_delete(group, parts.nsg),
+            ),
+            (
+                f"disk {parts.os_disk}",
+                "Microsoft.Compute/disks",
+                lambda: compute.disks.begin_delete(group, parts.os_disk),
+            ),
         ]
         for what, arm_type, begin in steps:
             await self.delete(what, arm_type, begin)
@@ -350,4 +376,3 @@ def image_reference(image_id: str) -> dict[str, Any]:
     if platform is not None:
         return {k: platform[k] for k in ("publisher", "offer", "sku", "version")}
     return {"id": image_id}
-

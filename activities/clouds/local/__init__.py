@@ -112,8 +112,9 @@ class LocalCloud:
         image = await self._storage.locate_image(source.image_version_id)
         return ResolvedSource(
             # .../versions/latest is pinned to the version it meant when the build started.
-            image_id=re.sub(r"/versions/latest$", f"/versions/{image.exact_version}", source.image_version_id,
-                            flags=re.IGNORECASE),
+            image_id=re.sub(
+                r"/versions/latest$", f"/versions/{image.exact_version}", source.image_version_id, flags=re.IGNORECASE
+            ),
             exact_version=image.exact_version,
             hyper_v_generation=image.hyper_v_generation,
             size_bytes=vhd_file(image.vhd_path).size_bytes,

@@ -55,8 +55,9 @@ async def write_vhd(layers: VmLayers, target: Path, *, os_disk_size_gb: int) -> 
                     )
             else:
                 size = _round_up(int(data_bytes * 1.1) + entries * INODE_BYTES + FILESYSTEM_OVERHEAD_BYTES, MIB)
-            await _make_disk(view, partial, size=size, inodes=entries + entries // 4 + 1024,
-                             fixed_size=bool(os_disk_size_gb))
+            await _make_disk(
+                view, partial, size=size, inodes=entries + entries // 4 + 1024, fixed_size=bool(os_disk_size_gb)
+            )
         partial.rename(target)
     finally:
         partial.unlink(missing_ok=True)
@@ -76,8 +77,21 @@ async def _make_disk(view: Path, vhd: Path, *, size: int, inodes: int, fixed_siz
         await run("qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=fixed,force_size=on", str(vhd), str(size))
         try:
             # The explicit size keeps mke2fs off the footer that follows the disk.
-            await run("mke2fs", "-q", "-F", "-t", "ext4", "-E", "nodiscard", "-N", str(inodes), "-d", str(view),
-                      str(vhd), f"{size // MIB}M")
+            await run(
+                "mke2fs",
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-E",
+                "nodiscard",
+                "-N",
+                str(inodes),
+                "-d",
+                str(view),
+                str(vhd),
+                f"{size // MIB}M",
+            )
             return
         except CommandFailed as err:
             if fixed_size:
@@ -102,9 +116,20 @@ async def merged_view(layers: VmLayers) -> AsyncIterator[Path]:
     # The layer goes on top as a lower layer: its whiteouts still hide what the guest deleted from the base.
     script = 'mount -t overlay kiln-view -o ro,lowerdir="$1:$2" "$3" && echo ready && read -r _'
     holder = await asyncio.create_subprocess_exec(
-        "unshare", "--mount", "--propagation", "private", "sh", "-c", script,
-        "sh", str(layers.root), str(layers.lower), str(view),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+        "sh",
+        str(layers.root),
+        str(layers.lower),
+        str(view),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert holder.stdin is not None and holder.stdout is not None and holder.stderr is not None
     try:

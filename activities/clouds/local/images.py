@@ -226,8 +226,19 @@ async def unpack_vhd(vhd: Path, into: Path) -> None:
     script = 'mount -o loop,ro,noload "$1" "$2" && cp -a "$2/." "$3/"'
     (into / "rootfs").mkdir()
     try:
-        await run("unshare", "--mount", "--propagation", "private", "sh", "-c", script,
-                  "sh", str(vhd), str(mountpoint), str(into / "rootfs"))
+        await run(
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(vhd),
+            str(mountpoint),
+            str(into / "rootfs"),
+        )
     except CommandFailed as err:
         raise RuntimeError(f"could not unpack {vhd}: {err.stderr}") from err
     mountpoint.rmdir()
@@ -302,8 +313,10 @@ def unknown_source_message(publisher: str, offer: str, sku: str, state: Path) ->
     urn = f"{publisher}:{offer}:{sku}"
     lines = [f"properties.source: {urn} is not an image the local cloud has."]
     if publisher.lower().startswith("microsoftwindows"):
-        lines.append("The local cloud runs Linux guests only: Windows customizers (PowerShell, WindowsRestart, "
-                     "WindowsUpdate) need the azure cloud.")
+        lines.append(
+            "The local cloud runs Linux guests only: Windows customizers (PowerShell, WindowsRestart, "
+            "WindowsUpdate) need the azure cloud."
+        )
     lines += [
         "The local cloud builds from these images (publisher:offer:sku):",
         *(f"  {o.urn} (Hyper-V generation {o.hyper_v_generation})" for o in OFFERS),

@@ -145,10 +145,17 @@ class LocalVms:
                     "lower": str(base) if await _overlay_works(base, self._vms) else None,
                 }
                 # Recorded before anything is made: a worker that dies from here on leaves a record to clean up by.
-                await asyncio.to_thread(self._store.record, vm_id(name), kind=VM_KIND, build_id=build.build_id,
-                                        tags=tags, data=data)
-                await asyncio.to_thread(self._store.record, overlay_id(name), kind=OVERLAY_KIND,
-                                        build_id=build.build_id, tags=tags, data={"folder": str(folder.path), "vm": name})
+                await asyncio.to_thread(
+                    self._store.record, vm_id(name), kind=VM_KIND, build_id=build.build_id, tags=tags, data=data
+                )
+                await asyncio.to_thread(
+                    self._store.record,
+                    overlay_id(name),
+                    kind=OVERLAY_KIND,
+                    build_id=build.build_id,
+                    tags=tags,
+                    data={"folder": str(folder.path), "vm": name},
+                )
             else:
                 data = record.data  # an earlier attempt recorded it, and perhaps made part of it
             await asyncio.to_thread(self._prepare, build, folder, base, data, host_key)
@@ -214,8 +221,13 @@ class LocalVms:
             address = f"127.{1 + digest[0] % 254}.{digest[1]}.{1 + digest[2] % 254}"
             if address in outside_kiln and self._store.get(address_id(address)) is None:
                 continue
-            claimed = self._store.claim(address_id(address), kind=ADDRESS_KIND, build_id=build.build_id, tags=tags,
-                                        data={"address": address, "vm": name})
+            claimed = self._store.claim(
+                address_id(address),
+                kind=ADDRESS_KIND,
+                build_id=build.build_id,
+                tags=tags,
+                data={"address": address, "vm": name},
+            )
             if claimed.data.get("vm") == name:
                 return address
         raise RuntimeError("no free loopback address for a VM")
@@ -239,8 +251,13 @@ class LocalVms:
         layer.add_user(user)
         home = f"home/{user}"
         uid, gid = layer.ids_of(user)
-        layer.write(f"{home}/.ssh/authorized_keys", public_line(client_key, "kiln").encode() + b"\n",
-                    mode=0o600, owner=(uid, gid), folder_mode=0o700)
+        layer.write(
+            f"{home}/.ssh/authorized_keys",
+            public_line(client_key, "kiln").encode() + b"\n",
+            mode=0o600,
+            owner=(uid, gid),
+            folder_mode=0o700,
+        )
         layer.write(f"etc/sudoers.d/90-{user}", f"{user} ALL=(ALL) NOPASSWD:ALL\n".encode(), mode=0o440)
         layer.write("etc/ssh/ssh_host_ed25519_key", private_openssh(host_key), mode=0o600)
         layer.write("etc/ssh/ssh_host_ed25519_key.pub", data["hostKey"].encode() + b"\n", mode=0o644)
@@ -258,9 +275,21 @@ class LocalVms:
         with folder.console.open("ab") as console:
             # setsid -f: the VM is no child of this worker and lives on when the worker dies.
             launcher = await asyncio.create_subprocess_exec(
-                "setsid", "-f", "unshare", "--mount", "--uts", "--ipc", "--pid", "--fork",
-                "--propagation", "private", "sh", str(folder.boot_script),
-                stdin=asyncio.subprocess.DEVNULL, stdout=console, stderr=console,
+                "setsid",
+                "-f",
+                "unshare",
+                "--mount",
+                "--uts",
+                "--ipc",
+                "--pid",
+                "--fork",
+                "--propagation",
+                "private",
+                "sh",
+                str(folder.boot_script),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=console,
+                stderr=console,
             )
             await launcher.wait()
         deadline = time.monotonic() + BOOT_TIMEOUT_SECONDS
@@ -333,7 +362,9 @@ class _Layer:
         if any(line.split(":")[0] == user for line in passwd.splitlines()):
             return
         group = self.read("etc/group")
-        taken = {int(line.split(":")[2]) for text in (passwd, group) for line in text.splitlines() if line.count(":") >= 2}
+        taken = {
+            int(line.split(":")[2]) for text in (passwd, group) for line in text.splitlines() if line.count(":") >= 2
+        }
         uid = next(i for i in range(1000, 60000) if i not in taken)
         days = int(time.time() // 86400)
         self._append("etc/passwd", f"{user}:x:{uid}:{uid}::/home/{user}:/bin/bash\n")
@@ -348,7 +379,9 @@ class _Layer:
 
     def _append(self, relative: str, line: str) -> None:
         """Append to a system file, keeping the base's mode and owner (shadow is root:shadow 0640)."""
-        below = next((top / relative for top in (self.root, self.lower) if top is not None and (top / relative).exists()), None)
+        below = next(
+            (top / relative for top in (self.root, self.lower) if top is not None and (top / relative).exists()), None
+        )
         if below is None:
             return
         info = below.stat()
@@ -372,8 +405,14 @@ def _boot_script(name: str, folder: VmFolder, data: dict, cgroups: list[Path]) -
     join_cgroups = "\n".join(f"echo 0 > {q(str(group / 'cgroup.procs'))}" for group in cgroups)
     make_nodes = "\n".join(
         f"mknod -m 0666 {root}/dev/{node} c {major} {minor}"
-        for node, major, minor in (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
-                                   ("urandom", 1, 9), ("tty", 5, 0))
+        for node, major, minor in (
+            ("null", 1, 3),
+            ("zero", 1, 5),
+            ("full", 1, 7),
+            ("random", 1, 8),
+            ("urandom", 1, 9),
+            ("tty", 5, 0),
+        )
     )
     binds = "\n".join(
         f"[ -e {root}/etc/{f} ] || : > {root}/etc/{f}\nmount --bind {q(str(folder.etc / f))} {root}/etc/{f}"
@@ -407,7 +446,7 @@ cd {root}
 pivot_root . .
 umount -l .
 cd /
-exec /usr/sbin/sshd -D -e -o ListenAddress={data['address']}:{SSH_PORT} -o HostKey=/etc/ssh/ssh_host_ed25519_key -o UseDNS=no
+exec /usr/sbin/sshd -D -e -o ListenAddress={data["address"]}:{SSH_PORT} -o HostKey=/etc/ssh/ssh_host_ed25519_key -o UseDNS=no
 """
 
 
@@ -445,8 +484,19 @@ async def _overlay_works(base: Path, vms: Path) -> bool:
     for sub in ("upper", "work", "merged"):
         (probe / sub).mkdir(parents=True, exist_ok=True)
     try:
-        await run("unshare", "--mount", "--propagation", "private", "mount", "-t", "overlay", "probe",
-                  "-o", f"lowerdir={base},upperdir={probe / 'upper'},workdir={probe / 'work'}", str(probe / "merged"))
+        await run(
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "mount",
+            "-t",
+            "overlay",
+            "probe",
+            "-o",
+            f"lowerdir={base},upperdir={probe / 'upper'},workdir={probe / 'work'}",
+            str(probe / "merged"),
+        )
         return True
     except CommandFailed:
         return False
@@ -463,7 +513,7 @@ async def _ssh_ready(address: str) -> bool:
     try:
         banner = await asyncio.wait_for(reader.readline(), timeout=2)
         return banner.startswith(b"SSH-")
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     finally:
         writer.close()
