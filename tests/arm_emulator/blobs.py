@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import struct
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from tests.local.vhd_files import vhd_footer
+
 # Azurite's documented development account; not a secret.
 AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-
-_VHD_EPOCH = 946684800  # 2000-01-01T00:00:00Z, the origin of VHD footer timestamps
 
 
 def fixed_vhd(data_size: int = 1024 * 1024) -> bytes:
@@ -32,52 +30,7 @@ def fixed_vhd(data_size: int = 1024 * 1024) -> bytes:
     """
     if data_size % (1024 * 1024):
         raise ValueError("a VHD for Azure must be a whole number of MiB")
-    return bytes(data_size) + _vhd_footer(data_size)
-
-
-def _vhd_footer(size: int) -> bytes:
-    footer = bytearray(
-        struct.pack(
-            ">8sIIQI4sI4sQQIII16sB",
-            b"conectix",
-            2,  # features: reserved bit, always set
-            0x00010000,  # format version 1.0
-            0xFFFFFFFFFFFFFFFF,  # data offset: none, the disk is fixed
-            int(time.time()) - _VHD_EPOCH,
-            b"kiln",
-            0x00010000,
-            b"Wi2k",
-            size,
-            size,
-            _chs(size),
-            2,  # disk type: fixed
-            0,  # checksum, filled in below
-            uuid.uuid4().bytes,
-            0,
-        )
-    )
-    footer += bytes(512 - len(footer))
-    struct.pack_into(">I", footer, 64, ~sum(footer) & 0xFFFFFFFF)
-    return bytes(footer)
-
-
-def _chs(size: int) -> int:
-    """Disk geometry as the VHD specification computes it (appendix: CHS calculation)."""
-    sectors = min(size // 512, 65535 * 16 * 255)
-    if sectors >= 65535 * 16 * 63:
-        spt, heads = 255, 16
-        cth = sectors // spt
-    else:
-        spt = 17
-        cth = sectors // spt
-        heads = max((cth + 1023) // 1024, 4)
-        if cth >= heads * 1024 or heads > 16:
-            spt, heads = 31, 16
-            cth = sectors // spt
-        if cth >= heads * 1024:
-            spt, heads = 63, 16
-            cth = sectors // spt
-    return (cth // heads) << 16 | heads << 8 | spt
+    return bytes(data_size) + vhd_footer(data_size)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowHandle
 
 from activities.clouds.azure import AzureCloud
 from activities.clouds.local import azurite as local_azurite
@@ -38,9 +38,10 @@ from tests.arm_emulator import (
     PlatformImage,
     client_kwargs,
 )
+from tests.workflows.harness import finish, wait_for_step
 from worker import run_worker
 from workflows.build import ImageBuildWorkflow
-from workflows.models import BuildContext, BuildStatus, ResolvedSource, RunState, VmSpec
+from workflows.models import BuildContext, BuildStatus, ResolvedSource, VmSpec
 from workflows.template import VmProfile
 
 SUB = "6f1c2a9e-5b0d-4c47-9d43-0b6a3c2e7f10"
@@ -247,21 +248,10 @@ class AzureHarness:
         )
 
     async def finish(self, handle: WorkflowHandle[Any, Any]) -> BuildStatus:
-        try:
-            await handle.result()
-        except WorkflowFailureError:
-            pass
-        return await handle.query(ImageBuildWorkflow.status)
+        return await finish(handle)
 
     async def wait_for_step(self, handle: WorkflowHandle[Any, Any], prefix: str, timeout: float = 120) -> BuildStatus:
-        async with asyncio.timeout(timeout):
-            while True:
-                status = await handle.query(ImageBuildWorkflow.status)
-                if any(s.name.startswith(prefix) and s.outcome == "running" for s in status.steps):
-                    return status
-                if status.run_state != RunState.RUNNING:
-                    raise AssertionError(f"build ended ({status.run_state}: {status.message}) before {prefix!r}")
-                await asyncio.sleep(0.2)
+        return await wait_for_step(handle, prefix, timeout)
 
     def corpus(self, name: str, **extra: str) -> dict[str, Any]:
         """A corpus template with its <placeholders> set to emulator values and its artifacts made local."""

@@ -362,9 +362,11 @@ async def scenario(
     artifacts.mkdir()
     guests = Guests(directory / "guests", os.urandom(32))
     blobs = BlobClients(local_azurite.credential(local_azurite.STAGING_ACCOUNT))
-    with make_arm(blob_account, proxy_storage=True) as arm:
-        guests.attach(arm)
-        h = AzureHarness(client, arm, blob_account, os.urandom(32), f"kiln-azure-{uuid.uuid4()}", artifacts, [])
+    arm = make_arm(blob_account, proxy_storage=True)
+    arm.start()
+    guests.attach(arm)
+    h = AzureHarness(client, arm, blob_account, os.urandom(32), f"kiln-azure-{uuid.uuid4()}", artifacts, [])
+    try:
         setup = make_cloud(arm.base_url, blob_account, secret=h.secret)
         try:
             await prepare(setup)
@@ -374,12 +376,13 @@ async def scenario(
             await setup.close()
         if worker:
             h.start_worker()
-        try:
-            yield Scenario(h, step, blobs, user_group)
-        finally:
-            await h.stop_workers()
-            await blobs.close()
-            guests.close()
+        yield Scenario(h, step, blobs, user_group)
+    finally:
+        await h.stop_workers()
+        await blobs.close()
+        # Both stop guests with asyncio.run: not on this loop.
+        await asyncio.to_thread(arm.stop)
+        await asyncio.to_thread(guests.close)
 
 
 def drop_ssh(host: str) -> None:
@@ -450,6 +453,7 @@ async def test_a_permanent_fault_at_any_step_fails_the_build_naming_it_and_leave
             status = await s.h.finish(await s.start(template, "fatal"))
             assert status.run_state == RunState.FAILED
             assert (step.fails_as or step.name) in status.message, status.message
+            assert any(why in status.message for why in ("permission denied", "quota", "exit code 3")), status.message
             s.assert_clean(status)
 
     await check_all({step.slug: run(step) for step in STEPS})

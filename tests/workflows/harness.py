@@ -76,6 +76,27 @@ def linux_template(artifacts: Path, **properties: Any) -> dict[str, Any]:
     return template
 
 
+async def finish(handle: WorkflowHandle[Any, Any]) -> BuildStatus:
+    """Wait for the build to end, whatever its outcome, and return its final status."""
+    try:
+        await handle.result()
+    except WorkflowFailureError:
+        pass
+    return await handle.query(ImageBuildWorkflow.status)
+
+
+async def wait_for_step(handle: WorkflowHandle[Any, Any], prefix: str, timeout: float = 60) -> BuildStatus:
+    """Wait until a step whose name starts with ``prefix`` is running."""
+    async with asyncio.timeout(timeout):
+        while True:
+            status = await handle.query(ImageBuildWorkflow.status)
+            if any(s.name.startswith(prefix) and s.outcome == "running" for s in status.steps):
+                return status
+            if status.run_state != RunState.RUNNING:
+                raise AssertionError(f"build ended ({status.run_state}: {status.message}) before {prefix!r} ran")
+            await asyncio.sleep(0.2)
+
+
 @dataclass
 class Harness:
     client: Client
@@ -95,23 +116,10 @@ class Harness:
         )
 
     async def finish(self, handle: WorkflowHandle[Any, Any]) -> BuildStatus:
-        """Wait for the build to end, whatever its outcome, and return its final status."""
-        try:
-            await handle.result()
-        except WorkflowFailureError:
-            pass
-        return await handle.query(ImageBuildWorkflow.status)
+        return await finish(handle)
 
     async def wait_for_step(self, handle: WorkflowHandle[Any, Any], prefix: str, timeout: float = 60) -> BuildStatus:
-        """Wait until a step whose name starts with ``prefix`` is running."""
-        async with asyncio.timeout(timeout):
-            while True:
-                status = await handle.query(ImageBuildWorkflow.status)
-                if any(s.name.startswith(prefix) and s.outcome == "running" for s in status.steps):
-                    return status
-                if status.run_state != RunState.RUNNING:
-                    raise AssertionError(f"build ended ({status.run_state}: {status.message}) before {prefix!r} ran")
-                await asyncio.sleep(0.2)
+        return await wait_for_step(handle, prefix, timeout)
 
     async def wait_for_fault(self, point: str, *, times: int = 1, timeout: float = 60) -> None:
         """Wait until the fault injected at ``point`` has fired ``times`` times: the step is inside the cloud call."""

@@ -19,9 +19,13 @@ from contextlib import suppress
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
 from activities.clouds.azure.clients import BlobClients
+from activities.clouds.azure.errors import arm_call
 from workflows.models import Artifact, StagedArtifact
 
 # Append blobs take at most 4 MiB per block.
+
+# Staging accounts take no shared keys, so writing to them needs a data role; one missing is not retried.
+WRITE_BLOBS = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write (a Storage Blob Data role)"
 
 
 def blob_metadata(build_id: str) -> dict[str, str]:
@@ -30,8 +34,9 @@ def blob_metadata(build_id: str) -> dict[str, str]:
 
 
 async def ensure_container(blobs: BlobClients, url: str) -> None:
-    with suppress(ResourceExistsError):
-        await blobs.container(url).create_container()
+    async with arm_call(f"blob container {url}", needs=WRITE_BLOBS):
+        with suppress(ResourceExistsError):
+            await blobs.container(url).create_container()
 
 
 def staged_blob_name(build_id: str, artifact: Artifact, data: bytes) -> str:
@@ -43,7 +48,8 @@ async def stage(
     blobs: BlobClients, container_url: str, build_id: str, artifact: Artifact, data: bytes
 ) -> StagedArtifact:
     url = f"{container_url.rstrip('/')}/{staged_blob_name(build_id, artifact, data)}"
-    await blobs.blob(url).upload_blob(data, overwrite=True, metadata=blob_metadata(build_id))
+    async with arm_call(f"{artifact.field}: staging {artifact.source_uri} as {url}", needs=WRITE_BLOBS):
+        await blobs.blob(url).upload_blob(data, overwrite=True, metadata=blob_metadata(build_id))
     return StagedArtifact(
         source_uri=artifact.source_uri, staged_uri=url, sha256=hashlib.sha256(data).hexdigest(), size=len(data)
     )
