@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 from azure.core.exceptions import HttpResponseError, ResourceExistsError
 from azure.storage.blob import StorageErrorCode
 from azure.storage.blob.aio import BlobClient
 
+from activities.clouds.base import PermanentError
+
 MAX_APPEND = 4 * 1024 * 1024  # the largest Append Block
+
+
+@contextmanager
+def refused_is_permanent(uri: str) -> Iterator[None]:
+    """A 403 from storage is a missing role, which no retry grants: fail the step now, saying what is needed."""
+    try:
+        yield
+    except HttpResponseError as err:
+        if err.status_code == 403:
+            raise PermanentError(
+                f"writing the build log {uri} was refused ({err.error_code}): the worker's identity needs the "
+                "Storage Blob Data Contributor role on the log's storage account",
+                kind="AuthorizationFailed",
+            ) from err
+        raise
 
 
 class AppendLog:
@@ -22,12 +40,16 @@ class AppendLog:
 
     @classmethod
     async def open(cls, blob: BlobClient, *, metadata: dict[str, str]) -> AppendLog:
-        with suppress(ResourceExistsError):
+        with refused_is_permanent(blob.url), suppress(ResourceExistsError):
             # if_none_match: a worker taking over the build appends to the log, it does not start it again
             await blob.create_append_blob(metadata=metadata, if_none_match="*")
         return cls(blob, (await blob.get_blob_properties()).size)
 
     async def append(self, data: bytes) -> None:
+        with refused_is_permanent(self.uri):
+            await self._append(data)
+
+    async def _append(self, data: bytes) -> None:
         for start in range(0, len(data), MAX_APPEND):
             chunk = data[start : start + MAX_APPEND]
             try:
