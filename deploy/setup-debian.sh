@@ -30,7 +30,8 @@ fi
 stamp=.venv/.kiln-pyproject.sha256
 if ! sha256sum --status -c "$stamp" 2>/dev/null; then
     echo "==> installing kiln and its Python dependencies into .venv"
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    # pip's notes about this machine's extra package folders are noise here; real errors still show.
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2> >(grep -v "^WARNING: Location" >&2)
     sha256sum pyproject.toml > "$stamp"
 fi
 
