@@ -40,7 +40,7 @@ def positive(value: str) -> int:
 
 
 def duration(value: str) -> timedelta:
-    """``30m``, ``1h``, ``1d``: how often a schedule runs."""
+    """``30m``, ``1h``, ``1d``: how often a schedule runs, or how long a build may still take."""
     units = {"m": "minutes", "h": "hours", "d": "days"}
     if len(value) < 2 or value[-1] not in units or not value[:-1].isdigit() or int(value[:-1]) < 1:
         raise argparse.ArgumentTypeError(f"{value!r} is not a duration like 30m, 1h or 1d")
@@ -122,6 +122,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hyper-v-generation", choices=["V1", "V2"], default="V2")
     p = gallery_sub.add_parser("list", help="local galleries, image definitions and versions")
     p.set_defaults(handler=commands.gallery_list)
+
+    p = command("deadline", commands.deadline, "move a running build's deadline to DURATION from now")
+    p.add_argument("name")
+    p.add_argument("duration", type=duration, help="from now, e.g. 30m or 2h")
 
     p = command("janitor", commands.janitor, "clean up after builds that ended without their own cleanup (terminated)")
     p.add_argument("--cloud", choices=sorted(TASK_QUEUES), default="local", help="whose builds (default: local)")

@@ -303,3 +303,26 @@ async def janitor(args: argparse.Namespace, io: Io) -> int:
         await client.get_schedule_handle(schedule_id).update(lambda _: ScheduleUpdate(schedule=schedule))
     io.out.print(f"schedule {schedule_id}: the janitor runs every {args.every} on {task_queue}")
     return EXIT_SUCCEEDED
+
+
+async def deadline(args: argparse.Namespace, io: Io) -> int:
+    """Move a running build's deadline: more time for a slow build without starting it over, or less."""
+    from temporalio.client import WorkflowUpdateFailedError
+
+    from workflows.build import ImageBuildWorkflow
+    from workflows.models import DeadlineRequest
+
+    client = await connect(address=args.address, namespace=args.namespace)
+    build = await get_build(client, args.name)
+    if not build.running:
+        current, _ = await get_status(build)
+        raise UsageError(f"build {args.name} has already finished ({current.run_state}); it has no deadline to move")
+    try:
+        status = await build.handle.execute_update(
+            ImageBuildWorkflow.set_deadline, DeadlineRequest(seconds=args.duration.total_seconds())
+        )
+    except WorkflowUpdateFailedError as err:
+        raise UsageError(f"build {args.name}: {err.cause.message if err.cause else err}") from None
+    assert status.deadline is not None
+    io.out.print(f"build {args.name} now times out at {status.deadline.astimezone():%Y-%m-%d %H:%M:%S}")
+    return EXIT_SUCCEEDED

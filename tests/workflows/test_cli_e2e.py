@@ -11,6 +11,7 @@ import json
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from starter.cli import main
 from tests.fixtures.recording_cloud import RecordingCloud
 from tests.workflows.harness import linux_template
 from worker import run_worker
+from workflows.build import ImageBuildWorkflow
 from workflows.models import TASK_QUEUES, BuildStatus
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
@@ -142,6 +144,26 @@ async def test_cancel_waits_for_cleanup_and_a_second_start_is_refused(
     assert cloud.alive() == []
 
     assert await kiln("watch", name) == 130  # watching a canceled build ends with its exit code
+
+
+async def test_deadline_gives_a_running_build_more_time_or_ends_it(
+    cloud: RecordingCloud, template_file: Path, env: WorkflowEnvironment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = unique("deadline")
+    cloud.inject("customize", "hang", times=1)
+    assert await kiln("build", str(template_file), "--name", name, "--no-wait") == 0
+    await wait_for_step(env.client, name, "customize")
+
+    assert await kiln("deadline", name, "2h") == 0
+    assert f"build {name} now times out at" in capsys.readouterr().out
+    assert await kiln("deadline", name, "1m") == 0
+    status = await env.client.get_workflow_handle(name).query(ImageBuildWorkflow.status)
+    assert status.deadline is not None and status.deadline - status.start_time < timedelta(minutes=2)
+
+    await env.client.get_workflow_handle(name).cancel()
+    assert await kiln("watch", name) == 130
+    assert await kiln("deadline", name, "1h") == 2  # a finished build has no deadline to move
+    assert "has already finished (Canceled); it has no deadline to move" in capsys.readouterr().err
 
 
 async def test_unknown_build_exits_2(cloud: RecordingCloud, capsys: pytest.CaptureFixture[str]) -> None:
