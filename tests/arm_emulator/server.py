@@ -28,6 +28,14 @@ which passes every blob request on to Azurite unchanged (the signed path is the 
 request faults to blob traffic too; those are answered as the blob service answers errors (XML body,
 `x-ms-error-code`).
 
+Copies that outlast their call: a snapshot made with `creationData.createOption` CopyStart (incremental
+only, from a snapshot, usually into another region) is created at once and then reports `completionPercent`
+below 100 for `snapshot_copy_polls` GETs; an image or disk cannot be made from it until then, and an image
+whose source is in another region is refused (400), as in ARM. With `proxy_storage`, a server-side blob copy
+(Put Blob with `x-ms-copy-source`) reports `x-ms-copy-status: pending` for `blob_copy_polls` reads of the
+destination (Azurite itself finishes copies at once). Either setting None keeps the copy going until a test
+sets a number.
+
 Platform images: `platform_images` is the marketplace catalogue that the VirtualMachineImages list
 and get endpoints serve (see `PlatformImage`); a VM created from a catalogue image that has a
 purchase plan must carry that plan, as in ARM.
@@ -216,6 +224,12 @@ class _Operation:
 
 
 @dataclass
+class _BlobCopy:
+    id: str
+    polls: int = 0
+
+
+@dataclass
 class _Request:
     method: str
     path: str
@@ -254,6 +268,7 @@ class ArmEmulator:
     `run_command` (callable `(vm_id, request_body) -> (stdout, stderr)`) and `vhd` (the bytes every
     disk export serves). Blob data goes to `azurite` when given, else to a read-only server built in;
     `proxy_storage` routes storage accounts' blob traffic through the emulator (see the module notes).
+    `snapshot_copy_polls` and `blob_copy_polls` pace copies (see the module notes).
     """
 
     def __init__(
@@ -278,6 +293,9 @@ class ArmEmulator:
         self.guest_factory = guest_factory
         self.run_command = run_command or (lambda vm_id, body: ("", ""))
         self.vhd = fixed_vhd()
+        self.snapshot_copy_polls: int | None = 1
+        self.blob_copy_polls: int | None = 0
+        self._blob_copies: dict[str, _BlobCopy] = {}
         self._port = port
         self._azurite = azurite
         self._proxy_storage = proxy_storage
@@ -388,7 +406,7 @@ class ArmEmulator:
 
     def _route(self, req: _Request) -> _Response:
         if self._is_storage(req):
-            return self._pass_to_azurite(req)
+            return self._blob_copy_status(req, self._pass_to_azurite(req))
         segs = [s for s in req.path.split("/") if s]
         low = [s.lower() for s in segs]
         if low[:1] == ["_blobs"] and len(segs) >= 2 and isinstance(self.blobs, ServedBlobs):
@@ -585,7 +603,10 @@ class ArmEmulator:
             rg = self._require_group(sub, group)
             rid = self._id(sub, group, spec, names)
             if req.method == "GET":
-                return _Response(200, self._render(self._get(rid), req.query.get("$expand")))
+                res = self._get(rid)
+                if "copy_polls" in res.state and res.properties.get("provisioningState") == "Succeeded":
+                    res.state["copy_polls"] += 1
+                return _Response(200, self._render(res, req.query.get("$expand")))
             if req.method == "HEAD":
                 return _Response(204 if rid.lower() in self._store else 404)
             if req.method == "PUT":
@@ -1213,12 +1234,30 @@ class ArmEmulator:
         source = self._check_refs(creation)
         if not source:
             raise ArmError(400, "InvalidParameter", "A snapshot needs creationData.sourceResourceId or sourceUri.")
+        self._check_copied(source)
+        if str(creation.get("createOption", "")).lower() == "copystart":
+            if source[0].type != "Microsoft.Compute/snapshots":
+                raise ArmError(400, "InvalidParameter", "CopyStart copies a snapshot: sourceResourceId must be one.")
+            if res.properties.get("incremental") is not True:
+                raise ArmError(400, "InvalidParameter", "CopyStart is only supported for incremental snapshots.")
+            if existing is None:
+                res.state["copy_polls"] = 0
         res.properties.setdefault("diskSizeGB", source[0].properties.get("diskSizeGB"))
         res.properties.setdefault("osType", source[0].properties.get("osType"))
         res.properties.setdefault("timeCreated", _now())
 
     def _prepare_images(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
         sources = self._check_refs(res.properties)
+        self._check_copied(sources)
+        for source in sources:
+            where = _region_name(str(source.envelope.get("location", "")))
+            if where != _region_name(str(res.envelope["location"])):
+                raise ArmError(
+                    400,
+                    "InvalidParameter",
+                    f"The source {source.id} is in region '{where}', the image in "
+                    f"'{_region_name(str(res.envelope['location']))}': an image's source must be in its region.",
+                )
         vm = next((s for s in sources if s.type == "Microsoft.Compute/virtualMachines"), None)
         if vm is not None:
             if not vm.state.get("generalized"):
@@ -1286,6 +1325,43 @@ class ArmEmulator:
         failed = [e for _, e in res.state["replication"].values() if e]
         if failed:
             raise ArmError(409, failed[0]["code"], failed[0]["message"])
+
+    def _copy_percent(self, res: _Resource) -> float | None:
+        """A CopyStart snapshot's completionPercent, None for any other resource."""
+        if "copy_polls" not in res.state:
+            return None
+        need = self.snapshot_copy_polls
+        if need is not None and res.state["copy_polls"] > need:
+            return 100.0
+        return float(min(99, res.state["copy_polls"] * 100 // ((need or 0) + 1)))
+
+    def _check_copied(self, sources: list[_Resource]) -> None:
+        for source in sources:
+            percent = self._copy_percent(source)
+            if percent is not None and percent < 100:
+                raise _not_allowed(f"The copy of snapshot '{source.id}' is {percent:.0f}% complete; wait for it.")
+
+    def _blob_copy_status(self, req: _Request, resp: _Response) -> _Response:
+        """Azurite finishes a copy before answering; this makes it report pending for `blob_copy_polls` reads
+        of the destination first, as a copy of a large blob does."""
+        header = {k.lower(): k for k in resp.headers}
+        copy_id = resp.headers.get(header.get("x-ms-copy-id", ""))
+        starts = req.method == "PUT" and any(k.lower() == "x-ms-copy-source" for k in req.headers)
+        with self._lock:
+            if starts and copy_id and self.blob_copy_polls != 0:
+                self._blob_copies[req.path] = copy = _BlobCopy(copy_id)
+            elif req.method in ("GET", "HEAD") and not req.raw_query and req.path in self._blob_copies:
+                copy = self._blob_copies[req.path]
+                copy.polls += 1
+            else:
+                return resp
+            need = self.blob_copy_polls
+            if copy_id != copy.id or (need is not None and copy.polls > need):
+                return resp
+        resp.headers[header.get("x-ms-copy-status", "x-ms-copy-status")] = "pending"
+        for name in ("x-ms-copy-completion-time", "x-ms-copy-progress"):
+            resp.headers.pop(header.get(name, name), None)
+        return resp
 
     def _check_refs(self, props: dict[str, Any]) -> list[_Resource]:
         """Resolves every ARM id a request references; a dangling one fails as in ARM."""
@@ -1367,6 +1443,8 @@ class ArmEmulator:
                 if vm.state.get("power") == "deallocated"
                 else "Attached"
             )
+        elif kind == "microsoft.compute/snapshots" and "copy_polls" in res.state:
+            props["completionPercent"] = self._copy_percent(res)
         elif kind == "microsoft.compute/galleries/images/versions" and (expand or "").lower() == "replicationstatus":
             props["replicationStatus"] = self._replication_status(res)
         elif kind == "microsoft.storage/storageaccounts":

@@ -373,6 +373,41 @@ def test_image_snapshot_gallery_and_disk_export(arm: ArmEmulator, az: Clients) -
     assert [v.name for v in compute.gallery_image_versions.list_by_gallery_image("rg1", "gal", "def")] == ["1.0.0"]
 
 
+def test_snapshot_copy_start_to_another_region(arm: ArmEmulator, az: Clients) -> None:
+    """CopyStart makes an incremental snapshot elsewhere that finishes over later GETs; an image is made only from
+    a finished copy in its own region."""
+    vm, _ = make_vm(az)
+    compute = az.compute
+    disk = {"creationData": {"createOption": "Copy", "sourceResourceId": vm.storage_profile.os_disk.managed_disk.id}}
+    snap = compute.snapshots.begin_create_or_update("rg1", "snap", {"location": LOC, "properties": disk}).result()
+    start = {"createOption": "CopyStart", "sourceResourceId": snap.id}
+    with pytest.raises(HttpResponseError, match="incremental"):
+        compute.snapshots.begin_create_or_update(
+            "rg1", "c", {"location": "westus2", "properties": {"creationData": start}}
+        )
+    image = {"osDisk": {"osType": "Linux", "osState": "Generalized", "snapshot": {"id": snap.id}}}
+    with pytest.raises(HttpResponseError) as refused:
+        compute.images.begin_create_or_update(
+            "rg1", "img", {"location": "westus2", "properties": {"storageProfile": image}}
+        )
+    assert refused.value.status_code == 400
+    arm.snapshot_copy_polls = 2
+    body = {"location": "westus2", "properties": {"creationData": start, "incremental": True}}
+    copy = compute.snapshots.begin_create_or_update("rg1", "copy", body).result()  # the LRO's final GET is a poll
+    assert copy.location == "westus2" and copy.completion_percent < 100
+    image["osDisk"]["snapshot"]["id"] = copy.id
+    with pytest.raises(HttpResponseError, match="complete"):
+        compute.images.begin_create_or_update(
+            "rg1", "img", {"location": "westus2", "properties": {"storageProfile": image}}
+        )
+    percents = [compute.snapshots.get("rg1", "copy").completion_percent for _ in range(2)]
+    assert percents[0] < 100 and percents[1] == 100
+    made = compute.images.begin_create_or_update(
+        "rg1", "img", {"location": "westus2", "properties": {"storageProfile": image}}
+    ).result()
+    assert made.location == "westus2"
+
+
 def test_group_delete_deletes_everything_inside(arm: ArmEmulator, az: Clients) -> None:
     make_vm(az, "kiln-build")
     make_group(az, "keep")

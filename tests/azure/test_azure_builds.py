@@ -81,6 +81,26 @@ async def test_corpus_build(harness: AzureHarness, name: str, generation: str) -
     assert b"deprovision" in log and b"exit code 0" in log
 
 
+async def test_managed_image_in_another_region_is_made_from_a_copy_of_the_snapshot(harness: AzureHarness) -> None:
+    cloud = harness.workers[0][2]
+    await prepare(cloud)
+    template = harness.corpus("q0_helloImageTemplateLinux.json")
+    target = template["properties"]["distribute"][0]
+    target["location"] = REGION2
+    status = await harness.finish(await harness.start(template, "q0-region2"))
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    image = next(r for r in harness.arm.resources() if r["id"].lower() == target["imageId"].lower())
+    assert image["location"] == REGION2
+    copies = [
+        c
+        for c in harness.arm.calls
+        if c.method == "PUT" and c.path.endswith(f"/snapshots/{status.build_id}-out0-osdisk")
+    ]
+    assert len(copies) == 1
+    assert [r for r in harness.arm.resources() if r["type"] == "Microsoft.Compute/snapshots"] == []
+    assert temporary(harness.arm) == []
+
+
 async def user_staging_group(cloud: AzureCloud) -> str:
     await cloud.arm.resource.resource_groups.create_or_update("userStaging", {"location": LOCATION})
     return f"/subscriptions/{SUB}/resourceGroups/userStaging"

@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
@@ -277,7 +278,9 @@ def template(h: AzureHarness, *, step: Step | None = None, script: str = "", sta
                 "type": "ManagedImage",
                 "runOutputName": "managed",
                 "imageId": f"{compute}/images/golden",
-                "location": LOCATION,
+                # Another region than the build's: the image is made from a copy of the snapshot, which the
+                # cleanup after any fault must remove too.
+                "location": REGION2,
             },
             {
                 "type": "SharedImage",
@@ -545,3 +548,62 @@ async def test_a_build_resumes_on_a_new_worker_when_its_worker_is_killed_at_any_
             s.assert_clean(status)
 
     await check_all({step.slug: run(step) for step in STEPS})
+
+
+async def test_a_worker_killed_mid_copy_leaves_the_copies_to_the_next_one(
+    client: Client, blob_account: str, directory: Path
+) -> None:
+    """A worker SIGKILLed while the snapshot's copy into the managed image's region and the VHD's server-side
+    blob copy are both still running: the next worker waits for those same copies instead of starting new ones."""
+    step = next(s for s in STEPS if s.slug == "distribute")
+    async with scenario(client, blob_account, directory / "copies", step, worker=False) as s:
+        vhd = f"{s.arm.base_url}{urlsplit(blob_account).path}/vhds/{uuid.uuid4().hex}.vhd"
+        built = s.template()
+        built["properties"]["distribute"][2]["uri"] = vhd
+        vhd_path = urlsplit(vhd).path
+        s.arm.snapshot_copy_polls = None
+        s.arm.blob_copy_polls = None
+
+        def polls() -> tuple[int, int]:
+            """GETs of the snapshot copy and reads of the VHD blob so far."""
+            calls = list(s.arm.calls)
+            return (
+                sum(c.method == "GET" and c.path.endswith("-out0-osdisk") for c in calls),
+                sum(c.method == "HEAD" and c.path == vhd_path for c in calls),
+            )
+
+        async def until_polled_past(before: tuple[int, int]) -> None:
+            async with asyncio.timeout(180):
+                while not all(now > then for now, then in zip(polls(), before, strict=True)):
+                    await asyncio.sleep(0.2)
+
+        async def resume_points_recorded(handle: WorkflowHandle[Any, Any]) -> None:
+            """Both copies' ids have reached Temporal as their activities' heartbeat details."""
+            async with asyncio.timeout(60):
+                while True:
+                    pending = (await handle.describe()).raw_description.pending_activities
+                    details = [b"".join(p.data for p in a.heartbeat_details.payloads) for a in pending]
+                    if sum(b'"copy"' in d for d in details) == 2:
+                        return
+                    await asyncio.sleep(0.2)
+
+        async with worker_process(s) as first:
+            handle = await s.start(built, "kill-copies")
+            await until_polled_past((0, 0))
+            await resume_points_recorded(handle)
+            first.kill()
+            await first.wait()
+        async with worker_process(s):
+            await until_polled_past(polls())  # the new worker is waiting on the copies
+            s.arm.snapshot_copy_polls = 0
+            s.arm.blob_copy_polls = 0
+            status = await s.h.finish(handle)
+        assert status.run_state == RunState.SUCCEEDED, status.message
+        assert await retried_activities(handle) == {"distribute"}
+        copy_puts = [c for c in s.arm.calls if c.method == "PUT" and c.path.endswith("-out0-osdisk")]
+        assert len(copy_puts) == 1, "the snapshot copy was started over, not picked up"
+        blob_puts = [c for c in s.arm.calls if c.method == "PUT" and c.path == vhd_path]
+        assert len(blob_puts) == 1, "the blob copy was started over, not picked up"
+        image = next(r for r in s.arm.resources() if r["id"].endswith("/images/golden"))
+        assert image["location"] == REGION2
+        s.assert_clean(status)

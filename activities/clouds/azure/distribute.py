@@ -1,8 +1,9 @@
 """Distribution on Azure: a managed image, a gallery image version (replicated per region), or a VHD blob.
 
-Replication can outlast a worker, so a gallery version records the SDK poller's continuation token as its
-resume point; the retry on another worker picks the same operation up from it instead of sending the PUT again.
-Success is judged by the version itself: one whose replication finished after the poller gave up still counts.
+Replication and copies can outlast a worker, so each records a resume point: a gallery version the SDK poller's
+continuation token, a managed image in another region the id of the snapshot's copy there, a VHD the server-side
+blob copy's id. The retry on another worker picks the same operation up from it instead of starting another.
+Success is judged by the resource itself: a version whose replication finished after the poller gave up counts.
 """
 
 from __future__ import annotations
@@ -16,7 +17,17 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from activities.clouds.azure import storage
 from activities.clouds.azure.clients import ArmClients, BlobClients, split_blob_url
 from activities.clouds.azure.errors import arm_call, permanent
-from activities.clouds.azure.names import ROLE_OUTPUT, TAG_BUILD_ID, VHD_CONTAINER, base_tags, parse_id
+from activities.clouds.azure.names import (
+    ROLE_OUTPUT,
+    ROLE_TEMPORARY,
+    TAG_BUILD_ID,
+    VHD_CONTAINER,
+    base_tags,
+    parse_id,
+    region_key,
+    snapshot_copy_name,
+    staging_group,
+)
 from activities.clouds.azure.vm import AzureVms, lro
 from activities.clouds.base import PermanentError
 from activities.clouds.local.storage import next_version, parse_version
@@ -55,7 +66,7 @@ class AzureDistribution:
     ) -> RunOutput:
         target = request.target
         if isinstance(target, ManagedImageDistributor):
-            return await self._managed_image(request, target)
+            return await self._managed_image(request, target, resume or {}, progress)
         if isinstance(target, SharedImageDistributor):
             return await self._shared_image(request, target, resume or {}, progress)
         assert isinstance(target, VhdDistributor)
@@ -63,10 +74,19 @@ class AzureDistribution:
 
     # ---- managed image
 
-    async def _managed_image(self, request: DistributeRequest, target: ManagedImageDistributor) -> RunOutput:
+    async def _managed_image(
+        self,
+        request: DistributeRequest,
+        target: ManagedImageDistributor,
+        resume: dict[str, Any],
+        progress: Callable[[dict[str, Any]], None],
+    ) -> RunOutput:
+        """A managed image of the captured snapshot; in another region, of the snapshot's copy there, which is
+        deleted once the image stands (ARM makes an image only from a source in the image's own region)."""
         field = f"properties.distribute[{request.index}].imageId"
         ref = parse_id(target.image_id, field=field)
         images = self._arm.compute.images
+        elsewhere = region_key(target.location) != region_key(request.build.location)
         async with arm_call(f"{field} {target.image_id}", needs="Microsoft.Compute/images/write"):
             try:
                 existing = await images.get(ref.group, ref.name)
@@ -74,27 +94,100 @@ class AzureDistribution:
                 existing = None
             if existing is not None and (existing.tags or {}).get(TAG_BUILD_ID) != request.build.build_id:
                 raise PermanentError(f"{field}: the managed image {target.image_id} already exists", kind="ImageExists")
-            await lro(
-                images.begin_create_or_update(
-                    ref.group,
-                    ref.name,
-                    {
-                        "location": target.location,
-                        "tags": output_tags(request),
-                        "properties": {
-                            "hyperVGeneration": request.image.hyper_v_generation,
-                            "storageProfile": {
-                                "osDisk": {
-                                    "osType": request.source.os_type,
-                                    "osState": "Generalized",
-                                    "snapshot": {"id": request.image.uri},
-                                }
+        if existing is None or existing.provisioning_state != "Succeeded":
+            source = request.image.uri
+            if elsewhere:
+                source = await self._regional_copy(request, target, resume, progress)
+            async with arm_call(f"{field} {target.image_id}", needs="Microsoft.Compute/images/write"):
+                await lro(
+                    images.begin_create_or_update(
+                        ref.group,
+                        ref.name,
+                        {
+                            "location": target.location,
+                            "tags": output_tags(request),
+                            "properties": {
+                                "hyperVGeneration": request.image.hyper_v_generation,
+                                "storageProfile": {
+                                    "osDisk": {
+                                        "osType": request.source.os_type,
+                                        "osState": "Generalized",
+                                        "snapshot": {"id": source},
+                                    }
+                                },
                             },
                         },
-                    },
+                    )
                 )
-            )
+        if elsewhere:
+            await self._delete_copy(request.build, request.index)
         return RunOutput(run_output_name=target.run_output_name, type="ManagedImage", artifact_id=target.image_id)
+
+    async def _regional_copy(
+        self,
+        request: DistributeRequest,
+        target: ManagedImageDistributor,
+        resume: dict[str, Any],
+        progress: Callable[[dict[str, Any]], None],
+    ) -> str:
+        """Copy the captured snapshot into the target's region (CopyStart, which takes incremental snapshots only)
+        and wait for the data to arrive. The copy lives in the staging group, named from the build and tagged
+        with it, so a retry finds it and cleanup removes one left half-made."""
+        if resume.get("copy"):
+            ref = parse_id(resume["copy"], field="the resume point")
+            group, name = ref.group, ref.name
+        else:
+            group = staging_group(request.build, self._arm.subscription_id).name
+            name = snapshot_copy_name(request.build.build_id, request.index)
+        snapshots = self._arm.compute.snapshots
+        async with arm_call(f"snapshot {name} in {target.location}", needs="Microsoft.Compute/snapshots/write"):
+            try:
+                copy = await snapshots.get(group, name)
+            except ResourceNotFoundError:
+                copy = None
+            if copy is not None and (copy.provisioning_state == "Failed" or copy.copy_completion_error):
+                await self._delete_copy(request.build, request.index)
+                copy = None
+            if copy is None:
+                copy = await lro(
+                    snapshots.begin_create_or_update(
+                        group,
+                        name,
+                        {
+                            "location": target.location,
+                            "tags": {
+                                **base_tags(request.build, role=ROLE_TEMPORARY),
+                                TAG_OUTPUT_INDEX: str(request.index),
+                            },
+                            "sku": {"name": "Standard_LRS"},
+                            "properties": {
+                                "creationData": {"createOption": "CopyStart", "sourceResourceId": request.image.uri},
+                                "incremental": True,
+                            },
+                        },
+                    )
+                )
+            progress({"copy": copy.id})
+            while (copy.completion_percent or 0) < 100:
+                if copy.copy_completion_error:
+                    error = copy.copy_completion_error
+                    raise RuntimeError(f"copying the snapshot to {target.location} failed: {error.error_message}")
+                await asyncio.sleep(COPY_POLL_SECONDS)
+                copy = await snapshots.get(group, name)
+        return copy.id
+
+    async def _delete_copy(self, build: BuildContext, index: int) -> None:
+        group = staging_group(build, self._arm.subscription_id).name
+        name = snapshot_copy_name(build.build_id, index)
+        snapshots = self._arm.compute.snapshots
+        try:
+            copy = await snapshots.get(group, name)
+        except ResourceNotFoundError:
+            return
+        if (copy.tags or {}).get(TAG_BUILD_ID) == build.build_id:
+            await self._vms.delete(
+                f"snapshot {name}", "Microsoft.Compute/snapshots", lambda: snapshots.begin_delete(group, name)
+            )
 
     # ---- gallery image version
 
@@ -231,26 +324,35 @@ class AzureDistribution:
         resume: dict[str, Any],
         progress: Callable[[dict[str, Any]], None],
     ) -> RunOutput:
-        """Export the OS-disk snapshot (a read SAS) and copy it server-side to the target blob."""
+        """Export the OS-disk snapshot (a read SAS) and copy it server-side to the target blob. The copy runs in
+        the blob service, not here: a retry whose resume point names the copy the destination still reports
+        (pending or done) waits for that one instead of starting another."""
         snapshot = parse_id(request.image.uri, field="the captured snapshot")
         snapshots = self._arm.compute.snapshots
         url = await self._vhd_url(request.build, target)
         blob = self._blobs.blob(url)
-        if resume.get("blob") == url:
-            props = await blob.get_blob_properties()
-            if props.copy.status == "success":
-                return self._vhd_output(target, url)
-        async with arm_call(f"snapshot {snapshot.name}", needs="Microsoft.Compute/snapshots/beginGetAccess/action"):
-            access = await lro(
-                snapshots.begin_grant_access(
-                    snapshot.group, snapshot.name, {"access": "Read", "durationInSeconds": SAS_SECONDS}
-                )
+        attached = False
+        if resume.get("blob") == url and resume.get("copy"):
+            try:
+                props = await blob.get_blob_properties()
+            except ResourceNotFoundError:
+                props = None
+            attached = (
+                props is not None and props.copy.id == resume["copy"] and props.copy.status in ("pending", "success")
             )
+        if not attached:
+            async with arm_call(f"snapshot {snapshot.name}", needs="Microsoft.Compute/snapshots/beginGetAccess/action"):
+                access = await lro(
+                    snapshots.begin_grant_access(
+                        snapshot.group, snapshot.name, {"access": "Read", "durationInSeconds": SAS_SECONDS}
+                    )
+                )
         try:
-            account_url, container, _ = split_blob_url(url)
-            await storage.ensure_container(self._blobs, f"{account_url}/{container}")
-            copy = await blob.start_copy_from_url(access.access_sas)
-            progress({"blob": url, "copy": copy.get("copy_id")})
+            if not attached:
+                account_url, container, _ = split_blob_url(url)
+                await storage.ensure_container(self._blobs, f"{account_url}/{container}")
+                copy = await blob.start_copy_from_url(access.access_sas)
+                progress({"blob": url, "copy": copy.get("copy_id")})
             while (props := await blob.get_blob_properties()).copy.status == "pending":
                 await asyncio.sleep(COPY_POLL_SECONDS)
             if props.copy.status != "success":
@@ -258,6 +360,7 @@ class AzureDistribution:
                     f"copying the VHD to {url} ended {props.copy.status}: {props.copy.status_description}"
                 )
         finally:
+            # Also after a re-attach: the worker that granted the SAS died before revoking it.
             await lro(snapshots.begin_revoke_access(snapshot.group, snapshot.name))
         return self._vhd_output(target, url)
 
@@ -276,13 +379,14 @@ class AzureDistribution:
             try:
                 image = await compute.images.get(ref.group, ref.name)
             except ResourceNotFoundError:
-                return
-            if (image.tags or {}).get(TAG_BUILD_ID) == build.build_id:
+                image = None
+            if image is not None and (image.tags or {}).get(TAG_BUILD_ID) == build.build_id:
                 await self._vms.delete(
                     f"image {ref.name}",
                     "Microsoft.Compute/images",
                     lambda: compute.images.begin_delete(ref.group, ref.name),
                 )
+            await self._delete_copy(build, index)
         elif isinstance(target, SharedImageDistributor):
             ref = parse_id(target.gallery_image_id, field=f"properties.distribute[{index}].galleryImageId")
             group, gallery, definition = ref.group, ref.path[1], ref.path[3]

@@ -128,6 +128,16 @@ def snapshot_name(image_name: str) -> str:
     return f"{image_name}-osdisk"
 
 
+def snapshot_copy_name(build_id: str, index: int) -> str:
+    """The captured snapshot's copy in a distribution target's region: one per target, found again by a retry."""
+    return f"{build_id}-out{index}-osdisk"
+
+
+def region_key(location: str) -> str:
+    """ARM takes "West US 2" and "westus2" for the same region."""
+    return location.replace(" ", "").lower()
+
+
 @dataclass(frozen=True)
 class ResourceId:
     subscription: str
