@@ -314,7 +314,7 @@ async def in_flight(harness: AzureHarness, target: str, count: int, sleep: int) 
 async def main(builds: int, count: int, sleep: int) -> None:
     with tempfile.TemporaryDirectory(prefix="kiln-bench-azure-") as scratch_dir:
         scratch = Path(scratch_dir)
-        if not guests_supported(scratch):
+        if not await guests_supported(scratch):
             raise SystemExit("real SSH guests need root and overlayfs over /")
         azurite = await local_azurite.start_azurite(location=scratch / "azurite", port=free_port())
         guests = Guests(scratch / "guests", os.urandom(32))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,7 +18,8 @@ from tests.azure.environment import Guests, guests_supported, make_arm, make_clo
 
 @pytest.fixture
 def guests(tmp_path: Path) -> Iterator[Guests]:
-    if not guests_supported(tmp_path):
+    # Sync: Guests serves the emulator's thread with event loops of its own.
+    if not asyncio.run(guests_supported(tmp_path)):
         pytest.skip("real SSH guests need root and overlayfs over /")
     guests = Guests(tmp_path / "guests", os.urandom(32))
     yield guests

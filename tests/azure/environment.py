@@ -15,9 +15,6 @@ import asyncio
 import hashlib
 import json
 import os
-import shutil
-import subprocess
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +25,7 @@ from temporalio.client import Client, WorkflowHandle
 from activities.clouds.azure import AzureCloud
 from activities.clouds.local import azurite as local_azurite
 from activities.clouds.local.store import ResourceStore
-from activities.clouds.local.vm import LocalVms, _Layer
+from activities.clouds.local.vm import LocalVms, _Layer, overlay_works
 from tests.arm_emulator import (
     ArmEmulator,
     Azurite,
@@ -141,35 +138,9 @@ class AzureLikeVms(LocalVms):
             layer.write(f"usr/local/bin/{name}", text.encode(), mode=0o755)
 
 
-def guests_supported(state: Path) -> bool:
+async def guests_supported(state: Path) -> bool:
     """Real guests need root and an overlay whose lower layer is /."""
-    return os.geteuid() == 0 and overlay_on_root_works(state)
-
-
-def overlay_on_root_works(state: Path) -> bool:
-    probe = Path(tempfile.mkdtemp(dir=state))
-    for sub in ("u", "w", "m"):
-        (probe / sub).mkdir()
-    try:
-        done = subprocess.run(
-            [
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "mount",
-                "-t",
-                "overlay",
-                "probe",
-                "-o",
-                f"lowerdir=/,upperdir={probe / 'u'},workdir={probe / 'w'}",
-                str(probe / "m"),
-            ],
-            capture_output=True,
-        )
-        return done.returncode == 0
-    finally:
-        shutil.rmtree(probe, ignore_errors=True)
+    return os.geteuid() == 0 and await overlay_works(Path("/"), state)
 
 
 class Guests:

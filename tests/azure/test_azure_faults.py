@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import pytest_asyncio
 from azure.core.exceptions import ResourceNotFoundError
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
@@ -405,9 +406,9 @@ def drop_ssh(host: str) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture
-def directory(tmp_path: Path) -> Path:
-    if not guests_supported(tmp_path):
+@pytest_asyncio.fixture
+async def directory(tmp_path: Path) -> Path:
+    if not await guests_supported(tmp_path):
         pytest.skip("real SSH guests need root and overlayfs over /")
     return tmp_path
 

@@ -142,7 +142,7 @@ class LocalVms:
                     "folder": str(folder.path),
                     "hyperVGeneration": spec.source.hyper_v_generation,
                     "vmSize": limits.size,
-                    "lower": str(base) if await _overlay_works(base, self._vms) else None,
+                    "lower": str(base) if await overlay_works(base, self._vms) else None,
                 }
                 # Recorded before anything is made: a worker that dies from here on leaves a record to clean up by.
                 await asyncio.to_thread(
@@ -478,7 +478,7 @@ def _namespace_has_processes(namespace: int) -> bool:
     return False
 
 
-async def _overlay_works(base: Path, vms: Path) -> bool:
+async def overlay_works(base: Path, vms: Path) -> bool:
     """Whether overlayfs stacks a VM's layer on ``base`` here; the probe mount vanishes with its namespace."""
     probe = vms / f".overlay-probe-{os.getpid()}-{id(base)}"
     for sub in ("upper", "work", "merged"):
