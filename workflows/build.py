@@ -257,23 +257,18 @@ class ImageBuildWorkflow:
         vm = await self._create_vm(context, staging, source, source.image_id, template, "build")
 
         self._set_sub_state(RunSubState.CUSTOMIZING)
-        for index, step in enumerate(props.customize):
-            label = f"customize {index + 1}/{len(props.customize)}: {step.name or step.type}"
-            request = GuestScriptRequest(
-                build=context,
-                staging=staging,
-                vm=vm,
-                index=index,
-                label=label,
-                step=step,
-                staged=staged_for(f"properties.customize[{index}]", staged_by_field),
+        for index in range(len(props.customize)):
+            request = guest_request(
+                context, staging, vm, "customize", "properties.customize", props.customize, index, staged_by_field
             )
             try:
-                await self._step(label, CustomizeActivities.run_customizer, request, timeout=props.build_timeout)
+                await self._step(
+                    request.label, CustomizeActivities.run_customizer, request, timeout=props.build_timeout
+                )
             except ActivityError as err:
                 if props.error_handling.on_customizer_error == "abort" and not is_cancelled_exception(err):
                     self._abort_keeps = {vm.name}
-                    raise BuildAborted(label) from None
+                    raise BuildAborted(request.label) from None
                 raise
 
         await self._step(
@@ -353,18 +348,18 @@ class ImageBuildWorkflow:
         assert validation is not None
         self._set_sub_state(RunSubState.VALIDATING)
         vm = await self._create_vm(context, staging, source, image_id, template, "validation")
-        for index, step in enumerate(validation.in_vm_validations):
-            label = f"validate {index + 1}/{len(validation.in_vm_validations)}: {step.name or step.type}"
-            request = GuestScriptRequest(
-                build=context,
-                staging=staging,
-                vm=vm,
-                index=index,
-                label=label,
-                step=step,
-                staged=staged_for(f"properties.validate.inVMValidations[{index}]", staged_by_field),
-                log_name="validation.log",
+        for index in range(len(validation.in_vm_validations)):
+            request = guest_request(
+                context,
+                staging,
+                vm,
+                "validate",
+                "properties.validate.inVMValidations",
+                validation.in_vm_validations,
+                index,
+                staged_by_field,
             )
+            label = request.label
             try:
                 await self._step(
                     label, CustomizeActivities.run_customizer, request, timeout=template.properties.build_timeout
@@ -635,6 +630,30 @@ def artifacts_of(template: ImageTemplate) -> list[Artifact]:
                 Artifact(source_uri=step.source_uri, sha256=step.sha256_checksum, field=f"{path}.sourceUri")
             )
     return artifacts
+
+
+def guest_request(
+    context: BuildContext,
+    staging: Staging,
+    vm: BuildVm,
+    verb: str,
+    path: str,
+    steps: list[Any],
+    index: int,
+    staged_by_field: dict[str, StagedArtifact],
+) -> GuestScriptRequest:
+    """The request that runs ``steps[index]`` (a customizer, or a validator into validation.log) on ``vm``."""
+    step = steps[index]
+    return GuestScriptRequest(
+        build=context,
+        staging=staging,
+        vm=vm,
+        index=index,
+        label=f"{verb} {index + 1}/{len(steps)}: {step.name or step.type}",
+        step=step,
+        staged=staged_for(f"{path}[{index}]", staged_by_field),
+        log_name="validation.log" if verb == "validate" else "customization.log",
+    )
 
 
 def staged_for(path: str, staged_by_field: dict[str, StagedArtifact]) -> list[StagedArtifact]:
