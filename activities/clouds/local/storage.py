@@ -383,6 +383,10 @@ class LocalStorage:
         """Run a store call off the event loop: sqlite waits on disk and on other processes' locks."""
         return await asyncio.to_thread(call, *args, **kwargs)
 
+    async def _record_blob(self, url: str, build_id: str, *, tags: dict[str, str], data: dict[str, Any]) -> None:
+        """Record a blob before it is written: a worker that dies between the two leaves nothing unrecorded."""
+        await self._db(self.store.record, url, kind=KIND_BLOB, build_id=build_id, tags=tags, data=data)
+
     async def _delete_blob(self, url: str) -> None:
         with suppress(ResourceNotFoundError):
             await self._blob_at(url).delete_blob(delete_snapshots="include")
@@ -471,11 +475,9 @@ class LocalStorage:
         digest = hashlib.sha256(data).hexdigest()
         name = f"{re.sub(r'[^A-Za-z0-9._-]+', '-', artifact.field).strip('-')}-{digest[:12]}"
         blob = self._blob_at(f"{staging.storage_uri}/{name}")
-        await self._db(
-            self.store.record,
+        await self._record_blob(
             blob.url,
-            kind=KIND_BLOB,
-            build_id=build.build_id,
+            build.build_id,
             tags=kiln_tags(build.build_id, role=ROLE_TEMPORARY, extra=build.managed_resource_tags),
             data={"container": staging.storage_uri, "sourceUri": artifact.source_uri},
         )
@@ -487,11 +489,9 @@ class LocalStorage:
 
     async def open_log(self, build: BuildContext, staging: Staging, name: str) -> AppendLog:
         blob = self._blob_at(f"{staging.log_uri_prefix.rstrip('/')}/{name}")
-        await self._db(
-            self.store.record,
+        await self._record_blob(
             blob.url,
-            kind=KIND_BLOB,
-            build_id=build.build_id,
+            build.build_id,
             tags=kiln_tags(build.build_id, role=ROLE_LOG, extra=build.managed_resource_tags),
             data={"container": LOGS_CONTAINER},
         )
@@ -607,11 +607,9 @@ class LocalStorage:
             if owner != build.build_id:
                 raise PermanentError(f"{field}: a blob already exists at {blob.url}", kind="BlobAlreadyExists")
         path = _file_path(request.image.uri)
-        await self._db(
-            self.store.record,
+        await self._record_blob(
             blob.url,
-            kind=KIND_BLOB,
-            build_id=build.build_id,
+            build.build_id,
             tags=self._output_tags(request),
             data=self._output_data(request, state=CREATING, container=f"{account}/{container}"),
         )
@@ -649,11 +647,9 @@ class LocalStorage:
         await self._ensure_container(account, IMAGES_CONTAINER)
         name = f"{m['sub']}/{m['rg']}/{m['name']}-{_short_id(build.build_id)}.vhd".lower()
         blob = self._blob(account, IMAGES_CONTAINER, name)
-        await self._db(
-            self.store.record,
+        await self._record_blob(
             blob.url,
-            kind=KIND_BLOB,
-            build_id=build.build_id,
+            build.build_id,
             tags=self._output_tags(request),
             data=self._output_data(request, state=CREATING, parent=_key(target.image_id)),
         )
@@ -850,11 +846,9 @@ class LocalStorage:
                         entry["status"] = "Pending"
         for entry in plan.values():
             for url in entry["blobs"]:
-                await self._db(
-                    self.store.record,
+                await self._record_blob(
                     url,
-                    kind=KIND_BLOB,
-                    build_id=build.build_id,
+                    build.build_id,
                     tags=self._output_tags(request),
                     data=self._output_data(request, state=CREATING, parent=record.id),
                 )
