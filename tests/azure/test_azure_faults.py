@@ -548,8 +548,7 @@ async def test_a_build_resumes_on_a_new_worker_when_its_worker_is_killed_at_any_
                 assert len(puts) == 1, "replication was started over, not picked up"
             s.assert_clean(status)
 
-    # Each scenario runs two worker processes and a guest: five at a time keeps two cores answering Temporal.
-    await check_all({step.slug: run(step) for step in STEPS}, at_once=5)
+    await check_all({step.slug: run(step) for step in STEPS})
 
 
 async def test_a_worker_killed_mid_copy_leaves_the_copies_to_the_next_one(

@@ -165,16 +165,9 @@ async def serving(client: Client, directory: Path) -> AsyncIterator[Harness]:
         await worker
 
 
-async def check_all(scenarios: dict[str, Coroutine[Any, Any, None]], *, at_once: int | None = None) -> None:
-    """Run the scenarios together (their waiting overlaps), ``at_once`` at a time where each is heavy (worker
-    processes, guests) on a small machine, and fail naming every one that failed."""
-    limit = asyncio.Semaphore(at_once or len(scenarios) or 1)
-
-    async def limited(scenario: Coroutine[Any, Any, None]) -> None:
-        async with limit:
-            await scenario
-
-    results = await asyncio.gather(*(limited(s) for s in scenarios.values()), return_exceptions=True)
+async def check_all(scenarios: dict[str, Coroutine[Any, Any, None]]) -> None:
+    """Run the scenarios at once (their waiting overlaps) and fail naming every one that failed."""
+    results = await asyncio.gather(*scenarios.values(), return_exceptions=True)
     failures = [
         f"{name}: {type(result).__name__}: {result}"
         for name, result in zip(scenarios, results, strict=True)
