@@ -112,7 +112,7 @@ from activities.clouds.local import azurite as local_azurite
 from tests.arm_emulator import Call
 from tests.azure.environment import AzureHarness, Guests, guests_supported, make_arm, make_cloud, prepare
 from tests.conftest import temporal_cli
-from tests.local.azurite_fixture import free_port
+from tests.ports import free_port
 from worker import run_worker
 from workflows.models import SEARCH_ATTRIBUTES, BuildStatus, RunState
 

@@ -28,9 +28,9 @@ from activities.clouds.local.azurite import start_azurite
 from activities.clouds.local.images import OFFERS
 from activities.clouds.local.store import ResourceStore
 from tests.conftest import temporal_cli
-from tests.local.azurite_fixture import free_port
 from tests.local.builds import FileServer, serving
 from tests.local.conftest import TEST_HOME
+from tests.ports import free_port
 from workflows.models import SEARCH_ATTRIBUTES, BuildStatus, RunState
 
 PROJECT = Path(__file__).resolve().parents[1]

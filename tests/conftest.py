@@ -7,11 +7,13 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 import pytest_asyncio
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from tests.ports import free_port
 from workflows.models import SEARCH_ATTRIBUTES
 
 # Fixtures shared across folders: builds on the recording cloud, and the session's Azurite.
@@ -26,16 +28,28 @@ def temporal_cli() -> str:
     return found
 
 
+@pytest.fixture(scope="session")
+def web_ui_port() -> int:
+    return free_port()
+
+
 @pytest_asyncio.fixture(scope="session")
-async def env() -> AsyncIterator[WorkflowEnvironment]:
+async def env(web_ui_port: int) -> AsyncIterator[WorkflowEnvironment]:
     async with await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_cli(),
         data_converter=pydantic_data_converter,
         search_attributes=SEARCH_ATTRIBUTES,
-        ui=False,
+        ui=True,
+        ui_port=web_ui_port,
         dev_server_log_level="error",
     ) as env:
         yield env
+
+
+@pytest.fixture
+def web_ui(env: WorkflowEnvironment, web_ui_port: int) -> str:
+    """The address of the session server's Web UI."""
+    return f"http://127.0.0.1:{web_ui_port}"
 
 
 @pytest_asyncio.fixture

@@ -922,12 +922,6 @@ async def test_async_clients_create_poll_and_delete(arm: ArmEmulator) -> None:
 # ---------------------------------------------------------------------------------------------- Azurite
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def emulator_azurite(azurite: local_azurite.Azurite) -> Azurite:  # noqa: F811
     """The session's Azurite, seen through its staging account."""

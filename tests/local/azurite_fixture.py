@@ -6,7 +6,6 @@ The root conftest loads these fixtures for every test folder.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,14 +15,9 @@ import pytest_asyncio
 from activities.clouds.local.azurite import Azurite, start_azurite
 from activities.clouds.local.storage import LocalStorage
 from activities.clouds.local.store import ResourceStore
+from tests.ports import free_port
 
 PROJECT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -36,6 +36,7 @@ from activities.clouds.local.store import (
     ResourceStore,
 )
 from tests.local.vhd_files import sent_pages, used_pages, write_vhd
+from tests.ports import free_port
 from workflows.models import (
     Artifact,
     BuildContext,
@@ -189,9 +190,7 @@ async def test_start_azurite_reuses_a_running_one(azurite: Azurite) -> None:
 
 
 async def test_azurite_keeps_its_data_across_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("KILN_AZURITE_ENDPOINT", f"http://127.0.0.1:{port}")
     first = await start_azurite(location=tmp_path)  # host and port from KILN_AZURITE_ENDPOINT
     assert first.owned and first.endpoint == azurite_mod.endpoint()
