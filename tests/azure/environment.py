@@ -55,6 +55,9 @@ PLATFORM_IMAGES = {
     ("Canonical", "0001-com-ubuntu-server-focal", "20_04-lts-gen2"): PlatformImage(
         versions=["20.04.202402010", "20.04.202310250"], hyper_v_generation="V2"
     ),
+    ("MicrosoftWindowsServer", "WindowsServer", "2022-datacenter-azure-edition"): PlatformImage(
+        versions=["20348.2227.240104"], os_type="Windows", hyper_v_generation="V2"
+    ),
 }
 
 # The guest's agent and tools, as far as the corpus templates use them.

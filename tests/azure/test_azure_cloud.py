@@ -12,10 +12,11 @@ import pytest
 
 from activities.clouds.azure import AzureCloud
 from activities.clouds.azure.names import staging_group_name, storage_account_name
+from activities.clouds.azure.vm import platform_image_id, windows_password
 from activities.clouds.base import PermanentError
-from tests.arm_emulator import ArmEmulator
+from tests.arm_emulator import ArmEmulator, GuestEndpoint, GuestSpec
 from tests.azure.environment import LOCATION, SUB, Guests, kiln_resources
-from workflows.models import Artifact, BuildContext, VmSpec
+from workflows.models import Artifact, BuildContext, ResolvedSource, VmSpec
 from workflows.template import VmProfile, parse_template
 
 
@@ -77,6 +78,72 @@ async def test_resolve_unknown_image_is_permanent(cloud: AzureCloud) -> None:
             build_context(),
             template({"type": "PlatformImage", "publisher": "Nobody", "offer": "x", "sku": "y", "version": "latest"}),
         )
+
+
+async def test_a_windows_source_is_refused_when_resolved(cloud: AzureCloud) -> None:
+    windows = {
+        "type": "PlatformImage",
+        "publisher": "MicrosoftWindowsServer",
+        "offer": "WindowsServer",
+        "sku": "2022-datacenter-azure-edition",
+        "version": "latest",
+    }
+    with pytest.raises(PermanentError, match=r"properties.source: .*WindowsServer.* is a Windows image") as caught:
+        await cloud.resolve_source(build_context(), template(windows))
+    assert caught.value.type == "UnsupportedOsType"
+
+
+async def test_a_windows_vm_gets_a_derived_password_and_a_pinned_winrm_listener(
+    cloud: AzureCloud, arm: ArmEmulator
+) -> None:
+    """The Windows build VM that WinRM sessions will use: an admin password derived from the worker secret (never
+    in the activity's result), WinRM over HTTPS turned on through the guest agent, its certificate pinned."""
+    booted: list[GuestSpec] = []
+    thumbprint = "0123456789abcdef0123456789abcdef01234567"
+
+    def boot(spec: GuestSpec) -> GuestEndpoint:
+        booted.append(spec)
+        return GuestEndpoint(port=5986)
+
+    def run_command(vm_id: str, body: dict) -> tuple[str, str]:
+        script = "\n".join(body["script"])
+        if body["commandId"] == "RunPowerShellScript" and "kiln-winrm-https" in script:
+            return f"WinRM HTTPS listener ready\n{thumbprint}\n", ""
+        return "", f"unexpected run command: {script}"
+
+    arm.guest_factory, arm.run_command = boot, run_command
+    build = build_context()
+    staging = await cloud.create_staging(build)
+    source = ResolvedSource(
+        image_id=platform_image_id(
+            SUB,
+            LOCATION,
+            "MicrosoftWindowsServer",
+            "WindowsServer",
+            "2022-datacenter-azure-edition",
+            "20348.2227.240104",
+        ),
+        exact_version="20348.2227.240104",
+        os_type="Windows",
+        hyper_v_generation="V2",
+    )
+    spec = VmSpec(
+        name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source, vm_profile=VmProfile()
+    )
+    vm = await cloud.create_vm(build, staging, spec)
+
+    assert (vm.os_type, vm.port, vm.host_key) == ("Windows", 5986, f"winrm-sha1:{thumbprint.upper()}")
+    [guest] = booted
+    assert guest.os_type == "Windows" and guest.ssh_public_keys == ()
+    assert guest.admin_password == windows_password(cloud._secret, build.build_id)
+    assert guest.admin_password not in vm.model_dump_json()
+    machine = next(r for r in kiln_resources(arm) if r["type"] == "Microsoft.Compute/virtualMachines")
+    assert machine["properties"]["hardwareProfile"]["vmSize"] == "Standard_D2ds_v4"  # Gen2's default
+    assert "adminPassword" not in machine["properties"]["osProfile"]
+
+    await cloud.delete_vm(build, vm.name)
+    await cloud.delete_staging(build)
+    assert kiln_resources(arm) == []
 
 
 async def test_staging_create_twice_delete_twice(cloud: AzureCloud, arm: ArmEmulator) -> None:

@@ -7,8 +7,8 @@ import logging
 import os
 import re
 import urllib.request
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
@@ -227,11 +227,20 @@ class AzureCloud:
     async def resolve_source(self, build: BuildContext, template: ImageTemplate) -> ResolvedSource:
         source = template.properties.source
         if isinstance(source, PlatformImageSource):
-            return await self._resolve_platform(build, source)
-        if isinstance(source, ManagedImageSource):
-            return await self._resolve_managed(source)
-        assert isinstance(source, SharedImageVersionSource)
-        return await self._resolve_gallery(source)
+            resolved = await self._resolve_platform(build, source)
+        elif isinstance(source, ManagedImageSource):
+            resolved = await self._resolve_managed(source)
+        else:
+            assert isinstance(source, SharedImageVersionSource)
+            resolved = await self._resolve_gallery(source)
+        if resolved.os_type == "Windows":
+            # Refused here, before a Windows VM is paid for: every build runs at least sysprep inside the guest.
+            raise PermanentError(
+                f"properties.source: {resolved.image_id} is a Windows image; kiln cannot yet run commands inside "
+                "a Windows build VM (WinRM), so it builds Linux images only",
+                kind="UnsupportedOsType",
+            )
+        return resolved
 
     async def _resolve_platform(self, build: BuildContext, source: PlatformImageSource) -> ResolvedSource:
         images = self.arm.compute.virtual_machine_images
@@ -540,8 +549,6 @@ class AzureCloud:
         await self.vms.delete_vm_parts(staging_group(build, self.subscription_id).name, VmParts(name))
 
     def connect(self, build: BuildContext, vm: BuildVm) -> AbstractAsyncContextManager[GuestSession]:
-        if vm.os_type == "Windows":
-            return _refuse_windows()
         return open_session(
             host=vm.host,
             port=vm.port,
@@ -650,8 +657,3 @@ class AzureCloud:
     async def delete_output(self, build: BuildContext, target: Distributor, index: int) -> None:
         await self.distribution.delete_output(build, target, index)
 
-
-@asynccontextmanager
-async def _refuse_windows() -> AsyncIterator[GuestSession]:
-    raise PermanentError("Windows guests are not supported yet", kind="UnsupportedOsType")
-    yield  # an async generator: the refusal comes when the session is entered  # noqa
