@@ -44,7 +44,9 @@ class RequestFault:
     """How one faulted request is answered.
 
     `status=None` with a `delay` makes a slow but otherwise normal answer; `drop=True` closes the
-    connection without any answer (azure-core retries that for idempotent methods only).
+    connection without any answer (azure-core retries that for idempotent methods only). `answer_delay`
+    serves the request at once (it takes effect) and holds only the answer: a caller killed meanwhile
+    never learns what it did.
     """
 
     match: _Match
@@ -54,6 +56,7 @@ class RequestFault:
     retry_after: int | None
     delay: float
     drop: bool
+    answer_delay: float = 0.0
 
     @property
     def hits(self) -> int:
@@ -122,6 +125,7 @@ class Faults:
         after: int = 0,
         delay: float = 0.0,
         drop: bool = False,
+        answer_delay: float = 0.0,
     ) -> RequestFault:
         """Answers matching requests with `status` and an ARM error body instead of serving them.
 
@@ -129,7 +133,9 @@ class Faults:
         >= 400 for any method and sleep exactly that long; leave it None to test the SDK's own
         retry set. `times=None` faults every match.
         """
-        fault = RequestFault(_Match(method, path_regex, times, after), status, code, message, retry_after, delay, drop)
+        fault = RequestFault(
+            _Match(method, path_regex, times, after), status, code, message, retry_after, delay, drop, answer_delay
+        )
         with self._lock:
             self._request.append(fault)
         return fault

@@ -400,6 +400,8 @@ class ArmEmulator:
                 resp = _error(e.status, e.code, e.message)
             except Exception as e:  # an emulator bug: make it visible to the test, not a dropped socket
                 resp = _error(500, "InternalServerError", f"ARM emulator failure: {e!r}")
+            if fault is not None:
+                time.sleep(fault.answer_delay)
         # Logged before the answer goes out, so a caller that has its answer finds its call in the log.
         self.calls.append(Call(req.method, req.path, resp.status, at, time.perf_counter() - started))
         _write(h, req.method, resp)

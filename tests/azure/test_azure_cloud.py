@@ -9,15 +9,17 @@ from __future__ import annotations
 import time
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 
 from activities.clouds.azure import AzureCloud
 from activities.clouds.azure.names import staging_group_name, storage_account_name
+from activities.clouds.azure.storage import blob_metadata, ensure_container
 from activities.clouds.azure.vm import platform_image_id, windows_password
 from activities.clouds.base import PermanentError
 from tests.arm_emulator import ArmEmulator, GuestEndpoint, GuestSpec
 from tests.azure.environment import LOCATION, SUB, Guests, kiln_resources
 from workflows.models import Artifact, BuildContext, ResolvedSource, VmSpec
-from workflows.template import VmProfile, parse_template
+from workflows.template import VhdDistributor, VmProfile, parse_template
 
 
 def build_context(**overrides: object) -> BuildContext:
@@ -337,3 +339,21 @@ async def test_vm_create_twice_connect_and_delete_twice(cloud: AzureCloud, arm: 
     await cloud.delete_vm(build, vm.name)
     await cloud.delete_staging(build)
     assert kiln_resources(arm) == []
+
+
+async def test_an_unfinished_vhd_is_deleted_only_if_the_build_wrote_it(cloud: AzureCloud, blob_account: str) -> None:
+    """A VHD target's uri may name a blob someone else made; a failed build removes only its own."""
+    build = build_context()
+    theirs = VhdDistributor(type="VHD", run_output_name="theirs", uri=f"{blob_account}/vhds/{build.build_id}-a.vhd")
+    mine = VhdDistributor(type="VHD", run_output_name="mine", uri=f"{blob_account}/vhds/{build.build_id}-b.vhd")
+    await ensure_container(cloud.blobs, f"{blob_account}/vhds")
+    await cloud.blobs.blob(theirs.uri).upload_blob(b"a user's disk")
+    await cloud.blobs.blob(mine.uri).upload_blob(b"half a copy", metadata=blob_metadata(build.build_id))
+
+    await cloud.delete_output(build, theirs, 0)
+    await cloud.delete_output(build, mine, 1)
+    await cloud.delete_output(build, mine, 1)  # gone is done
+
+    assert await (await cloud.blobs.blob(theirs.uri).download_blob()).readall() == b"a user's disk"
+    with pytest.raises(ResourceNotFoundError):
+        await cloud.blobs.blob(mine.uri).get_blob_properties()

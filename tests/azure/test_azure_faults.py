@@ -608,3 +608,33 @@ async def test_a_worker_killed_mid_copy_leaves_the_copies_to_the_next_one(
         image = next(r for r in s.arm.resources() if r["id"].endswith("/images/golden"))
         assert image["location"] == REGION2
         s.assert_clean(status)
+
+
+async def test_a_worker_killed_before_it_learns_its_vhd_copy_started_leaves_that_copy_to_the_next_one(
+    client: Client, blob_account: str, directory: Path
+) -> None:
+    """The blob service started the VHD's copy, but the worker was SIGKILLed before the answer reached it, so no
+    copy id was ever recorded: the next worker finds the copy by the build id on its blob and waits for it."""
+    step = next(s for s in STEPS if s.slug == "distribute")
+    async with scenario(client, blob_account, directory / "unanswered", step, worker=False) as s:
+        vhd = f"{s.arm.base_url}{urlsplit(blob_account).path}/vhds/{uuid.uuid4().hex}.vhd"
+        built = s.template()
+        built["properties"]["distribute"][2]["uri"] = vhd
+        s.arm.blob_copy_polls = 3  # still pending when the next worker looks
+        copy_start = s.arm.faults.add(
+            method="PUT", path_regex=f"^{urlsplit(vhd).path}$", status=None, answer_delay=HOLD, times=1
+        )
+        async with worker_process(s) as first:
+            handle = await s.start(built, "unanswered")
+            async with asyncio.timeout(180):
+                while copy_start.hits == 0:
+                    await asyncio.sleep(0.1)
+            first.kill()
+            await first.wait()
+        async with worker_process(s):
+            status = await s.h.finish(handle)
+        assert status.run_state == RunState.SUCCEEDED, status.message
+        assert copy_start.match.seen == 1, "the VHD copy was started again"
+        [output] = [o for o in status.run_outputs if o.type == "VHD"]
+        assert output.artifact_uri == vhd
+        s.assert_clean(status)

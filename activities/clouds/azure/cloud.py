@@ -656,4 +656,3 @@ class AzureCloud:
 
     async def delete_output(self, build: BuildContext, target: Distributor, index: int) -> None:
         await self.distribution.delete_output(build, target, index)
-

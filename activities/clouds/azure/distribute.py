@@ -1,8 +1,9 @@
 """Distribution on Azure: a managed image, a gallery image version (replicated per region), or a VHD blob.
 
-Replication and copies can outlast a worker, so each records a resume point: a gallery version the SDK poller's
-continuation token, a managed image in another region the id of the snapshot's copy there, a VHD the server-side
-blob copy's id. The retry on another worker picks the same operation up from it instead of starting another.
+Replication and copies can outlast a worker, so the retry on another worker picks the same operation up instead
+of starting another: a gallery version from the SDK poller's continuation token and a managed image in another
+region from the id of the snapshot's copy there (both recorded as resume points), a VHD from its blob, which
+carries the build id from the moment its server-side copy starts (the copy's id is recorded too, for the record).
 Success is judged by the resource itself: a version whose replication finished after the poller gave up counts.
 """
 
@@ -70,7 +71,7 @@ class AzureDistribution:
         if isinstance(target, SharedImageDistributor):
             return await self._shared_image(request, target, resume or {}, progress)
         assert isinstance(target, VhdDistributor)
-        return await self._vhd(request, target, resume or {}, progress)
+        return await self._vhd(request, target, progress)
 
     # ---- managed image
 
@@ -318,28 +319,25 @@ class AzureDistribution:
         return f"{account.rstrip('/')}/{VHD_CONTAINER}/{build.build_id}/{target.run_output_name}.vhd"
 
     async def _vhd(
-        self,
-        request: DistributeRequest,
-        target: VhdDistributor,
-        resume: dict[str, Any],
-        progress: Callable[[dict[str, Any]], None],
+        self, request: DistributeRequest, target: VhdDistributor, progress: Callable[[dict[str, Any]], None]
     ) -> RunOutput:
         """Export the OS-disk snapshot (a read SAS) and copy it server-side to the target blob. The copy runs in
-        the blob service, not here: a retry whose resume point names the copy the destination still reports
-        (pending or done) waits for that one instead of starting another."""
+        the blob service, not here, and its blob carries the build id from the start: a retry that finds this
+        build's copy still pending (or done) waits for that one instead of starting another, even when the worker
+        that started it died before it could record the copy's id."""
         snapshot = parse_id(request.image.uri, field="the captured snapshot")
         snapshots = self._arm.compute.snapshots
         url = await self._vhd_url(request.build, target)
         blob = self._blobs.blob(url)
-        attached = False
-        if resume.get("blob") == url and resume.get("copy"):
-            try:
-                props = await blob.get_blob_properties()
-            except ResourceNotFoundError:
-                props = None
-            attached = (
-                props is not None and props.copy.id == resume["copy"] and props.copy.status in ("pending", "success")
-            )
+        try:
+            props = await blob.get_blob_properties()
+        except ResourceNotFoundError:
+            props = None
+        attached = (
+            props is not None
+            and storage.made_by(props, request.build.build_id)
+            and props.copy.status in ("pending", "success")
+        )
         if not attached:
             async with arm_call(f"snapshot {snapshot.name}", needs="Microsoft.Compute/snapshots/beginGetAccess/action"):
                 access = await lro(
@@ -351,7 +349,9 @@ class AzureDistribution:
             if not attached:
                 account_url, container, _ = split_blob_url(url)
                 await storage.ensure_container(self._blobs, f"{account_url}/{container}")
-                copy = await blob.start_copy_from_url(access.access_sas)
+                copy = await blob.start_copy_from_url(
+                    access.access_sas, metadata=storage.blob_metadata(request.build.build_id)
+                )
                 progress({"blob": url, "copy": copy.get("copy_id")})
             while (props := await blob.get_blob_properties()).copy.status == "pending":
                 await asyncio.sleep(COPY_POLL_SECONDS)
@@ -408,4 +408,4 @@ class AzureDistribution:
                 )
         else:
             assert isinstance(target, VhdDistributor)
-            await storage.delete_blob(self._blobs, await self._vhd_url(build, target))
+            await storage.delete_own_blob(self._blobs, await self._vhd_url(build, target), build.build_id)

@@ -16,7 +16,9 @@ import hashlib
 import re
 from contextlib import suppress
 
+from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.storage.blob import BlobProperties
 
 from activities.clouds.azure.clients import BlobClients
 from activities.clouds.azure.errors import arm_call
@@ -59,6 +61,17 @@ async def read(blobs: BlobClients, url: str) -> bytes:
     return await (await blobs.blob(url).download_blob()).readall()
 
 
-async def delete_blob(blobs: BlobClients, url: str) -> None:
+def made_by(properties: BlobProperties, build_id: str) -> bool:
+    return (properties.metadata or {}).get("kilnbuildid") == build_id
+
+
+async def delete_own_blob(blobs: BlobClients, url: str, build_id: str) -> None:
+    """Delete the blob if this build wrote it: a VHD target's ``uri`` may name a blob someone else made."""
+    blob = blobs.blob(url)
     with suppress(ResourceNotFoundError):
-        await blobs.blob(url).delete_blob(delete_snapshots="include")
+        properties = await blob.get_blob_properties()
+        if made_by(properties, build_id):
+            # Only the version looked at: a blob rewritten since then is no longer this build's.
+            await blob.delete_blob(
+                delete_snapshots="include", etag=properties.etag, match_condition=MatchConditions.IfNotModified
+            )
