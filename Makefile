@@ -14,7 +14,7 @@ demo: setup
 
 # The whole suite: unit, workflows (real Temporal dev server), local (real builds), azure (ARM emulator).
 test: setup
-	@$(PY) -m pytest -q -ra
+	@$(PY) -m pytest -q -ra --durations=15
 
 # Without the real local builds: seconds, not minutes.
 test-fast: setup

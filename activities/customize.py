@@ -82,15 +82,18 @@ async def run_script(
     *,
     valid_exit_codes: list[int],
     as_root: bool = False,
+    note: str = "",
 ) -> GuestScriptResult:
-    """Start (or re-attach to) one script in the guest, stream its output into the log, and judge its exit code."""
+    """Start (or re-attach to) one script in the guest, stream its output into the log, and judge its exit code.
+    ``note`` goes into the log once, before the step's header, so a re-attached retry neither repeats it nor
+    mistakes it for script output."""
     started = time.monotonic()
     run_id = f"{request.build.build_id}-{request.log_name.removesuffix('.log')}-{request.index}"
     header = f"\n==> {request.label}\n".encode()
     # A retry reads on from what the log already holds of this run: heartbeat details would lag behind it.
     offset = await logged_output(log, header, request.label) if activity.info().attempt > 1 else None
     if offset is None:
-        await log.append(header)
+        await log.append(note.encode() + header)
         offset = 0
     await guest.start_script(run_id, script, as_root=as_root)
     tail = b""

@@ -25,9 +25,9 @@ class GeneralizeActivities(CloudActivities):
         async with AsyncExitStack() as stack:
             guest, log = await open_guest(self.cloud, request, stack)
             if await guest.path_exists(override_path):
-                await log.append(f"\n==> using the template's {override_path}\n".encode())
+                note = f"\n==> using the template's {override_path}\n"
                 script = override_command
             else:
-                script = self.cloud.deprovision_script(os_type)
-            await log.append(f"==> deprovision command:\n{script}\n".encode())
-            return await run_script(request, guest, log, script, valid_exit_codes=[0], as_root=True)
+                note, script = "", self.cloud.deprovision_script(os_type)
+            note += f"==> deprovision command:\n{script}\n"
+            return await run_script(request, guest, log, script, valid_exit_codes=[0], as_root=True, note=note)

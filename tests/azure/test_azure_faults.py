@@ -128,7 +128,7 @@ def replication_hang(arm: ArmEmulator) -> Hang:
     def release() -> None:
         fault.polls = 0
 
-    return Hang(lambda: any(c.method == "PUT" and "/versions/" in c.path for c in arm.calls), release)
+    return Hang(lambda: any(c.method == "PUT" and "/images/ubuntu/versions/" in c.path for c in arm.calls), release)
 
 
 def distribute_denied(arm: ArmEmulator) -> None:
@@ -423,7 +423,7 @@ async def test_a_transient_fault_at_any_step_costs_retries_not_the_build(
     async def run(step: Step) -> None:
         async with scenario(client, blob_account, directory / step.slug, step) as s:
             if step.guest:
-                handle = await s.start(s.template(f"{SAY_RUNNING}; sleep 4"), "transient")
+                handle = await s.start(s.template(f"{SAY_RUNNING}; sleep 12"), "transient")
                 status = await s.wait_inside(handle, None)
                 drop_ssh(s.arm.guest(f"{status.build_id}-{step.vm}").host)
             else:
@@ -519,6 +519,17 @@ async def worker_process(s: Scenario) -> AsyncIterator[asyncio.subprocess.Proces
             await process.wait()
 
 
+async def resume_points_recorded(handle: WorkflowHandle[Any, Any], key: bytes, count: int = 1) -> None:
+    """``count`` of the build's running activities have sent Temporal heartbeat details holding ``key``."""
+    async with asyncio.timeout(60):
+        while True:
+            pending = (await handle.describe()).raw_description.pending_activities
+            details = [b"".join(p.data for p in a.heartbeat_details.payloads) for a in pending]
+            if sum(key in d for d in details) >= count:
+                return
+            await asyncio.sleep(0.2)
+
+
 async def test_a_build_resumes_on_a_new_worker_when_its_worker_is_killed_at_any_step(
     client: Client, blob_account: str, directory: Path
 ) -> None:
@@ -529,10 +540,12 @@ async def test_a_build_resumes_on_a_new_worker_when_its_worker_is_killed_at_any_
     async def run(step: Step) -> None:
         async with scenario(client, blob_account, directory / step.slug, step, worker=False) as s:
             hang = None if step.guest else step.faults["hang"](s.arm)
-            template = s.template(f"{SAY_RUNNING}; sleep 6")
+            template = s.template(f"{SAY_RUNNING}; sleep 12")
             async with worker_process(s) as first:
                 handle = await s.start(template, "kill")
                 await s.wait_inside(handle, hang)
+                if step.slug == "distribute":  # the replication's poller token has reached Temporal
+                    await resume_points_recorded(handle, b'"token"')
                 first.kill()
                 await first.wait()
             if hang is not None:
@@ -578,20 +591,10 @@ async def test_a_worker_killed_mid_copy_leaves_the_copies_to_the_next_one(
                 while not all(now > then for now, then in zip(polls(), before, strict=True)):
                     await asyncio.sleep(0.2)
 
-        async def resume_points_recorded(handle: WorkflowHandle[Any, Any]) -> None:
-            """Both copies' ids have reached Temporal as their activities' heartbeat details."""
-            async with asyncio.timeout(60):
-                while True:
-                    pending = (await handle.describe()).raw_description.pending_activities
-                    details = [b"".join(p.data for p in a.heartbeat_details.payloads) for a in pending]
-                    if sum(b'"copy"' in d for d in details) == 2:
-                        return
-                    await asyncio.sleep(0.2)
-
         async with worker_process(s) as first:
             handle = await s.start(built, "kill-copies")
             await until_polled_past((0, 0))
-            await resume_points_recorded(handle)
+            await resume_points_recorded(handle, b'"copy"', 2)  # the snapshot's and the blob's
             first.kill()
             await first.wait()
         async with worker_process(s):
