@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from activities.clouds.local.azurite import REGIONS, start_azurite  # noqa: E402
 from activities.clouds.local.storage import LocalStorage, used_bytes  # noqa: E402
 from activities.clouds.local.store import ResourceStore  # noqa: E402
-from tests.local.azurite_fixture import ensure_azurite  # noqa: E402
 from tests.local.vhd_files import write_vhd  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 from workflows.models import BuildContext, CapturedImage, DistributeRequest, ResolvedSource  # noqa: E402
@@ -59,7 +58,6 @@ def request(build: BuildContext, vhd: Path, target: object) -> DistributeRequest
 
 
 async def main(used_mib: int, regions: int, replicas: int) -> None:
-    ensure_azurite()
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         root = Path(tmp)
         os.environ["KILN_HOME"] = str(root / "state")

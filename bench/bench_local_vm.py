@@ -19,12 +19,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from activities.clouds.local import LocalCloud  # noqa: E402
+from activities.clouds.local.images import resolve_platform_image  # noqa: E402
 from activities.clouds.local.store import ResourceStore  # noqa: E402
 from tests.local.conftest import STAGING, TEST_HOME, debian_template, run_to_end  # noqa: E402
 from workflows.models import BuildContext, CaptureSpec, VmSpec  # noqa: E402
 
-# About 850 MiB on top of the ~170 MiB base: incompressible data plus many small files, like a real image.
-GROW_TO_1GIB = "sudo sh -c 'head -c 600M /dev/urandom > /var/lib/bulk && cp -a /usr /opt/usr1 && cp -a /usr /opt/usr2'"
+# About 850 MiB on top of the ~170 MiB base: incompressible data plus many small files, like a real image. The
+# deprovision step that precedes every capture ends with `sync` (as AIB's does), so the capture is timed after one.
+GROW_TO_1GIB = (
+    "sudo sh -c 'head -c 565M /dev/urandom > /var/lib/bulk && cp -a /usr /opt/usr1 && cp -a /usr /opt/usr2 && sync'"
+)
 
 
 def new_build() -> BuildContext:
@@ -35,9 +39,13 @@ def new_build() -> BuildContext:
 
 async def main(boots: int) -> None:
     TEST_HOME.mkdir(parents=True, exist_ok=True)
+    # VMs and capture only: no storage (Azurite) is needed, so none is given.
     cloud = LocalCloud(storage=None, store=ResourceStore(TEST_HOME / "resources.db"), state=TEST_HOME)  # type: ignore[arg-type]
     started = time.monotonic()
-    source = await cloud.resolve_source(new_build(), debian_template())
+    build = new_build()
+    source = await resolve_platform_image(
+        cloud.images, debian_template().properties.source, state=TEST_HOME, location=build.location
+    )
     print(f"resolve Debian 12 base ({source.exact_version}): {time.monotonic() - started:.2f} s")
 
     ready, first_command = [], []
