@@ -641,3 +641,31 @@ async def test_a_worker_killed_before_it_learns_its_vhd_copy_started_leaves_that
         [output] = [o for o in status.run_outputs if o.type == "VHD"]
         assert output.artifact_uri == vhd
         s.assert_clean(status)
+
+
+async def test_a_worker_killed_before_it_learns_its_gallery_version_was_accepted_leaves_it_to_the_next_one(
+    client: Client, blob_account: str, directory: Path
+) -> None:
+    """ARM accepted the gallery image version (replication under way), but the worker was SIGKILLed before the
+    answer reached it, so no poller was recorded: the next worker finds the version by its tags and waits for it
+    instead of sending the PUT, and the replication, again."""
+    step = next(s for s in STEPS if s.slug == "distribute")
+    async with scenario(client, blob_account, directory / "unanswered", step, worker=False) as s:
+        s.arm.faults.slow_replication(polls=5, regions=[REGION2])  # still replicating when the next worker looks
+        version_put = s.arm.faults.add(
+            method="PUT", path_regex=r"/images/ubuntu/versions/[^/]+$", status=None, answer_delay=HOLD, times=1
+        )
+        async with worker_process(s) as first:
+            handle = await s.start(s.template(), "unanswered")
+            async with asyncio.timeout(180):
+                while version_put.hits == 0:
+                    await asyncio.sleep(0.1)
+            first.kill()
+            await first.wait()
+        async with worker_process(s):
+            status = await s.h.finish(handle)
+        assert status.run_state == RunState.SUCCEEDED, status.message
+        assert version_put.match.seen == 1, "the gallery image version was sent again"
+        [output] = [o for o in status.run_outputs if o.type == "SharedImage"]
+        assert output.replication == {LOCATION: "Completed", REGION2: "Completed"}
+        s.assert_clean(status)

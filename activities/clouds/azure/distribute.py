@@ -1,9 +1,9 @@
 """Distribution on Azure: a managed image, a gallery image version (replicated per region), or a VHD blob.
 
 Replication and copies can outlast a worker, so the retry on another worker picks the same operation up instead
-of starting another: a gallery version from the SDK poller's continuation token and a managed image in another
-region from the id of the snapshot's copy there (both recorded as resume points), a VHD from its blob, which
-carries the build id from the moment its server-side copy starts (the copy's id is recorded too, for the record).
+of starting another: a gallery version from the SDK poller's continuation token (or, if its worker died before
+recording one, from the version itself, found by its tags), a managed image in another region from the id of the
+snapshot's copy there, a VHD from its blob, which carries the build id from the moment its server-side copy starts.
 Success is judged by the resource itself: a version whose replication finished after the poller gave up counts.
 """
 
@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+from azure.mgmt.compute.models import GalleryImageVersion
 
 from activities.clouds.azure import storage
 from activities.clouds.azure.clients import ArmClients, BlobClients, split_blob_url
@@ -225,14 +226,23 @@ class AzureDistribution:
                     f"definition is {definition.hyper_v_generation or 'V1'}",
                     kind="BadSharedImageDistribute",
                 )
-            version = resume.get("version") or await self._version_for(
-                request, target, ref.group, gallery, definition_name
-            )
+            version, earlier = resume.get("version"), None
+            if not version:
+                version, earlier = await self._version_for(request, target, ref.group, gallery, definition_name)
             token = resume.get("token") if resume.get("version") == version else None
+            poller = None
             if token:
                 poller = await versions.begin_create_or_update(
                     ref.group, gallery, definition_name, version, {}, continuation_token=token
                 )
+            elif earlier is not None and earlier.provisioning_state != "Failed":
+                # An earlier try's PUT took effect, but its worker died before it could record the poller: wait on
+                # the version itself rather than send the PUT (and restart a long replication) again.
+                while earlier.provisioning_state in ("Creating", "Updating"):
+                    await asyncio.sleep(COPY_POLL_SECONDS)
+                    earlier = await versions.get(ref.group, gallery, definition_name, version)
+                if earlier.provisioning_state != "Succeeded":
+                    raise RuntimeError(f"gallery image version {version} ended {earlier.provisioning_state}")
             else:
                 regions = [
                     {
@@ -261,7 +271,8 @@ class AzureDistribution:
                 )
                 progress({"version": version, "token": poller.continuation_token()})
             try:
-                await poller.result()
+                if poller is not None:
+                    await poller.result()
             except HttpResponseError as err:
                 if permanent(err, what=field, needs=needs) is not None:
                     raise
@@ -278,9 +289,10 @@ class AzureDistribution:
 
     async def _version_for(
         self, request: DistributeRequest, target: SharedImageDistributor, group: str, gallery: str, definition: str
-    ) -> str:
-        """The version this target writes: one an earlier try of it already made (found by its tags), the one the
-        id pins, the source's (scheme Source), or the next patch of the latest (scheme Latest, the default)."""
+    ) -> tuple[str, GalleryImageVersion | None]:
+        """The version this target writes: one an earlier try of it already made (found by its tags, and returned
+        with it), the one the id pins, the source's (scheme Source), or the next patch of the latest (scheme
+        Latest, the default)."""
         field = f"properties.distribute[{request.index}]"
         existing = [
             v async for v in self._arm.compute.gallery_image_versions.list_by_gallery_image(group, gallery, definition)
@@ -288,7 +300,7 @@ class AzureDistribution:
         for v in existing:
             tags = v.tags or {}
             if tags.get(TAG_BUILD_ID) == request.build.build_id and tags.get(TAG_OUTPUT_INDEX) == str(request.index):
-                return v.name
+                return v.name, v
         ref = parse_id(target.gallery_image_id, field=f"{field}.galleryImageId")
         pinned = ref.path[5] if len(ref.path) == 6 else None
         why = f"{field}.galleryImageId"
@@ -305,9 +317,9 @@ class AzureDistribution:
                     f"{why}: version {pinned} of {target.gallery_image_id} already exists",
                     kind="BadSharedImageDistribute",
                 )
-            return pinned
+            return pinned, None
         major = target.versioning.major if target.versioning is not None else -1
-        return next_version([v.name for v in existing], major)
+        return next_version([v.name for v in existing], major), None
 
     # ---- VHD
 
