@@ -8,20 +8,18 @@ from temporalio import activity
 from temporalio.client import WorkflowQueryFailedError
 from temporalio.service import RPCError
 
-from workflows.models import RUN_STATE, AbandonedBuild, BuildStatus, JanitorRequest, RunState
+from workflows.models import AbandonedBuild, BuildStatus, JanitorRequest
 
 
 class JanitorActivities:
     @activity.defn
     async def find_abandoned_builds(self, request: JanitorRequest) -> list[AbandonedBuild]:
-        """Closed builds whose run state never left Running or Canceling: their workflow code stopped before
-        the end (terminated, or timed out by a workflow timeout), so their undo stack may not have run."""
+        """Closed builds whose last status still lists undo steps: their workflow code stopped before the end
+        (terminated, or timed out by a workflow timeout), or an undo failed for good (say, a permission that was
+        missing then). Every closed build is asked, since only its status tells the second kind apart."""
         client = activity.client()
         since = (datetime.now(UTC) - timedelta(hours=request.lookback_hours)).isoformat()
-        query = (
-            f"WorkflowType = 'ImageBuild' AND ExecutionStatus != 'Running' AND CloseTime > '{since}'"
-            f" AND {RUN_STATE.name} IN ('{RunState.RUNNING}', '{RunState.CANCELING}')"
-        )
+        query = f"WorkflowType = 'ImageBuild' AND ExecutionStatus != 'Running' AND CloseTime > '{since}'"
         if request.task_queue:
             query += f" AND TaskQueue = '{request.task_queue}'"
         abandoned = []

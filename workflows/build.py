@@ -200,7 +200,8 @@ class ImageBuildWorkflow:
             self._finish(RunState.FAILED, self._with_cleanup_notes(self._failure_message(failure)))
             raise ApplicationError(self._status.message, self._status, type="BuildFailed", non_retryable=True)
 
-        self._finish(*self._outcome())
+        state, message = self._outcome()
+        self._finish(state, self._with_cleanup_notes(message))
         if self._status.run_state == RunState.FAILED:
             raise ApplicationError(self._status.message, self._status, type="BuildFailed", non_retryable=True)
         return self._status
@@ -551,9 +552,12 @@ class ImageBuildWorkflow:
         return f"Image Build log location: {self._status.log_uri}" if self._status.log_uri else ""
 
     def _with_cleanup_notes(self, message: str) -> str:
-        failed = [s for s in self._status.steps if s.name.startswith(CLEANUP) and s.outcome == "failed"]
+        # The last failure of each undo still stacked (an early one may have been retried at the end).
+        pending = {f"{CLEANUP}: {u.label}" for u in self._status.pending_cleanup}
+        failed = {s.name: s.message for s in self._status.steps if s.name in pending and s.outcome == "failed"}
         if failed:
-            message += " Cleanup left resources behind: " + "; ".join(f"{s.name}: {s.message}" for s in failed)
+            notes = "; ".join(f"{name}: {why}" for name, why in failed.items())
+            message = f"{message} Cleanup left resources behind, for `kiln janitor` to retry: {notes}".strip()
         return message
 
     def _last_step(self) -> str:

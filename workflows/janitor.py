@@ -1,9 +1,10 @@
-"""The janitor: finishes the cleanup of builds that ended without running their own.
+"""The janitor: finishes the cleanup of builds that ended without all of their own.
 
 Terminating a workflow (or a workflow execution timeout someone set) runs no workflow code, so a build ended
-that way never ran its undo stack. Its last status still holds that stack (``pendingCleanup``), so the janitor
-finds such builds and runs the same undo activities, on the build's own task queue, that the build would have
-run. Deletes succeed when the thing is already gone, so running the janitor again is harmless.
+that way never ran its undo stack; and an undo that failed for good (a permission missing at the time) is left
+stacked by the build. Either way the build's last status still holds what is left (``pendingCleanup``), so the
+janitor finds such builds and runs the same undo activities, on the build's own task queue, that the build would
+have run. Deletes succeed when the thing is already gone, so running the janitor again is harmless.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The janitor finishes the cleanup of a build that was terminated (terminate runs no workflow code)."""
+"""The janitor finishes the cleanup of a build that was terminated (terminate runs no workflow code), or whose own
+cleanup failed for good."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from temporalio.client import Client
 
 from tests.workflows.harness import Harness
 from workflows.janitor import JanitorWorkflow
-from workflows.models import JanitorReport, JanitorRequest
+from workflows.models import JanitorReport, JanitorRequest, RunState
 
 
 async def run_janitor(client: Client, harness: Harness, build_id: str) -> JanitorReport:
@@ -41,6 +42,31 @@ async def test_janitor_deletes_what_a_terminated_build_left(harness: Harness, cl
     assert report.failed == []
     assert any("delete build VM" in line for line in report.cleaned)
     assert any("delete staging" in line for line in report.cleaned)
+
+
+async def test_janitor_finishes_a_cleanup_that_failed_for_good(harness: Harness, client: Client) -> None:
+    """The build VM's delete is refused (a permission missing at the time) both when the VM is freed after capture
+    and at the build's end: the build ends, says so, and keeps that undo stacked; the janitor's run deletes it."""
+    harness.cloud.inject("delete_vm", "fatal", times=2)
+    template = harness.template()
+    del template["properties"]["validate"]  # the build VM is then the only VM deleted
+    handle = await harness.start(template)
+    status = await harness.finish(handle)
+    failed = [s for s in status.steps if s.name.startswith("cleanup") and s.outcome == "failed"]
+    assert [s.name for s in failed] == ["cleanup: delete build VM"] * 2, status.steps
+    assert [u.label for u in status.pending_cleanup] == ["delete build VM"]
+    assert status.run_state == RunState.SUCCEEDED  # the image was made; the message says what is left
+    assert status.message == (
+        "Cleanup left resources behind, for `kiln janitor` to retry: "
+        "cleanup: delete build VM: injected failure at delete_vm"
+    )
+    assert ("virtualMachine", f"{status.build_id}-build") in harness.cloud.alive()
+
+    report = await run_janitor(client, harness, handle.id)
+
+    assert report.failed == []
+    assert report.cleaned == [f"{handle.id}: delete build VM"]
+    assert harness.cloud.alive() == []
 
 
 async def test_janitor_leaves_finished_and_running_builds_alone(harness: Harness, client: Client) -> None:
