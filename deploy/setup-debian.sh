@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 missing=()
 # need COMMAND PACKAGE: install PACKAGE when COMMAND is not there (a Node.js from elsewhere is fine too).
 need() { command -v "$1" >/dev/null 2>&1 || missing+=("$2"); }
+need make make                 # `make demo`, `make test` and the other targets
 need mmdebstrap mmdebstrap     # local cloud: base images from the Debian package registry
 need qemu-img qemu-utils       # local cloud: fixed VHDs
 need mke2fs e2fsprogs          # local cloud: ext4 from a folder (mke2fs -d); debugfs reads images
