@@ -33,6 +33,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from activities.clouds.azure.clients import BlobClients
 from activities.clouds.local import azurite as local_azurite
 from tests.arm_emulator import ArmEmulator
+from tests.arm_emulator.faults import RequestFault
 from tests.azure.environment import (
     GALLERY,
     LOCATION,
@@ -613,6 +614,20 @@ async def test_a_worker_killed_mid_copy_leaves_the_copies_to_the_next_one(
         s.assert_clean(status)
 
 
+async def killed_while_its_answer_is_held(s: Scenario, template: dict[str, Any], held: RequestFault) -> BuildStatus:
+    """Build ``template`` on a worker SIGKILLed once the request ``held`` has been served but not yet answered, and
+    finish it on a second worker."""
+    async with worker_process(s) as first:
+        handle = await s.start(template, "unanswered")
+        async with asyncio.timeout(180):
+            while held.hits == 0:
+                await asyncio.sleep(0.1)
+        first.kill()
+        await first.wait()
+    async with worker_process(s):
+        return await s.h.finish(handle)
+
+
 async def test_a_worker_killed_before_it_learns_its_vhd_copy_started_leaves_that_copy_to_the_next_one(
     client: Client, blob_account: str, directory: Path
 ) -> None:
@@ -627,15 +642,7 @@ async def test_a_worker_killed_before_it_learns_its_vhd_copy_started_leaves_that
         copy_start = s.arm.faults.add(
             method="PUT", path_regex=f"^{urlsplit(vhd).path}$", status=None, answer_delay=HOLD, times=1
         )
-        async with worker_process(s) as first:
-            handle = await s.start(built, "unanswered")
-            async with asyncio.timeout(180):
-                while copy_start.hits == 0:
-                    await asyncio.sleep(0.1)
-            first.kill()
-            await first.wait()
-        async with worker_process(s):
-            status = await s.h.finish(handle)
+        status = await killed_while_its_answer_is_held(s, built, copy_start)
         assert status.run_state == RunState.SUCCEEDED, status.message
         assert copy_start.match.seen == 1, "the VHD copy was started again"
         [output] = [o for o in status.run_outputs if o.type == "VHD"]
@@ -655,15 +662,7 @@ async def test_a_worker_killed_before_it_learns_its_gallery_version_was_accepted
         version_put = s.arm.faults.add(
             method="PUT", path_regex=r"/images/ubuntu/versions/[^/]+$", status=None, answer_delay=HOLD, times=1
         )
-        async with worker_process(s) as first:
-            handle = await s.start(s.template(), "unanswered")
-            async with asyncio.timeout(180):
-                while version_put.hits == 0:
-                    await asyncio.sleep(0.1)
-            first.kill()
-            await first.wait()
-        async with worker_process(s):
-            status = await s.h.finish(handle)
+        status = await killed_while_its_answer_is_held(s, s.template(), version_put)
         assert status.run_state == RunState.SUCCEEDED, status.message
         assert version_put.match.seen == 1, "the gallery image version was sent again"
         [output] = [o for o in status.run_outputs if o.type == "SharedImage"]
