@@ -30,9 +30,12 @@ from workflows.models import Artifact, StagedArtifact
 WRITE_BLOBS = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write (a Storage Blob Data role)"
 
 
+# Blob metadata names must be C# identifiers, so this is not the resource tag's name.
+BUILD_ID_METADATA = "kilnbuildid"
+
+
 def blob_metadata(build_id: str) -> dict[str, str]:
-    # Blob metadata names must be C# identifiers, so these are not the resource tag names.
-    return {"kilnbuildid": build_id}
+    return {BUILD_ID_METADATA: build_id}
 
 
 async def ensure_container(blobs: BlobClients, url: str) -> None:
@@ -62,7 +65,7 @@ async def read(blobs: BlobClients, url: str) -> bytes:
 
 
 def made_by(properties: BlobProperties, build_id: str) -> bool:
-    return (properties.metadata or {}).get("kilnbuildid") == build_id
+    return (properties.metadata or {}).get(BUILD_ID_METADATA) == build_id
 
 
 async def delete_own_blob(blobs: BlobClients, url: str, build_id: str) -> None:
