@@ -13,6 +13,7 @@ import functools
 import http.server
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -101,6 +102,9 @@ def show_inside(image: Path) -> None:
 
 def main() -> int:
     os.chdir(PROJECT)
+    # A closed terminal or a `kill` stops the demo as Ctrl-C does: the worker, Temporal and Azurite with it.
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, signal.default_int_handler)
     console.rule("[bold]kiln demo: a Debian 12 golden image, built on this machine")
     worker = subprocess.Popen([sys.executable, "worker.py", "--dev"], cwd=PROJECT)
     files = serve_examples()
