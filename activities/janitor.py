@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 from temporalio import activity
-from temporalio.client import WorkflowQueryFailedError
-from temporalio.service import RPCError
+from temporalio.client import WorkflowExecution, WorkflowQueryFailedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from workflows.models import AbandonedBuild, BuildStatus, JanitorRequest
+
+QUERY_TIMEOUT = timedelta(seconds=10)
+# Each query replays a build's history on a worker: a few at a time, not hundreds.
+CONCURRENT_QUERIES = 8
 
 
 class JanitorActivities:
@@ -22,25 +27,37 @@ class JanitorActivities:
         query = f"WorkflowType = 'ImageBuild' AND ExecutionStatus != 'Running' AND CloseTime > '{since}'"
         if request.task_queue:
             query += f" AND TaskQueue = '{request.task_queue}'"
-        abandoned = []
-        async for execution in client.list_workflows(query):
-            handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
-            try:
-                # A query on a closed build replays its history on a worker of its queue: its last status, exactly.
-                status = await handle.query("status", result_type=BuildStatus, rpc_timeout=timedelta(seconds=10))
-            except (RPCError, WorkflowQueryFailedError) as err:
-                activity.logger.warning(
-                    "%s: its status cannot be read now (%s); left for a later run", execution.id, err
-                )
-                continue
-            if status.pending_cleanup:
-                abandoned.append(
-                    AbandonedBuild(
-                        workflow_id=execution.id,
-                        run_id=execution.run_id,
-                        task_queue=execution.task_queue,
-                        pending_cleanup=status.pending_cleanup,
+        executions = [execution async for execution in client.list_workflows(query)]
+        # A queue with no worker answers no query; after the first one times out, its builds wait for a later run.
+        unanswered: set[str] = set()
+        limit = asyncio.Semaphore(CONCURRENT_QUERIES)
+
+        async def last_status(execution: WorkflowExecution) -> BuildStatus | None:
+            async with limit:
+                if execution.task_queue in unanswered:
+                    return None
+                handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
+                try:
+                    # A query on a closed build replays its history on a worker of its queue: its last status.
+                    return await handle.query("status", result_type=BuildStatus, rpc_timeout=QUERY_TIMEOUT)
+                except (RPCError, WorkflowQueryFailedError) as err:
+                    if isinstance(err, RPCError) and err.status == RPCStatusCode.DEADLINE_EXCEEDED:
+                        unanswered.add(execution.task_queue)
+                    activity.logger.warning(
+                        "%s: its status cannot be read now (%s); left for a later run", execution.id, err
                     )
-                )
-            activity.heartbeat()
-        return abandoned
+                    return None
+                finally:
+                    activity.heartbeat()
+
+        statuses = await asyncio.gather(*(last_status(e) for e in executions))
+        return [
+            AbandonedBuild(
+                workflow_id=execution.id,
+                run_id=execution.run_id,
+                task_queue=execution.task_queue,
+                pending_cleanup=status.pending_cleanup,
+            )
+            for execution, status in zip(executions, statuses, strict=True)
+            if status is not None and status.pending_cleanup
+        ]

@@ -102,11 +102,13 @@ def show_inside(image: Path) -> None:
 
 def main() -> int:
     os.chdir(PROJECT)
-    # A closed terminal or a `kill` stops the demo as Ctrl-C does: the worker, Temporal and Azurite with it.
+    # A closed terminal or a `kill` stops the demo as Ctrl-C does, and the demo stops the worker (in a session of
+    # its own, so that it hears only the demo), which stops Temporal and Azurite. An ignored signal (nohup) stays so.
     for stop in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stop, signal.default_int_handler)
+        if signal.getsignal(stop) is not signal.SIG_IGN:
+            signal.signal(stop, signal.default_int_handler)
     console.rule("[bold]kiln demo: a Debian 12 golden image, built on this machine")
-    worker = subprocess.Popen([sys.executable, "worker.py", "--dev"], cwd=PROJECT)
+    worker = subprocess.Popen([sys.executable, "worker.py", "--dev"], cwd=PROJECT, start_new_session=True)
     files = serve_examples()
     try:
         wait_for_port(7233, 120, worker)

@@ -32,6 +32,7 @@ class JanitorWorkflow:
             JanitorActivities.find_abandoned_builds,
             request,
             start_to_close_timeout=timedelta(minutes=10),
+            heartbeat_timeout=timedelta(minutes=1),
             retry_policy=RetryPolicy(maximum_attempts=3),
         )
         report = JanitorReport()

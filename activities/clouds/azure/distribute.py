@@ -238,7 +238,7 @@ class AzureDistribution:
             elif earlier is not None and earlier.provisioning_state != "Failed":
                 # An earlier try's PUT took effect, but its worker died before it could record the poller: wait on
                 # the version itself rather than send the PUT (and restart a long replication) again.
-                while earlier.provisioning_state in ("Creating", "Updating"):
+                while earlier.provisioning_state in ("Creating", "Updating", "Migrating"):
                     await asyncio.sleep(COPY_POLL_SECONDS)
                     earlier = await versions.get(ref.group, gallery, definition_name, version)
                 if earlier.provisioning_state != "Succeeded":
