@@ -34,8 +34,8 @@ below 100 for `snapshot_copy_polls` GETs; an image or disk cannot be made from i
 whose source is in another region is refused (400), as in ARM. With `proxy_storage`, a server-side blob copy
 (Put Blob with `x-ms-copy-source`) reports `x-ms-copy-status: pending` for `blob_copy_polls` reads of the
 destination (Azurite itself finishes copies at once). Either setting None keeps the copy going until a test
-sets a number. A gallery image version's replication moves on with each poll of its operation and each GET of
-the version, so a caller that lost the operation can still watch it end.
+sets a number. A create or update (a gallery image version's replication too) moves on with each poll of its
+operation and each GET of the resource, so a caller that lost the operation can still watch the resource end.
 
 Platform images: `platform_images` is the marketplace catalogue that the VirtualMachineImages list
 and get endpoints serve (see `PlatformImage`); a VM created from a catalogue image that has a
@@ -609,9 +609,9 @@ class ArmEmulator:
                 res = self._get(rid)
                 if "copy_polls" in res.state and res.properties.get("provisioningState") == "Succeeded":
                     res.state["copy_polls"] += 1
-                if "replication_op" in res.state:
-                    # Replication goes on whether or not its operation is polled: looking at the version counts.
-                    self._advance(res.state["replication_op"])
+                if "operation" in res.state:
+                    # ARM's work goes on whether or not its operation is polled: reading the resource counts too.
+                    self._advance(res.state["operation"])
                 return _Response(200, self._render(res, req.query.get("$expand")))
             if req.method == "HEAD":
                 return _Response(204 if rid.lower() in self._store else 404)
@@ -689,6 +689,7 @@ class ArmEmulator:
 
         gallery_version = spec.name.endswith("/versions")
         op = self._operation(req, succeed, fail, self._replication_limit(res) if gallery_version else None)
+        res.state["operation"] = op
         if gallery_version:
             res.state["replication_op"] = op
         new_vm = res if spec.name == "Microsoft.Compute/virtualMachines" and existing is None else None
