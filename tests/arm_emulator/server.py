@@ -690,8 +690,6 @@ class ArmEmulator:
         gallery_version = spec.name.endswith("/versions")
         op = self._operation(req, succeed, fail, self._replication_limit(res) if gallery_version else None)
         res.state["operation"] = op
-        if gallery_version:
-            res.state["replication_op"] = op
         new_vm = res if spec.name == "Microsoft.Compute/virtualMachines" and existing is None else None
         if spec.put == "location":
             return _Response(202, None, self._lro_headers(req, res, op, aao=False)), new_vm
@@ -1505,7 +1503,7 @@ class ArmEmulator:
         }
 
     def _replication_status(self, res: _Resource) -> dict[str, Any]:
-        op: _Operation = res.state["replication_op"]
+        op: _Operation = res.state["operation"]
         summary = []
         for region, (need_of, error) in res.state["replication"].items():
             need = need_of()

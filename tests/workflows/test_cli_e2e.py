@@ -21,10 +21,10 @@ from temporalio.testing import WorkflowEnvironment
 
 from starter.cli import main
 from tests.fixtures.recording_cloud import RecordingCloud
-from tests.workflows.harness import linux_template
+from tests.workflows.harness import linux_template, wait_for_step
 from worker import run_worker
 from workflows.build import ImageBuildWorkflow
-from workflows.models import TASK_QUEUES, BuildStatus
+from workflows.models import TASK_QUEUES
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
 from start_build import start_build  # noqa: E402  (the example is tested as it is)
@@ -61,14 +61,13 @@ async def kiln(*argv: str) -> int:
     return await asyncio.to_thread(main, list(argv))
 
 
-async def wait_for_step(client: Client, name: str, prefix: str) -> None:
-    handle = client.get_workflow_handle(name)
-    async with asyncio.timeout(60):
-        while not any(
-            s.name.startswith(prefix) and s.outcome == "running"
-            for s in (await handle.query("status", result_type=BuildStatus)).steps
-        ):
-            await asyncio.sleep(0.2)
+async def build_held_in_customize(cloud: RecordingCloud, template_file: Path, client: Client, prefix: str) -> str:
+    """Start a build with `kiln build --no-wait` whose first customizer hangs, and wait until it runs; its name."""
+    name = unique(prefix)
+    cloud.inject("customize", "hang", times=1)
+    assert await kiln("build", str(template_file), "--name", name, "--no-wait") == 0
+    await wait_for_step(client.get_workflow_handle(name), "customize")
+    return name
 
 
 async def test_build_watches_to_success_then_status_logs_and_list(
@@ -130,10 +129,7 @@ async def test_one_failed_target_is_partial_success_exit_3(
 async def test_cancel_waits_for_cleanup_and_a_second_start_is_refused(
     cloud: RecordingCloud, template_file: Path, env: WorkflowEnvironment, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    name = unique("canceled")
-    cloud.inject("customize", "hang", times=1)
-    assert await kiln("build", str(template_file), "--name", name, "--no-wait") == 0
-    await wait_for_step(env.client, name, "customize")
+    name = await build_held_in_customize(cloud, template_file, env.client, "canceled")
 
     assert await kiln("build", str(template_file), "--name", name) == 2
     assert f"a build named {name} is already running" in capsys.readouterr().err
@@ -150,10 +146,7 @@ async def test_cancel_waits_for_cleanup_and_a_second_start_is_refused(
 async def test_deadline_gives_a_running_build_more_time_or_ends_it(
     cloud: RecordingCloud, template_file: Path, env: WorkflowEnvironment, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    name = unique("deadline")
-    cloud.inject("customize", "hang", times=1)
-    assert await kiln("build", str(template_file), "--name", name, "--no-wait") == 0
-    await wait_for_step(env.client, name, "customize")
+    name = await build_held_in_customize(cloud, template_file, env.client, "deadline")
 
     assert await kiln("deadline", name, "2h") == 0
     assert f"build {name} now times out at" in capsys.readouterr().out

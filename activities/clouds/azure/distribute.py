@@ -2,8 +2,8 @@
 
 Replication and copies can outlast a worker, so the retry on another worker picks the same operation up instead
 of starting another: a gallery version from the SDK poller's continuation token (or, if its worker died before
-recording one, from the version itself, found by its tags), a managed image in another region from the id of the
-snapshot's copy there, a VHD from its blob, which carries the build id from the moment its server-side copy starts.
+recording one, from the version itself, found by its tags), a managed image in another region from the snapshot's
+copy there (named from the build), a VHD from its blob, which carries the build id from the moment its copy starts.
 Success is judged by the resource itself: a version whose replication finished after the poller gave up counts.
 """
 
@@ -68,7 +68,7 @@ class AzureDistribution:
     ) -> RunOutput:
         target = request.target
         if isinstance(target, ManagedImageDistributor):
-            return await self._managed_image(request, target, resume or {}, progress)
+            return await self._managed_image(request, target, progress)
         if isinstance(target, SharedImageDistributor):
             return await self._shared_image(request, target, resume or {}, progress)
         assert isinstance(target, VhdDistributor)
@@ -77,11 +77,7 @@ class AzureDistribution:
     # ---- managed image
 
     async def _managed_image(
-        self,
-        request: DistributeRequest,
-        target: ManagedImageDistributor,
-        resume: dict[str, Any],
-        progress: Callable[[dict[str, Any]], None],
+        self, request: DistributeRequest, target: ManagedImageDistributor, progress: Callable[[dict[str, Any]], None]
     ) -> RunOutput:
         """A managed image of the captured snapshot; in another region, of the snapshot's copy there, which is
         deleted once the image stands (ARM makes an image only from a source in the image's own region)."""
@@ -99,7 +95,7 @@ class AzureDistribution:
         if existing is None or existing.provisioning_state != "Succeeded":
             source = request.image.uri
             if elsewhere:
-                source = await self._regional_copy(request, target, resume, progress)
+                source = await self._regional_copy(request, target, progress)
             async with arm_call(f"{field} {target.image_id}", needs="Microsoft.Compute/images/write"):
                 await lro(
                     images.begin_create_or_update(
@@ -126,21 +122,13 @@ class AzureDistribution:
         return RunOutput(run_output_name=target.run_output_name, type="ManagedImage", artifact_id=target.image_id)
 
     async def _regional_copy(
-        self,
-        request: DistributeRequest,
-        target: ManagedImageDistributor,
-        resume: dict[str, Any],
-        progress: Callable[[dict[str, Any]], None],
+        self, request: DistributeRequest, target: ManagedImageDistributor, progress: Callable[[dict[str, Any]], None]
     ) -> str:
         """Copy the captured snapshot into the target's region (CopyStart, which takes incremental snapshots only)
         and wait for the data to arrive. The copy lives in the staging group, named from the build and tagged
         with it, so a retry finds it and cleanup removes one left half-made."""
-        if resume.get("copy"):
-            ref = parse_id(resume["copy"], field="the resume point")
-            group, name = ref.group, ref.name
-        else:
-            group = staging_group(request.build, self._arm.subscription_id).name
-            name = snapshot_copy_name(request.build.build_id, request.index)
+        group = staging_group(request.build, self._arm.subscription_id).name
+        name = snapshot_copy_name(request.build.build_id, request.index)
         snapshots = self._arm.compute.snapshots
         async with arm_call(f"snapshot {name} in {target.location}", needs="Microsoft.Compute/snapshots/write"):
             try:
@@ -169,7 +157,7 @@ class AzureDistribution:
                         },
                     )
                 )
-            progress({"copy": copy.id})
+            progress({"copy": copy.id})  # for the activity's details; a retry finds the copy by its name
             while (copy.completion_percent or 0) < 100:
                 if copy.copy_completion_error:
                     error = copy.copy_completion_error

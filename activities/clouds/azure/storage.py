@@ -24,8 +24,6 @@ from activities.clouds.azure.clients import BlobClients
 from activities.clouds.azure.errors import arm_call
 from workflows.models import Artifact, StagedArtifact
 
-# Append blobs take at most 4 MiB per block.
-
 # Staging accounts take no shared keys, so writing to them needs a data role; one missing is not retried.
 WRITE_BLOBS = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write (a Storage Blob Data role)"
 
