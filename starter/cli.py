@@ -127,7 +127,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("duration", type=duration, help="from now, e.g. 30m or 2h")
 
-    p = command("janitor", commands.janitor, "finish the cleanup of builds that ended without all of it (terminated, or an undo refused)")
+    p = command("janitor", commands.janitor, "finish cleanups builds left (terminated, or an undo refused)")
     p.add_argument("--cloud", choices=sorted(TASK_QUEUES), default="local", help="whose builds (default: local)")
     p.add_argument("--every", type=duration, help="keep running on a schedule, e.g. 1h or 30m, instead of once")
 
