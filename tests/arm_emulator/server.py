@@ -1196,7 +1196,8 @@ class ArmEmulator:
 
     def _ready_virtualMachines(self, res: _Resource) -> None:
         if "boot_error" in res.state:
-            raise ArmError(500, "OSProvisioningInternalError", res.state.pop("boot_error"))
+            code, message = res.state.pop("boot_error")
+            raise ArmError(400 if code == "OSProvisioningClientError" else 500, code, message)
         if res.state.get("power") == "starting":
             res.state["power"] = "running"
 
@@ -1553,8 +1554,10 @@ class ArmEmulator:
         try:
             endpoint = self.guest_factory(spec)
         except Exception as e:  # the VM's creation fails through its operation, as a boot failure does
+            # A guest that can never start (non_retryable) is the image's fault, as Azure's client error says.
+            code = "OSProvisioningClientError" if getattr(e, "non_retryable", False) else "OSProvisioningInternalError"
             with self._lock:
-                vm.state["boot_error"] = f"The guest of VM '{vm.name}' failed to start: {e!r}"
+                vm.state["boot_error"] = (code, f"The guest of VM '{vm.name}' failed to start: {e!r}")
             return
         with self._lock:
             vm.state["guest"] = endpoint

@@ -35,6 +35,7 @@ from tests.arm_emulator import (
     PlatformImage,
     client_kwargs,
 )
+from tests.fixtures import CORPUS
 from tests.workflows.harness import finish, wait_for_step
 from worker import run_worker
 from workflows.build import ImageBuildWorkflow
@@ -46,7 +47,6 @@ LOCATION = "eastus"
 REGION2 = "westus2"
 RG = "aibImageRG"
 GALLERY = "kilnGallery"
-CORPUS = Path(os.environ.get("KILN_AIB_CORPUS", "/work/shared/aib-corpus"))
 SCRIPT = b"#!/bin/sh\necho customized by $(id -un) > /tmp/customized\n"
 # The marketplace as far as the corpus templates use it.
 PLATFORM_IMAGES = {

@@ -148,6 +148,33 @@ async def test_a_windows_vm_gets_a_derived_password_and_a_pinned_winrm_listener(
     assert kiln_resources(arm) == []
 
 
+async def test_a_guest_that_can_never_boot_fails_the_create_at_once(cloud: AzureCloud, arm: ArmEmulator) -> None:
+    """A guest whose image cannot start (here: no sshd in it) is an OS provisioning client error on Azure: the
+    create fails on its first try with the guest's own reason, instead of being retried into a step timeout."""
+    tries: list[GuestSpec] = []
+
+    def boot(spec: GuestSpec) -> GuestEndpoint:
+        tries.append(spec)
+        raise PermanentError(
+            "its root / has no /usr/sbin/sshd (Debian package openssh-server)", kind="GuestNotBootable"
+        )
+
+    arm.guest_factory = boot
+    build = build_context()
+    staging = await cloud.create_staging(build)
+    source = await cloud.resolve_source(build, template())
+    spec = VmSpec(
+        name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source, vm_profile=VmProfile()
+    )
+    with pytest.raises(PermanentError) as failed:
+        await cloud.create_vm(build, staging, spec)
+    assert failed.value.type == "VmProvisioningFailed" and "openssh-server" in failed.value.message
+    assert len(tries) == 1
+    await cloud.delete_vm(build, spec.name)
+    await cloud.delete_staging(build)
+    assert kiln_resources(arm) == []
+
+
 async def test_staging_create_twice_delete_twice(cloud: AzureCloud, arm: ArmEmulator) -> None:
     build = build_context()
     first = await cloud.create_staging(build)

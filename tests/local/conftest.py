@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -24,16 +23,15 @@ from workflows.template import ImageTemplate, parse_template
 
 TEST_HOME = Path(os.environ.get("KILN_TEST_HOME", "/var/tmp/kiln-test"))
 VM_TEST_MODULES = {"test_vm.py", "test_images.py", "test_capture.py"}
-HOST_TOOLS = ("mmdebstrap", "unshare", "setsid", "nsenter", "ip", "mke2fs", "debugfs", "qemu-img")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    missing = [tool for tool in HOST_TOOLS if shutil.which(tool) is None]
-    reason = "local VMs need root" if os.geteuid() != 0 else f"missing host tools: {', '.join(missing)}"
-    if os.geteuid() != 0 or missing:
+    # Only root can make namespaces, mounts and loopback addresses. A missing program is no reason to skip:
+    # tests/test_setup.py names it first, and the VM that needs it fails at once, saying which.
+    if os.geteuid() != 0:
         for item in items:
             if item.path.parent == Path(__file__).parent and item.path.name in VM_TEST_MODULES:
-                item.add_marker(pytest.mark.skip(reason=reason))
+                item.add_marker(pytest.mark.skip(reason="local VMs need root"))
 
 
 def debian_template(**source: str) -> ImageTemplate:

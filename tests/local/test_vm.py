@@ -213,3 +213,33 @@ print(vm.model_dump_json())
         assert (output, exit_code) == (b"still here\n", 0)
     finally:
         await cloud.delete_vm(build, vm.name)
+
+
+async def test_a_root_without_sshd_fails_the_create_at_once_naming_the_package(cloud: LocalCloud, tmp_path: Path):
+    build = new_build()
+    source = ResolvedSource(image_id="bare", exact_version="1")
+    spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id="bare", source=source, vm_profile={})
+    (tmp_path / "usr" / "sbin").mkdir(parents=True)
+    with pytest.raises(PermanentError) as refused:
+        await cloud.vms.create(build, spec, tmp_path)
+    assert refused.value.type == "GuestNotBootable" and "openssh-server" in refused.value.message
+    assert cloud.vms.folder(spec.name).path.exists() is False  # refused before anything was made
+
+
+async def test_a_missing_host_program_fails_the_create_at_once_naming_it(
+    cloud: LocalCloud, debian: ResolvedSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # A PATH with every program of the machine but pivot_root, as on a host without util-linux's.
+    for folder in os.environ["PATH"].split(os.pathsep):
+        for program in Path(folder).glob("*") if Path(folder).is_dir() else []:
+            if program.name != "pivot_root" and not (tmp_path / program.name).exists():
+                (tmp_path / program.name).symlink_to(program)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    build = new_build()
+    spec = VmSpec(
+        name=f"{build.build_id}-build", purpose="build", image_id=debian.image_id, source=debian, vm_profile={}
+    )
+    with pytest.raises(PermanentError) as refused:
+        await cloud.create_vm(build, STAGING, spec)
+    assert refused.value.type == "HostProgramMissing"
+    assert "pivot_root (Debian package util-linux)" in refused.value.message

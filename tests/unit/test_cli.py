@@ -16,9 +16,9 @@ from starter.cli import main, parser
 from starter.connection import ConnectError, connect
 from starter.logs import read_log, sibling_log
 from starter.progress import LogTail, format_duration, summary
+from tests.fixtures import CORPUS
 from workflows.models import BuildStatus, Resource, RunOutput, RunState, StepRecord
 
-CORPUS = Path("/work/shared/aib-corpus")
 LINUX = CORPUS / "q0_helloImageTemplateLinux.json"
 ARM = CORPUS / "q1_armTemplateWinSIG.json"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from tests.fixtures import CORPUS
 from workflows.template import (
     ImageTemplate,
     ManagedImageSource,
@@ -28,7 +29,6 @@ from workflows.template import (
     template_json_schema,
 )
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "aib-corpus"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "templates"
 ARM_WRAPPERS = ["q1_armTemplateWinSIG.json", "s14_armTemplateWVD.json"]
 ARM_PARAMETERS = {"imageTemplateName": "win-golden", "api-version": "2022-02-14", "svclocation": "westus2"}

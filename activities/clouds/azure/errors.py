@@ -17,6 +17,9 @@ from activities.clouds.base import PermanentError
 ROLE_HINT = "kiln's identity needs the role in deploy/azure-role.json (or the action named) on that scope"
 _PERMISSION_CODES = {"AuthorizationFailed", "LinkedAuthorizationFailed", "RequestDisallowedByPolicy"}
 _QUOTA_CODES = {"QuotaExceeded", "OperationNotAllowed", "SkuNotAvailable"}
+# The guest OS itself failed to provision (its image cannot boot, or its agent never reported): a retry makes
+# the same VM from the same image and fails the same way.
+_GUEST_CODES = {"OSProvisioningClientError", "OSProvisioningTimedOut"}
 # Deleting a resource another one still uses fails with these until ARM has caught up with the first delete.
 IN_USE_CODES = {
     "InUseNetworkSecurityGroupCannotBeDeleted",
@@ -50,6 +53,12 @@ def permanent(err: HttpResponseError, *, what: str, needs: str) -> PermanentErro
             f"{what}: the subscription's quota does not allow it ({code}: {message}). "
             f"Request a quota increase for {needs}, or choose a smaller vmSize.",
             kind="QuotaExceeded",
+        )
+    if code in _GUEST_CODES:
+        return PermanentError(
+            f"{what}: the guest OS failed to provision ({code}: {message}). The VM's boot diagnostics (serial "
+            "log) say why.",
+            kind="VmProvisioningFailed",
         )
     if code in _PERMISSION_CODES or err.status_code == 403:
         return PermanentError(

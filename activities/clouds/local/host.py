@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+
+from activities.clouds.base import PermanentError
 
 LOCK_POLL_SECONDS = 0.05
 
@@ -31,6 +34,22 @@ async def run(*argv: str, input: bytes | None = None, check: bool = True) -> byt
     if check and process.returncode != 0:
         raise CommandFailed(argv, process.returncode or 0, stderr)
     return stdout
+
+
+def require_programs(programs: dict[str, str], *, needed_by: str) -> None:
+    """Fail at once, naming each one, when a host program ``needed_by`` runs is missing (``{program: package}``).
+
+    A retry cannot install a program, and without this check the failure surfaces late and vague (a VM that
+    never answers SSH).
+    """
+    missing = [
+        f"{program} (Debian package {package})" for program, package in programs.items() if not shutil.which(program)
+    ]
+    if missing:
+        raise PermanentError(
+            f"{needed_by} needs {', '.join(missing)}, missing on this machine: run deploy/setup-debian.sh",
+            kind="HostProgramMissing",
+        )
 
 
 @asynccontextmanager

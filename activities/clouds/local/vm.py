@@ -24,7 +24,7 @@ from pathlib import Path
 import asyncssh
 
 from activities.clouds.base import PermanentError
-from activities.clouds.local.host import CommandFailed, file_lock, run
+from activities.clouds.local.host import CommandFailed, file_lock, require_programs, run
 from activities.clouds.local.sizes import VmLimits, limits_for
 from activities.clouds.local.store import ROLE_TEMPORARY, ResourceStore, kiln_tags
 from activities.remote.keys import derive_key, private_openssh, public_line
@@ -40,6 +40,18 @@ STOP_TIMEOUT_SECONDS = 10.0
 # The kiln files in a guest (script runs, the admin user's name for deprovision): never part of an image.
 GUEST_FILES = GUEST_DIR.lstrip("/")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+# The host programs a VM's boot runs (the boot script's, before it pivots into the VM's root), by package.
+BOOT_PROGRAMS = {
+    "setsid": "util-linux",
+    "unshare": "util-linux",
+    "pivot_root": "util-linux",
+    "mount": "mount",
+    "umount": "mount",
+    "mknod": "coreutils",
+    "ip": "iproute2",
+}
+# What the VM's own root must hold for anything to answer SSH in it.
+GUEST_SSHD = "usr/sbin/sshd"
 
 
 def vm_id(name: str) -> str:
@@ -132,6 +144,13 @@ class LocalVms:
             record = await asyncio.to_thread(self._store.get, vm_id(name))
             if record is not None and _running(folder) is not None:
                 return self._build_vm(name, record.data)
+            require_programs(BOOT_PROGRAMS, needed_by=f"booting VM {name}")
+            if not (base / GUEST_SSHD).exists():
+                raise PermanentError(
+                    f"VM {name} cannot boot: its root {base} has no /{GUEST_SSHD} (Debian package openssh-server), "
+                    "so nothing in it would answer SSH",
+                    kind="GuestNotBootable",
+                )
             tags = kiln_tags(build.build_id, role=ROLE_TEMPORARY, extra=build.managed_resource_tags)
             host_key = derive_key(self._secret, build.build_id, "host")
             if record is None:
