@@ -28,8 +28,8 @@ from temporalio.worker import Worker
 from activities import activities_for
 from activities.clouds.base import Cloud
 from activities.clouds.local.config import state_dir
+from activities.connection import ConnectError, connect
 from activities.janitor import JanitorActivities
-from starter.connection import ConnectError, connect
 from workflows.build import ImageBuildWorkflow
 from workflows.janitor import JanitorWorkflow
 from workflows.models import SEARCH_ATTRIBUTES, TASK_QUEUES
@@ -68,8 +68,8 @@ async def run_worker(
 async def make_cloud(name: str) -> Cloud:
     if name == "local":
         from activities.clouds.local import LocalCloud
+        from activities.clouds.local.records import ResourceStore
         from activities.clouds.local.storage import LocalStorage
-        from activities.clouds.local.store import ResourceStore
 
         store = ResourceStore(state_dir() / "resources.db")
         return LocalCloud(storage=LocalStorage(store=store), store=store)

@@ -26,7 +26,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.clouds.local.azurite import start_azurite
 from activities.clouds.local.images import OFFERS
-from activities.clouds.local.store import ResourceStore
+from activities.clouds.local.records import ResourceStore
 from tests.conftest import temporal_cli
 from tests.local.builds import FileServer, serving
 from tests.local.conftest import TEST_HOME

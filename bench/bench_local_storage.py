@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from activities.clouds.local.azurite import REGIONS, start_azurite  # noqa: E402
+from activities.clouds.local.records import ResourceStore  # noqa: E402
 from activities.clouds.local.storage import LocalStorage, used_bytes  # noqa: E402
-from activities.clouds.local.store import ResourceStore  # noqa: E402
 from tests.local.vhd_files import write_vhd  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 from workflows.models import BuildContext, CapturedImage, DistributeRequest, ResolvedSource  # noqa: E402

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from activities.clouds.local import LocalCloud  # noqa: E402
 from activities.clouds.local.images import resolve_platform_image  # noqa: E402
-from activities.clouds.local.store import ResourceStore  # noqa: E402
+from activities.clouds.local.records import ResourceStore  # noqa: E402
 from tests.local.conftest import STAGING, TEST_HOME, debian_template, run_to_end  # noqa: E402
 from workflows.models import BuildContext, CaptureSpec, VmSpec  # noqa: E402
 

@@ -27,7 +27,7 @@ from rich.console import Console
 PROJECT = Path(__file__).resolve().parent.parent
 TEMPLATE = PROJECT / "examples" / "debian-golden.json"
 FILES_PORT = 8780  # the port the example template's URIs name
-KILN = [sys.executable, "-m", "starter"]
+KILN = [sys.executable, "-m", "cli"]
 console = Console(highlight=False)
 
 
@@ -65,7 +65,7 @@ def gallery_image_id() -> str:
 
 
 async def final_status(name: str):  # noqa: ANN201 - BuildStatus, imported lazily with the project
-    from starter.connection import connect
+    from activities.connection import connect
     from workflows.build import ImageBuildWorkflow
 
     client = await connect()
@@ -74,8 +74,8 @@ async def final_status(name: str):  # noqa: ANN201 - BuildStatus, imported lazil
 
 async def open_image(artifact_id: str) -> Path:
     """The gallery version's VHD, fetched (sparse) from the region's storage account in Azurite."""
+    from activities.clouds.local.records import ResourceStore
     from activities.clouds.local.storage import LocalStorage
-    from activities.clouds.local.store import ResourceStore
 
     async with LocalStorage(store=ResourceStore()) as storage:
         return (await storage.locate_image(artifact_id)).vhd_path

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from temporalio.client import WorkflowFailureError
 
-from starter.connection import connect
+from activities.connection import connect
 from workflows.models import TASK_QUEUES, BuildStatus
 from workflows.template import load_template
 

@@ -157,7 +157,7 @@ class ImageBuildWorkflow:
             raise ApplicationError(self._status.message, type="InvalidTemplate", non_retryable=True) from None
         workflow.upsert_search_attributes(
             [
-                # A starter may name the template apart from the build (kiln build --name); keep its name then.
+                # A client may name the template apart from the build (kiln build --name); keep its name then.
                 TEMPLATE_NAME.value_set(info.typed_search_attributes.get(TEMPLATE_NAME) or self._status.template_name),
                 CLOUD.value_set(self._status.cloud),
                 SOURCE_IMAGE.value_set(source_label(parsed)),

@@ -12,7 +12,7 @@ import asyncio
 import os
 import signal
 
-from starter.connection import connect
+from activities.connection import connect
 from tests.azure.environment import make_cloud
 from worker import run_worker
 

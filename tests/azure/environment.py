@@ -24,7 +24,7 @@ from temporalio.client import Client, WorkflowHandle
 
 from activities.clouds.azure import AzureCloud
 from activities.clouds.local import azurite as local_azurite
-from activities.clouds.local.store import ResourceStore
+from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.vm import LocalVms, _Layer, overlay_works
 from tests.arm_emulator import (
     ArmEmulator,

@@ -13,8 +13,8 @@ import pytest
 import pytest_asyncio
 
 from activities.clouds.local.azurite import Azurite, start_azurite
+from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.storage import LocalStorage
-from activities.clouds.local.store import ResourceStore
 from tests.ports import free_port
 
 PROJECT = Path(__file__).resolve().parents[2]

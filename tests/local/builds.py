@@ -28,13 +28,13 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from activities.clouds.local import LocalCloud, azurite
 from activities.clouds.local.host import run
+from activities.clouds.local.records import ROLE_LOG, ROLE_OUTPUT, TAG_ROLE, ResourceStore
 from activities.clouds.local.storage import (
     KIND_BLOB,
     LOCAL_SUBSCRIPTION,
     LocalStorage,
     read_log,
 )
-from activities.clouds.local.store import ROLE_LOG, ROLE_OUTPUT, TAG_ROLE, ResourceStore
 from activities.clouds.local.vm import CGROUP_ROOT, VM_KIND
 from worker import run_worker
 from workflows.build import ImageBuildWorkflow, build_id_of

@@ -10,7 +10,7 @@ import asyncio
 import os
 import signal
 
-from starter.connection import connect
+from activities.connection import connect
 from worker import make_cloud, run_worker
 
 

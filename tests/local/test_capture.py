@@ -11,8 +11,8 @@ from urllib.parse import urlparse
 import pytest
 
 from activities.clouds.local import LocalCloud
+from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.storage import LocalImage
-from activities.clouds.local.store import ResourceStore
 from tests.local.conftest import (
     STAGING,
     ImagesOnlyStorage,

@@ -17,7 +17,7 @@ from activities.clouds.local.images import (
     find_offer,
     resolve_platform_image,
 )
-from activities.clouds.local.store import ResourceStore
+from activities.clouds.local.records import ResourceStore
 from tests.local.conftest import ImagesOnlyStorage, debian_template, new_build
 from workflows.models import ResolvedSource
 from workflows.template import PlatformImageSource

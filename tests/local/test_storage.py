@@ -17,6 +17,13 @@ from activities.clouds.base import PermanentError
 from activities.clouds.local import azurite as azurite_mod
 from activities.clouds.local import storage as storage_mod
 from activities.clouds.local.azurite import Azurite, account_for_region, start_azurite
+from activities.clouds.local.records import (
+    ROLE_LOG,
+    ROLE_OUTPUT,
+    TAG_BUILD_ID,
+    TAG_ROLE,
+    ResourceStore,
+)
 from activities.clouds.local.storage import (
     KIND_BLOB,
     KIND_CONTAINER,
@@ -27,13 +34,6 @@ from activities.clouds.local.storage import (
     next_version,
     nonzero_runs,
     read_log,
-)
-from activities.clouds.local.store import (
-    ROLE_LOG,
-    ROLE_OUTPUT,
-    TAG_BUILD_ID,
-    TAG_ROLE,
-    ResourceStore,
 )
 from tests.local.vhd_files import sent_pages, used_pages, write_vhd
 from tests.ports import free_port

@@ -13,7 +13,7 @@ import pytest
 
 from activities.clouds.base import PermanentError
 from activities.clouds.local import LocalCloud
-from activities.clouds.local.store import ResourceStore
+from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.vm import admin_user_of
 from activities.remote.keys import derive_key, public_line
 from activities.remote.ssh import open_session
@@ -187,7 +187,7 @@ async def test_vm_outlives_the_process_that_made_it(cloud: LocalCloud, state: Pa
 import asyncio, sys
 from pathlib import Path
 from activities.clouds.local import LocalCloud
-from activities.clouds.local.store import ResourceStore
+from activities.clouds.local.records import ResourceStore
 from workflows.models import BuildContext, Staging, VmSpec
 cloud = LocalCloud(storage=None, store=ResourceStore(Path({str(state / "resources.db")!r})), state=Path({str(state)!r}))
 vm = asyncio.run(cloud.create_vm(BuildContext.model_validate_json(sys.argv[1]),

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from starter import commands
-from starter.builds import EXIT_CODES, exit_code
-from starter.cli import main, parser
-from starter.connection import ConnectError, connect
-from starter.logs import read_log, sibling_log
-from starter.progress import LogTail, format_duration, summary
+from activities.connection import ConnectError, connect
+from cli import commands
+from cli.builds import EXIT_CODES, exit_code
+from cli.logs import read_log, sibling_log
+from cli.main import main, parser
+from cli.progress import LogTail, format_duration, summary
 from tests.fixtures import CORPUS
 from workflows.models import BuildStatus, Resource, RunOutput, RunState, StepRecord
 

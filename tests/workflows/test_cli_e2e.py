@@ -19,7 +19,7 @@ import pytest_asyncio
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.testing import WorkflowEnvironment
 
-from starter.cli import main
+from cli.main import main
 from tests.fixtures.recording_cloud import RecordingCloud
 from tests.workflows.harness import linux_template, wait_for_step
 from worker import run_worker

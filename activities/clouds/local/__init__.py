@@ -19,7 +19,7 @@ from activities.clouds.local.capture import vhd_file, write_vhd
 from activities.clouds.local.config import state_dir, worker_secret
 from activities.clouds.local.host import file_lock
 from activities.clouds.local.images import ImageCache, platform_image_version, resolve_platform_image
-from activities.clouds.local.store import ROLE_TEMPORARY, ResourceStore, kiln_tags
+from activities.clouds.local.records import ROLE_TEMPORARY, ResourceStore, kiln_tags
 from activities.clouds.local.vm import GUEST_FILES, LocalVms, vm_id
 from activities.remote.keys import derive_key
 from activities.remote.ssh import open_session

@@ -32,7 +32,7 @@ from activities.clouds.append_log import AppendLog
 from activities.clouds.base import PermanentError
 from activities.clouds.local import azurite
 from activities.clouds.local.config import state_dir
-from activities.clouds.local.store import (
+from activities.clouds.local.records import (
     CREATED_BY,
     ROLE_LOG,
     ROLE_OUTPUT,

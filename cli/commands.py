@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from starter.builds import (
+from activities.connection import connect
+from cli.builds import (
     EXIT_FAILED,
     EXIT_SUCCEEDED,
     EXIT_USAGE,
@@ -29,9 +30,8 @@ from starter.builds import (
     run_state_of,
     start_build,
 )
-from starter.connection import connect
-from starter.logs import read_log, sibling_log
-from starter.progress import CUSTOMIZATION_LOG, POLL_SECONDS, STATE_STYLES, VALIDATION_LOG, follow, summary
+from cli.logs import read_log, sibling_log
+from cli.progress import CUSTOMIZATION_LOG, POLL_SECONDS, STATE_STYLES, VALIDATION_LOG, follow, summary
 from workflows.models import BUILD_ID, CLOUD, RUN_STATE, SOURCE_IMAGE, TASK_QUEUES, TEMPLATE_NAME, RunState
 from workflows.template import TemplateError, template_json_schema
 
@@ -197,8 +197,8 @@ async def logs(args: argparse.Namespace, io: Io) -> int:
 async def gallery_create(args: argparse.Namespace, io: Io) -> int:
     """Make a local gallery and image definition: SharedImage targets need them first, as on Azure."""
     from activities.clouds.base import PermanentError
+    from activities.clouds.local.records import ResourceStore
     from activities.clouds.local.storage import LocalStorage
-    from activities.clouds.local.store import ResourceStore
 
     gallery_id = args.image_definition_id.split("/images/")[0]
     try:
@@ -219,8 +219,8 @@ async def gallery_create(args: argparse.Namespace, io: Io) -> int:
 
 
 async def gallery_list(args: argparse.Namespace, io: Io) -> int:
+    from activities.clouds.local.records import ResourceStore
     from activities.clouds.local.storage import LocalStorage
-    from activities.clouds.local.store import ResourceStore
 
     async with LocalStorage(store=ResourceStore()) as storage:
         records = await storage.list_gallery()
@@ -235,8 +235,8 @@ async def gallery_list(args: argparse.Namespace, io: Io) -> int:
 async def resources(args: argparse.Namespace, io: Io) -> int:
     """What the local cloud has made, from its resource store; ``--orphans``: temporary resources of builds
     that are no longer running (a terminated build never ran its cleanup)."""
+    from activities.clouds.local.records import TAG_ROLE, ResourceStore
     from activities.clouds.local.storage import LocalStorage
-    from activities.clouds.local.store import TAG_ROLE, ResourceStore
 
     active: set[str] = set()
     if args.orphans:

@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.text import Text
 from temporalio.service import RPCError
 
-from starter import commands
-from starter.builds import EXIT_CANCELED, EXIT_FAILED, EXIT_USAGE, UsageError
-from starter.connection import ConnectError
+from activities.connection import ConnectError
+from cli import commands
+from cli.builds import EXIT_CANCELED, EXIT_FAILED, EXIT_USAGE, UsageError
 from workflows.models import TASK_QUEUES, RunState
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from activities.clouds.local.store import (
+from activities.clouds.local.records import (
     ROLE_TEMPORARY,
     TAG_BUILD_ID,
     ResourceStore,

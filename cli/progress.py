@@ -18,8 +18,8 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from starter.builds import Build, no_worker_note, outcome, query_status
-from starter.logs import read_log, sibling_log
+from cli.builds import Build, no_worker_note, outcome, query_status
+from cli.logs import read_log, sibling_log
 from workflows.models import BuildStatus, RunState, RunSubState, StepRecord
 
 POLL_SECONDS = 1.0

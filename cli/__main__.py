@@ -1,0 +1,5 @@
+"""``python -m cli`` runs the ``kiln`` command line."""
+
+from cli.main import main
+
+main()
