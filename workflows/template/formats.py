@@ -1,0 +1,119 @@
+"""Value formats of template fields (resource ids, names, checksums, durations, API versions, the build
+timeout), each with what it allows. A value of the wrong form fails as a bad value whose explanation gives
+the allowed form; a whole `<placeholder>`, as documentation templates carry, always passes, and the JSON
+schema's patterns admit one too.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
+
+from workflows.template.base import bad_value
+
+_PLACEHOLDER = re.compile(r"<[^<>]+>")
+_RESOURCE_GROUP_ID = r"/subscriptions/[^/]+/resourceGroups/[^/]+"
+_GALLERY_IMAGE = _RESOURCE_GROUP_ID + r"/providers/Microsoft\.Compute/galleries/[^/]+/images/[^/]+"
+_NAME = r"[A-Za-z0-9_.-]{1,64}"
+_SHA256 = r"[0-9a-f]{64}"
+SUBNET_ID = _RESOURCE_GROUP_ID + r"/providers/Microsoft\.Network/virtualNetworks/[^/]+/subnets/[^/]+"
+
+
+def _format(pattern: str, explanation: str, *, allow_empty: bool = False) -> AfterValidator:
+    """A string check whose failure explains the allowed form. A whole `<placeholder>` always passes."""
+    compiled = re.compile(pattern, re.IGNORECASE if pattern.startswith("/") else 0)
+
+    def check(value: str) -> str:
+        if (allow_empty and value == "") or _PLACEHOLDER.fullmatch(value) or compiled.fullmatch(value):
+            return value
+        raise bad_value(explanation)
+
+    return AfterValidator(check)
+
+
+# Names AIB checks against ^[A-Za-z0-9-_.]{1,64}$; the schema pattern also admits a <placeholder>.
+ResourceName = Annotated[
+    str,
+    _format(_NAME, "It must be 1 to 64 letters, digits, '-', '_' or '.'."),
+    Field(json_schema_extra={"pattern": rf"^(<[^<>]+>|{_NAME})$"}),
+]
+Sha256 = Annotated[
+    str,
+    _format(
+        _SHA256,
+        "It must be the SHA-256 of the file as 64 lowercase hex digits, or empty to skip the check.",
+        allow_empty=True,
+    ),
+    Field(json_schema_extra={"pattern": rf"^(<[^<>]+>|{_SHA256})?$"}),
+]
+ManagedImageId = Annotated[
+    str,
+    _format(
+        _RESOURCE_GROUP_ID + r"/providers/Microsoft\.Compute/images/[^/]+",
+        "It must be a managed image id: "
+        "/subscriptions/<subscription>/resourceGroups/<group>/providers/Microsoft.Compute/images/<image>.",
+    ),
+]
+GalleryImageId = Annotated[
+    str,
+    _format(
+        _GALLERY_IMAGE + r"(/versions/[^/]+)?",
+        "It must be an Azure Compute Gallery image definition id: /subscriptions/<subscription>/resourceGroups/"
+        "<group>/providers/Microsoft.Compute/galleries/<gallery>/images/<definition>, "
+        "optionally followed by /versions/<version>.",
+    ),
+]
+ImageVersionId = Annotated[
+    str,
+    _format(
+        rf"{_GALLERY_IMAGE}/versions/[^/]+|/(sharedGalleries|communityGalleries)/[^/]+/images/[^/]+/versions/[^/]+",
+        "It must be an image version id: /subscriptions/<subscription>/resourceGroups/<group>/providers/"
+        "Microsoft.Compute/galleries/<gallery>/images/<definition>/versions/<version or latest>, "
+        "or a shared or community gallery image version id.",
+    ),
+]
+SubnetId = Annotated[
+    str,
+    _format(
+        SUBNET_ID,
+        "It must be a subnet id: /subscriptions/<subscription>/resourceGroups/<group>/providers/"
+        "Microsoft.Network/virtualNetworks/<vnet>/subnets/<subnet>.",
+        allow_empty=True,
+    ),
+]
+ResourceGroupId = Annotated[
+    str,
+    _format(
+        _RESOURCE_GROUP_ID,
+        "It must be a resource group id, /subscriptions/<subscription>/resourceGroups/<name>, "
+        "or empty to have a staging group made for the build.",
+        allow_empty=True,
+    ),
+]
+# Go durations, as Packer's windows-restart provisioner parses restartTimeout.
+Duration = Annotated[
+    str,
+    _format(
+        r"(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+",
+        "It must be a duration of magnitude and unit, such as 5m, 30m or 2h.",
+    ),
+]
+ApiVersion = Annotated[
+    str, _format(r"\d{4}-\d{2}-\d{2}(-preview)?", "It must be an API version such as 2024-02-01 or 2019-05-01-preview.")
+]
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+def _build_timeout(minutes: int) -> int:
+    if 1 <= minutes <= 5:
+        raise bad_value(
+            "AIB fails builds of 1 to 5 minutes at once ('client_jwt will expire within 5 minutes'): "
+            "use 0 for the default of 240 minutes, or 6 to 960."
+        )
+    return minutes
+
+
+# buildTimeoutInMinutes; its range (0 to 960) is on the field, beside its default.
+BuildTimeoutMinutes = Annotated[int, AfterValidator(_build_timeout)]
