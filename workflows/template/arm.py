@@ -6,6 +6,7 @@ expressions in the resource's values and property names, reporting each that can
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from workflows.template.errors import TemplateError, TemplateIssue, format_path, shown
@@ -14,7 +15,7 @@ _IMAGE_TEMPLATE_TYPE = "microsoft.virtualmachineimages/imagetemplates"
 
 
 class _ArmError(Exception):
-    pass
+    """An expression that cannot be evaluated; its text says why, and goes into the issue at its path."""
 
 
 def is_arm_wrapper(doc: object) -> bool:
@@ -40,8 +41,29 @@ def _parameter_values(parameters: dict | None) -> dict[str, Any]:
 _TOKEN = re.compile(r"\s*(?:(?P<string>'(?:[^']|'')*')|(?P<number>-?\d+)|(?P<name>[A-Za-z_]\w*)|(?P<punct>[(),.\[\]]))")
 
 
+def _concat(args: list[Any]) -> Any:
+    """Arrays into one array, or values into one string (booleans written as ARM writes them)."""
+    if args and all(isinstance(a, list) for a in args):
+        return [item for a in args for item in a]
+    if any(isinstance(a, (list, dict)) for a in args):
+        raise _ArmError("concat() takes only strings, or only arrays")
+    return "".join(str(a).lower() if isinstance(a, bool) else str(a) for a in args)
+
+
+# The template functions that depend on their arguments alone, by their ARM names; a function added here
+# is resolved, and named in the message for one that is not.
+_FUNCTIONS: dict[str, Callable[[list[Any]], Any]] = {"concat": _concat}
+_FUNCTIONS_BY_LOWER_NAME = {name.lower(): function for name, function in _FUNCTIONS.items()}  # ARM ignores case
+_CALLS = [f"{name}()" for name in ("parameters", "variables", *_FUNCTIONS)]
+_SUPPORTED = f"{', '.join(_CALLS[:-1])} and {_CALLS[-1]}"
+
+
 class _ArmScope:
-    """Evaluates the ARM template language as far as image templates use it: parameters(), variables(), concat()."""
+    """Evaluates the ARM template language as far as image templates use it.
+
+    That is parameters(), variables() (the template's own declarations), the functions in _FUNCTIONS, and
+    members of their values (`.name`, `[0]`), in values and in property names alike.
+    """
 
     def __init__(self, doc: dict, parameters: dict | None) -> None:
         declared = doc.get("parameters")
@@ -148,15 +170,10 @@ class _ArmScope:
             if len(args) != 1 or not isinstance(args[0], str):
                 raise _ArmError(f"{function}() takes one name")
             return self._parameter(args[0]) if name == "parameters" else self._variable(args[0])
-        if name == "concat":
-            if args and all(isinstance(a, list) for a in args):
-                return [item for a in args for item in a]
-            if any(isinstance(a, (list, dict)) for a in args):
-                raise _ArmError("concat() takes only strings, or only arrays")
-            return "".join(str(a).lower() if isinstance(a, bool) else str(a) for a in args)
+        if name in _FUNCTIONS_BY_LOWER_NAME:
+            return _FUNCTIONS_BY_LOWER_NAME[name](args)
         raise _ArmError(
-            f"function '{function}' is not supported; kiln resolves parameters(), variables() and concat() "
-            "(give the value as a parameter instead)"
+            f"function '{function}' is not supported; kiln resolves {_SUPPORTED} (give the value as a parameter instead)"
         )
 
     def _parameter(self, name: str) -> Any:
