@@ -29,6 +29,7 @@ from activities import activities_for
 from activities.clouds.base import Cloud
 from activities.clouds.local.config import state_dir
 from activities.connection import ConnectError, connect
+from activities.guest import Guests
 from activities.janitor import JanitorActivities
 from workflows.build import ImageBuildWorkflow
 from workflows.janitor import JanitorWorkflow
@@ -44,15 +45,20 @@ async def run_worker(
     cloud: Cloud,
     *,
     task_queue: str,
+    guests: Guests | None = None,
     stop: asyncio.Event,
     max_activities_per_second: float | None = None,
 ) -> None:
-    """Serve builds on ``task_queue`` until ``stop`` is set, then let running activities finish or hand over."""
+    """Serve builds on ``task_queue`` until ``stop`` is set, then let running activities finish or hand over.
+
+    ``guests`` are the OS profiles that reach the cloud's VMs: the real ones (SSH, WinRM) unless a test double of
+    a cloud brings its own.
+    """
     async with Worker(
         client,
         task_queue=task_queue,
         workflows=[ImageBuildWorkflow, JanitorWorkflow],
-        activities=[*activities_for(cloud), JanitorActivities().find_abandoned_builds],
+        activities=[*activities_for(cloud, guests), JanitorActivities().find_abandoned_builds],
         # Across every worker of the queue: ARM throttles per subscription, not per process.
         max_task_queue_activities_per_second=max_activities_per_second,
         graceful_shutdown_timeout=timedelta(seconds=20),

@@ -11,6 +11,7 @@ from activities.clouds.base import Cloud
 from activities.customize import CustomizeActivities
 from activities.distribute import DistributeActivities
 from activities.generalize import GeneralizeActivities
+from activities.guest import Guests
 from activities.source import SourceActivities
 from activities.staging import StagingActivities
 
@@ -25,11 +26,13 @@ STEP_ACTIVITIES = (
 )
 
 
-def activities_for(cloud: Cloud) -> list[Callable[..., Any]]:
-    """Every build activity, bound to ``cloud``, for one worker."""
+def activities_for(cloud: Cloud, guests: Guests | None = None) -> list[Callable[..., Any]]:
+    """Every build activity, bound to ``cloud`` and reaching its VMs through ``guests`` (the real OS profiles
+    unless a test gives its own), for one worker."""
     bound = []
+    guests = guests or Guests()
     for cls in STEP_ACTIVITIES:
-        instance = cls(cloud)
+        instance = cls(cloud, guests)
         bound += [
             getattr(instance, name)
             for name, member in vars(cls).items()

@@ -10,15 +10,18 @@ from typing import Any
 from temporalio import activity
 
 from activities.clouds.base import Cloud
+from activities.guest import Guests
 
 HEARTBEAT_EVERY = 2.0
 
 
 class CloudActivities:
-    """Activities bound to one cloud. A worker serves one cloud on its task queue (``kiln-local``, ``kiln-azure``)."""
+    """Activities bound to one cloud, and to the guest profiles that reach its VMs. A worker serves one cloud on
+    its task queue (``kiln-local``, ``kiln-azure``)."""
 
-    def __init__(self, cloud: Cloud) -> None:
+    def __init__(self, cloud: Cloud, guests: Guests) -> None:
         self.cloud = cloud
+        self.guests = guests
 
 
 @asynccontextmanager

@@ -7,27 +7,22 @@ from contextlib import AsyncExitStack
 from temporalio import activity
 
 from activities.common import CloudActivities
-from activities.customize import open_guest, run_script
+from activities.scripts import open_guest, run_script
 from workflows.models import GuestScriptRequest, GuestScriptResult
-
-# AIB runs these instead of its default when a customizer wrote them.
-OVERRIDE_SCRIPTS = {
-    "Linux": ("/tmp/DeprovisioningScript.sh", "sh /tmp/DeprovisioningScript.sh"),
-    "Windows": (r"c:\DeprovisioningScript.ps1", r"& c:\DeprovisioningScript.ps1"),
-}
 
 
 class GeneralizeActivities(CloudActivities):
     @activity.defn
     async def generalize(self, request: GuestScriptRequest) -> GuestScriptResult:
-        os_type = request.vm.os_type
-        override_path, override_command = OVERRIDE_SCRIPTS[os_type]
+        profile = self.guests.profile(request.vm.os_type)
         async with AsyncExitStack() as stack:
-            guest, log = await open_guest(self.cloud, request, stack)
-            if await guest.path_exists(override_path):
-                note = f"\n==> using the template's {override_path}\n"
-                script = override_command
+            guest, log = await open_guest(self.cloud, self.guests, request, stack)
+            # AIB runs the override instead of its default when a customizer wrote it.
+            override = profile.deprovision.override_path
+            if await guest.path_exists(override):
+                note = f"\n==> using the template's {override}\n"
+                script = profile.deprovision.override_command
             else:
-                note, script = "", self.cloud.deprovision_script(os_type)
+                note, script = "", await profile.default_deprovision(guest, request.vm)
             note += f"==> deprovision command:\n{script}\n"
             return await run_script(request, guest, log, script, valid_exit_codes=[0], as_root=True, note=note)

@@ -1,9 +1,11 @@
-"""Resolve the source image: ``latest`` is pinned to an exact version, and the cloud refuses what it cannot build."""
+"""Resolve the source image: ``latest`` is pinned to an exact version, the cloud refuses what it cannot build, and
+the source's OS refuses the steps AIB would refuse on it, all before anything is made."""
 
 from __future__ import annotations
 
 from temporalio import activity
 
+from activities.clouds.base import PermanentError
 from activities.common import CloudActivities, heartbeating
 from workflows.models import ResolvedSource, ResolveSourceRequest
 
@@ -13,4 +15,10 @@ class SourceActivities(CloudActivities):
     async def resolve_source(self, request: ResolveSourceRequest) -> ResolvedSource:
         # A first local build makes the base image here, which takes a while: keep the heartbeat going.
         async with heartbeating():
-            return await self.cloud.resolve_source(request.build, request.template)
+            resolved = await self.cloud.resolve_source(request.build, request.template)
+        if issues := self.guests.profile(resolved.os_type).template_issues(request.template):
+            raise PermanentError(
+                "The template cannot be built on this source:\n" + "\n".join(f"{i.path}: {i.message}" for i in issues),
+                kind="InvalidTemplate",
+            )
+        return resolved

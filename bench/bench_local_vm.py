@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from activities.clouds.local import LocalCloud  # noqa: E402
 from activities.clouds.local.images import resolve_platform_image  # noqa: E402
 from activities.clouds.local.records import ResourceStore  # noqa: E402
+from tests.fixtures import connect
 from tests.local.conftest import STAGING, TEST_HOME, debian_template, run_to_end  # noqa: E402
 from workflows.models import BuildContext, CaptureSpec, VmSpec  # noqa: E402
 
@@ -57,7 +58,7 @@ async def main(boots: int) -> None:
         started = time.monotonic()
         vm = await cloud.create_vm(build, STAGING, spec)
         ready.append(time.monotonic() - started)
-        async with cloud.connect(build, vm) as guest:
+        async with connect(cloud, build, vm) as guest:
             await run_to_end(guest, "true", "true")
         first_command.append(time.monotonic() - started)
         await cloud.delete_vm(build, vm.name)
@@ -70,7 +71,7 @@ async def main(boots: int) -> None:
     )
     vm = await cloud.create_vm(build, STAGING, spec)
     try:
-        async with cloud.connect(build, vm) as guest:
+        async with connect(cloud, build, vm) as guest:
             output, exit_code = await run_to_end(guest, "grow", GROW_TO_1GIB + " && sudo du -sxm / | cut -f1")
             assert exit_code == 0, output
         started = time.monotonic()

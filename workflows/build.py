@@ -62,20 +62,18 @@ with workflow.unsafe.imports_passed_through():
         StepRecord,
         VmSpec,
     )
+    from workflows.plan import guest_steps
     from workflows.template import (
         FileCustomizer,
         ImageTemplate,
         PowerShellCustomizer,
         ShellCustomizer,
         TemplateError,
-        TemplateIssue,
         destination_resource_group,
         parse_template,
     )
 
 T = TypeVar("T")
-
-WINDOWS_ONLY_STEPS = ("PowerShell", "WindowsRestart", "WindowsUpdate")
 
 WAIT = workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
 HEARTBEAT = timedelta(seconds=15)
@@ -226,12 +224,6 @@ class ImageBuildWorkflow:
             timeout=timedelta(minutes=30),
         )
         self._status.source_exact_version = source.exact_version
-        if issues := guest_issues(template, source):
-            raise ApplicationError(
-                "The template cannot be built on this source:\n" + "\n".join(f"{i.path}: {i.message}" for i in issues),
-                type="InvalidTemplate",
-                non_retryable=True,
-            )
 
         self._push_undo("staging", "delete staging", "delete_staging", DeleteRequest(build=context, name="staging"))
         staging = await self._step("create staging", StagingActivities.create_staging, context)
@@ -608,19 +600,6 @@ def source_label(template: ImageTemplate) -> str:
     return source.image_id if source.type == "ManagedImage" else source.image_version_id
 
 
-def guest_steps(template: ImageTemplate) -> list[tuple[str, Any]]:
-    """Every customizer and validator with its JSON path, in the order they run."""
-    steps: list[tuple[str, Any]] = [
-        (f"properties.customize[{i}]", s) for i, s in enumerate(template.properties.customize)
-    ]
-    if template.properties.validation is not None:
-        steps += [
-            (f"properties.validate.inVMValidations[{i}]", s)
-            for i, s in enumerate(template.properties.validation.in_vm_validations)
-        ]
-    return steps
-
-
 def artifacts_of(template: ImageTemplate) -> list[Artifact]:
     """Every scriptUri and sourceUri of the customizers and validators, in order."""
     artifacts = []
@@ -662,24 +641,6 @@ def guest_request(
 
 def staged_for(path: str, staged_by_field: dict[str, StagedArtifact]) -> list[StagedArtifact]:
     return [s for field, s in staged_by_field.items() if field.rsplit(".", 1)[0] == path]
-
-
-def guest_issues(template: ImageTemplate, source: ResolvedSource) -> list[TemplateIssue]:
-    """What AIB refuses only once it knows the source's OS: on Linux the File customizer may write only to /tmp."""
-    if source.os_type != "Linux":
-        return []
-    issues = []
-    for path, step in guest_steps(template):
-        if isinstance(step, FileCustomizer) and not step.destination.startswith("/tmp/"):
-            issues.append(
-                TemplateIssue(
-                    path=f"{path}.destination",
-                    message=f"'{step.destination}': on Linux the File customizer can only write under /tmp",
-                )
-            )
-        elif step.type in WINDOWS_ONLY_STEPS:
-            issues.append(TemplateIssue(path=f"{path}.type", message=f"{step.type} needs a Windows source image"))
-    return issues
 
 
 def cause_of(err: BaseException) -> str:

@@ -1,5 +1,5 @@
 """The ``Cloud`` protocol and its implementations (``local``, ``azure``)."""
 
-from activities.clouds.base import Cloud, GuestSession, LogSink, PermanentError, ScriptProgress
+from activities.clouds.base import Cloud, LogSink, PermanentError
 
-__all__ = ["Cloud", "GuestSession", "LogSink", "PermanentError", "ScriptProgress"]
+__all__ = ["Cloud", "LogSink", "PermanentError"]

@@ -10,8 +10,6 @@ Rules every implementation keeps (the saga depends on them):
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from temporalio.exceptions import ApplicationError
@@ -42,30 +40,6 @@ class PermanentError(ApplicationError):
         super().__init__(message, type=kind, non_retryable=True)
 
 
-@dataclass
-class ScriptProgress:
-    """New output of a script running on a guest since an offset, and its exit code once it has ended."""
-
-    output: bytes
-    exit_code: int | None
-
-
-class GuestSession(Protocol):
-    """A connection to a VM. Scripts run detached in the guest, so a worker that dies does not kill them and a
-    new worker can attach to the same run by its id and read on from where the last one stopped."""
-
-    async def upload(self, data: bytes, destination: str, *, mode: int = 0o644) -> None: ...
-
-    async def path_exists(self, path: str) -> bool: ...
-
-    async def start_script(self, run_id: str, script: str, *, as_root: bool = False) -> None:
-        """Start ``script`` under ``run_id``; does nothing if that run has already started."""
-
-    async def poll_script(self, run_id: str, offset: int) -> ScriptProgress: ...
-
-    async def kill_script(self, run_id: str) -> None: ...
-
-
 class LogSink(Protocol):
     """An append-only log in staging storage (``customization.log``)."""
 
@@ -79,15 +53,14 @@ class LogSink(Protocol):
 
 class Cloud(Protocol):
     name: str
+    # The worker secret the build VMs' credentials derive from (guest/keys.py): the login key or admin password
+    # a VM is made with, and the one a session to it logs in with, on whichever worker takes the build over.
+    secret: bytes
 
     async def resolve_source(self, build: BuildContext, template: ImageTemplate) -> ResolvedSource:
         """Pin the source image (``latest`` to an exact version) and refuse, before anything is made, whatever
         of the template this cloud cannot build (an unknown image, a Windows source on the local cloud, a region
         it does not have), with a message that names the field."""
-
-    def deprovision_script(self, os_type: str) -> str:
-        """The default generalize command (``waagent -force -deprovision+user`` or its local equivalent),
-        run when the customizers did not write ``/tmp/DeprovisioningScript.sh``."""
 
     async def create_staging(self, build: BuildContext) -> Staging: ...
 
@@ -104,8 +77,6 @@ class Cloud(Protocol):
     async def create_vm(self, build: BuildContext, staging: Staging, spec: VmSpec) -> BuildVm: ...
 
     async def delete_vm(self, build: BuildContext, name: str) -> None: ...
-
-    def connect(self, build: BuildContext, vm: BuildVm) -> AbstractAsyncContextManager[GuestSession]: ...
 
     async def capture_image(
         self, build: BuildContext, staging: Staging, vm: BuildVm, spec: CaptureSpec

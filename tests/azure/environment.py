@@ -137,7 +137,9 @@ class AzureLikeVms(LocalVms):
         keys = "".join(f"{k}\n" for k in spec.ssh_public_keys).encode()
         layer.write(f"home/{user}/.ssh/authorized_keys", keys, mode=0o600, folder_mode=0o700)
         layer.write("var/lib/kiln-test-guest/admin-user", f"{user}\n".encode(), mode=0o644)
-        for name, text in (("waagent", WAAGENT), ("sudo", SUDO), ("apt", APT), ("apt-get", APT)):
+        # waagent where Azure's images have it, which is where kiln's deprovision looks for it.
+        layer.write("usr/sbin/waagent", WAAGENT.encode(), mode=0o755)
+        for name, text in (("sudo", SUDO), ("apt", APT), ("apt-get", APT)):
             layer.write(f"usr/local/bin/{name}", text.encode(), mode=0o755)
 
 

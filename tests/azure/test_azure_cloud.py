@@ -14,10 +14,12 @@ from azure.core.exceptions import ResourceNotFoundError
 from activities.clouds.azure import AzureCloud
 from activities.clouds.azure.names import staging_group_name, storage_account_name
 from activities.clouds.azure.storage import blob_metadata, ensure_container
-from activities.clouds.azure.vm import platform_image_id, windows_password
+from activities.clouds.azure.vm import platform_image_id
 from activities.clouds.base import PermanentError
+from activities.guest.keys import windows_password
 from tests.arm_emulator import ArmEmulator, GuestEndpoint, GuestSpec
 from tests.azure.environment import LOCATION, SUB, Guests, kiln_resources
+from tests.fixtures import connect
 from workflows.models import Artifact, BuildContext, ResolvedSource, VmSpec
 from workflows.template import VhdDistributor, VmProfile, parse_template
 
@@ -137,7 +139,7 @@ async def test_a_windows_vm_gets_a_derived_password_and_a_pinned_winrm_listener(
     assert (vm.os_type, vm.port, vm.host_key) == ("Windows", 5986, f"winrm-sha1:{thumbprint.upper()}")
     [guest] = booted
     assert guest.os_type == "Windows" and guest.ssh_public_keys == ()
-    assert guest.admin_password == windows_password(cloud._secret, build.build_id)
+    assert guest.admin_password == windows_password(cloud.secret, build.build_id)
     assert guest.admin_password not in vm.model_dump_json()
     machine = next(r for r in kiln_resources(arm) if r["type"] == "Microsoft.Compute/virtualMachines")
     assert machine["properties"]["hardwareProfile"]["vmSize"] == "Standard_D2ds_v4"  # Gen2's default
@@ -356,7 +358,7 @@ async def test_vm_create_twice_connect_and_delete_twice(cloud: AzureCloud, arm: 
     assert {rule["properties"]["destinationPortRange"] for rule in nsg["properties"]["securityRules"]} == {"22", "5986"}
     assert {rule["properties"]["sourceAddressPrefix"] for rule in nsg["properties"]["securityRules"]} == {"127.0.0.1"}
 
-    async with cloud.connect(build, vm) as guest:
+    async with connect(cloud, build, vm) as guest:
         await guest.start_script("hello", "echo hello from $(id -un)\n")
         while (progress := await guest.poll_script("hello", 0)).exit_code is None:
             pass

@@ -13,6 +13,7 @@ import pytest
 from activities.clouds.local import LocalCloud
 from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.storage import LocalImage
+from tests.fixtures import connect, deprovision_script
 from tests.local.conftest import (
     STAGING,
     ImagesOnlyStorage,
@@ -42,10 +43,10 @@ async def host(*argv: str) -> str:
 async def customize_and_capture(
     cloud: LocalCloud, build: BuildContext, vm: BuildVm, *, os_disk_size_gb: int = 0
 ) -> CapturedImage:
-    async with cloud.connect(build, vm) as guest:
+    async with connect(cloud, build, vm) as guest:
         _, exit_code = await run_to_end(guest, "marker", f"echo '{MARKER}' | sudo tee /etc/kiln-marker")
         assert exit_code == 0
-        _, exit_code = await run_to_end(guest, "deprovision", cloud.deprovision_script("Linux"), as_root=True)
+        _, exit_code = await run_to_end(guest, "deprovision", await deprovision_script(guest, vm), as_root=True)
         assert exit_code == 0
     return await cloud.capture_image(
         build, STAGING, vm, CaptureSpec(name=f"{build.build_id}-image", os_disk_size_gb=os_disk_size_gb)
@@ -123,7 +124,7 @@ async def test_vms_boot_from_a_captured_image_and_from_a_managed_image_source(
         made.append(await make_vm(image_id=source.image_id, source=source))
         next_build, next_vm = made[-1]
         # The generalized image takes a new build user and host key, and keeps what the first build made.
-        async with cloud.connect(next_build, next_vm) as guest:
+        async with connect(cloud, next_build, next_vm) as guest:
             output, exit_code = await run_to_end(guest, "read", "cat /etc/kiln-marker; id -un")
         assert (output.decode(), exit_code) == (f"{MARKER}\n{next_vm.admin_user}\n", 0)
     finally:

@@ -15,8 +15,9 @@ from activities.clouds.base import PermanentError
 from activities.clouds.local import LocalCloud
 from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.vm import admin_user_of
-from activities.remote.keys import derive_key, public_line
-from activities.remote.ssh import open_session
+from activities.guest.keys import derive_key, public_line
+from activities.guest.ssh import open_session
+from tests.fixtures import connect, deprovision_script
 from tests.local.conftest import STAGING, MakeVm, guest_run, new_build, run_to_end
 from workflows.models import BuildVm, ResolvedSource, VmSpec
 
@@ -43,7 +44,7 @@ def pid_namespace_members(pid: int) -> list[int]:
 async def test_script_runs_as_the_admin_user_and_reports_output_and_exit_code(cloud: LocalCloud, make_vm: MakeVm):
     build, vm = await make_vm()
     assert vm.port == 22 and vm.host.startswith("127.") and vm.admin_user == admin_user_of(build.build_id)
-    async with cloud.connect(build, vm) as guest:
+    async with connect(cloud, build, vm) as guest:
         script = "echo out; echo err >&2; id -un; hostname; pwd; sudo -n id -u; exit 7"
         output, exit_code = await run_to_end(guest, "run-1", script)
     assert exit_code == 7
@@ -52,7 +53,7 @@ async def test_script_runs_as_the_admin_user_and_reports_output_and_exit_code(cl
 
 async def test_a_started_run_id_is_not_started_again(cloud: LocalCloud, make_vm: MakeVm):
     build, vm = await make_vm()
-    async with cloud.connect(build, vm) as guest:
+    async with connect(cloud, build, vm) as guest:
         await run_to_end(guest, "once", "echo ran >> /tmp/count")
         await guest.start_script("once", "echo ran >> /tmp/count")
         output, _ = await run_to_end(guest, "count", "cat /tmp/count")
@@ -61,11 +62,11 @@ async def test_a_started_run_id_is_not_started_again(cloud: LocalCloud, make_vm:
 
 async def test_script_outlives_the_connection_and_polls_resume_at_an_offset(cloud: LocalCloud, make_vm: MakeVm):
     build, vm = await make_vm()
-    async with cloud.connect(build, vm) as guest:
+    async with connect(cloud, build, vm) as guest:
         await guest.start_script("long", "echo first; sleep 1; echo second")
         first = await guest.poll_script("long", 0)
     # A new connection, as a worker that took over would make, reads on from where the last one stopped.
-    async with cloud.connect(build, vm) as guest:
+    async with connect(cloud, build, vm) as guest:
         offset, rest = len(first.output), b""
         while True:
             progress = await guest.poll_script("long", offset)
@@ -79,7 +80,7 @@ async def test_script_outlives_the_connection_and_polls_resume_at_an_offset(clou
 
 async def test_kill_script_stops_its_process_group(cloud: LocalCloud, make_vm: MakeVm):
     build, vm = await make_vm()
-    async with cloud.connect(build, vm) as guest:
+    async with connect(cloud, build, vm) as guest:
         await guest.start_script("sleeper", "sleep 300 & sleep 301; echo never")
         await guest.kill_script("sleeper")  # right away: start_script returns only once the run can be stopped
         progress = await guest.poll_script("sleeper", 0)
@@ -91,7 +92,7 @@ async def test_kill_script_stops_its_process_group(cloud: LocalCloud, make_vm: M
 
 async def test_upload_and_path_exists(cloud: LocalCloud, make_vm: MakeVm):
     build, vm = await make_vm()
-    async with cloud.connect(build, vm) as guest:
+    async with connect(cloud, build, vm) as guest:
         assert not await guest.path_exists("/tmp/DeprovisioningScript.sh")
         await guest.upload(b"echo custom\n", "/tmp/DeprovisioningScript.sh", mode=0o755)
         assert await guest.path_exists("/tmp/DeprovisioningScript.sh")
@@ -135,10 +136,10 @@ async def test_vm_size_sets_cgroup_limits_clamped_to_the_machine(cloud: LocalClo
 
 async def test_deprovision_removes_the_user_and_host_keys_and_still_reports_its_end(cloud: LocalCloud, make_vm: MakeVm):
     build, vm = await make_vm()
-    async with cloud.connect(build, vm) as guest:
+    async with connect(cloud, build, vm) as guest:
         await run_to_end(guest, "dirty", "echo x > /tmp/junk; sudo sh -c 'echo log > /var/log/custom.log'")
         # The session's own user goes away here; the open session still reads how the script ended.
-        output, exit_code = await run_to_end(guest, "deprovision", cloud.deprovision_script("Linux"), as_root=True)
+        output, exit_code = await run_to_end(guest, "deprovision", await deprovision_script(guest, vm), as_root=True)
     assert exit_code == 0, output
     user = vm.admin_user
     leftovers = await guest_run(
@@ -208,7 +209,7 @@ print(vm.model_dump_json())
     assert made.returncode == 0
     vm = BuildVm.model_validate(json.loads(stdout))
     try:
-        async with cloud.connect(build, vm) as guest:
+        async with connect(cloud, build, vm) as guest:
             output, exit_code = await run_to_end(guest, "alive", "echo still here")
         assert (output, exit_code) == (b"still here\n", 0)
     finally:

@@ -157,7 +157,9 @@ async def serving(client: Client, directory: Path) -> AsyncIterator[Harness]:
     """A recording cloud in ``directory``, served by an in-process worker on a task queue of its own."""
     harness = unserved(client, directory)
     stop = asyncio.Event()
-    worker = asyncio.create_task(run_worker(client, harness.cloud, task_queue=harness.task_queue, stop=stop))
+    worker = asyncio.create_task(
+        run_worker(client, harness.cloud, guests=harness.cloud.guests(), task_queue=harness.task_queue, stop=stop)
+    )
     try:
         yield harness
     finally:

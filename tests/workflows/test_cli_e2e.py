@@ -38,7 +38,9 @@ async def cloud(
     monkeypatch.setenv("TEMPORAL_ADDRESS", env.client.service_client.config.target_host)
     cloud = RecordingCloud(tmp_path / "cloud.db")
     stop = asyncio.Event()
-    worker = asyncio.create_task(run_worker(env.client, cloud, task_queue=TASK_QUEUES["local"], stop=stop))
+    worker = asyncio.create_task(
+        run_worker(env.client, cloud, guests=cloud.guests(), task_queue=TASK_QUEUES["local"], stop=stop)
+    )
     yield cloud
     stop.set()
     await worker

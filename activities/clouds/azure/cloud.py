@@ -8,7 +8,6 @@ import os
 import re
 import urllib.request
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
@@ -40,11 +39,9 @@ from activities.clouds.azure.vm import (
     lro,
     parse_platform_image_id,
     platform_image_id,
-    windows_password,
 )
-from activities.clouds.base import GuestSession, LogSink, PermanentError
-from activities.remote.keys import derive_key, public_line
-from activities.remote.ssh import open_session
+from activities.clouds.base import LogSink, PermanentError
+from activities.guest.keys import derive_key, public_line, windows_password
 from workflows.models import (
     Artifact,
     BuildContext,
@@ -68,41 +65,6 @@ from workflows.template import (
 )
 
 log = logging.getLogger("kiln.azure")
-
-DEPROVISION_LINUX = """\
-WAAGENT=/usr/sbin/waagent
-waagent -version 1> /dev/null 2>&1
-if [ $? -eq 0 ]; then
-  WAAGENT=waagent
-fi
-$WAAGENT -force -deprovision+user && export HISTSIZE=0 && sync
-"""
-
-DEPROVISION_WINDOWS = """\
-Write-Output '>>> Waiting for GA Service (RdAgent) to start ...'
-while ((Get-Service RdAgent).Status -ne 'Running') { Start-Sleep -s 5 }
-Write-Output '>>> Waiting for GA Service (WindowsAzureTelemetryService) to start ...'
-while ((Get-Service WindowsAzureTelemetryService) -and ((Get-Service WindowsAzureTelemetryService).Status -ne 'Running')) { Start-Sleep -s 5 }
-Write-Output '>>> Waiting for GA Service (WindowsAzureGuestAgent) to start ...'
-while ((Get-Service WindowsAzureGuestAgent).Status -ne 'Running') { Start-Sleep -s 5 }
-if( Test-Path $Env:SystemRoot\\system32\\Sysprep\\unattend.xml ) {
-  Write-Output '>>> Removing Sysprep\\unattend.xml ...'
-  Remove-Item $Env:SystemRoot\\system32\\Sysprep\\unattend.xml -Force
-}
-if (Test-Path $Env:SystemRoot\\Panther\\unattend.xml) {
-  Write-Output '>>> Removing Panther\\unattend.xml ...'
-  Remove-Item $Env:SystemRoot\\Panther\\unattend.xml -Force
-}
-Write-Output '>>> Sysprepping VM ...'
-& $Env:SystemRoot\\System32\\Sysprep\\Sysprep.exe /oobe /generalize /quiet /quit
-while($true) {
-  $imageState = (Get-ItemProperty HKLM:\\SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\Setup\\State).ImageState
-  Write-Output $imageState
-  if ($imageState -eq 'IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE') { break }
-  Start-Sleep -s 5
-}
-Write-Output '>>> Sysprep complete ...'
-"""
 
 EGRESS_LOOKUP = "https://api.ipify.org"
 # Cleanup order inside a staging group kiln did not create: users before what they use.
@@ -162,7 +124,7 @@ class AzureCloud:
         self.arm = ArmClients(credential, subscription_id, arm_endpoint=arm_endpoint, options=client_options)
         self.blobs = BlobClients(blob_credential if blob_credential is not None else credential)
         self._credential = credential
-        self._secret = secret
+        self.secret = secret
         self._egress_ip = egress_ip
         self._egress_lock = asyncio.Lock()
         self._log_account_url = _account_url(log_account) if log_account else None
@@ -334,9 +296,6 @@ class AzureCloud:
             hyper_v_generation="V2" if image.hyper_v_generation == "V2" else "V1",
         )
 
-    def deprovision_script(self, os_type: str) -> str:
-        return DEPROVISION_WINDOWS if os_type == "Windows" else DEPROVISION_LINUX
-
     # ---- staging
 
     async def create_staging(self, build: BuildContext) -> Staging:
@@ -494,7 +453,7 @@ class AzureCloud:
         nic, made = await self.vms.create_network(group, parts, location=build.location, tags=tags, subnet_id=subnet_id)
         user = admin_user(build.build_id)
         windows = source.os_type == "Windows"
-        client_key = derive_key(self._secret, build.build_id, "client")
+        client_key = derive_key(self.secret, build.build_id, "client")
         vm = await self.vms.create_vm(
             group,
             parts,
@@ -510,7 +469,7 @@ class AzureCloud:
             identities=spec.vm_profile.user_assigned_identities,
             admin_user=user,
             ssh_public_key=None if windows else public_line(client_key),
-            password=windows_password(self._secret, build.build_id) if windows else None,
+            password=windows_password(self.secret, build.build_id) if windows else None,
         )
         address = await self.vms.address_of(group, parts, public=subnet_id is None)
         if windows:
@@ -547,15 +506,6 @@ class AzureCloud:
 
     async def delete_vm(self, build: BuildContext, name: str) -> None:
         await self.vms.delete_vm_parts(staging_group(build, self.subscription_id).name, VmParts(name))
-
-    def connect(self, build: BuildContext, vm: BuildVm) -> AbstractAsyncContextManager[GuestSession]:
-        return open_session(
-            host=vm.host,
-            port=vm.port,
-            username=vm.admin_user,
-            host_key=vm.host_key,
-            client_key=derive_key(self._secret, build.build_id, "client"),
-        )
 
     # ---- capture
 

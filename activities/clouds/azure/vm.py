@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -56,12 +53,6 @@ def platform_image_id(subscription: str, location: str, publisher: str, offer: s
 def parse_platform_image_id(image_id: str) -> dict[str, str] | None:
     found = _PLATFORM_ID.match(image_id)
     return found.groupdict() if found else None
-
-
-def windows_password(secret: bytes, build_id: str) -> str:
-    """The build VM's admin password: derived like the SSH keys, so it is never stored or passed on."""
-    token = base64.urlsafe_b64encode(hmac.new(secret, f"kiln/windows/{build_id}".encode(), hashlib.sha256).digest())
-    return f"Kn1!{token.decode().rstrip('=')[:28]}"  # meets Azure's complexity rule whatever the digest is
 
 
 def run_command_stdout(result: Any) -> str:

@@ -10,19 +10,16 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from activities.clouds.base import GuestSession, LogSink, PermanentError
+from activities.clouds.base import LogSink, PermanentError
 from activities.clouds.local.capture import vhd_file, write_vhd
 from activities.clouds.local.config import state_dir, worker_secret
 from activities.clouds.local.host import file_lock
 from activities.clouds.local.images import ImageCache, platform_image_version, resolve_platform_image
 from activities.clouds.local.records import ROLE_TEMPORARY, ResourceStore, kiln_tags
-from activities.clouds.local.vm import GUEST_FILES, LocalVms, vm_id
-from activities.remote.keys import derive_key
-from activities.remote.ssh import open_session
+from activities.clouds.local.vm import LocalVms, vm_id
 from workflows.models import (
     Artifact,
     BuildContext,
@@ -50,25 +47,6 @@ if TYPE_CHECKING:
 
 IMAGE_KIND = "image"
 
-# The local waagent -force -deprovision+user: what makes this VM's disk an image any machine can start from.
-DEPROVISION_LINUX = f"""\
-user=$(cat /{GUEST_FILES}/admin-user 2>/dev/null || true)
-if [ -n "$user" ] && id -u "$user" > /dev/null 2>&1; then
-  echo "deleting the build user $user"
-  # -f: the user is still logged in (this very session); its run files live outside its home and survive.
-  userdel -f -r "$user" 2>&1 | grep -v 'mail spool' || true
-  rm -f "/etc/sudoers.d/90-$user"
-fi
-echo "deleting SSH host keys, the machine id, shell history, temporary files and logs"
-rm -f /etc/ssh/ssh_host_*
-: > /etc/machine-id
-rm -f /root/.bash_history /home/*/.bash_history
-rm -rf /tmp/* /tmp/.[!.]* /var/tmp/* /var/tmp/.[!.]*
-find /var/log -type f -delete
-export HISTSIZE=0
-sync
-"""
-
 
 def capture_id(name: str) -> str:
     return f"kiln-local/{IMAGE_KIND}/{name}"
@@ -83,10 +61,10 @@ class LocalCloud:
         self._state = state or state_dir()
         self._storage = storage
         self._store = store
-        self._secret = worker_secret()
+        self.secret = worker_secret()
         self._captures = self._state / "images" / "captured"
         self.images = ImageCache(self._state / "images")
-        self.vms = LocalVms(state=self._state, store=store, secret=self._secret)
+        self.vms = LocalVms(state=self._state, store=store, secret=self.secret)
 
     async def resolve_source(self, build: BuildContext, template: ImageTemplate) -> ResolvedSource:
         resolved = await self._resolve(build, template)
@@ -120,25 +98,11 @@ class LocalCloud:
             size_bytes=vhd_file(image.vhd_path).size_bytes,
         )
 
-    def deprovision_script(self, os_type: str) -> str:
-        if os_type != "Linux":
-            raise PermanentError(f"the local cloud cannot generalize a {os_type} guest", kind="UnsupportedOsType")
-        return DEPROVISION_LINUX
-
     async def create_vm(self, build: BuildContext, staging: Staging, spec: VmSpec) -> BuildVm:
         return await self.vms.create(build, spec, await self._rootfs_of(spec.image_id))
 
     async def delete_vm(self, build: BuildContext, name: str) -> None:
         await self.vms.delete(name)
-
-    def connect(self, build: BuildContext, vm: BuildVm) -> AbstractAsyncContextManager[GuestSession]:
-        return open_session(
-            host=vm.host,
-            port=vm.port,
-            username=vm.admin_user,
-            host_key=vm.host_key,
-            client_key=derive_key(self._secret, build.build_id, "client"),
-        )
 
     async def capture_image(
         self, build: BuildContext, staging: Staging, vm: BuildVm, spec: CaptureSpec

@@ -27,8 +27,8 @@ from activities.clouds.base import PermanentError
 from activities.clouds.local.host import CommandFailed, file_lock, require_programs, run
 from activities.clouds.local.records import ROLE_TEMPORARY, ResourceStore, kiln_tags
 from activities.clouds.local.sizes import VmLimits, limits_for
-from activities.remote.keys import derive_key, private_openssh, public_line
-from activities.remote.ssh import GUEST_DIR
+from activities.guest.keys import derive_key, private_openssh, public_line
+from activities.guest.ssh import GUEST_DIR
 from workflows.models import BuildContext, BuildVm, Resource, VmSpec
 
 VM_KIND = "vm"

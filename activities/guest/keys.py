@@ -1,4 +1,4 @@
-"""SSH keys derived from the worker secret and the build id.
+"""A build VM's credentials, derived from the worker secret and the build id: SSH keys, and the Windows password.
 
 Any worker on the machine can work out a build's keys again, so a worker that takes a build over after a crash
 logs in to the VM the first one made, and no private key is ever stored or passed through workflow history.
@@ -6,6 +6,7 @@ logs in to the VM the first one made, and no private key is ever stored or passe
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 from typing import Literal
@@ -36,3 +37,9 @@ def public_line(key: asyncssh.SSHKey, comment: str = "") -> str:
 def private_openssh(key: asyncssh.SSHKey) -> bytes:
     """The private key in OpenSSH format, as sshd reads a ``HostKey`` file."""
     return key.export_private_key("openssh")
+
+
+def windows_password(secret: bytes, build_id: str) -> str:
+    """The build VM's admin password: derived like the SSH keys, so it is never stored or passed on."""
+    token = base64.urlsafe_b64encode(hmac.new(secret, f"kiln/windows/{build_id}".encode(), hashlib.sha256).digest())
+    return f"Kn1!{token.decode().rstrip('=')[:28]}"  # meets Azure's complexity rule whatever the digest is

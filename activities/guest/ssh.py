@@ -19,7 +19,8 @@ from contextlib import asynccontextmanager
 
 import asyncssh
 
-from activities.clouds.base import PermanentError, ScriptProgress
+from activities.clouds.base import PermanentError
+from activities.guest.base import ScriptProgress
 
 GUEST_DIR = "/var/lib/kiln-guest"
 RUNS_DIR = f"{GUEST_DIR}/runs"
