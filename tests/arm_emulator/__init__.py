@@ -19,7 +19,8 @@ from azure.core.credentials import AccessToken
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 
 from .blobs import AZURITE_ACCOUNT, AZURITE_KEY, Azurite, fixed_vhd
-from .server import ArmEmulator, ArmError, Call, GuestEndpoint, GuestSpec, PlatformImage
+from .protocol import ArmError, Call
+from .server import ArmEmulator, GuestEndpoint, GuestSpec, PlatformImage
 
 __all__ = [
     "AZURITE_ACCOUNT",

@@ -49,37 +49,35 @@ serve as a real guest) and returns where it listens; see `GuestSpec` / `GuestEnd
 from __future__ import annotations
 
 import copy
-import http.client
 import json
 import re
-import socket
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, NamedTuple
-from urllib.parse import parse_qs, unquote, urlsplit
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+from urllib.parse import unquote
 
+from .blob_proxy import BlobProxy
 from .blobs import Azurite, ServedBlobs, fixed_vhd
 from .faults import Faults
-
-
-class Call(NamedTuple):
-    """One HTTP exchange; status 0 means the connection was dropped without an answer.
-
-    `at` (epoch seconds, when the request was read) and `seconds` (until the answer was ready,
-    injected delays and a VM's guest boot included) say how long the emulated ARM itself took.
-    """
-
-    method: str
-    path: str
-    status: int
-    at: float = 0.0
-    seconds: float = 0.0
+from .http_server import HttpServer, make_server, read_request, write
+from .protocol import (
+    ENVELOPE,
+    ArmError,
+    Call,
+    Request,
+    Response,
+    check_rest_shape,
+    error,
+    method_not_allowed,
+    now,
+    operation_not_allowed,
+    region_name,
+    storage_error,
+)
 
 
 @dataclass(frozen=True)
@@ -124,15 +122,7 @@ class PlatformImage:
     locations: tuple[str, ...] | None = None
 
     def offered_in(self, location: str) -> bool:
-        return self.locations is None or _region_name(location) in {_region_name(loc) for loc in self.locations}
-
-
-class ArmError(Exception):
-    """An ARM error answer: HTTP status plus the `{"error": {"code", "message"}}` body."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status, self.code, self.message = status, code, message
+        return self.locations is None or region_name(location) in {region_name(loc) for loc in self.locations}
 
 
 @dataclass(frozen=True)
@@ -182,13 +172,6 @@ _IN_USE = {
     "microsoft.compute/disks": (409, "OperationNotAllowed", {_VMS}),
 }
 
-_ENVELOPE = ("location", "tags", "sku", "kind", "identity", "zones", "plan", "extendedLocation", "managedBy")
-_ALLOWED_TOP = {*_ENVELOPE, "properties", "id", "name", "type", "etag"}
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
 
 @dataclass
 class _Resource:
@@ -220,44 +203,8 @@ class _Operation:
     polls: int = 0
     status: str = "InProgress"
     result: dict[str, Any] | None = None
-    started: str = field(default_factory=_now)
+    started: str = field(default_factory=now)
     ended: str | None = None
-
-
-@dataclass
-class _BlobCopy:
-    id: str
-    polls: int = 0
-
-
-@dataclass
-class _Request:
-    method: str
-    path: str
-    query: dict[str, str]
-    body: bytes
-    origin: str  # scheme://host:port as the client addressed us, for absolute URLs
-    range: str | None = None  # Range / x-ms-range, only read for served blobs
-    authorization: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)  # all of them, for requests passed on to Azurite
-    raw_query: str = ""
-
-    def json(self) -> dict[str, Any]:
-        try:
-            value = json.loads(self.body or b"{}")
-        except ValueError as e:
-            raise ArmError(400, "InvalidRequestContent", f"The request content was invalid: {e}") from e
-        if not isinstance(value, dict):
-            raise ArmError(400, "InvalidRequestContent", "The request content must be a JSON object.")
-        return value
-
-
-@dataclass
-class _Response:
-    status: int
-    body: dict[str, Any] | list[Any] | bytes | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    raw: bool = False  # Azurite's own answer: its headers go out as they are
 
 
 class ArmEmulator:
@@ -296,23 +243,21 @@ class ArmEmulator:
         self.vhd = fixed_vhd()
         self.snapshot_copy_polls: int | None = 1
         self.blob_copy_polls: int | None = 0
-        self._blob_copies: dict[str, _BlobCopy] = {}
         self._port = port
         self._azurite = azurite
-        self._proxy_storage = proxy_storage
         self.blobs: Azurite | ServedBlobs | None = azurite
+        self._blob_proxy = BlobProxy(azurite) if proxy_storage and azurite is not None else None
         self._store: dict[str, _Resource] = {}
         self._ops: dict[str, _Operation] = {}
         self._lock = threading.RLock()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: HttpServer | None = None
         self._thread: threading.Thread | None = None
         self.base_url = ""
 
     # ----------------------------------------------------------------- lifecycle and public view
 
     def start(self) -> str:
-        handler = type("_BoundHandler", (_Handler,), {"emulator": self})
-        self._server = _Server(("127.0.0.1", self._port), handler)
+        self._server = make_server(self._port, self._serve)
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
         if self._azurite is None:
             self.blobs = ServedBlobs(self.base_url)
@@ -365,20 +310,7 @@ class ArmEmulator:
             h.close_connection = True
             return
         at, started = time.time(), time.perf_counter()
-        url = urlsplit(h.path)
-        query = {k.lower(): v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-        length = int(h.headers.get("Content-Length") or 0)
-        req = _Request(
-            h.command,
-            url.path,
-            query,
-            h.rfile.read(length),
-            f"http://{h.headers.get('Host')}",
-            h.headers.get("x-ms-range") or h.headers.get("Range"),
-            h.headers.get("Authorization"),
-            dict(h.headers.items()),
-            url.query,
-        )
+        req = read_request(h)
         fault = self.faults.request_fault(req.method, req.path)
         if fault is not None:
             time.sleep(fault.delay)
@@ -387,7 +319,7 @@ class ArmEmulator:
                 self.calls.append(Call(req.method, req.path, 0, at, time.perf_counter() - started))
                 return
         if fault is not None and fault.status is not None:
-            resp = (_storage_error if self._is_storage(req) else _error)(
+            resp = (storage_error if self._is_blob_traffic(req) else error)(
                 fault.status,
                 fault.code or _DEFAULT_CODES.get(fault.status, "InjectedFault"),
                 fault.message or "Fault injected by the ARM emulator.",
@@ -398,22 +330,26 @@ class ArmEmulator:
             try:
                 resp = self._route(req)
             except ArmError as e:
-                resp = _error(e.status, e.code, e.message)
+                resp = error(e.status, e.code, e.message)
             except Exception as e:  # an emulator bug: make it visible to the test, not a dropped socket
-                resp = _error(500, "InternalServerError", f"ARM emulator failure: {e!r}")
+                resp = error(500, "InternalServerError", f"ARM emulator failure: {e!r}")
             if fault is not None:
                 time.sleep(fault.answer_delay)
         # Logged before the answer goes out, so a caller that has its answer finds its call in the log.
         self.calls.append(Call(req.method, req.path, resp.status, at, time.perf_counter() - started))
-        _write(h, req.method, resp)
+        write(h, req.method, resp)
 
-    def _route(self, req: _Request) -> _Response:
-        if self._is_storage(req):
-            return self._blob_copy_status(req, self._pass_to_azurite(req))
+    def _is_blob_traffic(self, req: Request) -> bool:
+        return self._blob_proxy is not None and self._blob_proxy.covers(req.path)
+
+    def _route(self, req: Request) -> Response:
+        if self._is_blob_traffic(req):
+            assert self._blob_proxy is not None
+            return self._blob_proxy.serve(req, self.blob_copy_polls)
         segs = [s for s in req.path.split("/") if s]
         low = [s.lower() for s in segs]
         if low[:1] == ["_blobs"] and len(segs) >= 2 and isinstance(self.blobs, ServedBlobs):
-            return self._serve_blob(req, segs[1])
+            return self.blobs.answer(req, segs[1])
         if len(segs) < 2 or low[0] != "subscriptions":
             raise ArmError(404, "NotFound", f"No route for {req.path}.")
         if not (req.authorization or "").startswith("Bearer "):
@@ -462,7 +398,7 @@ class ArmEmulator:
             return self._provider(req, sub, rest[1], rest[3], rest[4:])
         raise ArmError(404, "NotFound", f"No route for {req.path}.")
 
-    def _provider(self, req: _Request, sub: str, group: str, ns: str, parts: list[str]) -> _Response:
+    def _provider(self, req: Request, sub: str, group: str, ns: str, parts: list[str]) -> Response:
         if len(parts) % 2 == 0:
             spec = self._type(ns, parts[0::2])
             return self._resource(req, sub, group, spec, parts[1::2])
@@ -509,15 +445,15 @@ class ArmEmulator:
         )
 
     def _platform_image(
-        self, req: _Request, sub: str, location: str, publisher: str, offer: str, sku: str, version: list[str]
-    ) -> _Response:
+        self, req: Request, sub: str, location: str, publisher: str, offer: str, sku: str, version: list[str]
+    ) -> Response:
         """VirtualMachineImages list (a bare JSON array, ascending by version unless $orderby says
         otherwise, $top honoured) and get. The ids use ARM's capitalised form and echo the request's
         publisher/offer/sku; an unknown SKU, version or region is 404 NotFound, as ARM answers it."""
         if req.method != "GET":
-            raise _method_not_allowed(req)
+            raise method_not_allowed(req)
         image = self._catalogue_entry(publisher, offer, sku)
-        region = _region_name(location)
+        region = region_name(location)
         if image is None or not image.offered_in(region) or (version and version[0] not in image.versions):
             raise ArmError(404, "NotFound", "Artifact: VMImage was not found.")
         base = (
@@ -525,7 +461,7 @@ class ArmEmulator:
             f"/ArtifactTypes/VMImage/Offers/{offer}/Skus/{sku}/Versions"
         )
         if version:
-            return _Response(200, _image_version(image, base, region, version[0], with_properties=True))
+            return Response(200, _image_version(image, base, region, version[0], with_properties=True))
         order = re.fullmatch(r"\s*name(?:\s+(asc|desc))?\s*", req.query.get("$orderby", "name"), re.IGNORECASE)
         if order is None:
             raise ArmError(400, "InvalidParameter", f"$orderby '{req.query['$orderby']}' is not supported.")
@@ -536,19 +472,19 @@ class ArmEmulator:
                 raise ArmError(400, "InvalidParameter", f"$top '{top}' is not a non-negative integer.")
             names = names[: int(top)]
         expand = req.query.get("$expand", "").lower() == "properties"
-        return _Response(200, [_image_version(image, base, region, v, with_properties=expand) for v in names])
+        return Response(200, [_image_version(image, base, region, v, with_properties=expand) for v in names])
 
     # ----------------------------------------------------------------- resource groups
 
-    def _group(self, req: _Request, sub: str, name: str) -> _Response:
+    def _group(self, req: Request, sub: str, name: str) -> Response:
         with self._lock:
             gid = self._group_id(sub, name)
             group = self._store.get(gid.lower())
             if req.method == "HEAD":
-                return _Response(204 if group else 404)
+                return Response(204 if group else 404)
             if req.method == "PUT":
                 body = req.json()
-                _check_rest_shape(body)
+                check_rest_shape(body)
                 if not body.get("location"):
                     raise ArmError(400, "LocationRequired", "The location property is required for this definition.")
                 if group and group.properties["provisioningState"] == "Deleting":
@@ -558,24 +494,24 @@ class ArmEmulator:
                 envelope = {"location": body["location"], "tags": body.get("tags") or {}}
                 if group:
                     group.envelope = envelope
-                    return _Response(200, self._render(group))
+                    return Response(200, self._render(group))
                 group = _Resource(gid, _GROUP_TYPE, envelope, {"provisioningState": "Succeeded"})
                 self._store[group.key] = group
-                return _Response(201, self._render(group))
+                return Response(201, self._render(group))
             if group is None:
                 raise _group_not_found(name)
             if req.method == "GET":
-                return _Response(200, self._render(group))
+                return Response(200, self._render(group))
             if req.method == "PATCH":
                 body = req.json()
                 if "tags" in body:
                     group.envelope["tags"] = body["tags"] or {}
-                return _Response(200, self._render(group))
+                return Response(200, self._render(group))
             if req.method == "DELETE":
                 return self._delete_group(req, group)
-        raise _method_not_allowed(req)
+        raise method_not_allowed(req)
 
-    def _delete_group(self, req: _Request, group: _Resource) -> _Response:
+    def _delete_group(self, req: Request, group: _Resource) -> Response:
         prefix = group.key + "/"
         before = group.properties["provisioningState"]
         group.properties["provisioningState"] = "Deleting"
@@ -591,7 +527,7 @@ class ArmEmulator:
         op = self._operation(req, succeed, fail)
         sub = group.id.split("/")[2]
         location = f"{req.origin}/subscriptions/{sub}/operationresults/{op.id}?api-version={req.query['api-version']}"
-        return _Response(202, None, {"Location": location, "retry-after-ms": str(self.poll_ms)})
+        return Response(202, None, {"Location": location, "retry-after-ms": str(self.poll_ms)})
 
     def _require_group(self, sub: str, group: str) -> _Resource:
         res = self._store.get(f"/subscriptions/{sub}/resourcegroups/{group}".lower())
@@ -601,7 +537,7 @@ class ArmEmulator:
 
     # ----------------------------------------------------------------- generic resources
 
-    def _resource(self, req: _Request, sub: str, group: str, spec: _Type, names: list[str]) -> _Response:
+    def _resource(self, req: Request, sub: str, group: str, spec: _Type, names: list[str]) -> Response:
         with self._lock:
             rg = self._require_group(sub, group)
             rid = self._id(sub, group, spec, names)
@@ -612,9 +548,9 @@ class ArmEmulator:
                 if "operation" in res.state:
                     # ARM's work goes on whether or not its operation is polled: reading the resource counts too.
                     self._advance(res.state["operation"])
-                return _Response(200, self._render(res, req.query.get("$expand")))
+                return Response(200, self._render(res, req.query.get("$expand")))
             if req.method == "HEAD":
-                return _Response(204 if rid.lower() in self._store else 404)
+                return Response(204 if rid.lower() in self._store else 404)
             if req.method == "PUT":
                 resp, new_vm = self._put(req, rg, spec, rid)
             elif req.method == "PATCH":
@@ -622,7 +558,7 @@ class ArmEmulator:
             elif req.method == "DELETE":
                 return self._delete(req, spec, rid)
             else:
-                raise _method_not_allowed(req)
+                raise method_not_allowed(req)
         if new_vm is not None:
             # Booting a guest can take a while; it must not hold the lock every request needs.
             self._boot_guest(new_vm)
@@ -643,7 +579,7 @@ class ArmEmulator:
             )
         return res
 
-    def _put(self, req: _Request, rg: _Resource, spec: _Type, rid: str) -> tuple[_Response, _Resource | None]:
+    def _put(self, req: Request, rg: _Resource, spec: _Type, rid: str) -> tuple[Response, _Resource | None]:
         if rg.properties["provisioningState"] == "Deleting":
             raise _group_being_deleted(rg.name)
         if spec.name.count("/") > 1:
@@ -656,7 +592,7 @@ class ArmEmulator:
                     f"'{parent_id.rsplit('/', 1)[1]}' not found.",
                 )
         body = req.json()
-        _check_rest_shape(body)
+        check_rest_shape(body)
         if spec.tracked and not body.get("location"):
             raise ArmError(400, "LocationRequired", "The location property is required for this definition.")
         existing = self._store.get(rid.lower())
@@ -665,7 +601,7 @@ class ArmEmulator:
         res = _Resource(
             existing.id if existing else rid,
             spec.name,
-            {k: body[k] for k in _ENVELOPE if k in body},
+            {k: body[k] for k in ENVELOPE if k in body},
             copy.deepcopy(body.get("properties") or {}),
             existing.state if existing else {},
         )
@@ -692,30 +628,30 @@ class ArmEmulator:
         res.state["operation"] = op
         new_vm = res if spec.name == "Microsoft.Compute/virtualMachines" and existing is None else None
         if spec.put == "location":
-            return _Response(202, None, self._lro_headers(req, res, op, aao=False)), new_vm
+            return Response(202, None, self._lro_headers(req, res, op, aao=False)), new_vm
         status = 200 if existing else (202 if spec.put == "aao202" else 201)
         headers = self._lro_headers(req, res, op, location=False)
-        return _Response(status, self._render(res), headers), new_vm
+        return Response(status, self._render(res), headers), new_vm
 
-    def _patch(self, req: _Request, res: _Resource) -> _Response:
+    def _patch(self, req: Request, res: _Resource) -> Response:
         """PATCH merges and completes at once; it still names an (already finished) operation so
         callers that treat it as an LRO (`begin_update`) poll once and read the resource."""
         body = req.json()
-        _check_rest_shape(body)
+        check_rest_shape(body)
         if "tags" in body:
             res.envelope["tags"] = body["tags"] or {}
         _merge(res.properties, body.get("properties") or {})
         op = self._operation(req, lambda: self._render(res), lambda: None, limit=lambda: 0)
-        return _Response(200, self._render(res), self._lro_headers(req, res, op, location=False))
+        return Response(200, self._render(res), self._lro_headers(req, res, op, location=False))
 
-    def _delete(self, req: _Request, spec: _Type, rid: str) -> _Response:
+    def _delete(self, req: Request, spec: _Type, rid: str) -> Response:
         res = self._store.get(rid.lower())
         if res is None:
-            return _Response(204)
+            return Response(204)
         self._check_not_in_use(res)
         if spec.delete == "sync":
             del self._store[res.key]
-            return _Response(200)
+            return Response(200)
         before = res.properties.get("provisioningState")
         res.properties["provisioningState"] = "Deleting"
 
@@ -727,7 +663,7 @@ class ArmEmulator:
             res.properties["provisioningState"] = before
 
         op = self._operation(req, succeed, fail)
-        return _Response(202, None, self._lro_headers(req, res, op))
+        return Response(202, None, self._lro_headers(req, res, op))
 
     def _remove(self, res: _Resource) -> None:
         """Removes a resource with its children and what ARM deletes along with it."""
@@ -766,7 +702,7 @@ class ArmEmulator:
                 "with the resource(s).",
             )
 
-    def _list(self, sub: str, group: str | None, type_name: str | None, req: _Request) -> _Response:
+    def _list(self, sub: str, group: str | None, type_name: str | None, req: Request) -> Response:
         prefix = (f"/subscriptions/{sub}/" + (f"resourcegroups/{group}/" if group else "")).lower()
         filt = req.query.get("$filter", "")
         tag = re.search(r"tagname\s+eq\s+'([^']*)'(?:\s+and\s+tagvalue\s+eq\s+'([^']*)')?", filt, re.I)
@@ -783,19 +719,19 @@ class ArmEmulator:
             ]
         if tag is not None:
             found = [r for r in found if _tags_match(r.get("tags") or {}, {tag.group(1): tag.group(2)})]
-        return _Response(200, {"value": found})
+        return Response(200, {"value": found})
 
-    def _list_children(self, owner_id: str, child: _Type, req: _Request) -> _Response:
+    def _list_children(self, owner_id: str, child: _Type, req: Request) -> Response:
         prefix = owner_id.lower() + "/"
         with self._lock:
             found = [self._render(r) for r in self._store.values() if r.type == child.name and r.key.startswith(prefix)]
-        return _Response(200, {"value": found})
+        return Response(200, {"value": found})
 
     # ----------------------------------------------------------------- long-running operations
 
     def _operation(
         self,
-        req: _Request,
+        req: Request,
         succeed: Callable[[], dict[str, Any] | None],
         fail: Callable[[], None],
         limit: Callable[[], int | None] | None = None,
@@ -813,7 +749,7 @@ class ArmEmulator:
         return op
 
     def _lro_headers(
-        self, req: _Request, res: _Resource, op: _Operation, *, aao: bool = True, location: bool = True
+        self, req: Request, res: _Resource, op: _Operation, *, aao: bool = True, location: bool = True
     ) -> dict[str, str]:
         sub = res.id.split("/")[2]
         ns = res.type.split("/")[0]
@@ -832,9 +768,9 @@ class ArmEmulator:
         if not location:
             group = self._store.get("/".join(res.key.split("/")[:5]))
             location = group.envelope.get("location") if group else "global"
-        return _region_name(str(location))
+        return region_name(str(location))
 
-    def _poll(self, req: _Request, op_id: str, *, via: str) -> _Response:
+    def _poll(self, req: Request, op_id: str, *, via: str) -> Response:
         with self._lock:
             op = self._ops.get(op_id)
             if op is None:
@@ -847,12 +783,12 @@ class ArmEmulator:
                     body["endTime"] = op.ended
                 if op.error and op.status == "Failed":
                     body["error"] = op.error
-                return _Response(200, body, wait if op.status == "InProgress" else {})
+                return Response(200, body, wait if op.status == "InProgress" else {})
             if op.status == "InProgress":
-                return _Response(202, None, {"Location": f"{req.origin}{req.path}?{_query(req)}", **wait})
+                return Response(202, None, {"Location": f"{req.origin}{req.path}?{_query(req)}", **wait})
             if op.status == "Failed":
-                return _error(op.http_status, op.error["code"], op.error["message"])
-            return _Response(200, op.result)
+                return error(op.http_status, op.error["code"], op.error["message"])
+            return Response(200, op.result)
 
     def _advance(self, op: _Operation) -> None:
         """One poll: an InProgress answer, or the end with its effect applied."""
@@ -862,7 +798,7 @@ class ArmEmulator:
         limit = op.limit()
         if limit is None or op.polls <= limit:
             return
-        op.ended = _now()
+        op.ended = now()
         if op.error is None:
             try:
                 op.result = op.succeed()
@@ -875,7 +811,7 @@ class ArmEmulator:
 
     # ----------------------------------------------------------------- actions
 
-    def _action(self, req: _Request, owner_id: str, spec: _Type, action: str) -> _Response:
+    def _action(self, req: Request, owner_id: str, spec: _Type, action: str) -> Response:
         handler = getattr(self, f"_act_{spec.name.split('/')[-1].lower()}_{action}", None)
         expected = "GET" if action == "instanceview" else "POST"
         if handler is None or req.method != expected:
@@ -890,12 +826,12 @@ class ArmEmulator:
             return handler(req, self._get(owner_id))
 
     def _async_action(
-        self, req: _Request, res: _Resource, succeed: Callable[[], dict[str, Any] | None], fail: Callable[[], None]
-    ) -> _Response:
+        self, req: Request, res: _Resource, succeed: Callable[[], dict[str, Any] | None], fail: Callable[[], None]
+    ) -> Response:
         op = self._operation(req, succeed, fail)
-        return _Response(202, None, self._lro_headers(req, res, op))
+        return Response(202, None, self._lro_headers(req, res, op))
 
-    def _power_action(self, req: _Request, vm: _Resource, during: str, after: str) -> _Response:
+    def _power_action(self, req: Request, vm: _Resource, during: str, after: str) -> Response:
         before = vm.state["power"]
         vm.state["power"] = during
 
@@ -908,33 +844,35 @@ class ArmEmulator:
 
         return self._async_action(req, vm, succeed, fail)
 
-    def _act_virtualmachines_start(self, req: _Request, vm: _Resource) -> _Response:
+    def _act_virtualmachines_start(self, req: Request, vm: _Resource) -> Response:
         if vm.state.get("generalized"):
-            raise _not_allowed(f"Operation 'start' is not allowed on VM '{vm.name}' since the VM is generalized.")
+            raise operation_not_allowed(
+                f"Operation 'start' is not allowed on VM '{vm.name}' since the VM is generalized."
+            )
         return self._power_action(req, vm, "starting", "running")
 
-    def _act_virtualmachines_restart(self, req: _Request, vm: _Resource) -> _Response:
+    def _act_virtualmachines_restart(self, req: Request, vm: _Resource) -> Response:
         self._require_power(vm, "restart", "running")
         return self._power_action(req, vm, "starting", "running")
 
-    def _act_virtualmachines_poweroff(self, req: _Request, vm: _Resource) -> _Response:
+    def _act_virtualmachines_poweroff(self, req: Request, vm: _Resource) -> Response:
         return self._power_action(req, vm, "stopping", "stopped")
 
-    def _act_virtualmachines_deallocate(self, req: _Request, vm: _Resource) -> _Response:
+    def _act_virtualmachines_deallocate(self, req: Request, vm: _Resource) -> Response:
         return self._power_action(req, vm, "deallocating", "deallocated")
 
-    def _act_virtualmachines_generalize(self, req: _Request, vm: _Resource) -> _Response:
+    def _act_virtualmachines_generalize(self, req: Request, vm: _Resource) -> Response:
         self._require_power(vm, "generalize", "stopped", "deallocated")
         vm.state["generalized"] = True
-        return _Response(200)  # synchronous: the SDK accepts only 200 here
+        return Response(200)  # synchronous: the SDK accepts only 200 here
 
-    def _act_virtualmachines_instanceview(self, req: _Request, vm: _Resource) -> _Response:
-        return _Response(200, self._instance_view(vm))
+    def _act_virtualmachines_instanceview(self, req: Request, vm: _Resource) -> Response:
+        return Response(200, self._instance_view(vm))
 
-    def _act_virtualmachines_runcommand(self, req: _Request, vm: _Resource) -> _Response:
+    def _act_virtualmachines_runcommand(self, req: Request, vm: _Resource) -> Response:
         self._require_power(vm, "runCommand", "running")
         body = req.json()
-        _check_rest_shape(body, envelope=False)
+        check_rest_shape(body, envelope=False)
 
         def succeed() -> dict[str, Any]:
             stdout, stderr = self.run_command(vm.id, body)
@@ -968,9 +906,11 @@ class ArmEmulator:
 
         return self._async_action(req, vm, succeed, lambda: None)
 
-    def _act_virtualmachines_capture(self, req: _Request, vm: _Resource) -> _Response:
+    def _act_virtualmachines_capture(self, req: Request, vm: _Resource) -> Response:
         if not vm.state.get("generalized"):
-            raise _not_allowed(f"Capture operation cannot be completed because the VM '{vm.name}' is not generalized.")
+            raise operation_not_allowed(
+                f"Capture operation cannot be completed because the VM '{vm.name}' is not generalized."
+            )
         body = req.json()
         prefix = body.get("vhdPrefix", "vhd")
         container = body.get("destinationContainerName", "images")
@@ -985,18 +925,18 @@ class ArmEmulator:
 
         return self._async_action(req, vm, succeed, lambda: None)
 
-    def _act_disks_begingetaccess(self, req: _Request, disk: _Resource) -> _Response:
+    def _act_disks_begingetaccess(self, req: Request, disk: _Resource) -> Response:
         vm = self._attached_vm(disk)
         if vm is not None and vm.state.get("power") != "deallocated":
-            raise _not_allowed(f"Disk '{disk.name}' is attached to VM '{vm.id}' that is not deallocated.")
+            raise operation_not_allowed(f"Disk '{disk.name}' is attached to VM '{vm.id}' that is not deallocated.")
         return self._grant(req, disk)
 
-    def _act_snapshots_begingetaccess(self, req: _Request, snap: _Resource) -> _Response:
+    def _act_snapshots_begingetaccess(self, req: Request, snap: _Resource) -> Response:
         return self._grant(req, snap)
 
-    def _grant(self, req: _Request, res: _Resource) -> _Response:
+    def _grant(self, req: Request, res: _Resource) -> Response:
         body = req.json()
-        _check_rest_shape(body, envelope=False)
+        check_rest_shape(body, envelope=False)
         if body.get("access") not in ("Read", "Write", "None"):
             raise ArmError(400, "InvalidParameter", "The value of parameter access is invalid.")
 
@@ -1006,13 +946,13 @@ class ArmEmulator:
 
         return self._async_action(req, res, succeed, lambda: None)
 
-    def _act_disks_endgetaccess(self, req: _Request, disk: _Resource) -> _Response:
+    def _act_disks_endgetaccess(self, req: Request, disk: _Resource) -> Response:
         return self._revoke(req, disk)
 
-    def _act_snapshots_endgetaccess(self, req: _Request, snap: _Resource) -> _Response:
+    def _act_snapshots_endgetaccess(self, req: Request, snap: _Resource) -> Response:
         return self._revoke(req, snap)
 
-    def _revoke(self, req: _Request, res: _Resource) -> _Response:
+    def _revoke(self, req: Request, res: _Resource) -> Response:
         def succeed() -> None:
             if res.state.pop("sas", None):
                 self.blobs.unpublish(f"{res.name}-{res.key.split('/')[4]}.vhd")
@@ -1020,9 +960,9 @@ class ArmEmulator:
 
         return self._async_action(req, res, succeed, lambda: None)
 
-    def _act_storageaccounts_listkeys(self, req: _Request, account: _Resource) -> _Response:
+    def _act_storageaccounts_listkeys(self, req: Request, account: _Resource) -> Response:
         _, key = self.blobs.account_endpoint(account.name)
-        return _Response(
+        return Response(
             200,
             {
                 "keys": [
@@ -1034,14 +974,14 @@ class ArmEmulator:
 
     def _require_power(self, vm: _Resource, action: str, *allowed: str) -> None:
         if vm.state.get("power") not in allowed:
-            raise _not_allowed(
+            raise operation_not_allowed(
                 f"Operation '{action}' is not allowed on VM '{vm.name}' since the VM is "
                 f"{vm.state.get('power')}; it must be {' or '.join(allowed)}."
             )
 
     # ----------------------------------------------------------------- per-type preparation
 
-    def _prepare_storageAccounts(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
+    def _prepare_storageAccounts(self, res: _Resource, existing: _Resource | None, req: Request) -> None:
         if not re.fullmatch(r"[a-z0-9]{3,24}", res.name):
             raise ArmError(
                 400,
@@ -1056,9 +996,9 @@ class ArmEmulator:
                 )
         res.envelope.setdefault("kind", "StorageV2")
         res.envelope.setdefault("sku", {"name": "Standard_LRS", "tier": "Standard"})
-        res.properties.setdefault("creationTime", existing.properties["creationTime"] if existing else _now())
+        res.properties.setdefault("creationTime", existing.properties["creationTime"] if existing else now())
 
-    def _prepare_virtualNetworks(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
+    def _prepare_virtualNetworks(self, res: _Resource, existing: _Resource | None, req: Request) -> None:
         # Inline subnets become child resources, which is how ARM stores them.
         for sub in res.properties.pop("subnets", None) or []:
             props = copy.deepcopy(sub.get("properties") or {})
@@ -1069,10 +1009,10 @@ class ArmEmulator:
         guid = existing.properties["resourceGuid"] if existing else str(uuid.uuid4())
         res.properties.setdefault("resourceGuid", guid)
 
-    def _prepare_virtualNetworks_subnets(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
+    def _prepare_virtualNetworks_subnets(self, res: _Resource, existing: _Resource | None, req: Request) -> None:
         self._check_refs(res.properties)
 
-    def _prepare_networkSecurityGroups(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
+    def _prepare_networkSecurityGroups(self, res: _Resource, existing: _Resource | None, req: Request) -> None:
         for rule in res.properties.get("securityRules") or []:
             rule["id"] = f"{res.id}/securityRules/{rule.get('name')}"
         res.properties["defaultSecurityRules"] = [
@@ -1097,12 +1037,12 @@ class ArmEmulator:
             )
         ]
 
-    def _prepare_publicIPAddresses(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
+    def _prepare_publicIPAddresses(self, res: _Resource, existing: _Resource | None, req: Request) -> None:
         res.envelope.setdefault("sku", {"name": "Standard", "tier": "Regional"})
         res.properties.setdefault("publicIPAllocationMethod", "Static")
         res.properties.setdefault("publicIPAddressVersion", "IPv4")
 
-    def _prepare_networkInterfaces(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
+    def _prepare_networkInterfaces(self, res: _Resource, existing: _Resource | None, req: Request) -> None:
         self._check_refs(res.properties)
         configs = res.properties.get("ipConfigurations") or []
         if not configs:
@@ -1119,7 +1059,7 @@ class ArmEmulator:
             else "00-0D-3A-" + "-".join(f"{b:02X}" for b in uuid.uuid4().bytes[:3]),
         )
 
-    def _prepare_virtualMachines(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
+    def _prepare_virtualMachines(self, res: _Resource, existing: _Resource | None, req: Request) -> None:
         props = res.properties
         self._check_refs(props.get("networkProfile") or {})
         self._check_refs((props.get("storageProfile") or {}).get("imageReference") or {})
@@ -1149,7 +1089,7 @@ class ArmEmulator:
             storage["osDisk"] = existing.properties["storageProfile"]["osDisk"]
             return
         props["vmId"] = str(uuid.uuid4())
-        props["timeCreated"] = _now()
+        props["timeCreated"] = now()
         os_disk = storage.setdefault("osDisk", {})
         os_disk.setdefault("osType", "Windows" if windows else "Linux")
         os_disk.setdefault("name", f"{res.name}_OsDisk_1_{uuid.uuid4().hex}")
@@ -1172,7 +1112,7 @@ class ArmEmulator:
                     "diskSizeGB": os_disk.get("diskSizeGB", 30),
                     "creationData": {"createOption": "FromImage", "imageReference": image},
                     "provisioningState": "Succeeded",
-                    "timeCreated": _now(),
+                    "timeCreated": now(),
                 },
             )
         res.state.update(
@@ -1201,7 +1141,7 @@ class ArmEmulator:
         if res.state.get("power") == "starting":
             res.state["power"] = "running"
 
-    def _prepare_virtualMachines_runCommands(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
+    def _prepare_virtualMachines_runCommands(self, res: _Resource, existing: _Resource | None, req: Request) -> None:
         vm = self._store[res.key.rsplit("/runcommands/", 1)[0]]
         self._require_power(vm, "runCommands", "running")
         res.state["vm_id"] = vm.id
@@ -1222,20 +1162,20 @@ class ArmEmulator:
             "exitCode": 0,
             "output": stdout,
             "error": stderr,
-            "startTime": _now(),
-            "endTime": _now(),
+            "startTime": now(),
+            "endTime": now(),
         }
 
-    def _prepare_disks(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
+    def _prepare_disks(self, res: _Resource, existing: _Resource | None, req: Request) -> None:
         creation = res.properties.get("creationData") or {}
         if not creation.get("createOption"):
             raise ArmError(400, "InvalidParameter", "Required parameter 'creationData.createOption' is missing.")
         source = self._check_refs(creation)
         if source and "diskSizeGB" not in res.properties:
             res.properties["diskSizeGB"] = source[0].properties.get("diskSizeGB")
-        res.properties.setdefault("timeCreated", _now())
+        res.properties.setdefault("timeCreated", now())
 
-    def _prepare_snapshots(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
+    def _prepare_snapshots(self, res: _Resource, existing: _Resource | None, req: Request) -> None:
         creation = res.properties.get("creationData") or {}
         source = self._check_refs(creation)
         if not source:
@@ -1250,24 +1190,26 @@ class ArmEmulator:
                 res.state["copy_polls"] = 0
         res.properties.setdefault("diskSizeGB", source[0].properties.get("diskSizeGB"))
         res.properties.setdefault("osType", source[0].properties.get("osType"))
-        res.properties.setdefault("timeCreated", _now())
+        res.properties.setdefault("timeCreated", now())
 
-    def _prepare_images(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
+    def _prepare_images(self, res: _Resource, existing: _Resource | None, req: Request) -> None:
         sources = self._check_refs(res.properties)
         self._check_copied(sources)
         for source in sources:
-            where = _region_name(str(source.envelope.get("location", "")))
-            if where != _region_name(str(res.envelope["location"])):
+            where = region_name(str(source.envelope.get("location", "")))
+            if where != region_name(str(res.envelope["location"])):
                 raise ArmError(
                     400,
                     "InvalidParameter",
                     f"The source {source.id} is in region '{where}', the image in "
-                    f"'{_region_name(str(res.envelope['location']))}': an image's source must be in its region.",
+                    f"'{region_name(str(res.envelope['location']))}': an image's source must be in its region.",
                 )
         vm = next((s for s in sources if s.type == "Microsoft.Compute/virtualMachines"), None)
         if vm is not None:
             if not vm.state.get("generalized"):
-                raise _not_allowed(f"The source virtual machine '{vm.id}' must be generalized to create an image.")
+                raise operation_not_allowed(
+                    f"The source virtual machine '{vm.id}' must be generalized to create an image."
+                )
             os_disk = vm.properties["storageProfile"]["osDisk"]
             res.properties["storageProfile"] = {
                 "osDisk": {
@@ -1285,15 +1227,15 @@ class ArmEmulator:
             raise ArmError(400, "InvalidParameter", "An image needs sourceVirtualMachine or storageProfile.osDisk.")
         res.properties.setdefault("hyperVGeneration", "V1")
 
-    def _prepare_galleries(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
+    def _prepare_galleries(self, res: _Resource, existing: _Resource | None, req: Request) -> None:
         res.properties["identifier"] = {"uniqueName": f"{res.id.split('/')[2]}-{res.name.upper()}"}
 
-    def _prepare_galleries_images(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
+    def _prepare_galleries_images(self, res: _Resource, existing: _Resource | None, req: Request) -> None:
         for required in ("osType", "osState", "identifier"):
             if not res.properties.get(required):
                 raise ArmError(400, "InvalidParameter", f"Required parameter '{required}' is missing (null).")
 
-    def _prepare_galleries_images_versions(self, res: _Resource, existing: _Resource | None, req: _Request) -> None:
+    def _prepare_galleries_images_versions(self, res: _Resource, existing: _Resource | None, req: Request) -> None:
         profile = res.properties.get("storageProfile") or {}
         if not self._check_refs(profile):
             raise ArmError(400, "InvalidParameter", "The gallery image version needs a source in storageProfile.")
@@ -1301,7 +1243,7 @@ class ArmEmulator:
         publishing.setdefault("targetRegions", [{"name": res.envelope["location"], "regionalReplicaCount": 1}])
         publishing.setdefault("replicaCount", 1)
         publishing.setdefault("storageAccountType", "Standard_LRS")
-        publishing["publishedDate"] = _now()
+        publishing["publishedDate"] = now()
         profile.setdefault("osDiskImage", {"sizeInGB": 30, "hostCaching": "ReadWrite"})
 
     def _replication_limit(self, res: _Resource) -> Callable[[], int | None]:
@@ -1345,29 +1287,9 @@ class ArmEmulator:
         for source in sources:
             percent = self._copy_percent(source)
             if percent is not None and percent < 100:
-                raise _not_allowed(f"The copy of snapshot '{source.id}' is {percent:.0f}% complete; wait for it.")
-
-    def _blob_copy_status(self, req: _Request, resp: _Response) -> _Response:
-        """Azurite finishes a copy before answering; this makes it report pending for `blob_copy_polls` reads
-        of the destination first, as a copy of a large blob does."""
-        header = {k.lower(): k for k in resp.headers}
-        copy_id = resp.headers.get(header.get("x-ms-copy-id", ""))
-        starts = req.method == "PUT" and any(k.lower() == "x-ms-copy-source" for k in req.headers)
-        with self._lock:
-            if starts and copy_id and self.blob_copy_polls != 0:
-                self._blob_copies[req.path] = copy = _BlobCopy(copy_id)
-            elif req.method in ("GET", "HEAD") and not req.raw_query and req.path in self._blob_copies:
-                copy = self._blob_copies[req.path]
-                copy.polls += 1
-            else:
-                return resp
-            need = self.blob_copy_polls
-            if copy_id != copy.id or (need is not None and copy.polls > need):
-                return resp
-        resp.headers[header.get("x-ms-copy-status", "x-ms-copy-status")] = "pending"
-        for name in ("x-ms-copy-completion-time", "x-ms-copy-progress"):
-            resp.headers.pop(header.get(name, name), None)
-        return resp
+                raise operation_not_allowed(
+                    f"The copy of snapshot '{source.id}' is {percent:.0f}% complete; wait for it."
+                )
 
     def _check_refs(self, props: dict[str, Any]) -> list[_Resource]:
         """Resolves every ARM id a request references; a dangling one fails as in ARM."""
@@ -1506,12 +1428,14 @@ class ArmEmulator:
     def _replication_status(self, res: _Resource) -> dict[str, Any]:
         op: _Operation = res.state["operation"]
         summary = []
-        for region, (need_of, error) in res.state["replication"].items():
+        for region, (need_of, failure) in res.state["replication"].items():
             need = need_of()
             done = op.status != "InProgress" or (need is not None and op.polls > need)
             progress = min(99, op.polls * 100 // (need + 1) if need is not None else op.polls)
-            if done and error:
-                summary.append({"region": region, "state": "Failed", "details": error["message"], "progress": progress})
+            if done and failure:
+                summary.append(
+                    {"region": region, "state": "Failed", "details": failure["message"], "progress": progress}
+                )
             elif done:
                 summary.append({"region": region, "state": "Completed", "details": "", "progress": 100})
             else:
@@ -1527,6 +1451,12 @@ class ArmEmulator:
             if r.type == "Microsoft.Network/networkInterfaces"
             for c in r.properties.get("ipConfigurations") or []
         ]
+
+    def _blob_endpoint(self, account: str) -> str:
+        if self._blob_proxy is not None:
+            return self._blob_proxy.endpoint(self.base_url)
+        blob, _ = self.blobs.account_endpoint(account)
+        return blob
 
     def _attached_vm(self, res: _Resource) -> _Resource | None:
         for vm in self._store.values():
@@ -1571,71 +1501,6 @@ class ArmEmulator:
         if guest is not None and guest.close is not None:
             guest.close()
 
-    # ----------------------------------------------------------------- storage passed on to Azurite
-
-    def _storage_prefix(self) -> str:
-        assert self._azurite is not None
-        return "/" + urlsplit(self._azurite.blob_url).path.strip("/")
-
-    def _is_storage(self, req: _Request) -> bool:
-        if not self._proxy_storage:
-            return False
-        prefix = self._storage_prefix()
-        return req.path == prefix or req.path.startswith(prefix + "/")
-
-    def _blob_endpoint(self, account: str) -> str:
-        blob, _ = self.blobs.account_endpoint(account)
-        return f"{self.base_url}{self._storage_prefix()}/" if self._proxy_storage else blob
-
-    def _pass_to_azurite(self, req: _Request) -> _Response:
-        assert self._azurite is not None
-        target = urlsplit(self._azurite.blob_url)
-        headers = {k: v for k, v in req.headers.items() if k.lower() not in ("host", "connection")}
-        connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
-        try:
-            path = f"{req.path}?{req.raw_query}" if req.raw_query else req.path
-            connection.request(req.method, path, body=req.body, headers=headers)
-            answer = connection.getresponse()
-            body = answer.read()
-            hop = ("connection", "transfer-encoding", "keep-alive")
-            kept = {k: v for k, v in answer.getheaders() if k.lower() not in hop}
-            if answer.getheader("Transfer-Encoding") and not answer.getheader("Content-Length"):
-                kept["Content-Length"] = str(len(body))
-            return _Response(answer.status, body, kept, raw=True)
-        finally:
-            connection.close()
-
-    # ----------------------------------------------------------------- served blobs
-
-    def _serve_blob(self, req: _Request, token: str) -> _Response:
-        data = self.blobs.blobs.get(token)
-        if data is None:
-            return _error(404, "BlobNotFound", "The specified blob does not exist.")
-        headers = {
-            "Content-Type": "application/octet-stream",
-            "Accept-Ranges": "bytes",
-            "ETag": f'"{token}"',
-            "Last-Modified": "Sat, 01 Jan 2000 00:00:00 GMT",
-            "x-ms-blob-type": "PageBlob",
-            "x-ms-version": "2021-08-06",
-        }
-        if req.query.get("comp") == "pagelist":
-            # Page-blob downloads ask which pages hold data first; all of them do.
-            xml = (
-                f'<?xml version="1.0" encoding="utf-8"?><PageList><PageRange><Start>0</Start>'
-                f"<End>{len(data) - 1}</End></PageRange></PageList>"
-            ).encode()
-            return _Response(
-                200, xml, {**headers, "Content-Type": "application/xml", "x-ms-blob-content-length": str(len(data))}
-            )
-        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", req.range or "")
-        if wanted is None:
-            return _Response(200, data, headers)
-        start = int(wanted.group(1))
-        end = min(int(wanted.group(2) or len(data) - 1), len(data) - 1)
-        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        return _Response(206, data[start : end + 1], headers)
-
 
 _DEFAULT_CODES = {
     400: "BadRequest",
@@ -1647,61 +1512,6 @@ _DEFAULT_CODES = {
     503: "ServiceUnavailable",
     504: "GatewayTimeout",
 }
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that resets a kept-alive connection is ordinary; anything else is printed."""
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as azure-core's requests session expects
-    emulator: ArmEmulator
-
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out in two writes; without this, Nagle plus delayed ACK adds ~40 ms
-        # to every exchange.
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def _any(self) -> None:
-        self.emulator._serve(self)
-
-    do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = do_HEAD = _any
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silenced: the call log (`ArmEmulator.calls`) is the record."""
-
-
-def _write(h: BaseHTTPRequestHandler, method: str, resp: _Response) -> None:
-    if resp.raw:
-        assert isinstance(resp.body, bytes)
-        h.send_response(resp.status)
-        for name, value in resp.headers.items():
-            h.send_header(name, value)
-        h.end_headers()
-        if method != "HEAD":
-            h.wfile.write(resp.body)
-        return
-    data = resp.body if isinstance(resp.body, bytes) else b"" if resp.body is None else json.dumps(resp.body).encode()
-    h.send_response(resp.status)
-    h.send_header("Content-Type", resp.headers.pop("Content-Type", "application/json; charset=utf-8"))
-    h.send_header("Content-Length", str(len(data)))
-    h.send_header("x-ms-request-id", str(uuid.uuid4()))
-    for name, value in resp.headers.items():
-        h.send_header(name, value)
-    h.end_headers()
-    if method != "HEAD":
-        h.wfile.write(data)
-
-
-def _region_name(location: str) -> str:
-    """A location as ARM writes it in ids: "East US" and "eastus" are the same region."""
-    return location.replace(" ", "").lower()
 
 
 def _version_key(version: str) -> tuple[int, ...]:
@@ -1726,16 +1536,6 @@ def _image_version(
     return out
 
 
-def _error(status: int, code: str, message: str) -> _Response:
-    return _Response(status, {"error": {"code": code, "message": message}})
-
-
-def _storage_error(status: int, code: str, message: str) -> _Response:
-    """An error as the blob service answers it: XML body, the code in a header too."""
-    body = f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
-    return _Response(status, body.encode(), {"Content-Type": "application/xml", "x-ms-error-code": code})
-
-
 def _group_not_found(name: str) -> ArmError:
     return ArmError(404, "ResourceGroupNotFound", f"Resource group '{name}' could not be found.")
 
@@ -1748,47 +1548,8 @@ def _group_being_deleted(name: str) -> ArmError:
     )
 
 
-def _not_allowed(message: str) -> ArmError:
-    return ArmError(409, "OperationNotAllowed", message)
-
-
-def _method_not_allowed(req: _Request) -> ArmError:
-    return ArmError(405, "MethodNotAllowed", f"The requested method {req.method} is not allowed on {req.path}.")
-
-
-def _query(req: _Request) -> str:
+def _query(req: Request) -> str:
     return "&".join(f"{k}={v}" for k, v in req.query.items())
-
-
-def _check_rest_shape(body: dict[str, Any], *, envelope: bool = True) -> None:
-    """Refuses bodies that are not ARM REST JSON (camelCase; for resources, fields nested under
-    `properties`). Action bodies (runCommand, beginGetAccess) have no envelope."""
-    unknown = set(body) - _ALLOWED_TOP if envelope else set()
-    if unknown:
-        raise ArmError(
-            400,
-            "InvalidRequestContent",
-            f"The request content was invalid: unknown top-level member(s) {sorted(unknown)}; "
-            "resource fields belong under 'properties' in camelCase.",
-        )
-    bad = _snake_keys(body)
-    if bad:
-        raise ArmError(
-            400,
-            "InvalidRequestContent",
-            f"The request content was invalid: member(s) {sorted(bad)} are not camelCase REST names.",
-        )
-
-
-def _snake_keys(value: Any, under: str = "") -> set[str]:
-    if isinstance(value, list):
-        return set().union(*(_snake_keys(v, under) for v in value)) if value else set()
-    if not isinstance(value, dict) or under in ("tags", "userAssignedIdentities"):
-        return set()  # user-chosen keys
-    found = {k for k in value if "_" in k}
-    for k, v in value.items():
-        found |= _snake_keys(v, k)
-    return found
 
 
 def _ids_in(value: Any) -> list[str]:
