@@ -19,7 +19,10 @@ from azure.core.credentials import AccessToken
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 
 from .blobs import AZURITE_ACCOUNT, AZURITE_KEY, Azurite, fixed_vhd
-from .server import ArmEmulator, ArmError, Call, GuestEndpoint, GuestSpec, PlatformImage
+from .compute.platform_images import PlatformImage
+from .compute.vm import GuestEndpoint, GuestSpec
+from .protocol import ArmError, Call
+from .server import ArmEmulator
 
 __all__ = [
     "AZURITE_ACCOUNT",

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from tests.local.vhd_files import vhd_footer
+
+from .protocol import Request, Response, error
 
 # Azurite's documented development account; not a secret.
 AZURITE_ACCOUNT = "devstoreaccount1"
@@ -105,3 +108,33 @@ class ServedBlobs:
 
     def unpublish(self, name: str) -> None:
         self.blobs.pop(uuid.uuid5(uuid.NAMESPACE_URL, name).hex, None)
+
+    def answer(self, req: Request, token: str) -> Response:
+        """A GET of `/_blobs/{token}/...` as the blob service answers a page blob: whole, a range, or its page list."""
+        data = self.blobs.get(token)
+        if data is None:
+            return error(404, "BlobNotFound", "The specified blob does not exist.")
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes",
+            "ETag": f'"{token}"',
+            "Last-Modified": "Sat, 01 Jan 2000 00:00:00 GMT",
+            "x-ms-blob-type": "PageBlob",
+            "x-ms-version": "2021-08-06",
+        }
+        if req.query.get("comp") == "pagelist":
+            # Page-blob downloads ask which pages hold data first; all of them do.
+            xml = (
+                f'<?xml version="1.0" encoding="utf-8"?><PageList><PageRange><Start>0</Start>'
+                f"<End>{len(data) - 1}</End></PageRange></PageList>"
+            ).encode()
+            return Response(
+                200, xml, {**headers, "Content-Type": "application/xml", "x-ms-blob-content-length": str(len(data))}
+            )
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", req.range or "")
+        if wanted is None:
+            return Response(200, data, headers)
+        start = int(wanted.group(1))
+        end = min(int(wanted.group(2) or len(data) - 1), len(data) - 1)
+        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        return Response(206, data[start : end + 1], headers)

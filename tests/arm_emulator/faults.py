@@ -16,6 +16,8 @@ import re
 import threading
 from dataclasses import dataclass, field
 
+from .protocol import region_name
+
 
 @dataclass
 class _Match:
@@ -95,12 +97,7 @@ class ReplicationFault:
     fail_message: str | None
 
     def covers(self, region: str) -> bool:
-        return self.regions is None or _region_key(region) in self.regions
-
-
-def _region_key(region: str) -> str:
-    # ARM accepts "West US 2" and "westus2" for the same region.
-    return region.replace(" ", "").lower()
+        return self.regions is None or region_name(region) in self.regions
 
 
 @dataclass
@@ -194,7 +191,7 @@ class Faults:
         and the version's operation fails with that code, as a regional replication failure does.
         """
         fault = ReplicationFault(
-            None if regions is None else {_region_key(r) for r in regions}, polls, fail_code, fail_message
+            None if regions is None else {region_name(r) for r in regions}, polls, fail_code, fail_message
         )
         with self._lock:
             self._replication.append(fault)

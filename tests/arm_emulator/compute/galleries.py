@@ -1,0 +1,109 @@
+"""Compute galleries, their image definitions and image versions, with per-region replication of a version.
+
+A version's create ends with its slowest target region, and never while one of them is hung; a region that fails
+(see `Faults.slow_replication`) fails the version's operation. `$expand=ReplicationStatus` shows each region's
+state and progress.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..operations import Operation
+from ..protocol import ArmError, now
+from ..provider import ResourceType
+from ..store import Resource
+from .names import GALLERIES, IMAGE_DEFINITIONS, IMAGE_VERSIONS
+
+if TYPE_CHECKING:
+    from ..server import ArmEmulator
+
+
+def _prepare_gallery(arm: ArmEmulator, res: Resource, existing: Resource | None) -> None:
+    res.properties["identifier"] = {"uniqueName": f"{res.id.split('/')[2]}-{res.name.upper()}"}
+
+
+def _prepare_definition(arm: ArmEmulator, res: Resource, existing: Resource | None) -> None:
+    for required in ("osType", "osState", "identifier"):
+        if not res.properties.get(required):
+            raise ArmError(400, "InvalidParameter", f"Required parameter '{required}' is missing (null).")
+
+
+def _prepare_version(arm: ArmEmulator, res: Resource, existing: Resource | None) -> None:
+    profile = res.properties.get("storageProfile") or {}
+    if not arm.store.check_refs(profile):
+        raise ArmError(400, "InvalidParameter", "The gallery image version needs a source in storageProfile.")
+    publishing = res.properties.setdefault("publishingProfile", {})
+    publishing.setdefault("targetRegions", [{"name": res.envelope["location"], "regionalReplicaCount": 1}])
+    publishing.setdefault("replicaCount", 1)
+    publishing.setdefault("storageAccountType", "Standard_LRS")
+    publishing["publishedDate"] = now()
+    profile.setdefault("osDiskImage", {"sizeInGB": 30, "hostCaching": "ReadWrite"})
+
+
+def _replication_limit(arm: ArmEmulator, res: Resource) -> Callable[[], int | None]:
+    """Records each target region's replication plan; the version's operation ends with the
+    slowest region, and never while one of them is hung."""
+    plans: dict[str, tuple[Callable[[], int | None], dict[str, str] | None]] = {}
+    polls = arm.operation_polls
+    for region in res.properties["publishingProfile"]["targetRegions"]:
+        fault = arm.faults.replication_fault(region["name"])
+        error = None
+        if fault is not None and fault.fail_code:
+            error = {
+                "code": fault.fail_code,
+                "message": fault.fail_message or f"Replication to region '{region['name']}' failed.",
+            }
+        need = (lambda f=fault: f.polls) if fault is not None else (lambda: polls)
+        plans[region["name"]] = (need, error)
+    res.state["replication"] = plans
+
+    def limit() -> int | None:
+        needs = [need() for need, _ in plans.values()]
+        return None if None in needs else max(needs)
+
+    return limit
+
+
+def _fail_on_failed_region(arm: ArmEmulator, res: Resource) -> None:
+    failed = [e for _, e in res.state["replication"].values() if e]
+    if failed:
+        raise ArmError(409, failed[0]["code"], failed[0]["message"])
+
+
+def _render_version(arm: ArmEmulator, res: Resource, out: dict[str, Any], props: dict[str, Any], expand: str) -> None:
+    if expand == "replicationstatus":
+        props["replicationStatus"] = _replication_status(res)
+
+
+def _replication_status(res: Resource) -> dict[str, Any]:
+    op: Operation = res.state["operation"]
+    summary = []
+    for region, (need_of, failure) in res.state["replication"].items():
+        need = need_of()
+        done = op.status != "InProgress" or (need is not None and op.polls > need)
+        progress = min(99, op.polls * 100 // (need + 1) if need is not None else op.polls)
+        if done and failure:
+            summary.append({"region": region, "state": "Failed", "details": failure["message"], "progress": progress})
+        elif done:
+            summary.append({"region": region, "state": "Completed", "details": "", "progress": 100})
+        else:
+            summary.append({"region": region, "state": "Replicating", "details": "", "progress": progress})
+    states = {s["state"] for s in summary}
+    aggregated = "Failed" if "Failed" in states else "Completed" if states == {"Completed"} else "InProgress"
+    return {"aggregatedState": aggregated, "summary": summary}
+
+
+TYPES = (
+    ResourceType(GALLERIES, "aao201", prepare=_prepare_gallery),
+    ResourceType(IMAGE_DEFINITIONS, "aao201", prepare=_prepare_definition),
+    ResourceType(
+        IMAGE_VERSIONS,
+        "aao201",
+        prepare=_prepare_version,
+        put_polls=_replication_limit,
+        ready=_fail_on_failed_region,
+        render=_render_version,
+    ),
+)
