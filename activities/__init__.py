@@ -14,25 +14,28 @@ from activities.generalize import GeneralizeActivities
 from activities.source import SourceActivities
 from activities.staging import StagingActivities
 
-STEP_ACTIVITIES = (
-    SourceActivities,
-    StagingActivities,
-    BuildVmActivities,
-    CustomizeActivities,
-    GeneralizeActivities,
-    CaptureActivities,
-    DistributeActivities,
-)
-
 
 def activities_for(cloud: Cloud) -> list[Callable[..., Any]]:
-    """Every build activity, bound to ``cloud``, for one worker."""
-    bound = []
-    for cls in STEP_ACTIVITIES:
-        instance = cls(cloud)
-        bound += [
-            getattr(instance, name)
-            for name, member in vars(cls).items()
-            if callable(member) and hasattr(member, "__temporal_activity_definition")
-        ]
-    return bound
+    """Every activity a build runs, for one worker, bound to ``cloud``. Listed one by one: adding an activity
+    to a class means adding it here."""
+    source = SourceActivities(cloud)
+    staging = StagingActivities(cloud)
+    vm = BuildVmActivities(cloud)
+    customize = CustomizeActivities(cloud)
+    generalize = GeneralizeActivities(cloud)
+    capture = CaptureActivities(cloud)
+    distribute = DistributeActivities(cloud)
+    return [
+        source.resolve_source,
+        staging.create_staging,
+        staging.stage_artifacts,
+        staging.delete_staging,
+        vm.create_vm,
+        vm.delete_vm,
+        customize.run_customizer,
+        generalize.generalize,
+        capture.capture_image,
+        capture.delete_image,
+        distribute.distribute,
+        distribute.delete_output,
+    ]
