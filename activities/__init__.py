@@ -13,11 +13,12 @@ from activities.distribute import DistributeActivities
 from activities.generalize import GeneralizeActivities
 from activities.source import SourceActivities
 from activities.staging import StagingActivities
+from activities.template import validate_template
 
 
 def activities_for(cloud: Cloud) -> list[Callable[..., Any]]:
-    """Every activity a build runs, for one worker, bound to ``cloud``. Listed one by one: adding an activity
-    to a class means adding it here."""
+    """Every activity a build runs, for one worker, the steps' bound to ``cloud``. Listed one by one: adding an
+    activity to a class means adding it here."""
     source = SourceActivities(cloud)
     staging = StagingActivities(cloud)
     vm = BuildVmActivities(cloud)
@@ -26,6 +27,7 @@ def activities_for(cloud: Cloud) -> list[Callable[..., Any]]:
     capture = CaptureActivities(cloud)
     distribute = DistributeActivities(cloud)
     return [
+        validate_template,
         source.resolve_source,
         staging.create_staging,
         staging.stage_artifacts,

@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.generalize import GeneralizeActivities
     from activities.source import SourceActivities
     from activities.staging import StagingActivities
+    from activities.template import validate_template
     from workflows.camel import CamelModel
     from workflows.models import (
         BUILD_ID,
@@ -62,6 +63,7 @@ with workflow.unsafe.imports_passed_through():
         StepRecord,
         VmSpec,
     )
+    from workflows.recorded import rebuild
     from workflows.template import (
         FileCustomizer,
         ImageTemplate,
@@ -85,6 +87,12 @@ STEP_RETRY = RetryPolicy(
 # Cleanup never gives up on a transient error: a leaked VM costs more than a slow cleanup.
 CLEANUP_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(minutes=1))
 CLEANUP = "cleanup"
+# Parsing a template is milliseconds of CPU: half a minute means a stuck worker, and the retry goes to another.
+VALIDATE_TIMEOUT = timedelta(seconds=30)
+# A bad template fails at once (non-retryable); anything else is a bug, retried until a fixed worker takes over.
+VALIDATE_RETRY = RetryPolicy(maximum_interval=timedelta(minutes=1))
+# Builds from here on validate their template in a local activity; those started before replay as they ran.
+VALIDATION_RECORDED = "template-validation-recorded"
 
 
 class BuildAborted(Exception):
@@ -150,11 +158,7 @@ class ImageBuildWorkflow:
         self._status.template_name = info.workflow_id
         self._status.build_id = build_id_of(info.workflow_id, info.run_id)
         self._status.cloud = next((c for c, q in TASK_QUEUES.items() if q == info.task_queue), info.task_queue)
-        try:
-            parsed = parse_template(template)
-        except TemplateError as err:
-            self._finish(RunState.FAILED, f"The template is not valid:\n{err}")
-            raise ApplicationError(self._status.message, type="InvalidTemplate", non_retryable=True) from None
+        parsed = await self._validated(template)
         workflow.upsert_search_attributes(
             [
                 # A client may name the template apart from the build (kiln build --name); keep its name then.
@@ -205,6 +209,35 @@ class ImageBuildWorkflow:
         if self._status.run_state == RunState.FAILED:
             raise ApplicationError(self._status.message, self._status, type="BuildFailed", non_retryable=True)
         return self._status
+
+    async def _validated(self, template: dict[str, Any]) -> ImageTemplate:
+        """The template as validated; the verdict is recorded in history, so a rule added later never changes
+        how this build replays.
+
+        Raises:
+            ApplicationError: InvalidTemplate, non-retryable, once the status says Failed and lists every issue.
+            asyncio.CancelledError: the build was cancelled while its template was validated.
+        """
+        try:
+            if not workflow.patched(VALIDATION_RECORDED):
+                return parse_template(template)
+            accepted = await workflow.execute_local_activity(
+                validate_template,
+                template,
+                start_to_close_timeout=VALIDATE_TIMEOUT,
+                retry_policy=VALIDATE_RETRY,
+                summary="validate template",
+            )
+            # Not decoded through the model: that would judge the template again, by today's rules, on replay.
+            return rebuild(ImageTemplate, accepted)
+        # A local activity's failure comes as its own error (ApplicationError), not wrapped in an ActivityError.
+        except (TemplateError, FailureError, asyncio.CancelledError) as err:
+            if is_cancelled_exception(err):
+                self._finish(RunState.CANCELED, self._with_cleanup_notes(f"Canceled during {self._last_step()}."))
+                raise asyncio.CancelledError() from None
+            # The activity retries all else, so what ends it is InvalidTemplate (non-retryable), or TemplateError.
+            self._finish(RunState.FAILED, f"The template is not valid:\n{cause_of(err)}")
+            raise ApplicationError(self._status.message, type="InvalidTemplate", non_retryable=True) from None
 
     async def _build(self, template: ImageTemplate) -> None:
         props = template.properties
