@@ -3,7 +3,7 @@
 A template is validated once, in the ``validate_template`` local activity, and history records the template as
 it was accepted. Decoding that record through pydantic would run the template model's rules again on every
 replay, with the replaying worker's rules: one added since would refuse a template the build already accepted,
-and the replay would fail.
+and the replay would fail. The same goes for an undo's request, which carries a distribution target.
 """
 
 from __future__ import annotations
