@@ -14,28 +14,33 @@ from activities.generalize import GeneralizeActivities
 from activities.guest import Guests
 from activities.source import SourceActivities
 from activities.staging import StagingActivities
-
-STEP_ACTIVITIES = (
-    SourceActivities,
-    StagingActivities,
-    BuildVmActivities,
-    CustomizeActivities,
-    GeneralizeActivities,
-    CaptureActivities,
-    DistributeActivities,
-)
+from activities.template import validate_template
 
 
 def activities_for(cloud: Cloud, guests: Guests | None = None) -> list[Callable[..., Any]]:
-    """Every build activity, bound to ``cloud`` and reaching its VMs through ``guests`` (the real OS profiles
-    unless a test gives its own), for one worker."""
-    bound = []
+    """Every activity a build runs, for one worker: the steps' bound to ``cloud``, reaching its VMs through
+    ``guests`` (the real OS profiles unless a test gives its own). Listed one by one: adding an activity to a
+    class means adding it here."""
     guests = guests or Guests()
-    for cls in STEP_ACTIVITIES:
-        instance = cls(cloud, guests)
-        bound += [
-            getattr(instance, name)
-            for name, member in vars(cls).items()
-            if callable(member) and hasattr(member, "__temporal_activity_definition")
-        ]
-    return bound
+    source = SourceActivities(cloud, guests)
+    staging = StagingActivities(cloud, guests)
+    vm = BuildVmActivities(cloud, guests)
+    customize = CustomizeActivities(cloud, guests)
+    generalize = GeneralizeActivities(cloud, guests)
+    capture = CaptureActivities(cloud, guests)
+    distribute = DistributeActivities(cloud, guests)
+    return [
+        validate_template,
+        source.resolve_source,
+        staging.create_staging,
+        staging.stage_artifacts,
+        staging.delete_staging,
+        vm.create_vm,
+        vm.delete_vm,
+        customize.run_customizer,
+        generalize.generalize,
+        capture.capture_image,
+        capture.delete_image,
+        distribute.distribute,
+        distribute.delete_output,
+    ]

@@ -9,50 +9,35 @@ have run. Deletes succeed when the thing is already gone, so running the janitor
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from temporalio import workflow
-from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from activities.janitor import JanitorActivities
-    from workflows.models import AbandonedBuild, JanitorReport, JanitorRequest
-
-UNDO_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=2), maximum_interval=timedelta(minutes=1), maximum_attempts=10
-)
+    from workflows.models import AbandonedBuild, BuildStatus, JanitorReport, JanitorRequest
+    from workflows.policies import JANITOR_FIND_HEARTBEAT, JANITOR_FIND_RETRY, JANITOR_FIND_TIMEOUT, JANITOR_UNDO
+    from workflows.undo import UndoStack
 
 
 @workflow.defn(name="KilnJanitor")
 class JanitorWorkflow:
+    """One pass over the builds that closed within the request's lookback."""
+
     @workflow.run
     async def run(self, request: JanitorRequest) -> JanitorReport:
         abandoned: list[AbandonedBuild] = await workflow.execute_activity_method(
             JanitorActivities.find_abandoned_builds,
             request,
-            start_to_close_timeout=timedelta(minutes=10),
-            heartbeat_timeout=timedelta(minutes=1),
-            retry_policy=RetryPolicy(maximum_attempts=3),
+            start_to_close_timeout=JANITOR_FIND_TIMEOUT,
+            heartbeat_timeout=JANITOR_FIND_HEARTBEAT,
+            retry_policy=JANITOR_FIND_RETRY,
         )
         report = JanitorReport()
         for build in abandoned:
-            for undo in reversed(build.pending_cleanup):
-                try:
-                    await workflow.execute_activity(
-                        undo.activity,
-                        undo.request,
-                        task_queue=build.task_queue,
-                        # A queue whose cloud has no worker any more must not hold the janitor forever.
-                        schedule_to_close_timeout=timedelta(hours=1),
-                        start_to_close_timeout=timedelta(minutes=30),
-                        heartbeat_timeout=timedelta(seconds=30),
-                        retry_policy=UNDO_RETRY,
-                        summary=f"{build.workflow_id}: {undo.label}",
-                    )
-                except ActivityError as err:
-                    report.failed.append(f"{build.workflow_id}: {undo.label}: {err.cause or err}")
-                else:
-                    report.cleaned.append(f"{build.workflow_id}: {undo.label}")
+            # A copy of what the build's last status left to undo; each undo step is named by the build.
+            leftover = BuildStatus(pending_cleanup=list(build.pending_cleanup))
+            undos = UndoStack(leftover, policy=JANITOR_UNDO, task_queue=build.task_queue, prefix=build.workflow_id)
+            await undos.run_all()
+            report.cleaned += [step.name for step in leftover.steps if step.outcome == "succeeded"]
+            report.failed += [f"{name}: {why}" for name, why in undos.left().items()]
         report.builds = [b.workflow_id for b in abandoned]
         return report

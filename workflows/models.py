@@ -194,7 +194,9 @@ class PendingUndo(CamelModel):
     """One compensation still to run: the activity that deletes what ``owner`` made, and its request.
 
     The status carries the whole undo stack, so the janitor can finish the cleanup of a build that was
-    terminated (terminate runs no workflow code) from nothing but the build's last status.
+    terminated (terminate runs no workflow code) from nothing but the build's last status. ``activity`` is the
+    undo's activity by the name history records (``delete_vm``; see ``workflows.undo``), ``request`` its request
+    as JSON.
     """
 
     owner: str
@@ -204,9 +206,11 @@ class PendingUndo(CamelModel):
 
 
 class StepRecord(CamelModel):
-    """One step of the build as the status shows it: what AIB does not tell you."""
+    """One step of the build as the status shows it: what AIB does not tell you. ``kind`` tells the build's own
+    steps from its cleanup (each undo run)."""
 
     name: str
+    kind: Literal["build", "cleanup"] = "build"
     started: datetime
     ended: datetime | None = None
     outcome: Literal["running", "succeeded", "failed", "canceled"] = "running"

@@ -37,8 +37,9 @@ from activities.clouds.local.storage import (
 )
 from activities.clouds.local.vm import CGROUP_ROOT, VM_KIND
 from worker import run_worker
-from workflows.build import ImageBuildWorkflow, build_id_of
+from workflows.build import ImageBuildWorkflow
 from workflows.models import BuildStatus, DeadlineRequest
+from workflows.plan import build_id_of
 
 PROJECT = Path(__file__).resolve().parents[2]
 SOURCE = {"type": "PlatformImage", "publisher": "Debian", "offer": "debian-12", "sku": "12-gen2", "version": "latest"}

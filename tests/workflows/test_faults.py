@@ -24,8 +24,8 @@ from tests.workflows.harness import (
     serving,
     unserved,
 )
-from workflows.build import STEP_RETRY
 from workflows.models import BuildStatus, RunState
+from workflows.policies import STEP_RETRY
 
 PROJECT = Path(__file__).parents[2]
 

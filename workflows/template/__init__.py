@@ -32,7 +32,7 @@ from workflows.template.distribute import (
 from workflows.template.errors import TemplateError, TemplateIssue
 from workflows.template.image_template import ImageTemplate, destination_resource_group, is_windows_source
 from workflows.template.loading import load_template, parse_template, template_json_schema
-from workflows.template.properties import VmProfile
+from workflows.template.properties import TemplateProperties, VmProfile
 from workflows.template.source import ManagedImageSource, PlatformImageSource, SharedImageVersionSource
 from workflows.template.steps import (
     FileCustomizer,
@@ -56,6 +56,7 @@ __all__ = [
     "TargetRegion",
     "TemplateError",
     "TemplateIssue",
+    "TemplateProperties",
     "Versioning",
     "VhdDistributor",
     "VmProfile",
