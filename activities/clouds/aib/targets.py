@@ -1,0 +1,162 @@
+"""What a distribution target must be before a build makes anything, and again when it is written.
+
+AIB's rules: a ManagedImage target's ``imageId`` is a managed image id. A SharedImage target's ``galleryImageId``
+is an image definition id (optionally with ``/versions/<x.y.z>``), its gallery and image definition exist already
+(AIB does not make them), and the definition fits the image: the same OS type and Hyper-V generation. A build is
+refused at resolve source, before it pays for anything, when a target breaks one. Each cloud brings the lookups
+(``Galleries``) and, where it has only some regions, a check of a region name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from activities.clouds.aib.ids import GalleryRef, ResourceId, parse_gallery_id, parse_managed_image_id
+from activities.clouds.base import PermanentError
+from workflows.models import DistributeRequest, ResolvedSource
+from workflows.template import ImageTemplate, ManagedImageDistributor, SharedImageDistributor, TargetRegion
+
+
+@dataclass(frozen=True)
+class ImageDefinition:
+    """What AIB's rules ask of a gallery image definition, and where it lives."""
+
+    os_type: str
+    hyper_v_generation: str
+    location: str
+
+
+class Galleries(Protocol):
+    """How a cloud finds galleries and image definitions."""
+
+    async def gallery_exists(self, ref: GalleryRef) -> bool: ...
+
+    async def image_definition(self, ref: GalleryRef) -> ImageDefinition | None: ...
+
+    def how_to_make(self, ref: GalleryRef) -> str:
+        """How to make the gallery and image definition, for the message that says they are missing."""
+
+
+class RegionCheck(Protocol):
+    def __call__(self, region: str, *, field: str) -> object:
+        """Refuse a region the cloud does not have, naming ``field``."""
+
+
+def managed_image_target(target: ManagedImageDistributor, *, index: int) -> ResourceId:
+    """The managed image ``properties.distribute[index]`` writes.
+
+    Raises:
+        PermanentError: ``BadDistributeType`` when its ``imageId`` is not a managed image id.
+    """
+    ref = parse_managed_image_id(target.image_id)
+    if ref is None:
+        raise PermanentError(
+            f"properties.distribute[{index}].imageId: '{target.image_id}' is not a managed image id "
+            "(/subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.Compute/images/<name>)",
+            kind="BadDistributeType",
+        )
+    return ref
+
+
+async def shared_image_target(
+    request: DistributeRequest, *, galleries: Galleries
+) -> tuple[GalleryRef, ImageDefinition]:
+    """The image definition a SharedImage distribution writes a version of, checked against the captured image.
+
+    Raises:
+        PermanentError: ``BadSharedImageDistribute``, as ``image_definition_for`` says.
+    """
+    assert isinstance(request.target, SharedImageDistributor)
+    return await image_definition_for(
+        request.target,
+        index=request.index,
+        os_type=request.source.os_type,
+        hyper_v_generation=request.image.hyper_v_generation,
+        galleries=galleries,
+    )
+
+
+async def image_definition_for(
+    target: SharedImageDistributor, *, index: int, os_type: str, hyper_v_generation: str, galleries: Galleries
+) -> tuple[GalleryRef, ImageDefinition]:
+    """The image definition ``properties.distribute[index]`` writes a version of, checked against an image of
+    ``os_type`` and ``hyper_v_generation``.
+
+    Raises:
+        PermanentError: ``BadSharedImageDistribute`` when the id is not an image definition's, the gallery or the
+            definition does not exist, or the definition's OS type or Hyper-V generation is not the image's.
+    """
+    field = f"properties.distribute[{index}].galleryImageId"
+    ref = parse_gallery_id(target.gallery_image_id)
+    if ref is None or ref.image is None:
+        raise PermanentError(
+            f"{field}: '{target.gallery_image_id}' is not an image definition id "
+            "(/subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.Compute/galleries/<gallery>"
+            "/images/<definition>, optionally /versions/<x.y.z>)",
+            kind="BadSharedImageDistribute",
+        )
+    if not await galleries.gallery_exists(ref):
+        raise PermanentError(
+            f"{field}: the gallery {ref.gallery_id} does not exist. A gallery and image definition must exist "
+            f"before a build writes to them; {galleries.how_to_make(ref)}",
+            kind="BadSharedImageDistribute",
+        )
+    definition = await galleries.image_definition(ref)
+    if definition is None:
+        raise PermanentError(
+            f"{field}: the image definition {ref.image_id} does not exist in gallery {ref.gallery}; "
+            f"{galleries.how_to_make(ref)}",
+            kind="BadSharedImageDistribute",
+        )
+    if definition.hyper_v_generation != hyper_v_generation:
+        raise PermanentError(
+            f"{field}: the image is Hyper-V generation {hyper_v_generation}, but the image definition "
+            f"{ref.image_id} is {definition.hyper_v_generation}",
+            kind="BadSharedImageDistribute",
+        )
+    if definition.os_type != os_type:
+        raise PermanentError(
+            f"{field}: the image is {os_type}, the image definition {ref.image_id} is {definition.os_type}",
+            kind="BadSharedImageDistribute",
+        )
+    return ref, definition
+
+
+def target_regions(target: SharedImageDistributor, *, index: int) -> list[tuple[TargetRegion, str]]:
+    """Each region a SharedImage target replicates to, with the field that names it."""
+    given = "targetRegions" if target.target_regions is not None else "replicationRegions"
+    return [(r, f"properties.distribute[{index}].{given}[{i}].name") for i, r in enumerate(target.regions())]
+
+
+async def check_targets(
+    template: ImageTemplate,
+    source: ResolvedSource,
+    *,
+    galleries: Galleries,
+    check_region: RegionCheck | None = None,
+) -> None:
+    """Refuse, before a build makes anything, a target it could not write at its end.
+
+    Args:
+        template: the template whose ``properties.distribute`` is checked.
+        source: the resolved source: a gallery target's definition must fit its OS type and generation.
+        galleries: the cloud's lookups of galleries and image definitions.
+        check_region: the cloud's check of a region name, where it has only some regions.
+    """
+    for index, target in enumerate(template.properties.distribute):
+        if isinstance(target, ManagedImageDistributor):
+            managed_image_target(target, index=index)
+            if check_region is not None:
+                check_region(target.location, field=f"properties.distribute[{index}].location")
+        elif isinstance(target, SharedImageDistributor):
+            await image_definition_for(
+                target,
+                index=index,
+                os_type=source.os_type,
+                hyper_v_generation=source.hyper_v_generation,
+                galleries=galleries,
+            )
+            if check_region is not None:
+                for region, field in target_regions(target, index=index):
+                    check_region(region.name, field=field)
