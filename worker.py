@@ -27,7 +27,7 @@ from temporalio.worker import Worker
 
 from activities import activities_for
 from activities.clouds.base import Cloud
-from activities.clouds.local.config import state_dir
+from activities.clouds.state import state_dir
 from activities.connection import ConnectError, connect
 from activities.guest import Guests
 from activities.janitor import JanitorActivities

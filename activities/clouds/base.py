@@ -29,6 +29,9 @@ from workflows.models import (
 )
 from workflows.template import Distributor, ImageTemplate
 
+# How a distribution records a resume point (its heartbeat details); a retry gets the last one back as ``resume``.
+Progress = Callable[[dict[str, Any]], None]
+
 
 class PermanentError(ApplicationError):
     """A failure no retry can fix: bad input, a missing permission or quota, a script that failed.
@@ -85,11 +88,7 @@ class Cloud(Protocol):
     async def delete_image(self, build: BuildContext, name: str) -> None: ...
 
     async def distribute(
-        self,
-        request: DistributeRequest,
-        *,
-        resume: dict[str, Any] | None,
-        progress: Callable[[dict[str, Any]], None],
+        self, request: DistributeRequest, *, resume: dict[str, Any] | None, progress: Progress
     ) -> RunOutput:
         """Make one distribution target. ``progress`` records a resume point (heartbeat details); after a worker
         restart the call gets it back as ``resume`` and picks up the long-running operation instead of starting over.

@@ -11,10 +11,12 @@ import time
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 
+from activities.clouds.aib.ids import platform_image_id
+from activities.clouds.aib.names import staging_group_name
+from activities.clouds.aib.tags import blob_metadata
 from activities.clouds.azure import AzureCloud
-from activities.clouds.azure.names import staging_group_name, storage_account_name
-from activities.clouds.azure.storage import blob_metadata, ensure_container
-from activities.clouds.azure.vm import platform_image_id
+from activities.clouds.azure.names import storage_account_name
+from activities.clouds.azure.storage import ensure_container
 from activities.clouds.base import PermanentError
 from activities.guest.keys import windows_password
 from tests.arm_emulator import ArmEmulator, GuestEndpoint, GuestSpec
@@ -95,6 +97,22 @@ async def test_a_windows_source_is_refused_when_resolved(cloud: AzureCloud) -> N
     with pytest.raises(PermanentError, match=r"properties.source: .*WindowsServer.* is a Windows image") as caught:
         await cloud.resolve_source(build_context(), template(windows))
     assert caught.value.type == "UnsupportedOsType"
+
+
+async def test_a_gallery_target_that_cannot_be_written_is_refused_when_the_source_is_resolved(
+    cloud: AzureCloud, arm: ArmEmulator
+) -> None:
+    """AIB's rules on distribution targets hold before anything is made: here, a gallery that does not exist."""
+    gallery = f"/subscriptions/{SUB}/resourceGroups/aibImageRG/providers/Microsoft.Compute/galleries/nowhere"
+    target = {
+        "type": "SharedImage",
+        "runOutputName": "sig",
+        "galleryImageId": f"{gallery}/images/ubuntu",
+        "targetRegions": [{"name": LOCATION}],
+    }
+    with pytest.raises(PermanentError, match=r"distribute\[0\]\.galleryImageId: the gallery .*nowhere does not exist"):
+        await cloud.resolve_source(build_context(), template(distribute=[target]))
+    assert kiln_resources(arm) == []
 
 
 async def test_a_windows_vm_gets_a_derived_password_and_a_pinned_winrm_listener(

@@ -5,30 +5,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
 
+from activities.clouds.aib.ids import COMPUTE, parse_platform_image_id, platform_image_id, resource_id
+from activities.clouds.aib.names import admin_user_of, staging_group
+from activities.clouds.aib.tags import ROLE_TEMPORARY, TAG_BUILD_ID, blob_metadata, build_tags
+from activities.clouds.aib.targets import check_targets
+from activities.clouds.aib.versions import version_key
 from activities.clouds.append_log import AppendLog
 from activities.clouds.azure import storage
 from activities.clouds.azure.clients import PUBLIC_ARM, ArmClients, BlobClients, is_loopback_http
 from activities.clouds.azure.distribute import AzureDistribution
 from activities.clouds.azure.errors import arm_call
+from activities.clouds.azure.galleries import AzureGalleries
 from activities.clouds.azure.names import (
     LOGS_CONTAINER,
-    ROLE_TEMPORARY,
     STAGING_CONTAINER,
-    TAG_BUILD_ID,
     TAG_GENERATION,
     VmParts,
-    admin_user,
-    base_tags,
-    parse_id,
     snapshot_name,
-    staging_group,
     storage_account_name,
 )
 from activities.clouds.azure.vm import (
@@ -37,10 +36,8 @@ from activities.clouds.azure.vm import (
     AzureVms,
     image_reference,
     lro,
-    parse_platform_image_id,
-    platform_image_id,
 )
-from activities.clouds.base import LogSink, PermanentError
+from activities.clouds.base import LogSink, PermanentError, Progress
 from activities.guest.keys import derive_key, public_line, windows_password
 from workflows.models import (
     Artifact,
@@ -79,10 +76,6 @@ _DELETE_ORDER = [
     "microsoft.compute/snapshots",
     "microsoft.storage/storageaccounts",
 ]
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(p) if p.isdigit() else -1 for p in re.split(r"[.]", version))
 
 
 def _default_endpoint(vm_id: str, address: str, port: int) -> tuple[str, int]:
@@ -134,13 +127,16 @@ class AzureCloud:
             guest_endpoint=guest_endpoint or _default_endpoint,
             conflict_backoff=conflict_backoff,
         )
-        self.distribution = AzureDistribution(self.arm, self.blobs, self.vms, output_account=self._output_account)
+        self.galleries = AzureGalleries(self.arm)
+        self.distribution = AzureDistribution(
+            self.arm, self.blobs, self.vms, galleries=self.galleries, output_account=self._output_account
+        )
 
     @classmethod
     def from_environment(cls) -> AzureCloud:
         from azure.identity.aio import DefaultAzureCredential
 
-        from activities.clouds.local.config import worker_secret
+        from activities.clouds.state import worker_secret
 
         subscription = os.environ.get("AZURE_SUBSCRIPTION_ID")
         if not subscription:
@@ -202,6 +198,7 @@ class AzureCloud:
                 "a Windows build VM (WinRM), so it builds Linux images only",
                 kind="UnsupportedOsType",
             )
+        await check_targets(template, resolved, galleries=self.galleries)
         return resolved
 
     async def _resolve_platform(self, build: BuildContext, source: PlatformImageSource) -> ResolvedSource:
@@ -215,7 +212,7 @@ class AzureCloud:
                     listed = await images.list(build.location, source.publisher, source.offer, source.sku)
                     if not listed:
                         raise ResourceNotFoundError("no versions")
-                    version = max((i.name for i in listed), key=_version_key)
+                    version = max((i.name for i in listed), key=version_key)
                 image = await images.get(build.location, source.publisher, source.offer, source.sku, version)
             except ResourceNotFoundError as err:
                 raise PermanentError(
@@ -239,7 +236,7 @@ class AzureCloud:
         )
 
     async def _resolve_managed(self, source: ManagedImageSource) -> ResolvedSource:
-        ref = parse_id(source.image_id, field="properties.source.imageId")
+        ref = resource_id(source.image_id, field="properties.source.imageId")
         async with arm_call(f"properties.source.imageId {source.image_id}", needs="Microsoft.Compute/images/read"):
             try:
                 image = await self.arm.compute.images.get(ref.group, ref.name)
@@ -259,14 +256,14 @@ class AzureCloud:
 
     async def _resolve_gallery(self, source: SharedImageVersionSource) -> ResolvedSource:
         field = "properties.source.imageVersionId"
-        ref = parse_id(source.image_version_id, field=field)
-        if [p.lower() for p in ref.path[0::2]] != ["galleries", "images", "versions"]:
+        ref = resource_id(source.image_version_id, field=field)
+        if not ref.is_a(COMPUTE, "galleries", "images", "versions"):
             raise PermanentError(
                 f"{field}: shared and community gallery sources are not supported yet; give a gallery image version "
                 "id in a subscription",
                 kind="UnsupportedSource",
             )
-        gallery, definition, version = ref.path[1], ref.path[3], ref.path[5]
+        gallery, definition, version = ref.path[1::2]
         versions = self.arm.compute.gallery_image_versions
         async with arm_call(
             f"{field} {source.image_version_id}", needs="Microsoft.Compute/galleries/images/versions/read"
@@ -282,7 +279,7 @@ class AzureCloud:
                     ]
                     if not candidates:
                         raise ResourceNotFoundError("no versions")
-                    version = max(candidates, key=_version_key)
+                    version = max(candidates, key=version_key)
                 found = await versions.get(ref.group, gallery, definition, version)
             except ResourceNotFoundError as err:
                 raise PermanentError(
@@ -299,8 +296,8 @@ class AzureCloud:
     # ---- staging
 
     async def create_staging(self, build: BuildContext) -> Staging:
-        group = staging_group(build, self.subscription_id)
-        tags = base_tags(build, role=ROLE_TEMPORARY)
+        group = staging_group(build, subscription=self.subscription_id)
+        tags = build_tags(build, role=ROLE_TEMPORARY)
         created = await self._ensure_group(build, group.name, user_given=group.user_given, tags=tags)
         account = storage_account_name(build.build_id)
         async with arm_call(f"staging storage account {account}", needs="Microsoft.Storage/storageAccounts/write"):
@@ -374,7 +371,7 @@ class AzureCloud:
     async def delete_staging(self, build: BuildContext) -> None:
         """Delete the staging group when kiln made it, else only kiln's resources in it. When the logs live in the
         staging account (no log account configured), that account and so its group are kept."""
-        group = staging_group(build, self.subscription_id)
+        group = staging_group(build, subscription=self.subscription_id)
         groups = self.arm.resource.resource_groups
         try:
             existing = await groups.get(group.name)
@@ -430,13 +427,13 @@ class AzureCloud:
 
     async def open_log(self, build: BuildContext, staging: Staging, name: str) -> LogSink:
         blob = self.blobs.blob(f"{staging.log_uri_prefix}{name}")
-        return await AppendLog.open(blob, metadata=storage.blob_metadata(build.build_id))
+        return await AppendLog.open(blob, metadata=blob_metadata(build.build_id))
 
     async def _output_account(self, build: BuildContext) -> str:
         """Where a VHD output without ``uri`` goes: the log account, else the staging account (kept then)."""
         if self._log_account_url:
             return self._log_account_url
-        group = staging_group(build, self.subscription_id).name
+        group = staging_group(build, subscription=self.subscription_id).name
         account = await self.arm.storage.storage_accounts.get_properties(group, storage_account_name(build.build_id))
         return account.primary_endpoints.blob
 
@@ -444,14 +441,14 @@ class AzureCloud:
 
     async def create_vm(self, build: BuildContext, staging: Staging, spec: VmSpec) -> BuildVm:
         """Create-or-get the VM and its parts (names from the VM name), then learn its address and host key."""
-        group = staging_group(build, self.subscription_id).name
+        group = staging_group(build, subscription=self.subscription_id).name
         parts = VmParts(spec.name)
         source = spec.source
-        tags = {**base_tags(build, role=ROLE_TEMPORARY), TAG_GENERATION: source.hyper_v_generation}
+        tags = {**build_tags(build, role=ROLE_TEMPORARY), TAG_GENERATION: source.hyper_v_generation}
         vnet = spec.vm_profile.vnet_config
         subnet_id = vnet.subnet_id if vnet is not None and vnet.subnet_id else None
         nic, made = await self.vms.create_network(group, parts, location=build.location, tags=tags, subnet_id=subnet_id)
-        user = admin_user(build.build_id)
+        user = admin_user_of(build.build_id)
         windows = source.os_type == "Windows"
         client_key = derive_key(self.secret, build.build_id, "client")
         vm = await self.vms.create_vm(
@@ -498,14 +495,14 @@ class AzureCloud:
         if platform is None:
             return None
         image = await self.arm.compute.virtual_machine_images.get(
-            platform["location"], platform["publisher"], platform["offer"], platform["sku"], platform["version"]
+            platform.location, platform.publisher, platform.offer, platform.sku, platform.version
         )
         if image.plan is None:
             return None
         return {"name": image.plan.name, "product": image.plan.product, "publisher": image.plan.publisher}
 
     async def delete_vm(self, build: BuildContext, name: str) -> None:
-        await self.vms.delete_vm_parts(staging_group(build, self.subscription_id).name, VmParts(name))
+        await self.vms.delete_vm_parts(staging_group(build, subscription=self.subscription_id).name, VmParts(name))
 
     # ---- capture
 
@@ -515,9 +512,9 @@ class AzureCloud:
         """Deallocate and generalize the VM, then snapshot its OS disk and make a managed image of it. The image
         makes validation VMs, gallery versions and managed images; the snapshot is what a VHD is exported from.
         A retry after success finds both and returns them."""
-        group = staging_group(build, self.subscription_id).name
+        group = staging_group(build, subscription=self.subscription_id).name
         compute = self.arm.compute
-        tags = base_tags(build, role=ROLE_TEMPORARY)
+        tags = build_tags(build, role=ROLE_TEMPORARY)
         snap_name = snapshot_name(spec.name)
         try:
             image = await compute.images.get(group, spec.name)
@@ -583,7 +580,7 @@ class AzureCloud:
         )
 
     async def delete_image(self, build: BuildContext, name: str) -> None:
-        group = staging_group(build, self.subscription_id).name
+        group = staging_group(build, subscription=self.subscription_id).name
         compute = self.arm.compute
         await self.vms.delete(
             f"image {name}", "Microsoft.Compute/images", lambda: compute.images.begin_delete(group, name)
@@ -596,11 +593,7 @@ class AzureCloud:
     # ---- distribution
 
     async def distribute(
-        self,
-        request: DistributeRequest,
-        *,
-        resume: dict[str, Any] | None,
-        progress: Callable[[dict[str, Any]], None],
+        self, request: DistributeRequest, *, resume: dict[str, Any] | None, progress: Progress
     ) -> RunOutput:
         return await self.distribution.distribute(request, resume=resume, progress=progress)
 

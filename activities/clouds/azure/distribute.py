@@ -16,23 +16,25 @@ from typing import Any
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.mgmt.compute.models import GalleryImageVersion
 
-from activities.clouds.azure import storage
-from activities.clouds.azure.clients import ArmClients, BlobClients, split_blob_url
-from activities.clouds.azure.errors import arm_call, permanent
-from activities.clouds.azure.names import (
+from activities.clouds.aib.ids import GalleryRef, parse_gallery_id, parse_managed_image_id, region_key, resource_id
+from activities.clouds.aib.names import staging_group
+from activities.clouds.aib.tags import (
     ROLE_OUTPUT,
     ROLE_TEMPORARY,
     TAG_BUILD_ID,
-    VHD_CONTAINER,
-    base_tags,
-    parse_id,
-    region_key,
-    snapshot_copy_name,
-    staging_group,
+    blob_metadata,
+    build_tags,
+    written_by,
 )
+from activities.clouds.aib.targets import managed_image_target, shared_image_target
+from activities.clouds.aib.versions import choose_version
+from activities.clouds.azure import storage
+from activities.clouds.azure.clients import ArmClients, BlobClients, split_blob_url
+from activities.clouds.azure.errors import arm_call, permanent
+from activities.clouds.azure.galleries import AzureGalleries
+from activities.clouds.azure.names import VHD_CONTAINER, snapshot_copy_name
 from activities.clouds.azure.vm import AzureVms, lro
-from activities.clouds.base import PermanentError
-from activities.clouds.local.storage import next_version, parse_version
+from activities.clouds.base import PermanentError, Progress
 from workflows.models import BuildContext, DistributeRequest, RunOutput
 from workflows.template import Distributor, ManagedImageDistributor, SharedImageDistributor, VhdDistributor
 
@@ -44,7 +46,7 @@ COPY_POLL_SECONDS = 2.0
 def output_tags(request: DistributeRequest) -> dict[str, str]:
     return {
         **request.target.artifact_tags,
-        **base_tags(request.build, role=ROLE_OUTPUT),
+        **build_tags(request.build, role=ROLE_OUTPUT),
         TAG_OUTPUT_INDEX: str(request.index),
     }
 
@@ -56,15 +58,17 @@ class AzureDistribution:
         blobs: BlobClients,
         vms: AzureVms,
         *,
+        galleries: AzureGalleries,
         output_account: Callable[[BuildContext], Awaitable[str]],
     ) -> None:
         self._arm = arm
         self._blobs = blobs
         self._vms = vms
+        self._galleries = galleries
         self._output_account = output_account
 
     async def distribute(
-        self, request: DistributeRequest, *, resume: dict[str, Any] | None, progress: Callable[[dict[str, Any]], None]
+        self, request: DistributeRequest, *, resume: dict[str, Any] | None, progress: Progress
     ) -> RunOutput:
         target = request.target
         if isinstance(target, ManagedImageDistributor):
@@ -77,12 +81,12 @@ class AzureDistribution:
     # ---- managed image
 
     async def _managed_image(
-        self, request: DistributeRequest, target: ManagedImageDistributor, progress: Callable[[dict[str, Any]], None]
+        self, request: DistributeRequest, target: ManagedImageDistributor, progress: Progress
     ) -> RunOutput:
         """A managed image of the captured snapshot; in another region, of the snapshot's copy there, which is
         deleted once the image stands (ARM makes an image only from a source in the image's own region)."""
         field = f"properties.distribute[{request.index}].imageId"
-        ref = parse_id(target.image_id, field=field)
+        ref = managed_image_target(target, index=request.index)
         images = self._arm.compute.images
         elsewhere = region_key(target.location) != region_key(request.build.location)
         async with arm_call(f"{field} {target.image_id}", needs="Microsoft.Compute/images/write"):
@@ -122,12 +126,12 @@ class AzureDistribution:
         return RunOutput(run_output_name=target.run_output_name, type="ManagedImage", artifact_id=target.image_id)
 
     async def _regional_copy(
-        self, request: DistributeRequest, target: ManagedImageDistributor, progress: Callable[[dict[str, Any]], None]
+        self, request: DistributeRequest, target: ManagedImageDistributor, progress: Progress
     ) -> str:
         """Copy the captured snapshot into the target's region (CopyStart, which takes incremental snapshots only)
         and wait for the data to arrive. The copy lives in the staging group, named from the build and tagged
         with it, so a retry finds it and cleanup removes one left half-made."""
-        group = staging_group(request.build, self._arm.subscription_id).name
+        group = staging_group(request.build, subscription=self._arm.subscription_id).name
         name = snapshot_copy_name(request.build.build_id, request.index)
         snapshots = self._arm.compute.snapshots
         async with arm_call(f"snapshot {name} in {target.location}", needs="Microsoft.Compute/snapshots/write"):
@@ -146,7 +150,7 @@ class AzureDistribution:
                         {
                             "location": target.location,
                             "tags": {
-                                **base_tags(request.build, role=ROLE_TEMPORARY),
+                                **build_tags(request.build, role=ROLE_TEMPORARY),
                                 TAG_OUTPUT_INDEX: str(request.index),
                             },
                             "sku": {"name": "Standard_LRS"},
@@ -167,7 +171,7 @@ class AzureDistribution:
         return copy.id
 
     async def _delete_copy(self, build: BuildContext, index: int) -> None:
-        group = staging_group(build, self._arm.subscription_id).name
+        group = staging_group(build, subscription=self._arm.subscription_id).name
         name = snapshot_copy_name(build.build_id, index)
         snapshots = self._arm.compute.snapshots
         try:
@@ -182,53 +186,29 @@ class AzureDistribution:
     # ---- gallery image version
 
     async def _shared_image(
-        self,
-        request: DistributeRequest,
-        target: SharedImageDistributor,
-        resume: dict[str, Any],
-        progress: Callable[[dict[str, Any]], None],
+        self, request: DistributeRequest, target: SharedImageDistributor, resume: dict[str, Any], progress: Progress
     ) -> RunOutput:
         field = f"properties.distribute[{request.index}].galleryImageId"
-        ref = parse_id(target.gallery_image_id, field=field)
-        kinds = [p.lower() for p in ref.path[0::2]]
-        if kinds not in (["galleries", "images"], ["galleries", "images", "versions"]):
-            raise PermanentError(
-                f"{field}: '{target.gallery_image_id}' is not an image definition id", kind="BadSharedImageDistribute"
-            )
-        gallery, definition_name = ref.path[1], ref.path[3]
-        compute = self._arm.compute
-        versions = compute.gallery_image_versions
+        ref, definition = await shared_image_target(request, galleries=self._galleries)
+        group, gallery, definition_name = ref.group, ref.gallery, ref.image
+        versions = self._arm.compute.gallery_image_versions
         needs = "Microsoft.Compute/galleries/images/versions/write"
         async with arm_call(f"{field} {target.gallery_image_id}", needs=needs):
-            try:
-                definition = await compute.gallery_images.get(ref.group, gallery, definition_name)
-            except ResourceNotFoundError as err:
-                raise PermanentError(
-                    f"{field}: the gallery image definition {target.gallery_image_id} does not exist; a gallery and "
-                    "image definition must exist before a build writes to them",
-                    kind="BadSharedImageDistribute",
-                ) from err
-            if (definition.hyper_v_generation or "V1") != request.image.hyper_v_generation:
-                raise PermanentError(
-                    f"{field}: the image is Hyper-V generation {request.image.hyper_v_generation}, the image "
-                    f"definition is {definition.hyper_v_generation or 'V1'}",
-                    kind="BadSharedImageDistribute",
-                )
             version, earlier = resume.get("version"), None
             if not version:
-                version, earlier = await self._version_for(request, target, ref.group, gallery, definition_name)
+                version, earlier = await self._version_for(request, target, ref)
             token = resume.get("token") if resume.get("version") == version else None
             poller = None
             if token:
                 poller = await versions.begin_create_or_update(
-                    ref.group, gallery, definition_name, version, {}, continuation_token=token
+                    group, gallery, definition_name, version, {}, continuation_token=token
                 )
             elif earlier is not None and earlier.provisioning_state != "Failed":
                 # An earlier try's PUT took effect, but its worker died before it could record the poller: wait on
                 # the version itself rather than send the PUT (and restart a long replication) again.
                 while earlier.provisioning_state in ("Creating", "Updating", "Migrating"):
                     await asyncio.sleep(COPY_POLL_SECONDS)
-                    earlier = await versions.get(ref.group, gallery, definition_name, version)
+                    earlier = await versions.get(group, gallery, definition_name, version)
                 if earlier.provisioning_state != "Succeeded":
                     raise RuntimeError(f"gallery image version {version} ended {earlier.provisioning_state}")
             else:
@@ -241,7 +221,7 @@ class AzureDistribution:
                     for r in target.regions()
                 ]
                 poller = await versions.begin_create_or_update(
-                    ref.group,
+                    group,
                     gallery,
                     definition_name,
                     version,
@@ -265,10 +245,10 @@ class AzureDistribution:
                 if permanent(err, what=field, needs=needs) is not None:
                     raise
                 # The poller may give up while replication goes on; the version's own state decides.
-                state = await versions.get(ref.group, gallery, definition_name, version)
+                state = await versions.get(group, gallery, definition_name, version)
                 if state.provisioning_state != "Succeeded":
                     raise
-            final = await versions.get(ref.group, gallery, definition_name, version, expand="ReplicationStatus")
+            final = await versions.get(group, gallery, definition_name, version, expand="ReplicationStatus")
         status = final.replication_status
         replication = {s.region: s.state for s in (status.summary or [])} if status else {}
         return RunOutput(
@@ -276,38 +256,34 @@ class AzureDistribution:
         )
 
     async def _version_for(
-        self, request: DistributeRequest, target: SharedImageDistributor, group: str, gallery: str, definition: str
+        self, request: DistributeRequest, target: SharedImageDistributor, ref: GalleryRef
     ) -> tuple[str, GalleryImageVersion | None]:
         """The version this target writes: one an earlier try of it already made (found by its tags, and returned
-        with it), the one the id pins, the source's (scheme Source), or the next patch of the latest (scheme
-        Latest, the default)."""
-        field = f"properties.distribute[{request.index}]"
+        with it), else the one AIB's versioning chooses."""
+        assert ref.image is not None
         existing = [
-            v async for v in self._arm.compute.gallery_image_versions.list_by_gallery_image(group, gallery, definition)
+            v
+            async for v in self._arm.compute.gallery_image_versions.list_by_gallery_image(
+                ref.group, ref.gallery, ref.image
+            )
         ]
         for v in existing:
-            tags = v.tags or {}
-            if tags.get(TAG_BUILD_ID) == request.build.build_id and tags.get(TAG_OUTPUT_INDEX) == str(request.index):
+            if self._made_for(v, request.build, request.index):
                 return v.name, v
-        ref = parse_id(target.gallery_image_id, field=f"{field}.galleryImageId")
-        pinned = ref.path[5] if len(ref.path) == 6 else None
-        why = f"{field}.galleryImageId"
-        if pinned is None and target.versioning is not None and target.versioning.scheme == "Source":
-            pinned, why = request.source.exact_version, f"{field}.versioning.scheme"
-        if pinned is not None:
-            if parse_version(pinned) is None:
-                raise PermanentError(
-                    f"{why}: '{pinned}' is not a gallery image version (major.minor.patch)",
-                    kind="BadSharedImageDistribute",
-                )
-            if any(v.name == pinned for v in existing):
-                raise PermanentError(
-                    f"{why}: version {pinned} of {target.gallery_image_id} already exists",
-                    kind="BadSharedImageDistribute",
-                )
-            return pinned, None
-        major = target.versioning.major if target.versioning is not None else -1
-        return next_version([v.name for v in existing], major), None
+        version = choose_version(
+            target,
+            ref,
+            index=request.index,
+            source_version=request.source.exact_version,
+            existing=[v.name for v in existing],
+        )
+        return version, None
+
+    @staticmethod
+    def _made_for(version: GalleryImageVersion, build: BuildContext, index: int) -> bool:
+        """Whether a gallery version is the one this build made for its target ``index``."""
+        tags = version.tags or {}
+        return tags.get(TAG_BUILD_ID) == build.build_id and tags.get(TAG_OUTPUT_INDEX) == str(index)
 
     # ---- VHD
 
@@ -318,14 +294,12 @@ class AzureDistribution:
         account = await self._output_account(build)
         return f"{account.rstrip('/')}/{VHD_CONTAINER}/{build.build_id}/{target.run_output_name}.vhd"
 
-    async def _vhd(
-        self, request: DistributeRequest, target: VhdDistributor, progress: Callable[[dict[str, Any]], None]
-    ) -> RunOutput:
+    async def _vhd(self, request: DistributeRequest, target: VhdDistributor, progress: Progress) -> RunOutput:
         """Export the OS-disk snapshot (a read SAS) and copy it server-side to the target blob. The copy runs in
         the blob service, not here, and its blob carries the build id from the start: a retry that finds this
         build's copy still pending (or done) waits for that one instead of starting another, even when the worker
         that started it died before it could record the copy's id."""
-        snapshot = parse_id(request.image.uri, field="the captured snapshot")
+        snapshot = resource_id(request.image.uri, field="the captured snapshot")
         snapshots = self._arm.compute.snapshots
         url = await self._vhd_url(request.build, target)
         blob = self._blobs.blob(url)
@@ -335,7 +309,7 @@ class AzureDistribution:
             props = None
         attached = (
             props is not None
-            and storage.made_by(props, request.build.build_id)
+            and written_by(props.metadata, request.build.build_id)
             and props.copy.status in ("pending", "success")
         )
         if not attached:
@@ -349,9 +323,7 @@ class AzureDistribution:
             if not attached:
                 account_url, container, _ = split_blob_url(url)
                 await storage.ensure_container(self._blobs, f"{account_url}/{container}")
-                copy = await blob.start_copy_from_url(
-                    access.access_sas, metadata=storage.blob_metadata(request.build.build_id)
-                )
+                copy = await blob.start_copy_from_url(access.access_sas, metadata=blob_metadata(request.build.build_id))
                 progress({"blob": url, "copy": copy.get("copy_id")})
             while (props := await blob.get_blob_properties()).copy.status == "pending":
                 await asyncio.sleep(COPY_POLL_SECONDS)
@@ -375,7 +347,9 @@ class AzureDistribution:
         build (or a user's image of the same name) is never touched."""
         compute = self._arm.compute
         if isinstance(target, ManagedImageDistributor):
-            ref = parse_id(target.image_id, field=f"properties.distribute[{index}].imageId")
+            ref = parse_managed_image_id(target.image_id)
+            if ref is None:
+                return  # nothing was written to it: resolve source refuses such a target
             try:
                 image = await compute.images.get(ref.group, ref.name)
             except ResourceNotFoundError:
@@ -388,15 +362,16 @@ class AzureDistribution:
                 )
             await self._delete_copy(build, index)
         elif isinstance(target, SharedImageDistributor):
-            ref = parse_id(target.gallery_image_id, field=f"properties.distribute[{index}].galleryImageId")
-            group, gallery, definition = ref.group, ref.path[1], ref.path[3]
+            gallery_ref = parse_gallery_id(target.gallery_image_id)
+            if gallery_ref is None or gallery_ref.image is None:
+                return  # nothing was written to it: resolve source refuses such a target
+            group, gallery, definition = gallery_ref.group, gallery_ref.gallery, gallery_ref.image
             versions = compute.gallery_image_versions
             try:
                 mine = [
                     v.name
                     async for v in versions.list_by_gallery_image(group, gallery, definition)
-                    if (v.tags or {}).get(TAG_BUILD_ID) == build.build_id
-                    and (v.tags or {}).get(TAG_OUTPUT_INDEX) == str(index)
+                    if self._made_for(v, build, index)
                 ]
             except ResourceNotFoundError:
                 return

@@ -13,13 +13,13 @@ Where things live:
 from __future__ import annotations
 
 import hashlib
-import re
 from contextlib import suppress
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from azure.storage.blob import BlobProperties
 
+from activities.clouds.aib.names import staged_blob_name
+from activities.clouds.aib.tags import blob_metadata, written_by
 from activities.clouds.azure.clients import BlobClients
 from activities.clouds.azure.errors import arm_call
 from workflows.models import Artifact, StagedArtifact
@@ -28,29 +28,16 @@ from workflows.models import Artifact, StagedArtifact
 WRITE_BLOBS = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write (a Storage Blob Data role)"
 
 
-# Blob metadata names must be C# identifiers, so this is not the resource tag's name.
-BUILD_ID_METADATA = "kilnbuildid"
-
-
-def blob_metadata(build_id: str) -> dict[str, str]:
-    return {BUILD_ID_METADATA: build_id}
-
-
 async def ensure_container(blobs: BlobClients, url: str) -> None:
     async with arm_call(f"blob container {url}", needs=WRITE_BLOBS):
         with suppress(ResourceExistsError):
             await blobs.container(url).create_container()
 
 
-def staged_blob_name(build_id: str, artifact: Artifact, data: bytes) -> str:
-    digest = hashlib.sha256(data).hexdigest()
-    return f"{build_id}/{re.sub(r'[^A-Za-z0-9._-]+', '-', artifact.field).strip('-')}-{digest[:12]}"
-
-
 async def stage(
     blobs: BlobClients, container_url: str, build_id: str, artifact: Artifact, data: bytes
 ) -> StagedArtifact:
-    url = f"{container_url.rstrip('/')}/{staged_blob_name(build_id, artifact, data)}"
+    url = f"{container_url.rstrip('/')}/{build_id}/{staged_blob_name(artifact, data)}"
     async with arm_call(f"{artifact.field}: staging {artifact.source_uri} as {url}", needs=WRITE_BLOBS):
         await blobs.blob(url).upload_blob(data, overwrite=True, metadata=blob_metadata(build_id))
     return StagedArtifact(
@@ -62,16 +49,12 @@ async def read(blobs: BlobClients, url: str) -> bytes:
     return await (await blobs.blob(url).download_blob()).readall()
 
 
-def made_by(properties: BlobProperties, build_id: str) -> bool:
-    return (properties.metadata or {}).get(BUILD_ID_METADATA) == build_id
-
-
 async def delete_own_blob(blobs: BlobClients, url: str, build_id: str) -> None:
     """Delete the blob if this build wrote it: a VHD target's ``uri`` may name a blob someone else made."""
     blob = blobs.blob(url)
     with suppress(ResourceNotFoundError):
         properties = await blob.get_blob_properties()
-        if made_by(properties, build_id):
+        if written_by(properties.metadata, build_id):
             # Only the version looked at: a blob rewritten since then is no longer this build's.
             await blob.delete_blob(
                 delete_snapshots="include", etag=properties.etag, match_condition=MatchConditions.IfNotModified

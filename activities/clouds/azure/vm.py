@@ -9,22 +9,17 @@ from typing import Any
 
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
+from activities.clouds.aib.ids import parse_platform_image_id
+from activities.clouds.aib.vm_sizes import vm_size_for
 from activities.clouds.azure.clients import ArmClients
 from activities.clouds.azure.errors import IN_USE_CODES, arm_call, error_code, permanent
 from activities.clouds.azure.names import VmParts, computer_name
 
-# Default sizes as AIB picks them by the source's Hyper-V generation.
-DEFAULT_SIZES = {"V1": "Standard_D1_v2", "V2": "Standard_D2ds_v4"}
 SSH_PORT = 22
 WINRM_HTTPS_PORT = 5986
 DELETE_TRIES = 5
 SUBNET = "build"
 ADDRESS_SPACE = "10.0.0.0/24"
-_PLATFORM_ID = re.compile(
-    r"^/subscriptions/[^/]+/providers/Microsoft\.Compute/locations/(?P<location>[^/]+)/publishers/(?P<publisher>[^/]+)"
-    r"/artifacttypes/vmimage/offers/(?P<offer>[^/]+)/skus/(?P<sku>[^/]+)/versions/(?P<version>[^/]+)$",
-    re.IGNORECASE,
-)
 # The guest agent's run command reports "Enable succeeded: \n[stdout]\n<out>\n[stderr]\n<err>".
 _STDOUT = re.compile(r"\[stdout\]\n(?P<out>.*?)(?:\n\[stderr\]|$)", re.DOTALL)
 
@@ -41,18 +36,6 @@ if (-not (Get-NetFirewallRule -Name kiln-winrm-https -ErrorAction SilentlyContin
 }
 Write-Output $cert.Thumbprint
 """
-
-
-def platform_image_id(subscription: str, location: str, publisher: str, offer: str, sku: str, version: str) -> str:
-    return (
-        f"/subscriptions/{subscription}/providers/Microsoft.Compute/locations/{location}/publishers/{publisher}"
-        f"/artifacttypes/vmimage/offers/{offer}/skus/{sku}/versions/{version}"
-    )
-
-
-def parse_platform_image_id(image_id: str) -> dict[str, str] | None:
-    found = _PLATFORM_ID.match(image_id)
-    return found.groupdict() if found else None
 
 
 def run_command_stdout(result: Any) -> str:
@@ -275,11 +258,12 @@ class AzureVms:
         }
         if os_disk_size_gb:
             os_disk["diskSizeGB"] = os_disk_size_gb
+        size = vm_size_for(vm_size, generation)
         body: dict[str, Any] = {
             "location": location,
             "tags": tags,
             "properties": {
-                "hardwareProfile": {"vmSize": vm_size or DEFAULT_SIZES[generation]},
+                "hardwareProfile": {"vmSize": size},
                 "storageProfile": {"imageReference": image_reference, "osDisk": os_disk},
                 "osProfile": os_profile,
                 "networkProfile": {
@@ -293,7 +277,6 @@ class AzureVms:
             body["plan"] = plan
         if identities:
             body["identity"] = {"type": "UserAssigned", "userAssignedIdentities": {i: {} for i in identities}}
-        size = vm_size or DEFAULT_SIZES[generation]
         async with arm_call(
             f"VM {parts.vm} ({size} in {location})",
             needs=f"the {size} family's vCPUs in {location} (and Microsoft.Compute/virtualMachines/write)",
@@ -365,5 +348,10 @@ def image_reference(image_id: str) -> dict[str, Any]:
     """A VM's imageReference: marketplace coordinates for a platform image, the id for anything else."""
     platform = parse_platform_image_id(image_id)
     if platform is not None:
-        return {k: platform[k] for k in ("publisher", "offer", "sku", "version")}
+        return {
+            "publisher": platform.publisher,
+            "offer": platform.offer,
+            "sku": platform.sku,
+            "version": platform.version,
+        }
     return {"id": image_id}

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from activities.clouds.base import LogSink, PermanentError
 from activities.clouds.local.capture import vhd_file, write_vhd
-from activities.clouds.local.config import state_dir, worker_secret
 from activities.clouds.local.host import file_lock
 from activities.clouds.local.images import ImageCache, platform_image_version, resolve_platform_image
 from activities.clouds.local.records import ROLE_TEMPORARY, ResourceStore, kiln_tags
 from activities.clouds.local.vm import LocalVms, vm_id
+from activities.clouds.state import state_dir, worker_secret
 from workflows.models import (
     Artifact,
     BuildContext,

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from activities.clouds.local.config import state_dir
+from activities.clouds.state import state_dir
 
 TAG_BUILD_ID = "buildId"
 TAG_CREATED_BY = "createdBy"

@@ -31,7 +31,6 @@ from azure.storage.blob.aio import BlobClient, BlobServiceClient
 from activities.clouds.append_log import AppendLog
 from activities.clouds.base import PermanentError
 from activities.clouds.local import azurite
-from activities.clouds.local.config import state_dir
 from activities.clouds.local.records import (
     CREATED_BY,
     ROLE_LOG,
@@ -43,6 +42,7 @@ from activities.clouds.local.records import (
     ResourceStore,
     kiln_tags,
 )
+from activities.clouds.state import state_dir
 from workflows.models import (
     Artifact,
     BuildContext,

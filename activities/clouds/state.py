@@ -1,4 +1,4 @@
-"""Where the local cloud keeps its state, and the worker's secret."""
+"""Where kiln keeps its state on this machine, and the worker secret both clouds derive build VM keys from."""
 
 from __future__ import annotations
 
