@@ -19,9 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from activities.clouds.local.admin import LocalAdmin  # noqa: E402
 from activities.clouds.local.azurite import REGIONS, start_azurite  # noqa: E402
 from activities.clouds.local.records import ResourceStore  # noqa: E402
-from activities.clouds.local.storage import LocalStorage, used_bytes  # noqa: E402
+from activities.clouds.local.storage import LocalStorage  # noqa: E402
+from activities.clouds.local.vhd_pages import used_bytes  # noqa: E402
 from tests.local.vhd_files import write_vhd  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 from workflows.models import BuildContext, CapturedImage, DistributeRequest, ResolvedSource  # noqa: E402
@@ -84,8 +86,9 @@ async def main(used_mib: int, regions: int, replicas: int) -> None:
                 )
 
                 gallery = "/subscriptions/0/resourceGroups/bench/providers/Microsoft.Compute/galleries/bench"
-                await storage.create_gallery(gallery)
-                await storage.create_image_definition(f"{gallery}/images/disk", publisher="k", offer="b", sku="1")
+                admin = LocalAdmin(storage.store)
+                await admin.create_gallery(gallery)
+                await admin.create_image_definition(f"{gallery}/images/disk", publisher="k", offer="b", sku="1")
                 names = list(REGIONS[:regions])
                 target = SharedImageDistributor(
                     type="SharedImage",

@@ -197,21 +197,20 @@ async def logs(args: argparse.Namespace, io: Io) -> int:
 async def gallery_create(args: argparse.Namespace, io: Io) -> int:
     """Make a local gallery and image definition: SharedImage targets need them first, as on Azure."""
     from activities.clouds.base import PermanentError
-    from activities.clouds.local.records import ResourceStore
-    from activities.clouds.local.storage import LocalStorage
+    from activities.clouds.local.admin import LocalAdmin
 
     gallery_id = args.image_definition_id.split("/images/")[0]
+    admin = LocalAdmin()
     try:
-        async with LocalStorage(store=ResourceStore()) as storage:
-            await storage.create_gallery(gallery_id, location=args.location)
-            await storage.create_image_definition(
-                args.image_definition_id,
-                os_type=args.os_type,
-                hyper_v_generation=args.hyper_v_generation,
-                publisher=args.publisher,
-                offer=args.offer,
-                sku=args.sku,
-            )
+        await admin.create_gallery(gallery_id, location=args.location)
+        await admin.create_image_definition(
+            args.image_definition_id,
+            os_type=args.os_type,
+            hyper_v_generation=args.hyper_v_generation,
+            publisher=args.publisher,
+            offer=args.offer,
+            sku=args.sku,
+        )
     except PermanentError as err:
         raise UsageError(err.message) from None
     io.out.print(Text.assemble("Local gallery image definition ready: ", (args.image_definition_id, "bold")))
@@ -219,11 +218,9 @@ async def gallery_create(args: argparse.Namespace, io: Io) -> int:
 
 
 async def gallery_list(args: argparse.Namespace, io: Io) -> int:
-    from activities.clouds.local.records import ResourceStore
-    from activities.clouds.local.storage import LocalStorage
+    from activities.clouds.local.admin import LocalAdmin
 
-    async with LocalStorage(store=ResourceStore()) as storage:
-        records = await storage.list_gallery()
+    records = await LocalAdmin().list_gallery()
     table = Table("kind", "id", "version", "regions")
     for record in records:
         regions = record.data.get("regions") or {}
@@ -235,8 +232,7 @@ async def gallery_list(args: argparse.Namespace, io: Io) -> int:
 async def resources(args: argparse.Namespace, io: Io) -> int:
     """What the local cloud has made, from its resource store; ``--orphans``: temporary resources of builds
     that are no longer running (a terminated build never ran its cleanup)."""
-    from activities.clouds.local.records import TAG_ROLE, ResourceStore
-    from activities.clouds.local.storage import LocalStorage
+    from activities.clouds.local.admin import LocalAdmin
 
     active: set[str] = set()
     if args.orphans:
@@ -245,15 +241,14 @@ async def resources(args: argparse.Namespace, io: Io) -> int:
         async for execution in client.list_workflows(query):
             if build_id := execution.typed_search_attributes.get(BUILD_ID):
                 active.add(build_id)
-    async with LocalStorage(store=ResourceStore()) as storage:
-        records = await storage.list_resources(args.orphans, active_builds=active)
+    records = await LocalAdmin().list_resources(args.orphans, active_builds=active)
     table = Table("kind", "id", "build", "role", "created")
     for record in records:
         table.add_row(
             record.kind,
             record.id,
             record.build_id or "",
-            record.tags.get(TAG_ROLE, "temporary"),
+            record.role,
             record.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
         )
     what = "orphaned resources" if args.orphans else "local resources"

@@ -60,9 +60,9 @@ def _is_loopback(host: str) -> bool:
 
 
 async def _read_azurite(uri: str, offset: int) -> bytes:
-    """Azurite needs the local cloud's account keys, which its storage module knows; without it, try a plain GET."""
+    """Azurite needs the local cloud's account keys, which its admin module knows; without it, try a plain GET."""
     try:
-        from activities.clouds.local.storage import read_log as read_local_log
+        from activities.clouds.local.admin import read_log as read_local_log
     except ImportError:
         return await asyncio.to_thread(_read_http, uri, offset)
     if inspect.iscoroutinefunction(read_local_log):

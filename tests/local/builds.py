@@ -26,15 +26,14 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob.aio import BlobClient, BlobServiceClient
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
+from activities.clouds.aib.tags import ROLE_LOG, ROLE_OUTPUT, TAG_ROLE
 from activities.clouds.local import LocalCloud, azurite
+from activities.clouds.local.accounts import KIND_BLOB
+from activities.clouds.local.admin import LocalAdmin, read_log
 from activities.clouds.local.host import run
-from activities.clouds.local.records import ROLE_LOG, ROLE_OUTPUT, TAG_ROLE, ResourceStore
-from activities.clouds.local.storage import (
-    KIND_BLOB,
-    LOCAL_SUBSCRIPTION,
-    LocalStorage,
-    read_log,
-)
+from activities.clouds.local.records import ResourceStore
+from activities.clouds.local.staging import LOCAL_SUBSCRIPTION
+from activities.clouds.local.storage import LocalStorage
 from activities.clouds.local.vm import CGROUP_ROOT, VM_KIND
 from worker import run_worker
 from workflows.build import ImageBuildWorkflow
@@ -176,8 +175,9 @@ class LocalBuilds:
             f"/galleries/tests{uuid.uuid4().hex[:8]}"
         )
         definition = f"{gallery}/images/debian12"
-        self.gallery_records.append((await self.storage.create_gallery(gallery, location="westeurope")).id)
-        record = await self.storage.create_image_definition(
+        admin = LocalAdmin(self.store)
+        self.gallery_records.append((await admin.create_gallery(gallery, location="westeurope")).id)
+        record = await admin.create_image_definition(
             definition, hyper_v_generation="V2", publisher="kiln", offer="debian", sku="12-gen2"
         )
         self.gallery_records.append(record.id)

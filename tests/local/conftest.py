@@ -16,8 +16,8 @@ import pytest
 import pytest_asyncio
 
 from activities.clouds.local import LocalCloud
+from activities.clouds.local.outputs import LocalImage
 from activities.clouds.local.records import ResourceStore
-from activities.clouds.local.storage import LocalImage
 from workflows.models import BuildContext, BuildVm, ResolvedSource, Staging, VmSpec
 from workflows.template import ImageTemplate, parse_template
 

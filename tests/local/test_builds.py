@@ -19,8 +19,8 @@ import pytest_asyncio
 from temporalio.client import Client
 
 from activities.clouds.local.azurite import Azurite
+from activities.clouds.local.gallery_target import GALLERY_CONTAINER
 from activities.clouds.local.records import ResourceStore
-from activities.clouds.local.storage import GALLERY_CONTAINER
 from tests.local.builds import (
     SOURCE,
     Build,

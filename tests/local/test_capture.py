@@ -11,8 +11,8 @@ from urllib.parse import urlparse
 import pytest
 
 from activities.clouds.local import LocalCloud
+from activities.clouds.local.outputs import LocalImage
 from activities.clouds.local.records import ResourceStore
-from activities.clouds.local.storage import LocalImage
 from tests.fixtures import connect, deprovision_script
 from tests.local.conftest import (
     STAGING,

@@ -8,12 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from activities.clouds.local.records import (
-    ROLE_TEMPORARY,
-    TAG_BUILD_ID,
-    ResourceStore,
-    kiln_tags,
-)
+from activities.clouds.aib.tags import ROLE_TEMPORARY, TAG_BUILD_ID, kiln_tags
+from activities.clouds.local.records import ResourceStore
 
 pytestmark = pytest.mark.local
 

@@ -13,28 +13,21 @@ from typing import Any
 
 import pytest
 
+from activities.clouds.aib.names import build_guid, staging_group_name
+from activities.clouds.aib.tags import ROLE_LOG, ROLE_OUTPUT, TAG_BUILD_ID, TAG_ROLE
+from activities.clouds.aib.versions import next_version
 from activities.clouds.base import PermanentError
 from activities.clouds.local import azurite as azurite_mod
-from activities.clouds.local import storage as storage_mod
+from activities.clouds.local import staging as staging_mod
+from activities.clouds.local import vhd_pages as vhd_pages_mod
+from activities.clouds.local.accounts import KIND_BLOB
+from activities.clouds.local.admin import KIND_IMAGE_VERSION, LocalAdmin, read_log
 from activities.clouds.local.azurite import Azurite, account_for_region, start_azurite
-from activities.clouds.local.records import (
-    ROLE_LOG,
-    ROLE_OUTPUT,
-    TAG_BUILD_ID,
-    TAG_ROLE,
-    ResourceStore,
-)
-from activities.clouds.local.storage import (
-    KIND_BLOB,
-    KIND_CONTAINER,
-    KIND_GROUP,
-    KIND_IMAGE_VERSION,
-    MERGE_GAP,
-    LocalStorage,
-    next_version,
-    nonzero_runs,
-    read_log,
-)
+from activities.clouds.local.gallery_target import GalleryTarget
+from activities.clouds.local.records import ResourceStore
+from activities.clouds.local.staging import KIND_CONTAINER, KIND_GROUP
+from activities.clouds.local.storage import LocalStorage
+from activities.clouds.local.vhd_pages import MERGE_GAP, nonzero_runs
 from tests.local.vhd_files import sent_pages, used_pages, write_vhd
 from tests.ports import free_port
 from workflows.models import (
@@ -118,12 +111,13 @@ async def distribute(storage: LocalStorage, request: DistributeRequest, resume: 
 
 
 async def blob_bytes(storage: LocalStorage, url: str) -> bytes:
-    return await (await storage._blob_at(url).download_blob()).readall()
+    return await (await storage.accounts.blob_at(url).download_blob()).readall()
 
 
 async def make_definition(storage: LocalStorage, definition: str = DEFINITION) -> None:
-    await storage.create_gallery(definition.rsplit("/images/", 1)[0], location="eastus")
-    await storage.create_image_definition(definition, publisher="kiln", offer="debian", sku="12")
+    admin = LocalAdmin(storage.store)
+    await admin.create_gallery(definition.rsplit("/images/", 1)[0], location="eastus")
+    await admin.create_image_definition(definition, publisher="kiln", offer="debian", sku="12")
 
 
 def shared(definition: str = DEFINITION, **kwargs: Any) -> SharedImageDistributor:
@@ -165,9 +159,9 @@ def test_next_version_follows_the_aib_example() -> None:
 
 def test_staging_names_fit_azure_limits() -> None:
     build = new_build().model_copy(update={"template_name": "t" * 200, "destination_resource_group": "rg" * 50})
-    name = storage_mod.staging_group_name(build)
-    assert len(name) == 90 and name.startswith("IT_rgrg") and name.endswith(f"_{build.build_id[:8]}")
-    odd = storage_mod._container_name("staging", "Build_ID/with spaces--and" + "x" * 80)
+    name = staging_group_name(build)
+    assert len(name) == 90 and name.startswith("IT_rgrg") and name.endswith(f"_{build_guid(build.build_id)}")
+    odd = staging_mod._container_name("staging", "Build_ID/with spaces--and" + "x" * 80)
     assert len(odd) <= 63 and odd.startswith("staging-build-id-with-spaces-and") and "--" not in odd
 
 
@@ -195,14 +189,14 @@ async def test_azurite_keeps_its_data_across_a_restart(tmp_path: Path, monkeypat
     first = await start_azurite(location=tmp_path)  # host and port from KILN_AZURITE_ENDPOINT
     assert first.owned and first.endpoint == azurite_mod.endpoint()
     async with LocalStorage(store=ResourceStore(tmp_path / "resources.db")) as storage:
-        await storage._ensure_container("kilnuksouth", "keep")
-        await storage._blob("kilnuksouth", "keep", "a").upload_blob(b"kept")
+        await storage.accounts.ensure_container("kilnuksouth", "keep")
+        await storage.accounts.blob("kilnuksouth", "keep", "a").upload_blob(b"kept")
     await first.stop()
     assert not await azurite_mod.answers(first.endpoint) and not (tmp_path / azurite_mod.PID_FILE).exists()
     second = await start_azurite(location=tmp_path)
     try:
         async with LocalStorage(store=ResourceStore(tmp_path / "resources.db")) as storage:
-            assert await (await storage._blob("kilnuksouth", "keep", "a").download_blob()).readall() == b"kept"
+            assert await (await storage.accounts.blob("kilnuksouth", "keep", "a").download_blob()).readall() == b"kept"
     finally:
         await second.stop()
 
@@ -243,13 +237,29 @@ async def test_staging_create_and_delete_are_idempotent(local_storage: LocalStor
 
 
 async def test_an_existing_staging_group_is_used_but_never_deleted(local_storage: LocalStorage) -> None:
-    group = f"/subscriptions/{storage_mod.LOCAL_SUBSCRIPTION}/resourceGroups/my-staging"
+    group = f"/subscriptions/{staging_mod.LOCAL_SUBSCRIPTION}/resourceGroups/my-staging"
     local_storage.store.record(group.lower(), kind=KIND_GROUP, build_id=None, data={"id": group})
     build = new_build(staging_resource_group=group)
     staging = await local_storage.create_staging(build)
     assert staging.resource_group_id == group and not staging.created_group
     await local_storage.delete_staging(build)
     assert local_storage.store.get(group.lower()) is not None
+    assert local_storage.store.list(build_id=build.build_id) == []
+
+
+async def test_records_with_the_old_build_id_tag_are_found_and_cleaned_up(local_storage: LocalStorage) -> None:
+    """Records written when the build-id tag was ``buildId``: found by their build id column all the same."""
+    build = new_build()
+    staging = await local_storage.create_staging(build)
+    await local_storage.stage_artifact(build, staging, Artifact(source_uri="file:///a", field="f"), b"data")
+    for record in local_storage.store.list(build_id=build.build_id):
+        old_tags = {"buildId": build.build_id, "createdBy": "kiln", TAG_ROLE: "temporary"}
+        local_storage.store.record(
+            record.id, kind=record.kind, build_id=build.build_id, tags=old_tags, data=record.data
+        )
+    orphans = await LocalAdmin(local_storage.store).list_resources(orphans_only=True)
+    assert {r.kind for r in orphans if r.build_id == build.build_id} == {KIND_GROUP, KIND_CONTAINER, KIND_BLOB}
+    await local_storage.delete_staging(build)
     assert local_storage.store.list(build_id=build.build_id) == []
 
 
@@ -289,7 +299,7 @@ async def test_vhd_upload_sends_only_used_pages(local_storage: LocalStorage, dis
 
     assert output.type == "VHD" and output.artifact_uri.endswith(f"/{build.build_id}/vhd.vhd")
     assert "?" not in output.artifact_uri and output.artifact_uri.startswith(local_storage.endpoint)
-    blob = local_storage._blob_at(output.artifact_uri)
+    blob = local_storage.accounts.blob_at(output.artifact_uri)
     ranges = [r async for r in blob.list_page_ranges()]
     sent = sent_pages(disk, MERGE_GAP)
     assert sum(r.end + 1 - r.start for r in ranges) == sent < disk.stat().st_size // 10
@@ -351,7 +361,7 @@ async def test_managed_image_is_registered_and_located(
     rebuild = new_build()
     await distribute(local_storage, request_for(rebuild, staging, disk, target))
     assert (await local_storage.locate_image(image_id)).vhd_path.read_bytes() == disk.read_bytes()
-    assert not await local_storage._blob_at(old_blob).exists() and local_storage.store.get(old_blob) is None
+    assert not await local_storage.accounts.blob_at(old_blob).exists() and local_storage.store.get(old_blob) is None
 
     moved = target.model_copy(update={"location": "westeurope"})
     with pytest.raises(PermanentError, match=r"distribute\[0\]\.location: the image .* exists in eastus"):
@@ -377,12 +387,11 @@ async def test_gallery_and_definition_must_exist(local_storage: LocalStorage, sm
         PermanentError, match=r"distribute\[2\]\.galleryImageId: the gallery .* does not exist.*kiln gallery create"
     ):
         await distribute(local_storage, request)
-    await local_storage.create_gallery(GALLERY)
+    admin = LocalAdmin(local_storage.store)
+    await admin.create_gallery(GALLERY)
     with pytest.raises(PermanentError, match=r"image definition .*debian12 does not exist.*kiln gallery create"):
         await distribute(local_storage, request)
-    await local_storage.create_image_definition(
-        DEFINITION, hyper_v_generation="V1", publisher="kiln", offer="d", sku="12"
-    )
+    await admin.create_image_definition(DEFINITION, hyper_v_generation="V1", publisher="kiln", offer="d", sku="12")
     with pytest.raises(PermanentError, match="generation V2, but the image definition .* is V1"):
         await distribute(local_storage, request)
     assert local_storage.store.list(build_id=build.build_id, kind=KIND_IMAGE_VERSION) == []
@@ -450,33 +459,33 @@ async def test_a_resumed_replication_skips_completed_regions(
     request = request_for(build, staging, disk, shared(target_regions=regions))
 
     sent: list[int] = []
-    send = LocalStorage._send_used_pages
+    send = vhd_pages_mod.send_used_pages
 
-    async def counting_send(self: LocalStorage, *args: Any, **kwargs: Any) -> int:
-        sent.append(await send(self, *args, **kwargs))
+    async def counting_send(*args: Any, **kwargs: Any) -> int:
+        sent.append(await send(*args, **kwargs))
         return sent[-1]
 
-    finish = LocalStorage._finish_region
+    finish = GalleryTarget._finish_region
 
-    async def failing_finish(self: LocalStorage, entry: dict) -> None:
+    async def failing_finish(self: GalleryTarget, entry: dict) -> None:
         if entry["name"] == "westus2":
             raise ConnectionError("worker lost")
         await finish(self, entry)
 
-    monkeypatch.setattr(LocalStorage, "_send_used_pages", counting_send)
-    monkeypatch.setattr(LocalStorage, "_finish_region", failing_finish)
+    monkeypatch.setattr(vhd_pages_mod, "send_used_pages", counting_send)
+    monkeypatch.setattr(GalleryTarget, "_finish_region", failing_finish)
     points: list[dict] = []
     with pytest.raises(ConnectionError):
         await local_storage.distribute(request, resume=None, progress=lambda p: points.append(dict(p)))
     assert points[-1]["completed"] == ["eastus", "northeurope"]
     [version] = local_storage.store.list(build_id=build.build_id, kind=KIND_IMAGE_VERSION)
     done = {
-        url: (await local_storage._blob_at(url).get_blob_properties()).etag
+        url: (await local_storage.accounts.blob_at(url).get_blob_properties()).etag
         for k in ("eastus", "northeurope")
         for url in version.data["regions"][k]["blobs"]
     }
 
-    monkeypatch.setattr(LocalStorage, "_finish_region", finish)
+    monkeypatch.setattr(GalleryTarget, "_finish_region", finish)
     output = await local_storage.distribute(request, resume=points[-1], progress=lambda p: None)
     assert set(output.replication.values()) == {"Completed"}
     assert sent == [
@@ -484,7 +493,7 @@ async def test_a_resumed_replication_skips_completed_regions(
         0,
     ]  # the file was streamed once; the retry only finished westus2's replicas
     for url, etag in done.items():
-        assert (await local_storage._blob_at(url).get_blob_properties()).etag == etag
+        assert (await local_storage.accounts.blob_at(url).get_blob_properties()).etag == etag
     westus2 = version.data["regions"]["westus2"]["blobs"]
     assert await blob_bytes(local_storage, westus2[1]) == disk.read_bytes()
 
@@ -495,7 +504,7 @@ async def test_an_interrupted_upload_carries_on_from_its_checkpoint(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await make_definition(local_storage)
-    monkeypatch.setattr(storage_mod, "_BATCH_BYTES", MiB)
+    monkeypatch.setattr(vhd_pages_mod, "_BATCH_BYTES", MiB)
     build = new_build()
     staging = await local_storage.create_staging(build)
     request = request_for(
@@ -546,7 +555,7 @@ async def test_delete_output_removes_an_unfinished_distribution(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await make_definition(local_storage)
-    monkeypatch.setattr(storage_mod, "_BATCH_BYTES", MiB)
+    monkeypatch.setattr(vhd_pages_mod, "_BATCH_BYTES", MiB)
     build = new_build()
     staging = await local_storage.create_staging(build)
     targets = [
@@ -577,12 +586,12 @@ async def test_delete_output_removes_an_unfinished_distribution(
     for record in left:
         assert local_storage.store.get(record.id) is None
         if record.kind == KIND_BLOB:
-            assert not await local_storage._blob_at(record.id).exists()
+            assert not await local_storage.accounts.blob_at(record.id).exists()
 
     # A finished output is not "unfinished": delete_output leaves it.
     done = await distribute(local_storage, request_for(build, staging, small_disk, targets[1], index=1))
     await local_storage.delete_output(build, targets[1], 1)
-    assert await local_storage._blob_at(done.artifact_uri).exists()
+    assert await local_storage.accounts.blob_at(done.artifact_uri).exists()
 
 
 async def test_every_blob_is_recorded_and_temporary_ones_forgotten(
@@ -609,7 +618,7 @@ async def test_every_blob_is_recorded_and_temporary_ones_forgotten(
     async def blobs_of_build() -> set[str]:
         found = set()
         for account in azurite_mod.local_accounts():
-            service = local_storage._service(account)
+            service = local_storage.accounts.service(account)
             async for container in service.list_containers():
                 async for blob in service.get_container_client(container.name).list_blobs(include=["metadata"]):
                     if (blob.metadata or {}).get("kilnbuildid") == build.build_id:
@@ -618,13 +627,14 @@ async def test_every_blob_is_recorded_and_temporary_ones_forgotten(
 
     recorded = {r.id for r in local_storage.store.list(build_id=build.build_id, kind=KIND_BLOB)}
     assert await blobs_of_build() == recorded and len(recorded) == 6  # artifact, log, vhd, image, 2 replicas
-    orphans = await local_storage.list_resources(orphans_only=True)
+    admin = LocalAdmin(local_storage.store)
+    orphans = await admin.list_resources(orphans_only=True)
     assert {r.kind for r in orphans if r.build_id == build.build_id} == {KIND_GROUP, KIND_CONTAINER, KIND_BLOB}
-    assert await local_storage.list_resources(orphans_only=True, active_builds={build.build_id}) == []
+    assert await admin.list_resources(orphans_only=True, active_builds={build.build_id}) == []
 
     await local_storage.delete_staging(build)
     left = local_storage.store.list(build_id=build.build_id)
     assert all(r.tags[TAG_ROLE] in (ROLE_OUTPUT, ROLE_LOG) for r in left) and len(left) == 7
     assert {r.id for r in left if r.kind == KIND_BLOB} == await blobs_of_build()
-    listed = await local_storage.list_gallery(GALLERY)
+    listed = await admin.list_gallery(GALLERY)
     assert [r.kind for r in listed] == ["gallery", "galleryImageDefinition", "galleryImageVersion"]

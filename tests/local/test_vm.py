@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from activities.clouds.aib.names import admin_user_of
 from activities.clouds.base import PermanentError
 from activities.clouds.local import LocalCloud
 from activities.clouds.local.records import ResourceStore
-from activities.clouds.local.vm import admin_user_of
 from activities.guest.keys import derive_key, public_line
 from activities.guest.ssh import open_session
 from tests.fixtures import connect, deprovision_script

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from activities.clouds.base import LogSink, PermanentError
+from activities.clouds.aib.tags import ROLE_TEMPORARY, kiln_tags
+from activities.clouds.base import LogSink, PermanentError, Progress
 from activities.clouds.local.capture import vhd_file, write_vhd
 from activities.clouds.local.host import file_lock
 from activities.clouds.local.images import ImageCache, platform_image_version, resolve_platform_image
-from activities.clouds.local.records import ROLE_TEMPORARY, ResourceStore, kiln_tags
+from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.vm import LocalVms, vm_id
 from activities.clouds.state import state_dir, worker_secret
 from workflows.models import (
@@ -175,11 +175,7 @@ class LocalCloud:
         return await self._storage.open_log(build, staging, name)
 
     async def distribute(
-        self,
-        request: DistributeRequest,
-        *,
-        resume: dict[str, Any] | None,
-        progress: Callable[[dict[str, Any]], None],
+        self, request: DistributeRequest, *, resume: dict[str, Any] | None, progress: Progress
     ) -> RunOutput:
         return await self._storage.distribute(request, resume=resume, progress=progress)
 

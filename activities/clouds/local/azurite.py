@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import shutil
 import signal
 import urllib.parse
@@ -20,6 +19,7 @@ from pathlib import Path
 from azure.core.exceptions import AzureError
 from azure.storage.blob.aio import BlobServiceClient
 
+from activities.clouds.aib.ids import region_key
 from activities.clouds.base import PermanentError
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:10000"
@@ -47,14 +47,9 @@ PID_FILE = "azurite.pid"
 LOG_FILE = "azurite.log"
 
 
-def normalize_region(name: str) -> str:
-    """``East US`` and ``eastus`` are the same region to ARM; compare them as ``eastus``."""
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
 def account_for_region(region: str, *, field: str = "location") -> str:
     """The storage account that stands for ``region``; a region the local cloud lacks is a template error."""
-    key = normalize_region(region)
+    key = region_key(region)
     if key not in REGIONS:
         raise PermanentError(
             f"{field}: '{region}' is not a region of the local cloud; local regions: {', '.join(REGIONS)}",

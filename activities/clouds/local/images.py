@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from activities.clouds.aib.ids import parse_platform_image_id, platform_image_id
+from activities.clouds.aib.versions import version_key
 from activities.clouds.base import PermanentError
 from activities.clouds.local.host import CommandFailed, file_lock, run
 from workflows.models import ResolvedSource
@@ -47,10 +49,8 @@ _GENERALIZE_HOOK = (
 )
 
 _VERSION = re.compile(r"0\.(\d{8})\.(\d+)")
-_PLATFORM_ID = re.compile(
-    r"/Subscriptions/local/Providers/Microsoft\.Compute/Locations/[^/]+/Publishers/(?P<publisher>[^/]+)"
-    r"/ArtifactTypes/VMImage/Offers/(?P<offer>[^/]+)/Skus/(?P<sku>[^/]+)/Versions/(?P<version>[^/]+)"
-)
+# The subscription in the ids of local platform images, which only they use.
+PLATFORM_SUBSCRIPTION = "local"
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,8 @@ class BaseImage:
 
     def image_id(self, location: str) -> str:
         """An id shaped like Azure's platform image ids, which ``platform_image_version`` reads back."""
-        return (
-            f"/Subscriptions/local/Providers/Microsoft.Compute/Locations/{location}/Publishers/{PUBLISHER}"
-            f"/ArtifactTypes/VMImage/Offers/{self.offer.offer}/Skus/{self.offer.sku}/Versions/{self.version}"
+        return platform_image_id(
+            PLATFORM_SUBSCRIPTION, location, PUBLISHER, self.offer.offer, self.offer.sku, self.version
         )
 
 
@@ -95,11 +94,11 @@ def find_offer(offer: str, sku: str) -> LocalOffer | None:
 
 def platform_image_version(image_id: str) -> tuple[LocalOffer, str] | None:
     """The offer and version a local platform image id names, or None for any other id."""
-    match = _PLATFORM_ID.fullmatch(image_id)
-    if match is None:
+    ref = parse_platform_image_id(image_id)
+    if ref is None or ref.subscription != PLATFORM_SUBSCRIPTION:
         return None
-    offer = find_offer(match["offer"], match["sku"])
-    return (offer, match["version"]) if offer is not None else None
+    offer = find_offer(ref.offer, ref.sku)
+    return (offer, ref.version) if offer is not None else None
 
 
 BaseBuilder = Callable[[LocalOffer, Path, Path], Awaitable[None]]
@@ -145,7 +144,7 @@ class ImageCache:
         """The versions of ``offer`` kept here, oldest first."""
         folder = self._suite_dir(offer)
         found = [p.name for p in folder.iterdir() if _VERSION.fullmatch(p.name)] if folder.is_dir() else []
-        return sorted(found, key=lambda v: tuple(int(part) for part in v.split(".")))
+        return sorted(found, key=version_key)
 
     def base(self, offer: LocalOffer, version: str) -> BaseImage:
         folder = self._suite_dir(offer) / version

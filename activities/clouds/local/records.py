@@ -4,6 +4,10 @@ Azure keeps tags on the resources themselves, and the janitor finds a dead build
 cloud's resources (staging groups, VMs, addresses, disks, blobs, images, gallery versions) are spread over
 Azurite, the file system and the kernel, so their tags live here instead: one sqlite file in the state folder
 that survives restarts and is shared by every worker and CLI on the machine.
+
+A record's build is its ``build_id`` column, which every lookup reads; its tags (``activities.clouds.aib.tags``)
+are what the resource would carry on Azure. So records written when the build-id tag was still ``buildId`` are
+found and cleaned up like any other.
 """
 
 from __future__ import annotations
@@ -17,22 +21,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from activities.clouds.aib.tags import ROLE_TEMPORARY, TAG_ROLE
 from activities.clouds.state import state_dir
 
-TAG_BUILD_ID = "buildId"
-TAG_CREATED_BY = "createdBy"
-CREATED_BY = "kiln"
-# What happens to a resource when its build ends: temporary ones are the saga's (and the janitor's) to delete;
-# outputs and logs are the user's and outlive the build, as they do on Azure.
-TAG_ROLE = "kilnRole"
-ROLE_TEMPORARY = "temporary"
-ROLE_OUTPUT = "output"
-ROLE_LOG = "log"
 
-
-def kiln_tags(build_id: str, *, role: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The tags of a resource kiln made for a build: the user's tags first, kiln's own on top."""
-    return {**(extra or {}), TAG_BUILD_ID: build_id, TAG_CREATED_BY: CREATED_BY, TAG_ROLE: role}
+def record_key(resource_id: str) -> str:
+    """ARM ids are case-insensitive: records of ARM resources are kept under the lower-case id."""
+    return resource_id.lower()
 
 
 @dataclass(frozen=True)
@@ -43,6 +38,11 @@ class ResourceRecord:
     tags: dict[str, str] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def role(self) -> str:
+        """What happens to the resource when its build ends (a record without a role is temporary)."""
+        return self.tags.get(TAG_ROLE, ROLE_TEMPORARY)
 
 
 _SCHEMA = """

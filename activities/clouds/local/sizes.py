@@ -6,6 +6,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from activities.clouds.aib.vm_sizes import vm_size_for
 from activities.clouds.base import PermanentError
 
 GIB = 1 << 30
@@ -45,9 +46,6 @@ KNOWN_SIZES: dict[str, tuple[int, float]] = {
 GIB_PER_VCPU = {"a": 2, "b": 4, "d": 4, "e": 8, "f": 2, "m": 28}
 _SIZE_NAME = re.compile(r"standard_([a-z])[a-z]*?(\d+)[a-z]*(?:_v\d+)?")
 
-# AIB's default size when vmSize is empty.
-DEFAULT_SIZE = {"V1": "Standard_D1_v2", "V2": "Standard_D2ds_v4"}
-
 
 @dataclass(frozen=True)
 class VmLimits:
@@ -58,7 +56,7 @@ class VmLimits:
 
 def limits_for(vm_size: str, hyper_v_generation: str) -> VmLimits:
     """The CPU and memory a size has on Azure, but never more than this machine has."""
-    size = vm_size or DEFAULT_SIZE[hyper_v_generation]
+    size = vm_size_for(vm_size, hyper_v_generation)
     key = size.lower()
     if key in KNOWN_SIZES:
         vcpus, gib = KNOWN_SIZES[key]

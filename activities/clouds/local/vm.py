@@ -23,9 +23,11 @@ from pathlib import Path
 
 import asyncssh
 
+from activities.clouds.aib.names import admin_user_of
+from activities.clouds.aib.tags import ROLE_TEMPORARY, kiln_tags
 from activities.clouds.base import PermanentError
 from activities.clouds.local.host import CommandFailed, file_lock, require_programs, run
-from activities.clouds.local.records import ROLE_TEMPORARY, ResourceStore, kiln_tags
+from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.sizes import VmLimits, limits_for
 from activities.guest.keys import derive_key, private_openssh, public_line
 from activities.guest.ssh import GUEST_DIR
@@ -64,11 +66,6 @@ def overlay_id(name: str) -> str:
 
 def address_id(address: str) -> str:
     return f"kiln-local/{ADDRESS_KIND}/{address}"
-
-
-def admin_user_of(build_id: str) -> str:
-    """The build's admin user: AIB makes a random one; this one is derived so a retried create finds it."""
-    return "kiln-" + hashlib.sha256(build_id.encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)
