@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import sys
+from contextlib import AsyncExitStack
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,13 +28,14 @@ from temporalio.worker import Worker
 
 from activities import activities_for
 from activities.clouds.base import Cloud
+from activities.clouds.registry import CLOUDS
 from activities.clouds.state import state_dir
 from activities.connection import ConnectError, connect
 from activities.guest import Guests
 from activities.janitor import JanitorActivities
 from workflows.build import ImageBuildWorkflow
 from workflows.janitor import JanitorWorkflow
-from workflows.models import SEARCH_ATTRIBUTES, TASK_QUEUES
+from workflows.models import SEARCH_ATTRIBUTES
 
 DEV_PORT = 7233
 DEV_UI_PORT = 8233
@@ -67,21 +69,13 @@ async def run_worker(
         max_heartbeat_throttle_interval=timedelta(seconds=2),
         default_heartbeat_throttle_interval=timedelta(seconds=2),
     ):
-        log.info("kiln worker serving %s on %s", task_queue, client.service_client.config.target_host)
+        log.info(
+            "kiln worker for the %s cloud serving %s on %s",
+            cloud.name,
+            task_queue,
+            client.service_client.config.target_host,
+        )
         await stop.wait()
-
-
-async def make_cloud(name: str) -> Cloud:
-    if name == "local":
-        from activities.clouds.local import LocalCloud
-        from activities.clouds.local.records import ResourceStore
-        from activities.clouds.local.storage import LocalStorage
-
-        store = ResourceStore(state_dir() / "resources.db")
-        return LocalCloud(storage=LocalStorage(store=store), store=store)
-    from activities.clouds.azure import AzureCloud
-
-    return AzureCloud.from_environment()
 
 
 def port_open(port: int) -> bool:
@@ -124,7 +118,12 @@ async def start_dev_server() -> asyncio.subprocess.Process | None:
 
 async def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cloud", choices=sorted(TASK_QUEUES), default="local")
+    parser.add_argument(
+        "--cloud",
+        choices=sorted(CLOUDS),
+        default="local",
+        help="; ".join(f"{entry.name}: {entry.summary}" for entry in CLOUDS.values()) + " (default: local)",
+    )
     parser.add_argument("--dev", action="store_true", help="start the embedded Temporal dev server (and Azurite)")
     parser.add_argument("--address", help="Temporal host:port (default TEMPORAL_ADDRESS or localhost:7233)")
     parser.add_argument("--namespace", help="Temporal namespace (default TEMPORAL_NAMESPACE or default)")
@@ -141,36 +140,34 @@ async def main(argv: list[str] | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    server = azurite = None
-    if args.dev:
-        server = await start_dev_server()
-        args.address = args.address or f"127.0.0.1:{DEV_PORT}"
-        if args.cloud == "local":
-            from activities.clouds.local.azurite import start_azurite
-
-            azurite = await start_azurite(location=state_dir() / "azurite")
-        print(f"Temporal Web UI: http://127.0.0.1:{DEV_UI_PORT}/namespaces/default/workflows", flush=True)
-    try:
-        client = await connect(address=args.address, namespace=args.namespace)
-        cloud = await make_cloud(args.cloud)
+    entry = CLOUDS[args.cloud]
+    # Whatever this worker started goes when it stops, newest first: the cloud, its dev services, the dev server.
+    async with AsyncExitStack() as services:
+        if args.dev:
+            services.push_async_callback(stop_process, await start_dev_server())
+            args.address = args.address or f"127.0.0.1:{DEV_PORT}"
+            await services.enter_async_context(entry.dev_services())
+            print(f"Temporal Web UI: http://127.0.0.1:{DEV_UI_PORT}/namespaces/default/workflows", flush=True)
         try:
-            await run_worker(
-                client,
-                cloud,
-                task_queue=TASK_QUEUES[args.cloud],
-                stop=stop,
-                max_activities_per_second=args.max_activities_per_second,
-            )
-        finally:
-            await cloud.close()
-    except ConnectError as err:
-        raise SystemExit(str(err)) from None
-    finally:
-        if azurite is not None:
-            await azurite.stop()
-        if server is not None:
-            server.terminate()
-            await server.wait()
+            client = await connect(address=args.address, namespace=args.namespace)
+        except ConnectError as err:
+            raise SystemExit(str(err)) from None
+        cloud = await entry.make()
+        services.push_async_callback(cloud.close)
+        await run_worker(
+            client,
+            cloud,
+            task_queue=entry.task_queue,
+            stop=stop,
+            max_activities_per_second=args.max_activities_per_second,
+        )
+
+
+async def stop_process(process: asyncio.subprocess.Process | None) -> None:
+    """Stop a server this worker started (None: it reused one already running)."""
+    if process is not None:
+        process.terminate()
+        await process.wait()
 
 
 if __name__ == "__main__":

@@ -111,8 +111,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.clouds.local import azurite as local_azurite
 from tests.arm_emulator import Call
 from tests.azure.environment import AzureHarness, Guests, guests_supported, make_arm, make_cloud, prepare
-from tests.conftest import temporal_cli
-from tests.ports import free_port
+from tests.services import free_port, temporal_cli
 from worker import run_worker
 from workflows.models import SEARCH_ATTRIBUTES, BuildStatus, RunState
 

@@ -27,10 +27,9 @@ from temporalio.testing import WorkflowEnvironment
 from activities.clouds.local.azurite import start_azurite
 from activities.clouds.local.images import OFFERS
 from activities.clouds.local.records import ResourceStore
-from tests.conftest import temporal_cli
 from tests.local.builds import FileServer, serving
-from tests.local.conftest import TEST_HOME
-from tests.ports import free_port
+from tests.local.vms import TEST_HOME
+from tests.services import free_port, temporal_cli
 from workflows.models import SEARCH_ATTRIBUTES, BuildStatus, RunState
 
 PROJECT = Path(__file__).resolve().parents[1]

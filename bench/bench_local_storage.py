@@ -25,7 +25,7 @@ from activities.clouds.local.records import ResourceStore  # noqa: E402
 from activities.clouds.local.storage import LocalStorage  # noqa: E402
 from activities.clouds.local.vhd_pages import used_bytes  # noqa: E402
 from tests.local.vhd_files import write_vhd  # noqa: E402
-from tests.ports import free_port  # noqa: E402
+from tests.services import free_port  # noqa: E402
 from workflows.models import BuildContext, CapturedImage, DistributeRequest, ResolvedSource  # noqa: E402
 from workflows.template import SharedImageDistributor, TargetRegion, VhdDistributor  # noqa: E402
 

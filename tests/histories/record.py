@@ -25,7 +25,7 @@ from temporalio.client import WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from tests.conftest import temporal_cli
+from tests.services import temporal_cli
 from tests.workflows.harness import Harness, serving
 from workflows.models import SEARCH_ATTRIBUTES
 

@@ -15,7 +15,7 @@ import pytest_asyncio
 from activities.clouds.local.azurite import Azurite, start_azurite
 from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.storage import LocalStorage
-from tests.ports import free_port
+from tests.services import free_port
 
 PROJECT = Path(__file__).resolve().parents[2]
 

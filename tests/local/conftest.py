@@ -6,22 +6,18 @@ The Debian base is made once (mmdebstrap, about a minute) into a state folder ke
 
 from __future__ import annotations
 
-import asyncio
 import os
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 from activities.clouds.local import LocalCloud
-from activities.clouds.local.outputs import LocalImage
 from activities.clouds.local.records import ResourceStore
-from workflows.models import BuildContext, BuildVm, ResolvedSource, Staging, VmSpec
-from workflows.template import ImageTemplate, parse_template
+from tests.local.vms import STAGING, TEST_HOME, ImagesOnlyStorage, MakeVm, debian_template, new_build
+from workflows.models import BuildContext, BuildVm, ResolvedSource, VmSpec
 
-TEST_HOME = Path(os.environ.get("KILN_TEST_HOME", "/var/tmp/kiln-test"))
 VM_TEST_MODULES = {"test_vm.py", "test_images.py", "test_capture.py"}
 
 
@@ -32,50 +28,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for item in items:
             if item.path.parent == Path(__file__).parent and item.path.name in VM_TEST_MODULES:
                 item.add_marker(pytest.mark.skip(reason="local VMs need root"))
-
-
-def debian_template(**source: str) -> ImageTemplate:
-    return parse_template(
-        {
-            "location": "westeurope",
-            "properties": {
-                "source": {
-                    "type": "PlatformImage",
-                    "publisher": "Debian",
-                    "offer": "debian-12",
-                    "sku": "12-gen2",
-                    "version": "latest",
-                    **source,
-                },
-                "distribute": [{"type": "VHD", "runOutputName": "vhd"}],
-            },
-        }
-    )
-
-
-def new_build(prefix: str = "t") -> BuildContext:
-    return BuildContext(
-        build_id=f"{prefix}-{uuid.uuid4().hex[:8]}", template_name=prefix, location="westeurope", cloud="local"
-    )
-
-
-STAGING = Staging(resource_group_id="local-test", created_group=False, storage_uri="", log_uri_prefix="")
-
-
-class ImagesOnlyStorage:
-    """Stands in for LocalStorage where a test needs only ``locate_image``: images it registers by id."""
-
-    def __init__(self) -> None:
-        self.images: dict[str, LocalImage] = {}
-
-    async def locate_image(self, image_id: str) -> LocalImage:
-        return self.images[image_id]
-
-    async def check_targets(self, template: ImageTemplate, source: ResolvedSource) -> None:
-        """VM tests distribute nothing, so every target is acceptable."""
-
-    async def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="session")
@@ -105,9 +57,6 @@ async def debian(cloud: LocalCloud) -> ResolvedSource:
     return await cloud.resolve_source(new_build("base"), debian_template())
 
 
-MakeVm = Callable[..., Awaitable[tuple[BuildContext, BuildVm]]]
-
-
 @pytest_asyncio.fixture
 async def make_vm(cloud: LocalCloud, debian: ResolvedSource) -> AsyncIterator[MakeVm]:
     """Boots VMs (on Debian 12 unless told otherwise) and deletes each one after the test."""
@@ -130,39 +79,3 @@ async def make_vm(cloud: LocalCloud, debian: ResolvedSource) -> AsyncIterator[Ma
     yield make
     for build, name in made:
         await cloud.delete_vm(build, name)
-
-
-async def guest_run(cloud: LocalCloud, vm_name: str, command: str) -> str:
-    """Run ``command`` as root inside the VM's namespaces from the host: a look that needs no login."""
-    pid = int(cloud.vms.folder(vm_name).pid_file.read_text().split()[0])
-    process = await asyncio.create_subprocess_exec(
-        "nsenter",
-        "--target",
-        str(pid),
-        "--mount",
-        "--uts",
-        "--ipc",
-        "--pid",
-        "--root",
-        "--wd",
-        "sh",
-        "-c",
-        command,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await process.communicate()
-    return output.decode()
-
-
-async def run_to_end(guest, run_id: str, script: str, *, as_root: bool = False) -> tuple[bytes, int]:
-    """Start a script and read it to its end in small polls, as the customize activity does."""
-    await guest.start_script(run_id, script, as_root=as_root)
-    output, offset = b"", 0
-    while True:
-        progress = await guest.poll_script(run_id, offset)
-        output += progress.output
-        offset += len(progress.output)
-        if progress.exit_code is not None:
-            return output, progress.exit_code
-        await asyncio.sleep(0.05)

@@ -14,7 +14,7 @@ from activities.clouds.local import LocalCloud
 from activities.clouds.local.outputs import LocalImage
 from activities.clouds.local.records import ResourceStore
 from tests.fixtures import connect, deprovision_script
-from tests.local.conftest import (
+from tests.local.vms import (
     STAGING,
     ImagesOnlyStorage,
     MakeVm,

@@ -18,7 +18,7 @@ from activities.clouds.local.images import (
     resolve_platform_image,
 )
 from activities.clouds.local.records import ResourceStore
-from tests.local.conftest import ImagesOnlyStorage, debian_template, new_build
+from tests.local.vms import ImagesOnlyStorage, debian_template, new_build
 from workflows.models import ResolvedSource
 from workflows.template import PlatformImageSource
 

@@ -29,7 +29,7 @@ from activities.clouds.local.staging import KIND_CONTAINER, KIND_GROUP
 from activities.clouds.local.storage import LocalStorage
 from activities.clouds.local.vhd_pages import MERGE_GAP, nonzero_runs
 from tests.local.vhd_files import sent_pages, used_pages, write_vhd
-from tests.ports import free_port
+from tests.services import free_port
 from workflows.models import (
     Artifact,
     BuildContext,

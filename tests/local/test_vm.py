@@ -18,7 +18,7 @@ from activities.clouds.local.records import ResourceStore
 from activities.guest.keys import derive_key, public_line
 from activities.guest.ssh import open_session
 from tests.fixtures import connect, deprovision_script
-from tests.local.conftest import STAGING, MakeVm, guest_run, new_build, run_to_end
+from tests.local.vms import STAGING, MakeVm, guest_run, new_build, run_to_end
 from workflows.models import BuildVm, ResolvedSource, VmSpec
 
 pytestmark = pytest.mark.local

@@ -7,12 +7,12 @@ from typing import Any
 import pytest
 from temporalio.exceptions import ActivityError, ApplicationError, RetryState
 
+from activities.clouds.registry import cloud_of
 from workflows.models import BuildContext, BuildVm, StagedArtifact, Staging
 from workflows.plan import (
     artifacts_of,
     build_id_of,
     cause_of,
-    cloud_of,
     context_of,
     guest_request,
     guest_steps,

@@ -19,12 +19,12 @@ import pytest_asyncio
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.testing import WorkflowEnvironment
 
+from activities.clouds.registry import task_queue
 from cli.main import main
 from tests.fixtures.recording_cloud import RecordingCloud
 from tests.workflows.harness import linux_template, wait_for_step
 from worker import run_worker
 from workflows.build import ImageBuildWorkflow
-from workflows.models import TASK_QUEUES
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
 from start_build import start_build  # noqa: E402  (the example is tested as it is)
@@ -39,7 +39,7 @@ async def cloud(
     cloud = RecordingCloud(tmp_path / "cloud.db")
     stop = asyncio.Event()
     worker = asyncio.create_task(
-        run_worker(env.client, cloud, guests=cloud.guests(), task_queue=TASK_QUEUES["local"], stop=stop)
+        run_worker(env.client, cloud, guests=cloud.guests(), task_queue=task_queue("local"), stop=stop)
     )
     yield cloud
     stop.set()

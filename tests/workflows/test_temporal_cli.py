@@ -8,7 +8,7 @@ import uuid
 
 from temporalio.client import Client
 
-from tests.conftest import temporal_cli
+from tests.services import temporal_cli
 from tests.workflows.harness import Harness
 from workflows.build import ImageBuildWorkflow
 from workflows.models import RunState

