@@ -44,58 +44,98 @@ class PermanentError(ApplicationError):
 
 
 class LogSink(Protocol):
-    """An append-only log in staging storage (``customization.log``)."""
+    """An append-only build log in staging storage (``customization.log``, ``validation.log``)."""
 
     uri: str
+    """Where the log can be read: the URL the build's status and failure messages name."""
 
-    async def append(self, data: bytes) -> None: ...
+    async def append(self, data: bytes) -> None:
+        """Add ``data`` at the end. An append retried after a lost answer is not written twice."""
 
     async def read(self) -> bytes:
         """The whole log: a step that a new worker takes over finds in it how far the last one got."""
 
 
 class Cloud(Protocol):
+    """Where builds happen: one instance per worker, shared by every build the worker runs.
+
+    Every method is called from an activity, so it may do I/O; none is called from workflow code.
+    """
+
     name: str
-    # The worker secret the build VMs' credentials derive from (guest/keys.py): the login key or admin password
-    # a VM is made with, and the one a session to it logs in with, on whichever worker takes the build over.
+    """The cloud's name in the registry (``local``, ``azure``), as the build's status and worker log show it."""
+
     secret: bytes
+    """The worker secret the build VMs' credentials derive from (``activities/guest/keys.py``): the login key or
+    admin password a VM is made with, and the one a session to it logs in with, on whichever worker takes the
+    build over. Workers of one cloud must share it."""
 
     async def resolve_source(self, build: BuildContext, template: ImageTemplate) -> ResolvedSource:
         """Pin the source image (``latest`` to an exact version) and refuse, before anything is made, whatever
         of the template this cloud cannot build (an unknown image, a Windows source on the local cloud, a region
-        it does not have), with a message that names the field."""
+        it does not have, a distribution target that cannot be written), with a message that names the field.
 
-    async def create_staging(self, build: BuildContext) -> Staging: ...
+        Raises:
+            PermanentError: the template cannot be built here; nothing was made.
+        """
 
-    async def delete_staging(self, build: BuildContext) -> None: ...
+    async def create_staging(self, build: BuildContext) -> Staging:
+        """Create-or-get the build's staging group (``IT_<rg>_<template>_<guid>``, or the user's
+        stagingResourceGroup, which must be empty) and its storage for staged artifacts and logs.
+
+        Raises:
+            PermanentError: a given stagingResourceGroup is not empty, or belongs elsewhere.
+        """
+
+    async def delete_staging(self, build: BuildContext) -> None:
+        """Delete what ``create_staging`` made: the whole group if kiln created it, only kiln's resources in a
+        group the user gave. Logs stay where the cloud keeps them. Succeeds when already gone."""
 
     async def stage_artifact(
         self, build: BuildContext, staging: Staging, artifact: Artifact, data: bytes
-    ) -> StagedArtifact: ...
+    ) -> StagedArtifact:
+        """Store one fetched and checked scriptUri or sourceUri in staging storage, where steps read it."""
 
-    async def read_staged(self, build: BuildContext, staged: StagedArtifact) -> bytes: ...
+    async def read_staged(self, build: BuildContext, staged: StagedArtifact) -> bytes:
+        """The bytes ``stage_artifact`` stored, for a step that runs or copies them."""
 
-    async def open_log(self, build: BuildContext, staging: Staging, name: str) -> LogSink: ...
+    async def open_log(self, build: BuildContext, staging: Staging, name: str) -> LogSink:
+        """Open (creating on first use) the build's log ``name``; a worker taking over appends to the same log."""
 
-    async def create_vm(self, build: BuildContext, staging: Staging, spec: VmSpec) -> BuildVm: ...
+    async def create_vm(self, build: BuildContext, staging: Staging, spec: VmSpec) -> BuildVm:
+        """Create-or-get a VM (the build VM from the source, or the validation VM from the captured image) and
+        wait until it answers, returning only public facts about it (address, admin user, pinned host key).
 
-    async def delete_vm(self, build: BuildContext, name: str) -> None: ...
+        Raises:
+            PermanentError: the VM can never be made as asked (quota, permission, an image that cannot boot).
+        """
+
+    async def delete_vm(self, build: BuildContext, name: str) -> None:
+        """Delete a VM and every part made for it (disk, NIC, address, overlay...). Succeeds when already gone."""
 
     async def capture_image(
         self, build: BuildContext, staging: Staging, vm: BuildVm, spec: CaptureSpec
-    ) -> CapturedImage: ...
+    ) -> CapturedImage:
+        """Stop the generalized VM and capture its disk as the image every distribution target is made from.
+        A retry after success returns the same image."""
 
-    async def delete_image(self, build: BuildContext, name: str) -> None: ...
+    async def delete_image(self, build: BuildContext, name: str) -> None:
+        """Delete a captured image and what was made to capture it. Succeeds when already gone."""
 
     async def distribute(
         self, request: DistributeRequest, *, resume: dict[str, Any] | None, progress: Progress
     ) -> RunOutput:
         """Make one distribution target. ``progress`` records a resume point (heartbeat details); after a worker
         restart the call gets it back as ``resume`` and picks up the long-running operation instead of starting over.
-        Success is judged by the resource's final state, not by how long the call took."""
+        Success is judged by the resource's final state, not by how long the call took.
+
+        Returns:
+            The target's runOutput; a failed target raises instead, and the build reports it as failed.
+        """
 
     async def delete_output(self, build: BuildContext, target: Distributor, index: int) -> None:
-        """Remove what an unfinished distribution left (a half-replicated version, a partial VHD)."""
+        """Remove what an unfinished distribution left (a half-replicated version, a partial VHD), and only what
+        this build wrote. Succeeds when nothing is there."""
 
     async def close(self) -> None:
         """Release the cloud's clients and connections when the worker stops."""
