@@ -12,22 +12,24 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from workflows.template import TemplateError, parse_template
+from activities.clouds.registry import cloud_of
+from workflows.models import ValidatedTemplate
+from workflows.template import TemplateError, check_template
 
 
 @activity.defn
-async def validate_template(template: dict[str, Any]) -> dict[str, Any]:
-    """Validate an AIB template as the build was given it.
+async def validate_template(template: dict[str, Any]) -> ValidatedTemplate:
+    """Validate an AIB template as the build was given it, for the cloud of the build's task queue.
 
     Returns:
-        The template as accepted: every field by its JSON name, defaults filled in (``workflows.recorded``
-        rebuilds the model from it without judging it again).
+        The template as accepted (``workflows.recorded`` rebuilds the model from it without judging it again),
+        and what AIB would accept only with a warning.
 
     Raises:
         ApplicationError: InvalidTemplate, non-retryable (a bad template stays bad), naming every problem.
     """
     try:
-        parsed = parse_template(template)
+        checked = check_template(template, cloud=cloud_of(activity.info().task_queue))
     except TemplateError as err:
         raise ApplicationError(str(err), type="InvalidTemplate", non_retryable=True) from None
-    return parsed.model_dump(mode="json")
+    return ValidatedTemplate(template=checked.template.model_dump(mode="json"), warnings=checked.warnings)

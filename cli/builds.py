@@ -30,7 +30,7 @@ from workflows.models import (
     BuildStatus,
     RunState,
 )
-from workflows.template import ImageTemplate, TemplateError, TemplateIssue, load_template, parse_template
+from workflows.template import DeploymentContext, ImageTemplate, TemplateError, TemplateIssue, check_template_file
 
 WORKFLOW_TYPE = "ImageBuild"
 STATUS_QUERY = "status"
@@ -44,6 +44,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_CANCELED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the output's reader went away
 EXIT_CODES = {
     RunState.SUCCEEDED: EXIT_SUCCEEDED,
     RunState.PARTIALLY_SUCCEEDED: EXIT_PARTIAL,
@@ -64,11 +65,13 @@ class UsageError(Exception):
 
 @dataclass
 class TemplateFile:
-    """A template read from disk and validated: what ``kiln build`` sends, and what it names the build after."""
+    """A template read from disk and validated: what ``kiln build`` sends, what it names the build after, and what
+    AIB would accept only with a warning."""
 
     raw: dict
     name: str
     model: ImageTemplate
+    warnings: list[TemplateIssue]
 
     @property
     def source_image(self) -> str:
@@ -79,21 +82,30 @@ class TemplateFile:
         return source.image_id if source.type == "ManagedImage" else source.image_version_id
 
 
-def read_template(path: Path, parameters: Path | None = None) -> TemplateFile:
-    """Resolve an ARM wrapper (if any) and validate the template, as the workflow will.
+def read_template(
+    path: Path,
+    parameters: Path | None = None,
+    *,
+    deployment: DeploymentContext | None = None,
+    cloud: str | None = None,
+) -> TemplateFile:
+    """Resolve an ARM wrapper (if any, where ``deployment`` says it is deployed) and validate the template, as
+    the workflow will on ``cloud``.
 
     Raises:
         TemplateError: every problem found, each naming its JSON path (or the file, when it cannot be read).
     """
     try:
-        raw, arm_name = load_template(path, parameters)
+        checked = check_template_file(path, parameters, deployment=deployment, cloud=cloud)
     except TemplateError:
         raise
     except OSError as err:
         raise TemplateError([TemplateIssue(path=str(err.filename or path), message=err.strerror or str(err))]) from err
     except ValueError as err:  # not text (load_template reports bad JSON itself)
         raise TemplateError([TemplateIssue(path=str(path), message=f"cannot read: {err}")]) from err
-    return TemplateFile(raw=raw, name=arm_name or path.stem, model=parse_template(raw))
+    return TemplateFile(
+        raw=checked.body, name=checked.name or path.stem, model=checked.template, warnings=checked.warnings
+    )
 
 
 def check_name(name: str) -> None:

@@ -22,6 +22,7 @@ from cli.builds import (
     EXIT_USAGE,
     WORKFLOW_TYPE,
     Build,
+    TemplateFile,
     UsageError,
     check_name,
     exit_code,
@@ -34,7 +35,7 @@ from cli.builds import (
 from cli.logs import read_log, sibling_log
 from cli.progress import CUSTOMIZATION_LOG, POLL_SECONDS, STATE_STYLES, VALIDATION_LOG, follow, summary
 from workflows.models import BUILD_ID, CLOUD, RUN_STATE, SOURCE_IMAGE, TEMPLATE_NAME, RunState
-from workflows.template import TemplateError, template_json_schema
+from workflows.template import DeploymentContext, TemplateError, TemplateIssue, template_json_schema
 
 
 @dataclass
@@ -53,13 +54,31 @@ def print_issues(console: Console, source: str, error: TemplateError) -> None:
         console.print(Text.assemble("  ", where, issue.message), soft_wrap=True)
 
 
+def print_warnings(console: Console, warnings: list[TemplateIssue]) -> None:
+    """What AIB accepts only with a warning, each at its path."""
+    for warning in warnings:
+        where = Text.assemble((warning.path, "cyan"), ": ") if warning.path else Text()
+        console.print(Text.assemble(("  warning: ", "yellow"), where, warning.message), soft_wrap=True)
+
+
+def template_of(args: argparse.Namespace) -> TemplateFile:
+    """The template file named on the command line, judged for ``--cloud``, an ARM template deployed where the
+    deployment options say."""
+    deployment = DeploymentContext(
+        subscription_id=args.subscription, resource_group=args.resource_group, location=args.location
+    )
+    return read_template(args.file, args.parameters, deployment=deployment, cloud=args.cloud)
+
+
 async def validate(args: argparse.Namespace, io: Io) -> int:
     try:
-        template = read_template(args.file, args.parameters)
+        template = template_of(args)
     except TemplateError as err:
         print_issues(io.out, str(args.file), err)
         return EXIT_USAGE
-    io.out.print(Text(f"OK: {template.name}"))
+    count = len(template.warnings)
+    io.out.print(Text(f"OK: {template.name}" + (f" ({count} warning{'s' if count != 1 else ''})" if count else "")))
+    print_warnings(io.out, template.warnings)
     return EXIT_SUCCEEDED
 
 
@@ -71,10 +90,11 @@ async def schema(args: argparse.Namespace, io: Io) -> int:
 
 async def build(args: argparse.Namespace, io: Io) -> int:
     try:
-        template = read_template(args.file, args.parameters)
+        template = template_of(args)
     except TemplateError as err:
         print_issues(io.err, str(args.file), err)
         return EXIT_USAGE
+    print_warnings(io.err, template.warnings)
     name = args.name or template.name
     check_name(name)  # before connecting: bad input never needs a server to be reported
     client = await connect(address=args.address, namespace=args.namespace)
@@ -111,6 +131,9 @@ async def status(args: argparse.Namespace, io: Io) -> int:
         print(current.model_dump_json(indent=2))
     else:
         io.out.print(summary(current, with_steps=True))
+        if current.warnings:
+            io.out.print(Text("Accepted with warnings:", style="yellow"))
+            print_warnings(io.out, current.warnings)
     if note:
         io.err.print(Text(note, style="yellow"))
     return EXIT_SUCCEEDED

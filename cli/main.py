@@ -1,7 +1,8 @@
 """``kiln``: build images from Azure VM Image Builder templates, each build a Temporal workflow.
 
 Exit codes: 0 succeeded, 1 failed, 2 bad input (an invalid template, an unknown build, Temporal unreachable;
-nothing was started), 3 partially succeeded, 130 canceled (or Ctrl-C, which only stops watching).
+nothing was started), 3 partially succeeded, 130 canceled (or Ctrl-C, which only stops watching), 141 the
+output's reader went away (`kiln schema | head`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from temporalio.service import RPCError
 from activities.clouds.registry import CLOUDS
 from activities.connection import ConnectError
 from cli import commands
-from cli.builds import EXIT_CANCELED, EXIT_FAILED, EXIT_USAGE, UsageError
+from cli.builds import EXIT_BROKEN_PIPE, EXIT_CANCELED, EXIT_FAILED, EXIT_USAGE, UsageError
 from workflows.models import RunState
 
 
@@ -76,11 +77,17 @@ def parser() -> argparse.ArgumentParser:
     def template_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("file", type=Path, help="AIB template JSON (plain, or an ARM deployment template)")
         p.add_argument("--parameters", type=Path, help="ARM parameters file for a deployment template")
+        p.add_argument("--cloud", choices=sorted(CLOUDS), default="local", help="where to build (default: local)")
+        deployment = p.add_argument_group(
+            "deployment", "where an ARM deployment template is deployed: what resourceGroup() and subscription() read"
+        )
+        deployment.add_argument("--subscription", metavar="ID", help="the subscription id")
+        deployment.add_argument("--resource-group", metavar="NAME", help="the resource group's name")
+        deployment.add_argument("--location", metavar="REGION", help="the resource group's region")
 
     p = command("build", commands.build, "validate a template and start a build, then show it until it ends")
     template_arguments(p)
     p.add_argument("--name", help="build name (default: the ARM resource name, else the file name)")
-    p.add_argument("--cloud", choices=sorted(CLOUDS), default="local", help="where to build (default: local)")
     p.add_argument("--no-wait", action="store_true", help="start the build and return")
 
     p = command("watch", commands.watch, "show a build's progress until it ends")
@@ -172,9 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(argv)
     try:
         code = run(sys.argv[1:])
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`kiln schema | head`): stop quietly, as a shell tool killed by SIGPIPE does.
+        code = EXIT_BROKEN_PIPE
     except Exception:
         traceback.print_exc()
         code = EXIT_FAILED
-    sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -210,8 +210,9 @@ class ImageBuildWorkflow:
                 retry_policy=VALIDATE_RETRY,
                 summary="validate template",
             )
+            self._status.warnings = accepted.warnings
             # Not decoded through the model: that would judge the template again, by today's rules, on replay.
-            return rebuild(ImageTemplate, accepted)
+            return rebuild(ImageTemplate, accepted.template)
         # A local activity's failure comes as its own error (ApplicationError), not wrapped in an ActivityError.
         except (TemplateError, FailureError, asyncio.CancelledError) as err:
             if is_cancelled_exception(err):

@@ -10,6 +10,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
+from pydantic import model_validator
 from temporalio.common import SearchAttributeKey
 
 from workflows.camel import CamelModel
@@ -19,6 +20,7 @@ from workflows.template import (
     ImageTemplate,
     PowerShellCustomizer,
     ShellCustomizer,
+    TemplateIssue,
     VmProfile,
     WindowsRestartCustomizer,
     WindowsUpdateCustomizer,
@@ -235,10 +237,29 @@ class BuildStatus(CamelModel):
     resources: list[Resource] = []
     kept_on_abort: list[Resource] = []
     pending_cleanup: list[PendingUndo] = []
+    # What AIB accepts only with a warning (say, a field an older apiVersion drops), each at its path.
+    warnings: list[TemplateIssue] = []
 
     @property
     def finished(self) -> bool:
         return self.run_state not in (RunState.RUNNING, RunState.CANCELING)
+
+
+class ValidatedTemplate(CamelModel):
+    """What template validation records in a build's history: the template as accepted (every field by its JSON
+    name, defaults filled in) and what AIB would accept only with a warning."""
+
+    template: dict[str, Any]
+    warnings: list[TemplateIssue] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recorded_before_warnings(cls, data: Any) -> Any:
+        # Builds that validated before warnings were recorded hold the accepted template alone: a template has
+        # no "template" field of its own, so the shape tells them apart.
+        if isinstance(data, dict) and "template" not in data:
+            return {"template": data}
+        return data
 
 
 class DeadlineRequest(CamelModel):

@@ -8,8 +8,9 @@ runs one build per outcome below (or only those NAMEd), and writes each history 
 A replay failure means a change to ImageBuildWorkflow would break the builds running when it is deployed:
 guard the change with ``workflow.patched()`` rather than re-recording. Re-record when the workflow gains
 behaviour worth replaying, or once no build started on the old code can still be running. All but
-``validation-recorded`` were recorded before templates were validated in a local activity, and the replay tests
-use them as such: re-record those only when that patch is deprecated.
+``validation-recorded`` and ``validation-warnings`` were recorded before templates were validated in a local
+activity, and the replay tests use them as such: re-record those only when that patch is deprecated.
+``validation-recorded`` holds the accepted template alone, as validation recorded it before its warnings.
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ async def partially_succeeded(h: Harness, name: str) -> WorkflowHandle[Any, Any]
     return await h.start(h.template(), name=name)
 
 
+async def accepted_with_warnings(h: Harness, name: str) -> WorkflowHandle[Any, Any]:
+    template = h.template()
+    template["apiVersion"] = "2022-07-01"  # an older API version: an unknown field is dropped, with a warning
+    template["properties"]["distribute"][0]["aritfactTags"] = {"source": "kiln"}
+    return await h.start(template, name=name)
+
+
 BUILDS: dict[str, Build] = {
     "succeeded": succeeded,
     "failed-customizer": failed_customizer,
@@ -72,6 +80,8 @@ BUILDS: dict[str, Build] = {
     "partially-succeeded": partially_succeeded,
     # Recorded once templates were validated in a local activity; the others were recorded before.
     "validation-recorded": succeeded,
+    # Recorded once validation recorded its warnings beside the accepted template.
+    "validation-warnings": accepted_with_warnings,
 }
 
 

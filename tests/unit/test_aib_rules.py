@@ -13,7 +13,7 @@ from activities.clouds.aib.ids import (
 )
 from activities.clouds.aib.names import build_guid, staged_blob_name, staging_group, staging_group_name
 from activities.clouds.aib.tags import TAG_BUILD_ID, TAG_ROLE, build_tags, kiln_tags
-from activities.clouds.aib.targets import ImageDefinition, check_targets
+from activities.clouds.aib.targets import ImageDefinition, check_targets, target_regions
 from activities.clouds.aib.versions import choose_version, version_key
 from activities.clouds.base import PermanentError
 from workflows.models import Artifact, BuildContext, ResolvedSource
@@ -149,6 +149,16 @@ def only_eastus(region: str, *, field: str) -> None:
 async def test_targets_that_cannot_be_written_are_refused_before_the_build(target: dict, message: str) -> None:
     with pytest.raises(PermanentError, match=message):
         await check_targets(with_target(target), SOURCE, galleries=Galleries(), check_region=only_eastus)
+
+
+def test_a_gallery_target_without_regions_replicates_to_its_image_definition_s_region() -> None:
+    target = with_target({"galleryImageId": DEFINITION, "targetRegions": []}).properties.distribute[0]  # type: ignore[attr-defined]
+    home = ImageDefinition(os_type="Linux", hyper_v_generation="V2", location="westus3")
+    assert [(r.name, field) for r, field in target_regions(target, index=0, definition=home)] == [
+        ("westus3", "properties.distribute[0].galleryImageId")
+    ]
+    listed = with_target({"galleryImageId": DEFINITION}).properties.distribute[0]  # type: ignore[attr-defined]
+    assert [r.name for r, _ in target_regions(listed, index=0, definition=home)] == ["eastus"]
 
 
 async def test_a_gallery_target_must_fit_the_image() -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from tests.fixtures import CORPUS
 from workflows.models import BuildStatus, Resource, RunOutput, RunState, StepRecord
 
 LINUX = CORPUS / "q0_helloImageTemplateLinux.json"
+TEMPLATES = Path(__file__).resolve().parents[1] / "fixtures" / "templates"
+REPOSITORY = Path(__file__).resolve().parents[2]
 ARM = CORPUS / "q1_armTemplateWinSIG.json"
 
 BAD_TEMPLATE = {
@@ -92,11 +97,56 @@ def test_validate_reports_an_unreadable_file(
     assert expected in capsys.readouterr().out
 
 
+def test_validate_prints_what_aib_accepts_only_with_a_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(TEMPLATES / "warn_older_api.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("OK: warn_older_api (4 warnings)\n")
+    assert "  warning: properties.distribute[0].aritfactTags: Unknown field 'aritfactTags'" in out
+    assert "  warning: properties.optimize.vmboot: Field 'vmboot' is read as 'vmBoot'" in out
+
+
+def test_validate_warns_of_a_missing_identity_only_for_azure(capsys: pytest.CaptureFixture[str]) -> None:
+    vhd = CORPUS / "q4_helloImageTemplateVHD.json"
+    assert main(["validate", str(vhd)]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert main(["validate", str(vhd), "--cloud", "azure"]) == 0
+    assert "  warning: identity: Missing field 'identity'" in capsys.readouterr().out
+
+
+def test_validate_takes_the_deployment_context_an_arm_template_reads(capsys: pytest.CaptureFixture[str]) -> None:
+    arm = ["validate", str(TEMPLATES / "arm_bicep_style.json"), "--parameters"]
+    arm.append(str(TEMPLATES / "arm_parameters_with_comments.json"))
+    assert main([*arm, "--subscription", "0000", "--resource-group", "images-rg", "--location", "westeurope"]) == 0
+    assert capsys.readouterr().out.strip() == "OK: debian.golden"
+
+    assert main([*arm, "--subscription", "0000"]) == 2
+    out = capsys.readouterr().out
+    assert "resources[1].tags.group: Cannot resolve [resourceGroup().name]: resourceGroup().name needs the " in out
+    assert "give --resource-group" in out and "give --location" in out
+
+
 def test_schema_prints_the_template_json_schema(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert schema["$schema"].startswith("https://json-schema.org/")
     assert {"location", "properties"} <= set(schema["properties"])
+
+
+def test_schema_piped_into_head_ends_without_a_traceback() -> None:
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before kiln writes: every write meets a broken pipe
+    process = subprocess.run(
+        [sys.executable, "-m", "cli", "schema"],
+        cwd=REPOSITORY,
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+        check=False,
+    )
+    os.close(write)
+    assert process.stderr == ""
+    assert process.returncode == 141
 
 
 def test_build_with_a_bad_template_exits_2_without_connecting(

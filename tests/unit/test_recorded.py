@@ -10,9 +10,16 @@ import pytest
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from tests.fixtures import CORPUS
-from workflows.models import BuildContext, DeleteOutputRequest
+from workflows.models import BuildContext, DeleteOutputRequest, ValidatedTemplate
 from workflows.recorded import rebuild
-from workflows.template import ImageTemplate, TemplateError, TemplateProperties, load_template, parse_template
+from workflows.template import (
+    ImageTemplate,
+    TemplateError,
+    TemplateProperties,
+    check_template,
+    load_template,
+    parse_template,
+)
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "fixtures" / "templates"
 # Every corpus template, the fixture with every field, and a Windows one: each kind of source, step and target.
@@ -65,3 +72,17 @@ def test_a_union_member_no_model_names_is_refused() -> None:
     recorded["properties"]["distribute"][0]["type"] = "Tape"
     with pytest.raises(ValueError, match="Tape"):
         rebuild(ImageTemplate, recorded)
+
+
+def test_a_validation_recorded_before_warnings_reads_as_one_without_warnings() -> None:
+    template = accepted(CORPUS / "q0_helloImageTemplateLinux.json").model_dump(mode="json")
+    assert ValidatedTemplate.model_validate(template) == ValidatedTemplate(template=template, warnings=[])
+
+
+def test_a_validation_with_warnings_is_recorded_with_them() -> None:
+    checked = check_template(json.loads((TEMPLATES / "warn_older_api.json").read_text()))
+    recorded = ValidatedTemplate(template=checked.template.model_dump(mode="json"), warnings=checked.warnings)
+    again = ValidatedTemplate.model_validate(json.loads(recorded.model_dump_json()))
+    assert again == recorded
+    assert [w.path for w in again.warnings] == [w.path for w in checked.warnings] != []
+    assert rebuild(ImageTemplate, again.template) == checked.template

@@ -26,6 +26,7 @@ from tests.workflows.harness import linux_template, wait_for_step
 from worker import run_worker
 from workflows.build import ImageBuildWorkflow
 
+TEMPLATES = Path(__file__).parents[1] / "fixtures" / "templates"
 sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
 from start_build import start_build  # noqa: E402  (the example is tested as it is)
 
@@ -160,6 +161,33 @@ async def test_deadline_gives_a_running_build_more_time_or_ends_it(
     assert await kiln("watch", name) == 130
     assert await kiln("deadline", name, "1h") == 2  # a finished build has no deadline to move
     assert "has already finished (Canceled); it has no deadline to move" in capsys.readouterr().err
+
+
+async def test_warnings_reach_the_user_however_the_build_was_started(
+    cloud: RecordingCloud, env: WorkflowEnvironment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    template = TEMPLATES / "warn_older_api.json"  # apiVersion 2022-07-01, with fields it does not know
+    assert await kiln("build", str(template), "--name", unique("older-api")) == 0
+    assert "warning: properties.distribute[0].aritfactTags: Unknown field 'aritfactTags'" in capsys.readouterr().err
+
+    # Started without kiln, as the Temporal CLI or the Web UI start one: the build's status keeps them.
+    name = unique("older-api")
+    handle = await env.client.start_workflow(
+        "ImageBuild", json.loads(template.read_text()), id=name, task_queue=task_queue("local")
+    )
+    await handle.result()
+    assert await kiln("status", name) == 0
+    out = capsys.readouterr().out
+    assert "Accepted with warnings:" in out
+    assert "warning: properties.optimize.vmboot: Field 'vmboot' is read as 'vmBoot'" in out
+    assert await kiln("status", name, "--json") == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert sorted(w["path"] for w in warnings) == [
+        "properties.distribute[0].aritfactTags",
+        "properties.distribute[1].tags",
+        "properties.errorHandling",
+        "properties.optimize.vmboot",
+    ]
 
 
 async def test_unknown_build_exits_2(cloud: RecordingCloud, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 from pydantic_core import InitErrorDetails
 
+from workflows.template.api_versions import RequiredBefore, Since
 from workflows.template.base import AibModel, broken_rule, given, input_field
 from workflows.template.formats import GalleryImageId, ManagedImageId, NonEmpty, ResourceName
 
@@ -47,20 +48,30 @@ class ManagedImageDistributor(AibModel):
 
 
 class SharedImageDistributor(AibModel):
-    """Writes an Azure Compute Gallery image version; the gallery and image definition must exist."""
+    """Writes an Azure Compute Gallery image version; the gallery and image definition must exist.
+
+    With neither `targetRegions` nor `replicationRegions` (allowed from API 2022-07-01), the version is
+    replicated to the image definition's own region only.
+    """
 
     type: Literal["SharedImage"]
     run_output_name: ResourceName
     artifact_tags: dict[str, str] = {}
     gallery_image_id: GalleryImageId
-    replication_regions: list[str] | None = Field(None, description="Deprecated: use targetRegions.")
-    target_regions: list[TargetRegion] | None = None
+    replication_regions: Annotated[list[str] | None, RequiredBefore("2022-07-01")] = Field(
+        None, description="Deprecated: use targetRegions."
+    )
+    target_regions: Annotated[list[TargetRegion] | None, Since("2022-07-01")] = Field(
+        None, description="Regions to replicate to; none means the image definition's region."
+    )
     storage_account_type: StorageAccountType | None = Field(
         None, description="Deprecated: only with replicationRegions; use targetRegions[].storageAccountType."
     )
     exclude_from_latest: bool = False
-    versioning: Versioning | None = None
-    replication_mode: Literal["Full", "Shallow"] | None = None
+    versioning: Annotated[Versioning | None, Since("2022-07-01")] = None
+    replication_mode: Annotated[Literal["Full", "Shallow"] | None, Since("2025-10-01")] = Field(
+        None, description="Full (the default) or Shallow replication of the gallery image version."
+    )
 
     @classmethod
     def _rules(cls, data: dict) -> Iterator[InitErrorDetails]:
@@ -71,10 +82,6 @@ class SharedImageDistributor(AibModel):
                 "('replicationRegions' is deprecated).",
                 data,
             )
-        elif not legacy and not targets:
-            yield broken_rule(
-                "Give the regions to replicate to in 'targetRegions' (or the deprecated 'replicationRegions').", data
-            )
         if input_field(data, "storageAccountType") is not None and not legacy:
             yield broken_rule(
                 "'storageAccountType' can be given only with 'replicationRegions'; "
@@ -84,7 +91,8 @@ class SharedImageDistributor(AibModel):
             )
 
     def regions(self) -> list[TargetRegion]:
-        """targetRegions, or the legacy replicationRegions with storageAccountType."""
+        """targetRegions, or the legacy replicationRegions with storageAccountType ([] when neither is given: the
+        image definition's region, which only the cloud knows)."""
         if self.target_regions:
             return self.target_regions
         return [
@@ -99,7 +107,7 @@ class VhdDistributor(AibModel):
     type: Literal["VHD"]
     run_output_name: ResourceName
     artifact_tags: dict[str, str] = {}
-    uri: str | None = None
+    uri: Annotated[str | None, Since("2022-07-01")] = None
 
 
 Distributor = Annotated[ManagedImageDistributor | SharedImageDistributor | VhdDistributor, Field(discriminator="type")]

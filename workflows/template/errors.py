@@ -40,6 +40,8 @@ class TemplateError(ValueError):
 def _qualified(path: str) -> str:
     if not path:
         return "ImageTemplate"
+    if path.startswith("resources"):  # inside an ARM deployment template, not the image template itself
+        return path
     return f"ImageTemplate{path}" if path.startswith("[") else f"ImageTemplate.{path}"
 
 
@@ -65,7 +67,7 @@ def shown(value: object) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def _json_loc(loc: tuple[str | int, ...], raw: object) -> tuple[str | int, ...]:
+def json_loc(loc: tuple[str | int, ...], raw: object) -> tuple[str | int, ...]:
     """Drop the union tags pydantic puts in a location (`customize, 2, 'Shell', ...`): AIB paths have none."""
     kept: list[str | int] = []
     node = raw
@@ -107,20 +109,21 @@ _KINDS_OF_VALUE = {
 }
 
 
-def _issue(error: ErrorDetails, raw: object) -> TemplateIssue:
-    """One pydantic error as AIB would word it, at its AIB-style path."""
-    loc = _json_loc(error["loc"], raw)
+def _issue(error: ErrorDetails, raw: object, prefix: tuple[str | int, ...]) -> TemplateIssue:
+    """One pydantic error as AIB would word it, at its AIB-style path (under `prefix`)."""
+    loc = json_loc(error["loc"], raw)
     kind, ctx, value = error["type"], error.get("ctx") or {}, error["input"]
     container = next((p for p in reversed(loc) if isinstance(p, str)), "")
     if kind in ("union_tag_invalid", "union_tag_not_found") and container in _UNIONS:
         what, tags = _UNIONS[container]
         allowed = f"Allowed types: {', '.join(tags)}."
         if kind == "union_tag_not_found":
-            return TemplateIssue(path=format_path((*loc, "type")), message=f"Missing field 'type'. {allowed}")
+            return TemplateIssue(path=format_path((*prefix, *loc, "type")), message=f"Missing field 'type'. {allowed}")
         return TemplateIssue(
-            path=format_path((*loc, "type")), message=f"Unknown {what} type {shown(ctx.get('tag'))}. {allowed}"
+            path=format_path((*prefix, *loc, "type")),
+            message=f"Unknown {what} type {shown(ctx.get('tag'))}. {allowed}",
         )
-    path = format_path(loc)
+    path = format_path((*prefix, *loc))
     # The field named in the message: the last name with any indexes after it, e.g. `inline[1]`.
     last_name = max((i for i, p in enumerate(loc) if isinstance(p, str)), default=0)
     field = "".join(f"[{p}]" if isinstance(p, int) else p for p in loc[last_name:])
@@ -129,7 +132,7 @@ def _issue(error: ErrorDetails, raw: object) -> TemplateIssue:
     if kind in (UNKNOWN_FIELD, RULE):
         return TemplateIssue(path=path, message=error["msg"])
     if not loc:
-        return TemplateIssue(path="", message="The template must be a JSON object.")
+        return TemplateIssue(path=path, message="The template must be a JSON object.")
     if kind == BAD_VALUE:
         why = error["msg"]
     elif kind == "literal_error":
@@ -151,11 +154,18 @@ def _issue(error: ErrorDetails, raw: object) -> TemplateIssue:
     return TemplateIssue(path=path, message=f"Field '{field}' has a bad value: {shown(value)}. {why}")
 
 
-def template_issues(err: ValidationError, raw: object) -> list[TemplateIssue]:
-    """Every error of a template's validation as an AIB-worded issue, each once; `raw` is the input validated."""
+def template_issues(err: ValidationError, raw: object, prefix: tuple[str | int, ...] = ()) -> list[TemplateIssue]:
+    """Every error of a template's validation as an AIB-worded issue, each once.
+
+    Args:
+        err: the validation's errors.
+        raw: the input validated.
+        prefix: where that input is in its file (`resources[1]` in an ARM deployment template), put before
+            every path.
+    """
     issues: list[TemplateIssue] = []
     for error in err.errors(include_url=False):
-        issue = _issue(error, raw)
+        issue = _issue(error, raw, prefix)
         if issue not in issues:
             issues.append(issue)
     return issues

@@ -1,7 +1,7 @@
 """Value formats of template fields (resource ids, names, checksums, durations, API versions, the build
 timeout), each with what it allows. A value of the wrong form fails as a bad value whose explanation gives
-the allowed form; a whole `<placeholder>`, as documentation templates carry, always passes, and the JSON
-schema's patterns admit one too.
+the allowed form; a whole `<placeholder>`, as documentation templates carry, always passes (but for
+`apiVersion`, which must be a version AIB has), and the JSON schema's patterns admit one too.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field
 
+from workflows.template.api_versions import AIB_API_VERSIONS
 from workflows.template.base import bad_value
 
 _PLACEHOLDER = re.compile(r"<[^<>]+>")
 _RESOURCE_GROUP_ID = r"/subscriptions/[^/]+/resourceGroups/[^/]+"
 _GALLERY_IMAGE = _RESOURCE_GROUP_ID + r"/providers/Microsoft\.Compute/galleries/[^/]+/images/[^/]+"
 _NAME = r"[A-Za-z0-9_.-]{1,64}"
-_SHA256 = r"[0-9a-f]{64}"
+_SHA256 = r"[0-9a-fA-F]{64}"
 SUBNET_ID = _RESOURCE_GROUP_ID + r"/providers/Microsoft\.Network/virtualNetworks/[^/]+/subnets/[^/]+"
 
 
@@ -39,13 +40,16 @@ ResourceName = Annotated[
     _format(_NAME, "It must be 1 to 64 letters, digits, '-', '_' or '.'."),
     Field(json_schema_extra={"pattern": rf"^(<[^<>]+>|{_NAME})$"}),
 ]
+# In any case (PowerShell's Get-FileHash prints upper case); kept in lower case, as sha256sum prints it, so every
+# comparison with a digest is case-insensitive.
 Sha256 = Annotated[
     str,
     _format(
         _SHA256,
-        "It must be the SHA-256 of the file as 64 lowercase hex digits, or empty to skip the check.",
+        "It must be the SHA-256 of the file as 64 hex digits, or empty to skip the check.",
         allow_empty=True,
     ),
+    AfterValidator(lambda value: value if _PLACEHOLDER.fullmatch(value) else value.lower()),
     Field(json_schema_extra={"pattern": rf"^(<[^<>]+>|{_SHA256})?$"}),
 ]
 ManagedImageId = Annotated[
@@ -92,17 +96,27 @@ ResourceGroupId = Annotated[
         allow_empty=True,
     ),
 ]
-# Go durations, as Packer's windows-restart provisioner parses restartTimeout.
-Duration = Annotated[
+DEFAULT_RESTART_TIMEOUT = "5m"
+# A Go duration, as Packer's windows-restart provisioner parses restartTimeout; "" means the default, as AIB has it.
+RestartTimeout = Annotated[
     str,
     _format(
         r"(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+",
-        "It must be a duration of magnitude and unit, such as 5m, 30m or 2h.",
+        "It must be a duration of magnitude and unit, such as 5m, 30m or 2h, or empty for the default (5m).",
+        allow_empty=True,
     ),
+    AfterValidator(lambda value: value or DEFAULT_RESTART_TIMEOUT),
 ]
-ApiVersion = Annotated[
-    str, _format(r"\d{4}-\d{2}-\d{2}(-preview)?", "It must be an API version such as 2024-02-01 or 2019-05-01-preview.")
-]
+
+
+def _api_version(value: str) -> str:
+    if value not in AIB_API_VERSIONS:
+        # ARM refuses a resource apiVersion its provider does not have.
+        raise bad_value(f"It must be an API version of AIB: {', '.join(AIB_API_VERSIONS)}.")
+    return value
+
+
+ApiVersion = Annotated[str, AfterValidator(_api_version), Field(json_schema_extra={"enum": list(AIB_API_VERSIONS)})]
 NonEmpty = Annotated[str, Field(min_length=1)]
 
 

@@ -48,7 +48,7 @@ class ImageTemplate(AibModel):
     """An AIB image template: the resource body PUT to Microsoft.VirtualMachineImages/imageTemplates.
 
     `identity` is optional although AIB requires it since 2020-02-14: local builds need none, and older
-    templates omit it.
+    templates omit it (for a build on Azure, `check_template` warns of it).
     """
 
     location: NonEmpty = Field(description="Azure region of the template (and of the build).")

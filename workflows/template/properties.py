@@ -7,11 +7,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 from pydantic_core import InitErrorDetails
 
+from workflows.template.api_versions import Since
 from workflows.template.base import AibModel, broken_rule, given, input_field
 from workflows.template.distribute import Distributor
 from workflows.template.formats import SUBNET_ID, BuildTimeoutMinutes, ResourceGroupId, Sha256, SubnetId
@@ -23,10 +24,12 @@ class VnetConfig(AibModel):
     """Puts the build VM on an existing subnet (with a proxy VM, or with an ACI subnet for isolated builds)."""
 
     subnet_id: SubnetId | None = None
-    container_instance_subnet_id: SubnetId | None = Field(
+    container_instance_subnet_id: Annotated[SubnetId | None, Since("2024-02-01")] = Field(
         None, description="Subnet for the build container; needs subnetId, in the same virtual network."
     )
-    proxy_vm_size: str = Field("", description="Proxy VM size; not with containerInstanceSubnetId.")
+    proxy_vm_size: Annotated[str, Since("2021-10-01")] = Field(
+        "", description="Proxy VM size; not with containerInstanceSubnetId."
+    )
 
     @classmethod
     def _rules(cls, data: dict) -> Iterator[InitErrorDetails]:
@@ -64,7 +67,9 @@ class VmProfile(AibModel):
 
     vm_size: str = Field("", description="Build VM size; empty means Standard_D1_v2 (Gen1) or Standard_D2ds_v4 (Gen2).")
     os_disk_size_gb: int = Field(0, ge=0, alias="osDiskSizeGB", description="OS disk size; 0 keeps the source's.")
-    user_assigned_identities: list[str] = Field([], description="Managed identities attached to the build VM.")
+    user_assigned_identities: Annotated[list[str], Since("2021-10-01")] = Field(
+        [], description="Managed identities attached to the build VM."
+    )
     vnet_config: VnetConfig | None = None
 
 
@@ -76,6 +81,8 @@ class ErrorHandling(AibModel):
 
 
 class VmBoot(AibModel):
+    """Optimizes the captured image for a faster first boot."""
+
     state: Literal["Enabled", "Disabled"] = "Disabled"
 
 
@@ -88,17 +95,23 @@ class OptimizeWorkload(AibModel):
 
 
 class Optimize(AibModel):
+    """Optimizations applied to the image once it is customized."""
+
     vm_boot: VmBoot | None = Field(None, description="Optimize the captured image for faster VM boot.")
-    workload: OptimizeWorkload | None = None
+    workload: Annotated[OptimizeWorkload | None, Since("2025-10-01")] = None
 
 
 class AutoRun(AibModel):
+    """Whether the template builds by itself when it is created."""
+
     state: Literal["Enabled", "Disabled"] = Field(
         "Disabled", description="Enabled: build once when the template is created."
     )
 
 
 class DataDisk(AibModel):
+    """A data disk added to the build VM and captured with the image."""
+
     size_gb: int | None = Field(None, ge=0, alias="sizeGB")
 
 
@@ -124,22 +137,28 @@ class TemplateProperties(AibModel):
 
     source: Source = Field(description="The image to start from.")
     customize: list[Customizer] = Field([], description="Customization steps, run in order.")
-    validation: Validation | None = Field(default=None, alias="validate", description="Validation of the built image.")
+    validation: Annotated[Validation | None, Since("2022-02-14")] = Field(
+        default=None, alias="validate", description="Validation of the built image."
+    )
     distribute: list[Distributor] = Field(
         min_length=1, description="Where the image goes; each target has its own runOutputName."
     )
     vm_profile: VmProfile = VmProfile()
-    staging_resource_group: ResourceGroupId | None = Field(
+    staging_resource_group: Annotated[ResourceGroupId | None, Since("2022-02-14")] = Field(
         None, description="Resource group id for the build's temporary resources; empty makes one per build."
     )
-    error_handling: ErrorHandling = ErrorHandling()
-    optimize: Optimize | None = None
+    error_handling: Annotated[ErrorHandling, Since("2023-07-01")] = ErrorHandling()
+    optimize: Annotated[Optimize | None, Since("2022-07-01")] = None
     build_timeout_in_minutes: BuildTimeoutMinutes = Field(
         0, ge=0, le=960, description="Whole-build timeout, distribution included: 0 (4 hours) or 6 to 960 minutes."
     )
-    auto_run: AutoRun | None = None
-    managed_resource_tags: dict[str, str] = Field({}, description="Tags for the resources a build creates.")
-    additional_data_disks: list[DataDisk] = []
+    auto_run: Annotated[AutoRun | None, Since("2024-02-01")] = None
+    managed_resource_tags: Annotated[dict[str, str], Since("2024-02-01")] = Field(
+        {}, description="Tags for the resources a build creates."
+    )
+    additional_data_disks: Annotated[list[DataDisk], Since("2025-10-01")] = Field(
+        [], description="Data disks added to the build VM and captured with the image."
+    )
     provisioning_state: Literal["Creating", "Updating", "Succeeded", "Failed", "Deleting", "Canceled"] | None = Field(
         None, description="Read-only in AIB; accepted and ignored."
     )

@@ -11,7 +11,7 @@ from pydantic import Field
 from pydantic_core import InitErrorDetails
 
 from workflows.template.base import AibModel, broken_rule, given, input_field
-from workflows.template.formats import Duration, NonEmpty, Sha256
+from workflows.template.formats import DEFAULT_RESTART_TIMEOUT, NonEmpty, RestartTimeout, Sha256
 
 
 def _script_rules(data: dict) -> Iterator[InitErrorDetails]:
@@ -71,7 +71,7 @@ class WindowsRestartCustomizer(AibModel):
     name: str = ""
     restart_command: str = 'shutdown /r /f /t 0 /c "packer restart"'
     restart_check_command: str = ""
-    restart_timeout: Duration = "5m"
+    restart_timeout: RestartTimeout = DEFAULT_RESTART_TIMEOUT
 
 
 class WindowsUpdateCustomizer(AibModel):

@@ -123,10 +123,19 @@ async def image_definition_for(
     return ref, definition
 
 
-def target_regions(target: SharedImageDistributor, *, index: int) -> list[tuple[TargetRegion, str]]:
-    """Each region a SharedImage target replicates to, with the field that names it."""
+def target_regions(
+    target: SharedImageDistributor, *, index: int, definition: ImageDefinition | None = None
+) -> list[tuple[TargetRegion, str]]:
+    """Each region a SharedImage target replicates to, with the field that names it.
+
+    A target with neither targetRegions nor replicationRegions (allowed from API 2022-07-01) replicates to its
+    image ``definition``'s own region only, named by its galleryImageId.
+    """
+    regions = target.regions()
+    if not regions and definition is not None:
+        return [(TargetRegion(name=definition.location), f"properties.distribute[{index}].galleryImageId")]
     given = "targetRegions" if target.target_regions is not None else "replicationRegions"
-    return [(r, f"properties.distribute[{index}].{given}[{i}].name") for i, r in enumerate(target.regions())]
+    return [(r, f"properties.distribute[{index}].{given}[{i}].name") for i, r in enumerate(regions)]
 
 
 async def check_targets(
@@ -150,7 +159,7 @@ async def check_targets(
             if check_region is not None:
                 check_region(target.location, field=f"properties.distribute[{index}].location")
         elif isinstance(target, SharedImageDistributor):
-            await image_definition_for(
+            _, definition = await image_definition_for(
                 target,
                 index=index,
                 os_type=source.os_type,
@@ -158,5 +167,5 @@ async def check_targets(
                 galleries=galleries,
             )
             if check_region is not None:
-                for region, field in target_regions(target, index=index):
+                for region, field in target_regions(target, index=index, definition=definition):
                     check_region(region.name, field=field)
