@@ -11,6 +11,7 @@ from contextlib import AsyncExitStack
 
 from temporalio import activity
 
+from activities import build_log
 from activities.clouds.base import LogSink, PermanentError
 from activities.common import CloudActivities
 from activities.guest import GuestSession
@@ -33,7 +34,8 @@ class CustomizeActivities(CloudActivities):
                     staged = await self.cloud.read_staged(request.build, only(request.staged, request.label))
                 script = self.guests.profile(request.vm.os_type).script_for(step, staged)
                 valid = step.valid_exit_codes if isinstance(step, PowerShellCustomizer) else [0]
-                return await run_script(request, guest, log, script, valid_exit_codes=valid)
+                provisioner = build_log.PROVISIONERS[step.type]
+                return await run_script(request, guest, log, script, provisioner=provisioner, valid_exit_codes=valid)
             raise PermanentError(
                 f"{request.label}: kiln cannot run {step.type} steps yet", kind="UnsupportedCustomizer"
             )
@@ -43,7 +45,9 @@ class CustomizeActivities(CloudActivities):
     ) -> GuestScriptResult:
         started = time.monotonic()
         data = await self.cloud.read_staged(request.build, only(request.staged, request.label))
-        await log.append(f"\n==> {request.label}: copying {step.source_uri} to {step.destination}\n".encode())
+        header = build_log.step_header(request.label, build_log.PROVISIONERS[step.type])
+        await log.append(header + build_log.note(f"Uploading {step.source_uri} => {step.destination}"))
         await guest.upload(data, step.destination)
-        await log.append(f"==> {request.label}: {len(data)} bytes copied\n".encode())
+        copied = build_log.note(f"{request.label}: {len(data)} bytes copied")
+        await log.append(copied + build_log.provisioner_end(build_log.PROVISIONERS[step.type]))
         return GuestScriptResult(exit_code=0, duration_seconds=time.monotonic() - started)

@@ -20,9 +20,18 @@ class GeneralizeActivities(CloudActivities):
             # AIB runs the override instead of its default when a customizer wrote it.
             override = profile.deprovision.override_path
             if await guest.path_exists(override):
-                note = f"\n==> using the template's {override}\n"
+                note = f"using the template's {override}\n"
                 script = profile.deprovision.override_command
             else:
                 note, script = "", await profile.default_deprovision(guest, request.vm)
-            note += f"==> deprovision command:\n{script}\n"
-            return await run_script(request, guest, log, script, valid_exit_codes=[0], as_root=True, note=note)
+            note += f"Found command: {script}"
+            return await run_script(
+                request,
+                guest,
+                log,
+                script,
+                provisioner=profile.deprovision.provisioner,
+                valid_exit_codes=[0],
+                as_root=True,
+                note=note,
+            )

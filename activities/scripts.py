@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack
 
 from temporalio import activity
 
+from activities import build_log
 from activities.clouds.base import Cloud, LogSink, PermanentError
 from activities.common import heartbeating
 from activities.guest import Guests, GuestSession
@@ -22,6 +23,8 @@ from workflows.models import GuestScriptRequest, GuestScriptResult, StagedArtifa
 
 POLL_EVERY = 0.5
 TAIL_LINES = 10
+# What Packer's shell provisioner sets for every script, and so AIB's: scripts that test for them find them.
+PACKER_ENVIRONMENT = {"PACKER_BUILD_NAME": build_log.BUILDER, "PACKER_BUILDER_TYPE": build_log.BUILDER}
 
 
 async def open_guest(
@@ -41,28 +44,38 @@ async def run_script(
     log: LogSink,
     script: str,
     *,
+    provisioner: str,
     valid_exit_codes: list[int],
     as_root: bool = False,
     note: str = "",
 ) -> GuestScriptResult:
     """Start (or re-attach to) one script in the guest, stream its output into the log, and judge its exit code.
-    ``note`` goes into the log once, before the step's header, so a re-attached retry neither repeats it nor
-    mistakes it for script output."""
+
+    The log gets Packer's layout (``activities.build_log``) under ``provisioner``'s name (``shell``,
+    ``powershell``). ``note`` goes into the log once, before the step's header, so a re-attached retry neither
+    repeats it nor mistakes it for script output.
+
+    Raises:
+        PermanentError: the script ended with an exit code not in ``valid_exit_codes`` (kind CustomizerFailed).
+    """
     started = time.monotonic()
     run_id = f"{request.build.build_id}-{request.log_name.removesuffix('.log')}-{request.index}"
-    header = f"\n==> {request.label}\n".encode()
     # A retry reads on from what the log already holds of this run: heartbeat details would lag behind it.
-    offset = await logged_output(log, header, request.label) if activity.info().attempt > 1 else None
-    if offset is None:
-        await log.append(note.encode() + header)
-        offset = 0
-    await guest.start_script(run_id, script, as_root=as_root)
+    logged = None
+    if activity.info().attempt > 1:
+        logged = build_log.logged_output(await log.read(), request.label, provisioner)
+    if logged is None:
+        await log.append((build_log.note(note) if note else b"") + build_log.step_header(request.label, provisioner))
+        logged = (0, True)
+    offset, at_line_start = logged
+    framer = build_log.OutputFramer(at_line_start=at_line_start)
+    await guest.start_script(run_id, script, as_root=as_root, environment=PACKER_ENVIRONMENT)
     tail = b""
     try:
         while True:
             progress = await guest.poll_script(run_id, offset)
             if progress.output:
-                await log.append(progress.output)
+                await log.append(framer.frame(progress.output))
                 offset += len(progress.output)
                 tail = (tail + progress.output)[-8192:]
             activity.heartbeat()
@@ -71,10 +84,10 @@ async def run_script(
             await asyncio.sleep(POLL_EVERY)
     except asyncio.CancelledError:
         # The build was cancelled or timed out: stop the script in the guest before the VM is deleted.
-        await asyncio.shield(stop_script(guest, log, run_id, request.label))
+        await asyncio.shield(stop_script(guest, log, run_id, request.label, ended_line=framer))
         raise
     exit_code = progress.exit_code
-    await log.append(f"==> {request.label}: exit code {exit_code}\n".encode())
+    await log.append(line_end(framer) + build_log.step_end(request.label, provisioner, exit_code, valid_exit_codes))
     if exit_code not in valid_exit_codes:
         last = "\n".join(tail.decode(errors="replace").splitlines()[-TAIL_LINES:])
         raise PermanentError(
@@ -85,24 +98,16 @@ async def run_script(
     return GuestScriptResult(exit_code=exit_code, duration_seconds=time.monotonic() - started)
 
 
-async def logged_output(log: LogSink, header: bytes, label: str) -> int | None:
-    """How many bytes of this step's script output the log holds already, or None if no attempt began it.
-
-    The step's section runs from its header to its first ``==> label:`` note (or the end): only the script's
-    own output is in between.
-    """
-    text = await log.read()
-    at = text.rfind(header)
-    if at < 0:
-        return None
-    section = text[at + len(header) :]
-    end = section.find(f"==> {label}: ".encode())
-    return len(section) if end < 0 else end
+def line_end(framer: build_log.OutputFramer) -> bytes:
+    """A newline when the script's output stopped mid-line, so kiln's next line starts a line of its own."""
+    return b"" if framer.at_line_start else b"\n"
 
 
-async def stop_script(guest: GuestSession, log: LogSink, run_id: str, label: str) -> None:
+async def stop_script(
+    guest: GuestSession, log: LogSink, run_id: str, label: str, *, ended_line: build_log.OutputFramer
+) -> None:
     await guest.kill_script(run_id)
-    await log.append(f"==> {label}: stopped, the build was cancelled\n".encode())
+    await log.append(line_end(ended_line) + build_log.step_stopped(label))
 
 
 def only(staged: list[StagedArtifact], label: str) -> StagedArtifact:

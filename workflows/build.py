@@ -326,9 +326,10 @@ class ImageBuildWorkflow:
         # The build VM is done with: free it now rather than at the end of distribution.
         await self._undo_now(vm.name)
 
-        if validation is not None and validation.in_vm_validations:
+        # A cloud that boot-checks its images boots this one even with no validator to run in it.
+        if (validation is not None and validation.in_vm_validations) or image.boot_check:
             await self._validate(context, staging, source, image.id, template, staged_by_field)
-            if self._validation_failed and not validation.continue_distribute_on_failure:
+            if self._validation_failed and not (validation and validation.continue_distribute_on_failure):
                 return
 
         await self._distribute(context, staging, image, source, template)
@@ -371,19 +372,20 @@ class ImageBuildWorkflow:
         template: ImageTemplate,
         staged_by_field: dict[str, StagedArtifact],
     ) -> None:
-        """Run inVMValidations on a VM made from the image (or from the source, with sourceValidationOnly)."""
+        """Run inVMValidations on a VM made from the image (or from the source, with sourceValidationOnly); with
+        none to run, the VM's boot is the whole check."""
         validation = template.properties.validation
-        assert validation is not None
+        validators = validation.in_vm_validations if validation is not None else []
         self._set_sub_state(RunSubState.VALIDATING)
         vm = await self._create_vm(context, staging, source, image_id, template, "validation")
-        for index in range(len(validation.in_vm_validations)):
+        for index in range(len(validators)):
             request = guest_request(
                 context,
                 staging,
                 vm,
                 verb="validate",
                 path="properties.validate.inVMValidations",
-                steps=validation.in_vm_validations,
+                steps=validators,
                 index=index,
                 staged_by_field=staged_by_field,
             )
@@ -398,7 +400,7 @@ class ImageBuildWorkflow:
                 if template.properties.error_handling.on_validation_error == "abort":
                     self._abort_keeps = {vm.name}
                     raise BuildAborted(label) from None
-                if not validation.continue_distribute_on_failure:
+                if not (validation and validation.continue_distribute_on_failure):
                     raise
                 self._validation_failed = True
                 self._status.message = messages.step_failed(label, cause_of(err))

@@ -159,9 +159,11 @@ class CaptureSpec(CamelModel):
 
 
 class CapturedImage(CamelModel):
-    """The generalized image every distribution target is made from."""
+    """The generalized image every distribution target is made from. ``boot_check``: the cloud boots it before
+    distribution even when the template has no validators (the local cloud does; AIB itself does not)."""
 
     id: str
+    boot_check: bool = False
     uri: str = ""
     size_bytes: int = 0
     used_bytes: int = 0

@@ -20,13 +20,20 @@ QUEUE_PREFIX = "kiln-"
 
 
 @dataclass(frozen=True)
+class WorkerOptions:
+    """What a worker's command line says of its cloud (a cloud ignores what is not its own)."""
+
+    boot_check: bool = True  # local: boot every captured image, validators or not
+
+
+@dataclass(frozen=True)
 class CloudEntry:
-    """One cloud: its name, what it is for (``--help`` says it), how to make it from the environment, and the
-    services a ``--dev`` worker of it starts first (Azurite for the local cloud)."""
+    """One cloud: its name, what it is for (``--help`` says it), how to make it from the environment and the
+    worker's options, and the services a ``--dev`` worker of it starts first (Azurite for the local cloud)."""
 
     name: str
     summary: str
-    make: Callable[[], Awaitable[Cloud]]
+    make: Callable[[WorkerOptions], Awaitable[Cloud]]
     dev_services: Callable[[], AbstractAsyncContextManager[None]] = nullcontext
 
     @property
@@ -34,14 +41,14 @@ class CloudEntry:
         return task_queue(self.name)
 
 
-async def _make_local() -> Cloud:
+async def _make_local(options: WorkerOptions) -> Cloud:
     from activities.clouds.local import LocalCloud
     from activities.clouds.local.records import ResourceStore
     from activities.clouds.local.storage import LocalStorage
     from activities.clouds.state import state_dir
 
     store = ResourceStore(state_dir() / "resources.db")
-    return LocalCloud(storage=LocalStorage(store=store), store=store)
+    return LocalCloud(storage=LocalStorage(store=store), store=store, boot_check=options.boot_check)
 
 
 @asynccontextmanager
@@ -56,7 +63,7 @@ async def _local_dev_services() -> AsyncIterator[None]:
         await azurite.stop()
 
 
-async def _make_azure() -> Cloud:
+async def _make_azure(options: WorkerOptions) -> Cloud:
     from activities.clouds.azure import AzureCloud
 
     return AzureCloud.from_environment()

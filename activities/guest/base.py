@@ -33,8 +33,11 @@ class GuestSession(Protocol):
     async def path_exists(self, path: str) -> bool:
         """Whether ``path`` exists in the guest (a file a customizer may have written)."""
 
-    async def start_script(self, run_id: str, script: str, *, as_root: bool = False) -> None:
-        """Start ``script`` under ``run_id``; does nothing if that run has already started."""
+    async def start_script(
+        self, run_id: str, script: str, *, as_root: bool = False, environment: dict[str, str] | None = None
+    ) -> None:
+        """Start ``script`` under ``run_id``, with ``environment`` added to its own; does nothing if that run has
+        already started. The script is run as a file, by its own ``#!`` line, or by ``/bin/sh`` when it has none."""
 
     async def poll_script(self, run_id: str, offset: int) -> ScriptProgress:
         """The run's output from ``offset`` on, and its exit code once it has ended."""
@@ -56,6 +59,7 @@ class Deprovision:
 
     override_path: str
     override_command: str
+    provisioner: str  # the Packer provisioner AIB runs it through: shell or powershell
 
 
 class OsProfile(Protocol):

@@ -49,6 +49,9 @@ export HISTSIZE=0
 sync
 """
 
+# Packer's inline_shebang default, which AIB keeps.
+INLINE_SHEBANG = "#!/bin/sh -e\n"
+
 # The customizer types AIB runs on a Linux source.
 LINUX_STEPS = frozenset({"Shell", "File"})
 
@@ -71,7 +74,9 @@ class SshTransport:
 class LinuxProfile:
     os_type = "Linux"
     deprovision = Deprovision(
-        override_path="/tmp/DeprovisioningScript.sh", override_command="sh /tmp/DeprovisioningScript.sh"
+        override_path="/tmp/DeprovisioningScript.sh",
+        override_command="sh /tmp/DeprovisioningScript.sh",
+        provisioner="shell",
     )
 
     def __init__(self, transport: Transport | None = None) -> None:
@@ -92,11 +97,14 @@ class LinuxProfile:
         return issues
 
     def script_for(self, step: GuestStep, staged: bytes | None) -> str:
+        """As Packer's shell provisioner makes it: inline lines become one file under ``#!/bin/sh -e`` (its
+        ``inline_shebang``), so the first failing line fails the step; a script file keeps its own ``#!`` line
+        (or runs under ``/bin/sh``), with CRLF line endings made LF, as Packer does to every non-binary script."""
         assert isinstance(step, ShellCustomizer)
         if step.inline is not None:
-            return "\n".join(step.inline) + "\n"
+            return INLINE_SHEBANG + "".join(f"{line}\n" for line in step.inline)
         assert staged is not None
-        return staged.decode()
+        return staged.decode().replace("\r\n", "\n")
 
     async def default_deprovision(self, guest: GuestSession, vm: BuildVm) -> str:
         if await guest.path_exists(WAAGENT):

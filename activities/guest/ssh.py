@@ -30,8 +30,9 @@ POLL_CHUNK_BYTES = 1 << 20
 KILL_GRACE_SECONDS = 5
 
 # Claims the run (mkdir is atomic, so a second start is a no-op) only once the whole script has arrived, and
-# starts it in a session of its own. $1 run dir, $2 expected script size, $3 user to run as ("" for root),
-# $4 interpreter ("" when the script has its own #! line).
+# starts it in a session of its own. $1 run dir, $2 expected script size, $3 user to run as ("" for root), then
+# NAME=value pairs for its environment. The script runs as a file, as Packer's `chmod +x; {{.Vars}} {{.Path}}`
+# runs it: env execs it by its #! line, and a file without one is run by /bin/sh (execvp's ENOEXEC rule).
 _START = r"""
 set -eu
 dir=$1
@@ -43,17 +44,20 @@ if ! mkdir -m 0755 "$dir" 2>/dev/null; then rm -f "$incoming"; exit 0; fi
 chmod 0755 "$incoming"
 mv "$incoming" "$dir/script"
 : > "$dir/output"
+user=$3
+shift 3
 setsid -f sh -c '
-  dir=$1 user=$2 interp=$3
+  dir=$1 user=$2
+  shift 2
   echo $$ > "$dir/pid.tmp" && mv "$dir/pid.tmp" "$dir/pid"
   trap : TERM  # kill_script stops the process group: outlive the script long enough to record its end
   if [ -n "$user" ]; then
-    runuser -u "$user" -- sh -c "cd 2>/dev/null || cd /; exec \"\$@\"" sh $interp "$dir/script" > "$dir/output" 2>&1 < /dev/null
+    runuser -u "$user" -- sh -c "cd 2>/dev/null || cd /; exec env \"\$@\"" sh "$@" "$dir/script" > "$dir/output" 2>&1 < /dev/null
   else
-    (cd /root 2>/dev/null || cd /; exec $interp "$dir/script") > "$dir/output" 2>&1 < /dev/null
+    (cd /root 2>/dev/null || cd /; exec env "$@" "$dir/script") > "$dir/output" 2>&1 < /dev/null
   fi
   echo $? > "$dir/exit.tmp" && mv "$dir/exit.tmp" "$dir/exit"
-' sh "$dir" "$3" "$4" > /dev/null 2>&1 < /dev/null
+' sh "$dir" "$user" "$@" > /dev/null 2>&1 < /dev/null
 # Return once the run has its pid file, so a kill_script right after this always finds the process group.
 waited=0
 until [ -e "$dir/pid" ]; do
@@ -116,11 +120,13 @@ class SshSession:
         result = await self._connection.run(f"test -e {shlex.quote(path)}", check=False)
         return result.exit_status == 0
 
-    async def start_script(self, run_id: str, script: str, *, as_root: bool = False) -> None:
+    async def start_script(
+        self, run_id: str, script: str, *, as_root: bool = False, environment: dict[str, str] | None = None
+    ) -> None:
         data = script.encode()
         run_as = "" if as_root or self._username == "root" else self._username
-        interpreter = "" if data.startswith(b"#!") else "/bin/sh"
-        result = await self._run(_START, run_dir(run_id), str(len(data)), run_as, interpreter, stdin=data, as_root=True)
+        variables = [f"{name}={value}" for name, value in (environment or {}).items()]
+        result = await self._run(_START, run_dir(run_id), str(len(data)), run_as, *variables, stdin=data, as_root=True)
         if result.exit_status != 0:
             raise RuntimeError(f"could not start {run_id} in the guest: {_text(result.stderr)}")
 

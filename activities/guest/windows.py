@@ -58,7 +58,9 @@ class NoWinRm:
 class WindowsProfile:
     os_type = "Windows"
     deprovision = Deprovision(
-        override_path=r"c:\DeprovisioningScript.ps1", override_command=r"& c:\DeprovisioningScript.ps1"
+        override_path=r"c:\DeprovisioningScript.ps1",
+        override_command=r"& c:\DeprovisioningScript.ps1",
+        provisioner="powershell",
     )
 
     def __init__(self, transport: Transport | None = None) -> None:

@@ -24,8 +24,8 @@ from temporalio.client import Client, WorkflowHandle
 
 from activities.clouds.azure import AzureCloud
 from activities.clouds.local import azurite as local_azurite
+from activities.clouds.local.overlays import overlay_works
 from activities.clouds.local.records import ResourceStore
-from activities.clouds.local.vm import LocalVms, _Layer, overlay_works
 from tests.arm_emulator import (
     ArmEmulator,
     Azurite,
@@ -35,6 +35,7 @@ from tests.arm_emulator import (
     PlatformImage,
     client_kwargs,
 )
+from tests.azure.guest_vms import GuestVms, _Layer
 from tests.fixtures import CORPUS
 from tests.workflows.harness import finish, wait_for_step
 from worker import run_worker
@@ -122,7 +123,7 @@ def temporary(arm: ArmEmulator) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- guests
 
 
-class AzureLikeVms(LocalVms):
+class AzureLikeVms(GuestVms):
     """Local VMs provisioned from an Azure osProfile: the admin user and its key, waagent, sudo and apt."""
 
     profiles: dict[str, GuestSpec] = {}

@@ -27,14 +27,17 @@ from azure.storage.blob.aio import BlobClient, BlobServiceClient
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from activities.clouds.aib.tags import ROLE_LOG, ROLE_OUTPUT, TAG_ROLE
-from activities.clouds.local import LocalCloud, azurite
+from activities.clouds.base import PermanentError
+from activities.clouds.local import LocalCloud, azurite, cgroups
 from activities.clouds.local.accounts import KIND_BLOB
 from activities.clouds.local.admin import LocalAdmin, read_log
-from activities.clouds.local.host import run
+from activities.clouds.local.disks import root_partition
+from activities.clouds.local.host import ssh_answers
+from activities.clouds.local.qemu import QEMU_KIND
 from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.staging import LOCAL_SUBSCRIPTION
 from activities.clouds.local.storage import LocalStorage
-from activities.clouds.local.vm import CGROUP_ROOT, VM_KIND
+from activities.clouds.local.vm import VM_KIND
 from worker import run_worker
 from workflows.build import ImageBuildWorkflow
 from workflows.models import BuildStatus, DeadlineRequest
@@ -74,6 +77,7 @@ class VmSeen:
 
     name: str
     address: str
+    port: int
     folder: Path
     pid_namespace: int | None = None
 
@@ -147,15 +151,24 @@ class LocalBuilds:
         return await build.handle.query(ImageBuildWorkflow.status)
 
     async def _watch(self, build: Build) -> None:
-        """Note each VM of the build, and its PID namespace once it has booted."""
+        """Note each VM of the build (build VMs and validation VMs), and its PID namespace once it has booted."""
         while True:
-            for record in await asyncio.to_thread(self.store.list, build_id=build.build_id, kind=VM_KIND):
-                seen = build.vms.setdefault(
-                    record.data["folder"], VmSeen(record.id, record.data["address"], Path(record.data["folder"]))
-                )
-                if seen.pid_namespace is None:
-                    seen.pid_namespace = pid_namespace(seen.folder)
+            for kind in (VM_KIND, QEMU_KIND):
+                for record in await asyncio.to_thread(self.store.list, build_id=build.build_id, kind=kind):
+                    name = record.id.rsplit("/", 1)[1]
+                    seen = build.vms.setdefault(
+                        record.data["folder"],
+                        VmSeen(name, record.data["address"], record.data["port"], Path(record.data["folder"])),
+                    )
+                    if seen.pid_namespace is None and kind == VM_KIND:
+                        seen.pid_namespace = self._pid_namespace(name)
             await asyncio.sleep(0.1)
+
+    def _pid_namespace(self, name: str) -> int | None:
+        try:
+            return os.stat(f"/proc/{self.cloud.vms.leader(name)}/ns/pid").st_ino
+        except (PermanentError, FileNotFoundError, ProcessLookupError):
+            return None
 
     async def wait_for_log(self, build: Build, text: str, timeout: float = 120) -> None:
         """Wait until the build's customization.log holds ``text``: the script is running in the guest."""
@@ -194,22 +207,23 @@ class LocalBuilds:
         left = []
         processes = host_processes()
         mounts = Path("/proc/self/mounts").read_text()
-        addresses = (await run("ip", "-o", "addr", "show", "dev", "lo")).decode()
         for vm in build.vms.values():
-            if vm.pid_namespace is not None and any(ns == vm.pid_namespace for _, ns, _ in processes):
-                left.append(f"{vm.name}: processes in its PID namespace")
+            left += [
+                f"{vm.name}: process {pid} {command!r} in its PID namespace"
+                for pid, ns, command in processes
+                if vm.pid_namespace is not None and ns == vm.pid_namespace
+            ]
             for pid, _, command in processes:
                 if str(vm.folder) in command or f"{vm.address}:" in command:
                     left.append(f"{vm.name}: process {pid} {command!r}")
             left += [f"{vm.name}: mount {line}" for line in mounts.splitlines() if str(vm.folder) in line]
             if vm.folder.exists():
                 left.append(f"{vm.name}: its folder {vm.folder}")
-            if f" {vm.address}/" in addresses:
-                left.append(f"{vm.name}: its address {vm.address} on lo")
-            # cgroup v2 has one folder per VM; v1 one per controller.
-            for group in [CGROUP_ROOT / "kiln" / vm.folder.name, *CGROUP_ROOT.glob(f"*/kiln/{vm.folder.name}")]:
-                if group.exists():
-                    left.append(f"{vm.name}: its cgroup {group}")
+            if await ssh_answers(vm.address, vm.port):
+                left.append(f"{vm.name}: something still answers on {vm.address}:{vm.port}")
+            left += [
+                f"{vm.name}: its cgroup {group}" for group in cgroups.cgroup_dirs(vm.name).values() if group.exists()
+            ]
         left += [f"process {pid} {command!r}" for pid, _, command in processes if build.build_id in command]
         captured = self.state / "images" / "captured"
         left += [f"captured image {p}" for p in captured.glob(f"{build.build_id}-*")]
@@ -234,22 +248,17 @@ class LocalBuilds:
         return kept
 
 
-def pid_namespace(folder: Path) -> int | None:
-    """The PID namespace of the VM whose folder this is, once its PID 1 has written its pid file."""
-    try:
-        pid = int((folder / "pid").read_text().split()[0])
-        return os.stat(f"/proc/{pid}/ns/pid").st_ino
-    except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
-        return None
-
-
 def host_processes() -> list[tuple[int, int, str]]:
-    """Every process on the host: pid, PID namespace and command line."""
+    """Every process that runs on the host: pid, PID namespace and command line. A zombie (killed, not yet reaped
+    by whoever inherited it) runs no more and is left out."""
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+            if stat[stat.rindex(")") + 2] in "ZX":
+                continue
             namespace = os.stat(f"/proc/{entry.name}/ns/pid").st_ino
             command = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (FileNotFoundError, ProcessLookupError, PermissionError):
@@ -307,8 +316,10 @@ async def download_vhd(url: str, path: Path) -> Path:
 
 
 def debugfs(image: Path, request: str) -> str:
-    """Read the image's ext4 filesystem without changing it: debugfs opens it read-only unless given -w."""
-    return subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True, text=True, check=True).stdout
+    """Read the image's root filesystem without changing it: debugfs opens it read-only unless given -w, at the
+    root partition's offset in the disk."""
+    filesystem = f"{image}?offset={root_partition(image).offset}"
+    return subprocess.run(["debugfs", "-R", request, filesystem], capture_output=True, text=True, check=True).stdout
 
 
 @contextmanager
@@ -327,11 +338,12 @@ def kiln_home(state: Path) -> Iterator[None]:
 
 @asynccontextmanager
 async def worker_process(
-    client: Client, state: Path, endpoint: str, task_queue: str
+    client: Client, state: Path, endpoint: str, task_queue: str, *, boot_check: bool = False
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """A worker in a process of its own (``tests.local.local_worker``), stopped at the end unless it is gone."""
     env = {
         **os.environ,
+        "KILN_TEST_BOOT_CHECK": "1" if boot_check else "0",
         "KILN_HOME": str(state),
         "KILN_AZURITE_ENDPOINT": endpoint,
         "TEMPORAL_ADDRESS": client.service_client.config.target_host,
@@ -350,16 +362,17 @@ async def worker_process(
 
 @asynccontextmanager
 async def serving(
-    client: Client, endpoint: str, state: Path, store: ResourceStore, files: Path
+    client: Client, endpoint: str, state: Path, store: ResourceStore, files: Path, *, boot_check: bool = False
 ) -> AsyncIterator[LocalBuilds]:
     """Real local builds on the base cached in ``state``, served on a task queue of their own; ``files`` is served
-    for scriptUri and sourceUri. The builds' records (logs and outputs included) go afterwards, as the Azurite
-    that held their blobs does."""
+    for scriptUri and sourceUri. Images are booted only to run validators, unless ``boot_check`` (a boot is about
+    a minute under TCG). The builds' records (logs and outputs included) go afterwards, as the Azurite that held
+    their blobs does."""
     with kiln_home(state):
         storage = LocalStorage(store=store, endpoint=endpoint)
         builds = LocalBuilds(
             client=client,
-            cloud=LocalCloud(storage=storage, store=store, state=state),
+            cloud=LocalCloud(storage=storage, store=store, state=state, boot_check=boot_check),
             storage=storage,
             store=store,
             state=state,

@@ -111,7 +111,8 @@ async def test_a_template_end_to_end(local_builds: LocalBuilds, tmp_path: Path) 
         "configure: writing /etc/kiln-configured",
         f"{len(RELEASE)} bytes copied",
         "install: done",
-        "deleting the build user",
+        "-force -deprovision+user && export HISTSIZE=0 && sync",
+        "account and entire home directory will be deleted",
     ):
         assert line in log
     assert "check: found" in await local_builds.log(status, "validation.log")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
+import os
 import re
+import time
 from pathlib import Path
 
 import pytest
 
+from activities.clouds.aib.versions import version_key
 from activities.clouds.base import PermanentError
 from activities.clouds.local import LocalCloud
 from activities.clouds.local.images import (
@@ -92,7 +96,7 @@ async def test_other_publishers_are_refused_before_anything_is_made(
         await cloud.resolve_source(new_build(), template)
     message = str(refused.value.message)
     assert message.startswith(f"properties.source: {publisher}:{offer}:{sku} is not an image the local cloud has")
-    for urn in ("Debian:debian-12:12", "Debian:debian-12:12-gen2", "Debian:debian-11:11", "Debian:debian-11:11-gen2"):
+    for urn in ("Debian:debian-12:12", "Debian:debian-12:12-gen2", "Debian:debian-13:13", "Debian:debian-13:13-gen2"):
         assert urn in message
     assert str(tmp_path / "local-images.json") in message
     assert ("Windows" in message) == publisher.startswith("MicrosoftWindows")
@@ -101,21 +105,70 @@ async def test_other_publishers_are_refused_before_anything_is_made(
 
 async def test_a_mapped_source_builds_from_the_local_image_it_names(tmp_path: Path):
     (tmp_path / "local-images.json").write_text(
-        json.dumps({"Canonical:0001-com-ubuntu-server-jammy:22_04-lts": "debian-11:11"})
+        json.dumps({"Canonical:0001-com-ubuntu-server-jammy:22_04-lts": "debian-13:13"})
     )
     cache = ImageCache(tmp_path / "images", builder=CountingBuilder())
     source = platform("canonical", "0001-com-ubuntu-server-jammy", "22_04-lts", version="22.04.202301100")
     resolved = await resolve_platform_image(cache, source, state=tmp_path, location="westeurope")
-    assert "/Offers/debian-11/Skus/11/Versions/" in resolved.image_id
+    assert "/Offers/debian-13/Skus/13/Versions/" in resolved.image_id
     assert resolved.hyper_v_generation == "V1"
-    assert (tmp_path / "images" / "base" / "bullseye" / resolved.exact_version / "rootfs").is_dir()
+    assert (tmp_path / "images" / "base" / "trixie" / resolved.exact_version / "rootfs").is_dir()
 
 
 @pytest.mark.parametrize(
     ("offer", "sku", "field"),
-    [("debian-13", "13", "properties.source.offer"), ("debian-12", "12-arm64", "properties.source.sku")],
+    [("debian-10", "10", "properties.source.offer"), ("debian-12", "12-arm64", "properties.source.sku")],
 )
 async def test_an_unknown_debian_image_names_its_field(tmp_path: Path, offer: str, sku: str, field: str):
     cache = ImageCache(tmp_path / "images", builder=CountingBuilder())
     with pytest.raises(PermanentError, match=re.escape(field)):
         await resolve_platform_image(cache, platform("Debian", offer, sku), state=tmp_path, location="westeurope")
+
+
+async def test_a_base_is_a_debian_cloud_image_with_nothing_unique_to_a_machine(
+    cloud: LocalCloud, debian: ResolvedSource
+):
+    """What Debian's Azure image holds: systemd as init, the cloud kernel and its initramfs, GRUB for BIOS and UEFI
+    (the signed shim too), cloud-init looking for NoCloud then Azure, the Azure agent, sshd, sudo, curl."""
+    assert BOOKWORM is not None
+    root = cloud.images.base(BOOKWORM, debian.exact_version).rootfs
+    assert os.readlink(root / "sbin/init").endswith("/systemd/systemd")
+    kernel = (root / "vmlinuz").resolve()
+    assert kernel.name.endswith("-cloud-amd64") and (root / "initrd.img").resolve().exists()
+    for present in (
+        "usr/lib/grub/i386-pc/boot.img",
+        "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed",
+        "usr/lib/shim/shimx64.efi.signed",
+        "usr/bin/cloud-init",
+        "usr/sbin/waagent",
+        "usr/sbin/sshd",
+        "usr/bin/sudo",
+        "usr/bin/curl",
+        "etc/ssl/certs/ca-certificates.crt",
+    ):
+        assert (root / present).exists(), present
+    assert "datasource_list: [ NoCloud, Azure ]" in (root / "etc/cloud/cloud.cfg.d/90_kiln_datasource.cfg").read_text()
+    assert "console=ttyS0,115200n8" in (root / "etc/default/grub.d/50-kiln-azure.cfg").read_text()
+    assert not list((root / "etc/ssh").glob("ssh_host_*")) and (root / "etc/machine-id").read_text() == ""
+    assert not (root / "usr/share/man").exists() or not any((root / "usr/share/man").iterdir())
+
+
+async def test_a_base_older_than_its_maximum_age_or_of_an_older_recipe_is_made_again(tmp_path: Path):
+    assert BOOKWORM is not None
+    builder = CountingBuilder()
+    cache = ImageCache(tmp_path / "images", builder=builder, max_age=datetime.timedelta(days=30))
+    first = await cache.resolve(BOOKWORM, "latest")
+    assert (await cache.resolve(BOOKWORM, "latest")) == first and builder.calls == 1
+    # Forty days later: `latest` gets a new version; the old one can still be pinned.
+    meta = first.rootfs.parent / "image.json"
+    old = time.time() - 40 * 86400
+    os.utime(meta, (old, old))
+    second = await cache.resolve(BOOKWORM, "latest")
+    assert builder.calls == 2 and version_key(second.version) > version_key(first.version)
+    assert await cache.resolve(BOOKWORM, first.version) == first
+    # A base of an older recipe is not used for `latest` either, and a rebuild on request makes one more.
+    meta = second.rootfs.parent / "image.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "recipe": 1}))
+    third = await cache.resolve(BOOKWORM, "latest")
+    fourth = await cache.rebuild(BOOKWORM)
+    assert builder.calls == 4 and cache.versions(BOOKWORM) == [b.version for b in (first, second, third, fourth)]

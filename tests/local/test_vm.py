@@ -13,9 +13,11 @@ import pytest
 
 from activities.clouds.aib.names import admin_user_of
 from activities.clouds.base import PermanentError
-from activities.clouds.local import LocalCloud
+from activities.clouds.local import LocalCloud, cgroups
+from activities.clouds.local.host import ssh_answers
 from activities.clouds.local.records import ResourceStore
 from activities.guest.keys import derive_key, public_line
+from activities.guest.linux import AIB_DEPROVISION, KILN_DEPROVISION
 from activities.guest.ssh import open_session
 from tests.fixtures import connect, deprovision_script
 from tests.local.vms import STAGING, MakeVm, guest_run, new_build, run_to_end
@@ -26,6 +28,15 @@ pytestmark = pytest.mark.local
 
 def loopback_addresses() -> str:
     return subprocess.run(["ip", "-o", "addr", "show", "dev", "lo"], capture_output=True, text=True).stdout
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` still runs: a zombie, killed and not yet reaped by whoever inherited it, does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 def pid_namespace_members(pid: int) -> list[int]:
@@ -130,23 +141,43 @@ async def test_vm_size_sets_cgroup_limits_clamped_to_the_machine(cloud: LocalClo
     assert int(memory.read_text()) == min(8 << 30, machine)
     quota = int(Path(f"/sys/fs/cgroup/cpu/kiln/{vm.name}/cpu.cfs_quota_us").read_text())
     assert quota == min(2, os.cpu_count() or 1) * 100_000
-    pid = int(cloud.vms.folder(vm.name).pid_file.read_text().split()[0])
+    pid = cloud.vms.leader(vm.name)
     assert f"/kiln/{vm.name}" in Path(f"/proc/{pid}/cgroup").read_text()
 
 
-async def test_deprovision_removes_the_user_and_host_keys_and_still_reports_its_end(cloud: LocalCloud, make_vm: MakeVm):
+async def test_deprovision_is_the_azure_agents_and_deletes_the_user_cloud_init_made(cloud: LocalCloud, make_vm: MakeVm):
+    build, vm = await make_vm()
+    async with connect(cloud, build, vm) as guest:
+        script = await deprovision_script(guest, vm)
+        # The session's own user goes away here; the open session still reads how the script ended.
+        output, exit_code = await run_to_end(guest, "deprovision", script, as_root=True)
+    assert script == AIB_DEPROVISION  # the image has waagent: AIB's own command, word for word
+    assert exit_code == 0, output
+    assert f"{vm.admin_user} account and entire home directory will be deleted" in output.decode()
+    user = vm.admin_user
+    leftovers = await guest_run(
+        cloud,
+        vm.name,
+        f"getent passwd {user} > /dev/null && echo user; [ -e /home/{user} ] && echo home;"
+        " ls /etc/ssh/ssh_host_* > /dev/null 2>&1 && echo host-keys; [ -e /var/lib/waagent/ovf-env.xml ] && echo ovf;"
+        " getent shadow root | grep -q ':\\*LOCK\\*:' || echo root-password; echo checked",
+    )
+    assert leftovers == "checked\n"
+
+
+async def test_where_the_image_has_no_agent_kilns_deprovision_does_its_work(cloud: LocalCloud, make_vm: MakeVm):
     build, vm = await make_vm()
     async with connect(cloud, build, vm) as guest:
         await run_to_end(guest, "dirty", "echo x > /tmp/junk; sudo sh -c 'echo log > /var/log/custom.log'")
-        # The session's own user goes away here; the open session still reads how the script ended.
-        output, exit_code = await run_to_end(guest, "deprovision", await deprovision_script(guest, vm), as_root=True)
+        script = f"set -- {vm.admin_user}\n{KILN_DEPROVISION}"
+        output, exit_code = await run_to_end(guest, "deprovision", script, as_root=True)
     assert exit_code == 0, output
     user = vm.admin_user
     leftovers = await guest_run(
         cloud,
         vm.name,
         f"getent passwd {user} > /dev/null && echo user; [ -e /home/{user} ] && echo home;"
-        f" [ -e /etc/sudoers.d/90-{user} ] && echo sudoers; ls /etc/ssh/ssh_host_* > /dev/null 2>&1 && echo host-keys;"
+        " ls /etc/ssh/ssh_host_* > /dev/null 2>&1 && echo host-keys;"
         " [ -s /etc/machine-id ] && echo machine-id; [ -e /tmp/junk ] && echo tmp;"
         " find /var/log -type f | grep -q . && echo logs; echo checked",
     )
@@ -163,17 +194,26 @@ async def test_delete_leaves_no_process_mount_folder_address_or_record(
     vm = await cloud.create_vm(build, STAGING, spec)
     try:
         folder = cloud.vms.folder(vm.name).path
-        pid = int((folder / "pid").read_text().split()[0])
-        members = pid_namespace_members(pid)
-        assert members and {r.kind for r in store.list(build_id=build.build_id)} == {"vm", "overlay", "address"}
-        assert f"{vm.host}/32" in loopback_addresses()
+        members = pid_namespace_members(cloud.vms.leader(vm.name))
+        helpers = cgroups.processes(vm.name)  # the supervisor, nspawn and slirp4netns too
+        assert (
+            members
+            and helpers
+            and {r.kind for r in store.list(build_id=build.build_id)}
+            == {
+                "vm",
+                "overlay",
+                "address",
+            }
+        )
+        assert await ssh_answers(vm.host, vm.port)
     finally:
         await cloud.delete_vm(build, vm.name)
 
-    assert not any(Path(f"/proc/{member}").exists() for member in members)
+    assert not any(running(pid) for pid in {*members, *helpers})
     assert str(folder) not in Path("/proc/self/mountinfo").read_text()
     assert not folder.exists()
-    assert f"{vm.host}/32" not in loopback_addresses()
+    assert not await ssh_answers(vm.host, vm.port)
     assert not Path(f"/sys/fs/cgroup/memory/kiln/{vm.name}").exists()
     assert store.list(build_id=build.build_id) == []
     await cloud.delete_vm(build, vm.name)  # already gone: succeeds
@@ -187,7 +227,8 @@ async def test_vm_outlives_the_process_that_made_it(cloud: LocalCloud, state: Pa
     maker = f"""
 import asyncio, sys
 from pathlib import Path
-from activities.clouds.local import LocalCloud
+from activities.clouds.local import LocalCloud, cgroups
+from activities.clouds.local.host import ssh_answers
 from activities.clouds.local.records import ResourceStore
 from workflows.models import BuildContext, Staging, VmSpec
 cloud = LocalCloud(storage=None, store=ResourceStore(Path({str(state / "resources.db")!r})), state=Path({str(state)!r}))
@@ -216,24 +257,27 @@ print(vm.model_dump_json())
         await cloud.delete_vm(build, vm.name)
 
 
-async def test_a_root_without_sshd_fails_the_create_at_once_naming_the_package(cloud: LocalCloud, tmp_path: Path):
+async def test_an_image_that_cannot_boot_fails_the_create_at_once_naming_the_packages(
+    cloud: LocalCloud, tmp_path: Path
+):
     build = new_build()
     source = ResolvedSource(image_id="bare", exact_version="1")
     spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id="bare", source=source, vm_profile={})
     (tmp_path / "usr" / "sbin").mkdir(parents=True)
     with pytest.raises(PermanentError) as refused:
         await cloud.vms.create(build, spec, tmp_path)
-    assert refused.value.type == "GuestNotBootable" and "openssh-server" in refused.value.message
+    assert refused.value.type == "GuestNotBootable"
+    assert "openssh-server" in refused.value.message and "(Debian package systemd)" in refused.value.message
     assert cloud.vms.folder(spec.name).path.exists() is False  # refused before anything was made
 
 
 async def test_a_missing_host_program_fails_the_create_at_once_naming_it(
     cloud: LocalCloud, debian: ResolvedSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    # A PATH with every program of the machine but pivot_root, as on a host without util-linux's.
+    # A PATH with every program of the machine but slirp4netns, as on a host without its package.
     for folder in os.environ["PATH"].split(os.pathsep):
         for program in Path(folder).glob("*") if Path(folder).is_dir() else []:
-            if program.name != "pivot_root" and not (tmp_path / program.name).exists():
+            if program.name != "slirp4netns" and not (tmp_path / program.name).exists():
                 (tmp_path / program.name).symlink_to(program)
     monkeypatch.setenv("PATH", str(tmp_path))
     build = new_build()
@@ -243,4 +287,4 @@ async def test_a_missing_host_program_fails_the_create_at_once_naming_it(
     with pytest.raises(PermanentError) as refused:
         await cloud.create_vm(build, STAGING, spec)
     assert refused.value.type == "HostProgramMissing"
-    assert "pivot_root (Debian package util-linux)" in refused.value.message
+    assert "slirp4netns (Debian package slirp4netns)" in refused.value.message

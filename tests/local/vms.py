@@ -70,17 +70,12 @@ MakeVm = Callable[..., Awaitable[tuple[BuildContext, BuildVm]]]
 
 async def guest_run(cloud: LocalCloud, vm_name: str, command: str) -> str:
     """Run ``command`` as root inside the VM's namespaces from the host: a look that needs no login."""
-    pid = int(cloud.vms.folder(vm_name).pid_file.read_text().split()[0])
+    pid = cloud.vms.leader(vm_name)
     process = await asyncio.create_subprocess_exec(
         "nsenter",
         "--target",
         str(pid),
-        "--mount",
-        "--uts",
-        "--ipc",
-        "--pid",
-        "--root",
-        "--wd",
+        "--all",
         "sh",
         "-c",
         command,

@@ -14,6 +14,7 @@ from typing import Any
 
 from temporalio.testing import ActivityEnvironment
 
+from activities import build_log
 from activities.customize import CustomizeActivities
 from activities.distribute import DistributeActivities
 from tests.fixtures.recording_cloud import SCRIPT_SECONDS, RecordingCloud
@@ -66,7 +67,7 @@ async def test_a_retried_customizer_reads_on_where_the_dead_worker_stopped(tmp_p
         await guest.start_script(run_id, "sleep 1")
         await asyncio.sleep(SCRIPT_SECONDS / 2)
         first = (await guest.poll_script(run_id, 0)).output
-    await log.append(f"\n==> {request.label}\n".encode() + first)
+    await log.append(build_log.step_header(request.label, "shell") + build_log.OutputFramer().frame(first))
     assert first and b"exit code" not in first
 
     env = second_attempt()
@@ -79,7 +80,8 @@ async def test_a_retried_customizer_reads_on_where_the_dead_worker_stopped(tmp_p
     lines = re.findall(rf"{run_id} line (\d+)", text)
     assert lines == [str(i) for i in range(len(lines))], "a line was lost or written twice"
     assert len(lines) == int(SCRIPT_SECONDS * 4) + 1
-    assert text.count(f"==> {request.label}\n") == 1 and text.endswith(f"==> {request.label}: exit code 0\n")
+    assert text.count(build_log.step_header(request.label, "shell").decode()) == 1
+    assert text.endswith(f"==> azure-arm: {request.label}: exit code 0\n(telemetry) ending shell\n")
 
 
 class ResumingCloud:

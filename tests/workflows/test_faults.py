@@ -16,6 +16,7 @@ from typing import Any
 
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
+from activities import build_log
 from tests.fixtures.recording_cloud import RecordingCloud, script_output
 from tests.workflows.harness import (
     Harness,
@@ -212,11 +213,13 @@ def assert_whole_output_logged(harness: Harness, status: BuildStatus, step: Step
     """The step's section of its log holds its script's output exactly once, though two workers wrote it."""
     log_name = "validation.log" if step.point == "validate" else "customization.log"
     log = (harness.cloud.logs / status.build_id / log_name).read_bytes()
-    header = f"\n==> {step.name}\n".encode()
+    header = build_log.step_header(step.name, "shell")
     assert log.count(header) == 1, log.decode()
-    section = log.split(header, 1)[1].split(f"==> {step.name}: exit code 0\n".encode(), 1)[0]
+    section = log.split(header, 1)[1].split(build_log.note(f"{step.name}: exit code 0"), 1)[0]
     expected = script_output(f"{status.build_id}-{step.script}", RecordingCloud.SLOW_SECONDS)
-    assert section == expected, f"output lost or repeated across the worker's death:\n{section.decode()}"
+    assert build_log.raw_output(section) == expected, (
+        f"output lost or repeated across the worker's death:\n{section.decode()}"
+    )
 
 
 async def test_a_cancel_or_deadline_stops_the_build_even_if_the_running_step_then_succeeds(

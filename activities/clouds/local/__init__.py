@@ -1,8 +1,9 @@
 """The local cloud: real image builds on this machine, with no Azure account.
 
-Base images are Debian root filesystems made with mmdebstrap; a build VM is one booted in namespaces of its
-own and reached over real SSH; capture writes a real fixed VHD. Staging, logs and distribution are the
-storage layer's (``LocalStorage``, blobs in Azurite), which this class forwards to.
+Base images are Debian cloud images made with mmdebstrap; a build VM is one booted with systemd in a container
+of its own and reached over real SSH; capture writes a bootable fixed VHD, and the validation VM boots that very
+disk in QEMU. Staging, logs and distribution are the storage layer's (``LocalStorage``, blobs in Azurite), which
+this class forwards to.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from activities.clouds.aib.tags import ROLE_TEMPORARY, kiln_tags
 from activities.clouds.base import LogSink, PermanentError, Progress
-from activities.clouds.local.capture import vhd_file, write_vhd
+from activities.clouds.local.capture import capture_disk, vhd_file
 from activities.clouds.local.host import file_lock
 from activities.clouds.local.images import ImageCache, platform_image_version, resolve_platform_image
+from activities.clouds.local.qemu import BootFailed, QemuVms, console_tail, qemu_id
 from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.vm import LocalVms, vm_id
 from activities.clouds.state import state_dir, worker_secret
@@ -46,6 +48,8 @@ if TYPE_CHECKING:
     from activities.clouds.local.storage import LocalStorage
 
 IMAGE_KIND = "image"
+# The validation VM's serial console, kept beside customization.log and validation.log.
+CONSOLE_LOG = "console.log"
 
 
 def capture_id(name: str) -> str:
@@ -57,14 +61,20 @@ class LocalCloud:
 
     name = "local"
 
-    def __init__(self, *, storage: LocalStorage, store: ResourceStore, state: Path | None = None) -> None:
+    def __init__(
+        self, *, storage: LocalStorage, store: ResourceStore, state: Path | None = None, boot_check: bool = True
+    ) -> None:
+        """``boot_check`` False skips booting a captured image that has no validators to run (under TCG that
+        saves about a minute a build, and proves nothing about the image)."""
         self._state = state or state_dir()
         self._storage = storage
         self._store = store
+        self._boot_check = boot_check
         self.secret = worker_secret()
         self._captures = self._state / "images" / "captured"
         self.images = ImageCache(self._state / "images")
         self.vms = LocalVms(state=self._state, store=store, secret=self.secret)
+        self.qemu = QemuVms(state=self._state, store=store, secret=self.secret)
 
     async def resolve_source(self, build: BuildContext, template: ImageTemplate) -> ResolvedSource:
         resolved = await self._resolve(build, template)
@@ -99,15 +109,38 @@ class LocalCloud:
         )
 
     async def create_vm(self, build: BuildContext, staging: Staging, spec: VmSpec) -> BuildVm:
+        """A build VM boots the image's root in a container; a validation VM boots the image's disk in QEMU
+        (only a source validated as it is, a base with no disk yet, is a container too)."""
+        if spec.purpose == "validation" and (disk := await self._disk_of(spec.image_id)) is not None:
+            return await self._boot(build, staging, spec, disk)
         return await self.vms.create(build, spec, await self._rootfs_of(spec.image_id))
 
+    async def _boot(self, build: BuildContext, staging: Staging, spec: VmSpec, disk: Path) -> BuildVm:
+        """Boot the disk, and keep its serial console's log beside the build's other logs, however it went."""
+        log = await self.open_log(build, staging, CONSOLE_LOG)
+        try:
+            vm, seconds = await self.qemu.create(build, spec, disk)
+        except BootFailed as failed:
+            await log.append(failed.console)
+            raise PermanentError(
+                f"{failed.message}. The serial console's last lines:\n{console_tail(failed.console)}\n"
+                f"Serial console log: {log.uri}",
+                kind=failed.type or "BootFailed",
+            ) from None
+        accelerator = (await asyncio.to_thread(self._store.get, qemu_id(spec.name))).data["accelerator"]
+        await log.append(
+            self.qemu.console(spec.name) + f"\n==> booted to SSH in {seconds:.1f} s ({accelerator})\n".encode()
+        )
+        return vm
+
     async def delete_vm(self, build: BuildContext, name: str) -> None:
+        await self.qemu.delete(name)
         await self.vms.delete(name)
 
     async def capture_image(
         self, build: BuildContext, staging: Staging, vm: BuildVm, spec: CaptureSpec
     ) -> CapturedImage:
-        """Stop the VM and write its disk as a fixed VHD; a retry after success returns the same image."""
+        """Stop the VM and write its disk as a bootable fixed VHD; a retry after success returns the same image."""
         target = self._captures / f"{spec.name}.vhd"
         record_id = capture_id(spec.name)
         async with file_lock(self._captures / f"{spec.name}.lock"):
@@ -117,14 +150,22 @@ class LocalCloud:
                 if vm_record is None:
                     raise PermanentError(f"there is no local VM named {vm.name} to capture", kind="VmNotFound")
                 tags = kiln_tags(build.build_id, role=ROLE_TEMPORARY, extra=build.managed_resource_tags)
-                data = {"path": str(target), "vm": vm.name, "hyperVGeneration": vm_record.data["hyperVGeneration"]}
+                generation = vm_record.data["hyperVGeneration"]
+                data = {"path": str(target), "vm": vm.name, "hyperVGeneration": generation}
                 record = await asyncio.to_thread(
                     self._store.record, record_id, kind=IMAGE_KIND, build_id=build.build_id, tags=tags, data=data
                 )
                 await self.vms.stop(vm.name)
-                await write_vhd(await self.vms.layers(vm.name), target, os_disk_size_gb=spec.os_disk_size_gb)
+                await capture_disk(
+                    await self.vms.layers(vm.name),
+                    target,
+                    generation=generation,
+                    source_bytes=vm_record.data.get("sourceBytes", 0),
+                    os_disk_size_gb=spec.os_disk_size_gb,
+                )
         vhd = vhd_file(target)
         return CapturedImage(
+            boot_check=self._boot_check,
             id=record_id,
             uri=target.as_uri(),
             size_bytes=vhd.size_bytes,
@@ -147,13 +188,21 @@ class LocalCloud:
         if (platform := platform_image_version(image_id)) is not None:
             offer, version = platform
             return (await self.images.resolve(offer, version)).rootfs
+        disk = await self._disk_of(image_id)
+        assert disk is not None
+        return await self.images.unpacked(disk)
+
+    async def _disk_of(self, image_id: str) -> Path | None:
+        """The disk of an image from a build (this build's capture, a managed image, a gallery version); None for
+        a base, which is a root filesystem only."""
+        if platform_image_version(image_id) is not None:
+            return None
         if image_id.startswith(capture_id("")):
             record = await asyncio.to_thread(self._store.get, image_id)
             if record is None:
                 raise PermanentError(f"there is no captured image {image_id}", kind="SourceImageNotFound")
-            return await self.images.unpacked(Path(record.data["path"]))
-        image = await self._storage.locate_image(image_id)
-        return await self.images.unpacked(image.vhd_path)
+            return Path(record.data["path"])
+        return (await self._storage.locate_image(image_id)).vhd_path
 
     # The storage side: staging, logs and distribution live in LocalStorage.
 

@@ -52,6 +52,22 @@ def require_programs(programs: dict[str, str], *, needed_by: str) -> None:
         )
 
 
+async def ssh_answers(address: str, port: int) -> bool:
+    """True once an SSH server accepts a connection at ``address:port`` and sends its banner (a port forward
+    accepts at once, with or without an sshd behind it, so the banner is what counts)."""
+    try:
+        reader, writer = await asyncio.open_connection(address, port)
+    except OSError:
+        return False
+    try:
+        banner = await asyncio.wait_for(reader.readline(), timeout=2)
+        return banner.startswith(b"SSH-")
+    except (TimeoutError, OSError):
+        return False
+    finally:
+        writer.close()
+
+
 @asynccontextmanager
 async def file_lock(path: Path) -> AsyncIterator[None]:
     """Hold an exclusive lock on ``path`` across processes (every worker on the machine shares the state folder).

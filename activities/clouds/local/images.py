@@ -1,9 +1,11 @@
-"""The local marketplace: Debian base images made with mmdebstrap, and images earlier local builds produced.
+"""The local marketplace: Debian base images like Azure's own, and images earlier local builds produced.
 
-A base is made once per offer and kept in the state folder under a date-based version (``0.20261126.1``),
-so ``latest`` pins to the newest one kept and a template can name an exact one. Images from earlier builds
-(ManagedImage and SharedImageVersion sources, and a build's own capture for its validation VM) are fixed VHDs
-whose data is a bare ext4 filesystem; each is unpacked once into the cache and then used like a base.
+A base (``base_image.py``) is made once per Debian release and kept in the state folder under a date-based
+version (``0.20261126.1``), so ``latest`` pins to the newest one kept and a template can name an exact one. A base
+older than the configured age (``KILN_BASE_MAX_AGE_DAYS``, 30 days by default) is made again, as a new version,
+when ``latest`` is next asked for; ``rebuild`` makes one on request. Images from earlier builds (ManagedImage and
+SharedImageVersion sources) are bootable fixed VHDs; each one's root filesystem is unpacked once into the cache
+and then used like a base.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,31 +25,17 @@ from pathlib import Path
 from activities.clouds.aib.ids import parse_platform_image_id, platform_image_id
 from activities.clouds.aib.versions import version_key
 from activities.clouds.base import PermanentError
-from activities.clouds.local.host import CommandFailed, file_lock, run
+from activities.clouds.local.base_image import RECIPE, make_debian_base
+from activities.clouds.local.disks import unpack_root
+from activities.clouds.local.host import file_lock
 from workflows.models import ResolvedSource
 from workflows.template import PlatformImageSource
 
 PUBLISHER = "Debian"
 MAPPING_FILE = "local-images.json"
-DEBIAN_MIRROR = os.environ.get("KILN_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-DEBIAN_SECURITY_MIRROR = os.environ.get("KILN_DEBIAN_SECURITY_MIRROR", "http://deb.debian.org/debian-security")
-
-# What a cloud image needs beyond minbase: a way in (sshd, sudo), TLS roots for customizers' downloads, and
-# the everyday tools scripts assume (ip, ps).
-BASE_PACKAGES = ["openssh-server", "sudo", "ca-certificates", "iproute2", "procps"]
-# Documentation and translations make up a third of a minimal system and no build reads them.
-_DPKG_EXCLUDES = [
-    "path-exclude=/usr/share/man/*",
-    "path-exclude=/usr/share/info/*",
-    "path-exclude=/usr/share/locale/*",
-    "path-exclude=/usr/share/doc/*",
-    "path-include=/usr/share/doc/*/copyright",
-]
-# Leave nothing in the base that must be unique per machine or that came from the host that made it.
-_GENERALIZE_HOOK = (
-    'rm -f "$1"/etc/ssh/ssh_host_*_key "$1"/etc/ssh/ssh_host_*_key.pub'
-    ' && : > "$1"/etc/machine-id && : > "$1"/etc/resolv.conf && echo localhost > "$1"/etc/hostname'
-)
+# Azure's Debian images have 30 GiB OS disks; a base's disk is as large (it is sparse until written).
+BASE_DISK_BYTES = 30 << 30
+DEFAULT_MAX_AGE = datetime.timedelta(days=int(os.environ.get("KILN_BASE_MAX_AGE_DAYS", "30")))
 
 _VERSION = re.compile(r"0\.(\d{8})\.(\d+)")
 # The subscription in the ids of local platform images, which only they use.
@@ -69,8 +58,8 @@ class LocalOffer:
 OFFERS = [
     LocalOffer("debian-12", "12", "bookworm", "V1"),
     LocalOffer("debian-12", "12-gen2", "bookworm", "V2"),
-    LocalOffer("debian-11", "11", "bullseye", "V1"),
-    LocalOffer("debian-11", "11-gen2", "bullseye", "V2"),
+    LocalOffer("debian-13", "13", "trixie", "V1"),
+    LocalOffer("debian-13", "13-gen2", "trixie", "V2"),
 ]
 
 
@@ -105,37 +94,27 @@ BaseBuilder = Callable[[LocalOffer, Path, Path], Awaitable[None]]
 
 
 async def mmdebstrap_base(offer: LocalOffer, rootfs: Path, log: Path) -> None:
-    """Make a Debian root filesystem for ``offer`` at ``rootfs`` from the Debian package registry."""
-    suite = offer.suite
-    argv = [
-        "mmdebstrap",
-        "--variant=minbase",
-        "--format=directory",
-        f"--include={','.join(BASE_PACKAGES)}",
-        *(f"--dpkgopt={option}" for option in _DPKG_EXCLUDES),
-        f"--customize-hook={_GENERALIZE_HOOK}",
-        suite,
-        str(rootfs),
-        f"deb {DEBIAN_MIRROR} {suite} main",
-        f"deb {DEBIAN_MIRROR} {suite}-updates main",
-        f"deb {DEBIAN_SECURITY_MIRROR} {suite}-security main",
-    ]
-    with log.open("wb") as output:
-        process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=asyncio.subprocess.STDOUT
-        )
-        returncode = await process.wait()
-    if returncode != 0:
-        tail = log.read_text(errors="replace").splitlines()[-15:]
-        raise RuntimeError(f"mmdebstrap could not make the {offer.urn} base ({returncode}):\n" + "\n".join(tail))
+    """Make the base of ``offer``'s Debian release from the Debian package registry."""
+    await make_debian_base(offer.suite, rootfs, log)
 
 
 class ImageCache:
-    """Base images by offer and version, and unpacked VHDs, under ``<state>/images``."""
+    """Base images by offer and version, and unpacked VHDs, under ``<state>/images``.
 
-    def __init__(self, root: Path, *, builder: BaseBuilder = mmdebstrap_base) -> None:
+    Args:
+        max_age: a base older than this is made again when ``latest`` is next resolved (None: never).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        builder: BaseBuilder = mmdebstrap_base,
+        max_age: datetime.timedelta | None = DEFAULT_MAX_AGE,
+    ) -> None:
         self.root = root
         self._builder = builder
+        self._max_age = max_age
 
     def _suite_dir(self, offer: LocalOffer) -> Path:
         return self.root / "base" / offer.suite
@@ -152,9 +131,10 @@ class ImageCache:
         return BaseImage(offer=offer, version=version, rootfs=folder / "rootfs", size_bytes=meta["sizeBytes"])
 
     async def resolve(self, offer: LocalOffer, version: str) -> BaseImage:
-        """Pin ``version`` (``latest`` or exact) to a kept base, making the first one if there is none.
+        """Pin ``version`` (``latest`` or exact) to a kept base, making one if there is none, or if the newest is
+        older than the maximum age.
 
-        Concurrent builds wait on one lock per suite, so a base is never made twice.
+        Concurrent builds wait on one lock per release, so a base is never made twice.
         """
         if version.lower() != "latest":
             if version not in self.versions(offer):
@@ -164,12 +144,31 @@ class ImageCache:
                     kind="SourceImageNotFound",
                 )
             return self.base(offer, version)
-        if versions := self.versions(offer):
-            return self.base(offer, versions[-1])
+        if (fresh := self._fresh(offer)) is not None:
+            return fresh
         async with file_lock(self._suite_dir(offer).with_suffix(".lock")):
-            if versions := self.versions(offer):  # another worker made it while this one waited
-                return self.base(offer, versions[-1])
+            if (fresh := self._fresh(offer)) is not None:  # another worker made it while this one waited
+                return fresh
             return await self._make_base(offer)
+
+    async def rebuild(self, offer: LocalOffer) -> BaseImage:
+        """Make a new version of ``offer``'s base now, whatever the age of the newest (``kiln bases --rebuild``)."""
+        async with file_lock(self._suite_dir(offer).with_suffix(".lock")):
+            return await self._make_base(offer)
+
+    def _fresh(self, offer: LocalOffer) -> BaseImage | None:
+        """The newest kept base, unless there is none, it was made by an older recipe, or it is older than the
+        maximum age."""
+        versions = self.versions(offer)
+        if not versions:
+            return None
+        meta_file = self._suite_dir(offer) / versions[-1] / "image.json"
+        if json.loads(meta_file.read_text()).get("recipe") != RECIPE:
+            return None
+        age = time.time() - meta_file.stat().st_mtime
+        if self._max_age is not None and age > self._max_age.total_seconds():
+            return None
+        return self.base(offer, versions[-1])
 
     async def _make_base(self, offer: LocalOffer) -> BaseImage:
         folder = self._suite_dir(offer)
@@ -178,8 +177,8 @@ class ImageCache:
         await asyncio.to_thread(shutil.rmtree, staging, True)  # what a worker that died half-way left
         staging.mkdir(parents=True)
         await self._builder(offer, staging / "rootfs", staging / "build.log")
-        size, _ = await asyncio.to_thread(tree_usage, staging / "rootfs")
-        (staging / "image.json").write_text(json.dumps({"urn": offer.urn, "version": version, "sizeBytes": size}))
+        meta = {"urn": offer.urn, "version": version, "recipe": RECIPE, "sizeBytes": BASE_DISK_BYTES}
+        (staging / "image.json").write_text(json.dumps(meta))
         staging.rename(folder / version)  # appears whole or not at all
         return self.base(offer, version)
 
@@ -208,50 +207,9 @@ class ImageCache:
             staging = folder.with_name(f".{key}.partial")
             await asyncio.to_thread(shutil.rmtree, staging, True)
             staging.mkdir(parents=True)
-            await unpack_vhd(vhd, staging)
+            await unpack_root(vhd, staging / "rootfs")
             staging.rename(folder)
         return folder / "rootfs"
-
-
-async def unpack_vhd(vhd: Path, into: Path) -> None:
-    """Copy the ext4 filesystem of a fixed VHD to ``into/rootfs``, owners, modes and xattrs included.
-
-    A fixed VHD is the raw disk followed by a 512-byte footer, and ext4 ignores what lies past its end, so
-    the file is mounted as it is: read-only, from a loop device, inside a mount namespace of its own so the
-    mount goes away with the command even if the worker dies.
-    """
-    mountpoint = into / "mnt"
-    mountpoint.mkdir()
-    script = 'mount -o loop,ro,noload "$1" "$2" && cp -a "$2/." "$3/"'
-    (into / "rootfs").mkdir()
-    try:
-        await run(
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-            "sh",
-            str(vhd),
-            str(mountpoint),
-            str(into / "rootfs"),
-        )
-    except CommandFailed as err:
-        raise RuntimeError(f"could not unpack {vhd}: {err.stderr}") from err
-    mountpoint.rmdir()
-
-
-def tree_usage(root: Path) -> tuple[int, int]:
-    """Bytes the files under ``root`` take on disk (each rounded up to 4 KiB blocks), and how many there are."""
-    total = entries = 0
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            info = os.lstat(os.path.join(folder, name))
-            total += -(-info.st_size // 4096) * 4096
-            entries += 1
-    return total, entries
 
 
 def _next_version(existing: list[str]) -> str:

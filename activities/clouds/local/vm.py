@@ -1,59 +1,63 @@
-"""Local build VMs: a copy-on-write copy of a base root filesystem, booted in namespaces of its own.
+"""Local build VMs: real systemd machines, made from a base or an earlier build's image in about two seconds.
 
-A VM is an ``unshare`` of mount, PID, UTS and IPC namespaces whose PID 1 mounts the VM's overlay (base image
-below, the VM's own layer above), pivots into it and becomes the guest's sshd, listening on an address of the
-VM's own (127.x.y.z:22). It is started detached (``setsid``), so it outlives the worker that made it, and its
-folder, address and cgroups are recorded in the resource store before they are made, so any worker can find
-and delete them. Killing PID 1 ends every process of the VM, and with the last one the VM's mounts go too.
+A VM is its image's root filesystem on a copy-on-write overlay (the image below, the VM's own layer above),
+booted by systemd-nspawn with systemd as PID 1, in mount and network namespaces of its own: services a
+customizer starts answer on the VM's own localhost. Its network is user-mode (slirp4netns): the VM reaches out
+as a machine behind NAT does, cannot reach the host's own services, and its sshd is forwarded to a loopback
+address of its own (127.x.y.z), so nothing is added to the host's network. cloud-init provisions it from a
+NoCloud seed, as Azure provisions a VM from its osProfile: the admin user with its key and passwordless sudo,
+and the SSH host key kiln pins before the VM boots. ``/var/lib/waagent/ovf-env.xml`` names the admin user, as
+Azure's provisioning leaves it, so the Azure agent's ``-deprovision+user`` deletes that user for real. vmSize
+becomes cgroup limits.
+
+A VM runs under a supervisor started detached (``setsid``), so it outlives the worker that made it; its records
+(made before anything else), folder and cgroups let any worker find, stop and delete it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
+import json
 import os
 import shlex
 import shutil
 import signal
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-
-import asyncssh
 
 from activities.clouds.aib.names import admin_user_of
 from activities.clouds.aib.tags import ROLE_TEMPORARY, kiln_tags
 from activities.clouds.base import PermanentError
-from activities.clouds.local.host import CommandFailed, file_lock, require_programs, run
+from activities.clouds.local import cgroups
+from activities.clouds.local.host import file_lock, require_programs, ssh_answers
+from activities.clouds.local.overlays import VmLayers, overlay_works
 from activities.clouds.local.records import ResourceStore
-from activities.clouds.local.sizes import VmLimits, limits_for
+from activities.clouds.local.sizes import limits_for
 from activities.guest.keys import derive_key, private_openssh, public_line
-from activities.guest.ssh import GUEST_DIR
 from workflows.models import BuildContext, BuildVm, Resource, VmSpec
 
 VM_KIND = "vm"
 ADDRESS_KIND = "address"
 OVERLAY_KIND = "overlay"
 SSH_PORT = 22
-BOOT_TIMEOUT_SECONDS = 30.0
-STOP_TIMEOUT_SECONDS = 10.0
-# The kiln files in a guest (script runs, the admin user's name for deprovision): never part of an image.
-GUEST_FILES = GUEST_DIR.lstrip("/")
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-# The host programs a VM's boot runs (the boot script's, before it pivots into the VM's root), by package.
-BOOT_PROGRAMS = {
-    "setsid": "util-linux",
+BOOT_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 20.0
+# The host programs a VM runs on, by Debian package.
+VM_PROGRAMS = {
+    "systemd-nspawn": "systemd-container",
+    "slirp4netns": "slirp4netns",
     "unshare": "util-linux",
-    "pivot_root": "util-linux",
+    "setsid": "util-linux",
+    "nsenter": "util-linux",
     "mount": "mount",
-    "umount": "mount",
-    "mknod": "coreutils",
     "ip": "iproute2",
 }
-# What the VM's own root must hold for anything to answer SSH in it.
-GUEST_SSHD = "usr/sbin/sshd"
+# What an image must hold to boot as a build VM.
+IMAGE_NEEDS = {"lib/systemd/systemd": "systemd", "usr/bin/cloud-init": "cloud-init", "usr/sbin/sshd": "openssh-server"}
 
 
 def vm_id(name: str) -> str:
@@ -70,46 +74,29 @@ def address_id(address: str) -> str:
 
 @dataclass(frozen=True)
 class VmFolder:
-    """Where one VM's files live: its writable layer, the overlay's work and mount folders, its boot files."""
+    """Where one VM's files live: its layer, the overlay's work folder and mount point, its seed, its run files."""
 
     path: Path
 
-    @property
-    def upper(self) -> Path:
-        return self.path / "upper"
-
-    @property
-    def work(self) -> Path:
-        return self.path / "work"
-
-    @property
-    def merged(self) -> Path:
-        return self.path / "merged"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.path / "pid"
-
-    @property
-    def console(self) -> Path:
-        return self.path / "console.log"
-
-    @property
-    def boot_script(self) -> Path:
-        return self.path / "boot.sh"
-
-    @property
-    def etc(self) -> Path:
-        """hosts, hostname and resolv.conf, mounted over the guest's own: they describe this VM, not the image."""
-        return self.path / "etc"
-
-
-@dataclass(frozen=True)
-class VmLayers:
-    """What a VM's root filesystem is made of. ``lower`` is None when the VM runs on a plain copy."""
-
-    root: Path
-    lower: Path | None
+    def __getattr__(self, name: str) -> Path:
+        files = {
+            "upper": "upper",
+            "work": "work",
+            "merged": "merged",
+            "seed": "seed",
+            "resolved": "resolved.conf",
+            "supervisor": "supervisor.sh",
+            "inner": "inner.sh",
+            "supervisor_pid": "supervisor.pid",
+            "nspawn_pid": "nspawn.pid",
+            "console": "console.log",
+            "slirp_socket": "slirp.sock",
+            "in_namespaces": "ns.ready",
+            "network_ready": "net.ready",
+        }
+        if name not in files:
+            raise AttributeError(name)
+        return self.path / files[name]
 
 
 class LocalVms:
@@ -124,7 +111,7 @@ class LocalVms:
         return VmFolder(self._vms / name)
 
     async def layers(self, name: str) -> VmLayers:
-        """The writable layer of a VM (its whole root on a copy) and the base below it."""
+        """The VM's own layer (its whole root on a copy) and the image below it."""
         record = await asyncio.to_thread(self._store.get, vm_id(name))
         if record is None:
             raise PermanentError(f"there is no local VM named {name}", kind="VmNotFound")
@@ -132,33 +119,43 @@ class LocalVms:
         folder = self.folder(name)
         return VmLayers(root=folder.upper if lower else folder.merged, lower=Path(lower) if lower else None)
 
-    async def create(self, build: BuildContext, spec: VmSpec, base: Path) -> BuildVm:
-        """Boot a VM on ``base``, or return the one a previous attempt of this create made (create-or-get)."""
+    async def create(self, build: BuildContext, spec: VmSpec, image: Path) -> BuildVm:
+        """Boot a VM of ``image`` and wait until it is provisioned, or return the one a previous attempt of this
+        create made (create-or-get).
+
+        Raises:
+            PermanentError: a host program or what the image needs to boot is missing (nothing is made then).
+        """
         name = _checked_name(spec.name)
         limits = limits_for(spec.vm_profile.vm_size, spec.source.hyper_v_generation)
         folder = self.folder(name)
         async with file_lock(self._vms / f"{name}.lock"):
             record = await asyncio.to_thread(self._store.get, vm_id(name))
-            if record is not None and _running(folder) is not None:
+            if record is not None and self._running(folder):
+                await self._ready(name, folder, record.data)
                 return self._build_vm(name, record.data)
-            require_programs(BOOT_PROGRAMS, needed_by=f"booting VM {name}")
-            if not (base / GUEST_SSHD).exists():
+            require_programs(VM_PROGRAMS, needed_by=f"booting VM {name}")
+            missing = [
+                f"/{path} (Debian package {package})"
+                for path, package in IMAGE_NEEDS.items()
+                if not (image / path).exists()
+            ]
+            if missing:
                 raise PermanentError(
-                    f"VM {name} cannot boot: its root {base} has no /{GUEST_SSHD} (Debian package openssh-server), "
-                    "so nothing in it would answer SSH",
-                    kind="GuestNotBootable",
+                    f"VM {name} cannot boot: its image {image} has no {', '.join(missing)}", kind="GuestNotBootable"
                 )
             tags = kiln_tags(build.build_id, role=ROLE_TEMPORARY, extra=build.managed_resource_tags)
-            host_key = derive_key(self._secret, build.build_id, "host")
             if record is None:
                 data = {
-                    "address": await asyncio.to_thread(self._claim_address, build, name, tags),
+                    "address": await asyncio.to_thread(claim_address, self._store, build, name, tags),
+                    "port": SSH_PORT,
                     "adminUser": admin_user_of(build.build_id),
-                    "hostKey": public_line(host_key),
+                    "hostKey": public_line(derive_key(self._secret, build.build_id, "host")),
                     "folder": str(folder.path),
                     "hyperVGeneration": spec.source.hyper_v_generation,
+                    "sourceBytes": spec.source.size_bytes,
                     "vmSize": limits.size,
-                    "lower": str(base) if await overlay_works(base, self._vms) else None,
+                    "lower": str(image) if await overlay_works(image, self._vms) else None,
                 }
                 # Recorded before anything is made: a worker that dies from here on leaves a record to clean up by.
                 await asyncio.to_thread(
@@ -174,22 +171,22 @@ class LocalVms:
                 )
             else:
                 data = record.data  # an earlier attempt recorded it, and perhaps made part of it
-            await asyncio.to_thread(self._prepare, build, folder, base, data, host_key)
-            cgroups = await asyncio.to_thread(_make_cgroups, name, limits)
-            await _add_address(data["address"])
-            await self._boot(name, folder, data, cgroups)
+                await self._kill(name, folder)  # whatever of it still runs without answering
+            await asyncio.to_thread(self._prepare, build, folder, image, data)
+            groups = await asyncio.to_thread(cgroups.make_cgroups, name, limits)
+            await self._boot(name, folder, data, groups)
+            await self._ready(name, folder, data)
             return self._build_vm(name, data)
 
     async def delete(self, name: str) -> None:
-        """Stop the VM and remove its files, cgroups and address; succeeds if it is already gone."""
+        """Stop the VM for good and remove its files, cgroups and records; succeeds if it is already gone."""
         name = _checked_name(name)
         folder = self.folder(name)
         async with file_lock(self._vms / f"{name}.lock"):
-            await self.stop(name)
-            await asyncio.to_thread(_remove_cgroups, name)
+            await self._kill(name, folder)
+            await asyncio.to_thread(cgroups.remove_cgroups, name)
             for record in await asyncio.to_thread(self._store.list, kind=ADDRESS_KIND):
                 if record.data.get("vm") == name:
-                    await _delete_address(record.data["address"])
                     await asyncio.to_thread(self._store.forget, record.id)
             await asyncio.to_thread(shutil.rmtree, folder.path, True)
             await asyncio.to_thread(self._store.forget, overlay_id(name))
@@ -197,27 +194,58 @@ class LocalVms:
             (self._vms / f"{name}.lock").unlink(missing_ok=True)
 
     async def stop(self, name: str) -> None:
-        """End every process of the VM by killing its PID 1, and wait until none is left."""
+        """Power the VM off as a machine shuts down (its journal flushed, its files synced), then make sure
+        nothing of it runs: what a capture of its disk needs."""
         folder = self.folder(name)
-        running = _running(folder)
-        if running is not None:
-            pid, namespace = running
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        nspawn = live_pid(folder.nspawn_pid)
+        if nspawn is not None:
+            os.kill(nspawn, signal.SIGTERM)  # nspawn asks the container's systemd to power off
             deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-            while await asyncio.to_thread(_namespace_has_processes, namespace):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the processes of VM {name} did not end within {STOP_TIMEOUT_SECONDS:.0f}s")
-                await asyncio.sleep(0.02)
-        folder.pid_file.unlink(missing_ok=True)
+            while self._running(folder) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        await self._kill(name, folder)
+
+    def leader(self, name: str) -> int:
+        """The host pid of the VM's PID 1 (its systemd), to enter its namespaces from the host.
+
+        Raises:
+            PermanentError: the VM is not running.
+        """
+        nspawn = live_pid(self.folder(name).nspawn_pid)
+        for child in _children(nspawn) if nspawn is not None else []:
+            # nspawn's first children set the container up from the host's namespaces; PID 1 has one of its own.
+            if _pid_namespace(child) not in (None, _pid_namespace(nspawn)):
+                return child
+        raise PermanentError(f"local VM {name} is not running", kind="VmNotRunning")
+
+    async def _kill(self, name: str, folder: VmFolder) -> None:
+        """End every process of the VM: its PID 1 first (which ends all of the guest's), then all its cgroups list
+        and what its pid files name (where it has no cgroups)."""
+        nspawn = live_pid(folder.nspawn_pid)
+        victims = [*(_children(nspawn) if nspawn is not None else []), nspawn, live_pid(folder.supervisor_pid)]
+        for pid in victims:
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        await asyncio.to_thread(cgroups.kill_all, name)
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        while self._running(folder):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the processes of VM {name} did not end within {STOP_TIMEOUT_SECONDS:.0f}s")
+            await asyncio.sleep(0.02)
+        for pid_file in (folder.supervisor_pid, folder.nspawn_pid):
+            pid_file.unlink(missing_ok=True)
+
+    def _running(self, folder: VmFolder) -> bool:
+        return any(live_pid(pid_file) is not None for pid_file in (folder.supervisor_pid, folder.nspawn_pid))
 
     def _build_vm(self, name: str, data: dict) -> BuildVm:
         return BuildVm(
             name=name,
             host=data["address"],
-            port=SSH_PORT,
+            port=data["port"],
             admin_user=data["adminUser"],
             host_key=data["hostKey"],
             os_type="Linux",
@@ -228,187 +256,189 @@ class LocalVms:
             ],
         )
 
-    def _claim_address(self, build: BuildContext, name: str, tags: dict[str, str]) -> str:
-        """A loopback address derived from the VM name; the store's atomic claim settles a collision."""
-        outside_kiln = set(_loopback_addresses())
-        for attempt in range(1000):
-            digest = hashlib.sha256(f"{name}/{attempt}".encode()).digest()
-            # Skips 127.0.x.x, where the host's own services listen.
-            address = f"127.{1 + digest[0] % 254}.{digest[1]}.{1 + digest[2] % 254}"
-            if address in outside_kiln and self._store.get(address_id(address)) is None:
-                continue
-            claimed = self._store.claim(
-                address_id(address),
-                kind=ADDRESS_KIND,
-                build_id=build.build_id,
-                tags=tags,
-                data={"address": address, "vm": name},
-            )
-            if claimed.data.get("vm") == name:
-                return address
-        raise RuntimeError("no free loopback address for a VM")
-
-    def _prepare(
-        self, build: BuildContext, folder: VmFolder, base: Path, data: dict, host_key: asyncssh.SSHKey
-    ) -> None:
-        """Lay out the VM's folder and write the build's admin user, keys and host key into its root."""
-        for path in (folder.path, folder.work, folder.merged, folder.etc):
+    def _prepare(self, build: BuildContext, folder: VmFolder, image: Path, data: dict) -> None:
+        """Lay out the VM's folder: its layer, the seed cloud-init provisions it from, and its run scripts."""
+        for path in (folder.path, folder.work, folder.merged, folder.seed):
             path.mkdir(parents=True, exist_ok=True)
         if data["lower"]:
             folder.upper.mkdir(exist_ok=True)
-            layer = _Layer(folder.upper, base)
+            layer = folder.upper
         else:
             if not any(folder.merged.iterdir()):
-                # Where overlayfs cannot stack on the state folder: a full copy (reflinks where possible).
-                subprocess.run(["cp", "-a", "--reflink=auto", f"{base}/.", str(folder.merged)], check=True)
-            layer = _Layer(folder.merged, None)
+                # Where overlayfs cannot stack on the state folder: a whole copy (reflinks where possible).
+                subprocess.run(["cp", "-a", "--reflink=auto", f"{image}/.", str(folder.merged)], check=True)
+            layer = folder.merged
         user = data["adminUser"]
-        client_key = derive_key(self._secret, build.build_id, "client")
-        layer.add_user(user)
-        home = f"home/{user}"
-        uid, gid = layer.ids_of(user)
-        layer.write(
-            f"{home}/.ssh/authorized_keys",
-            public_line(client_key, "kiln").encode() + b"\n",
-            mode=0o600,
-            owner=(uid, gid),
-            folder_mode=0o700,
-        )
-        layer.write(f"etc/sudoers.d/90-{user}", f"{user} ALL=(ALL) NOPASSWD:ALL\n".encode(), mode=0o440)
-        layer.write("etc/ssh/ssh_host_ed25519_key", private_openssh(host_key), mode=0o600)
-        layer.write("etc/ssh/ssh_host_ed25519_key.pub", data["hostKey"].encode() + b"\n", mode=0o644)
-        layer.write(f"{GUEST_FILES}/admin-user", f"{user}\n".encode(), mode=0o644)
         hostname = folder.path.name[:63]
-        (folder.etc / "hostname").write_text(f"{hostname}\n")
-        (folder.etc / "hosts").write_text(
-            f"127.0.0.1\tlocalhost\n{data['address']}\t{hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        host_key = derive_key(self._secret, build.build_id, "host")
+        client_key = derive_key(self._secret, build.build_id, "client")
+        (folder.seed / "user-data").write_text(
+            "#cloud-config\n" + json.dumps(cloud_config(user, public_line(client_key, "kiln"), host_key), indent=1)
         )
-        shutil.copyfile("/etc/resolv.conf", folder.etc / "resolv.conf")
+        # A new instance id for every boot from the seed: cloud-init provisions the VM again.
+        instance = {"instance-id": f"{hostname}-{uuid.uuid4().hex[:12]}", "local-hostname": hostname}
+        (folder.seed / "meta-data").write_text(json.dumps(instance) + "\n")
+        waagent = layer / "var/lib/waagent"
+        waagent.mkdir(parents=True, exist_ok=True)
+        ovf = waagent / "ovf-env.xml"
+        ovf.write_text(_OVF_ENV.format(hostname=hostname, user=user))
+        ovf.chmod(0o600)
+        # The VM's DNS is slirp4netns's forwarder, given to systemd-resolved in the VM's /run, not in its image.
+        folder.resolved.write_text("[Resolve]\nDNS=10.0.2.3\n")
+        for path in (folder.in_namespaces, folder.network_ready, folder.slirp_socket):
+            path.unlink(missing_ok=True)
 
-    async def _boot(self, name: str, folder: VmFolder, data: dict, cgroups: list[Path]) -> None:
-        folder.boot_script.write_text(_boot_script(name, folder, data, cgroups))
-        folder.pid_file.unlink(missing_ok=True)
+    async def _boot(self, name: str, folder: VmFolder, data: dict, groups: list[Path]) -> None:
+        folder.inner.write_text(_inner_script(name, folder, data))
+        folder.supervisor.write_text(_supervisor_script(folder, groups))
         with folder.console.open("ab") as console:
             # setsid -f: the VM is no child of this worker and lives on when the worker dies.
             launcher = await asyncio.create_subprocess_exec(
-                "setsid",
-                "-f",
-                "unshare",
-                "--mount",
-                "--uts",
-                "--ipc",
-                "--pid",
-                "--fork",
-                "--propagation",
-                "private",
-                "sh",
-                str(folder.boot_script),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=console,
-                stderr=console,
-            )
+                "setsid", "-f", "sh", str(folder.supervisor),
+                stdin=asyncio.subprocess.DEVNULL, stdout=console, stderr=console,
+            )  # fmt: skip
             await launcher.wait()
-        deadline = time.monotonic() + BOOT_TIMEOUT_SECONDS
-        while not await _ssh_ready(data["address"]):
-            if time.monotonic() > deadline or (folder.pid_file.exists() and _running(folder) is None):
-                tail = folder.console.read_text(errors="replace").splitlines()[-20:]
-                raise RuntimeError(f"VM {name} did not start sshd on {data['address']}:{SSH_PORT}:\n" + "\n".join(tail))
+        deadline = time.monotonic() + 5
+        while live_pid(folder.supervisor_pid) is None:  # setsid -f returns before the supervisor has begun
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the supervisor of VM {name} did not start: {folder.console.read_text()[-2000:]}")
             await asyncio.sleep(0.01)
 
+    async def _ready(self, name: str, folder: VmFolder, data: dict) -> None:
+        """Forward the VM's sshd to its address, wait for it, then for cloud-init to finish provisioning (its later
+        stages configure apt, which a first customizer's apt would race)."""
+        deadline = time.monotonic() + BOOT_TIMEOUT_SECONDS
+        while not folder.slirp_socket.exists():
+            self._check_boot(name, folder, deadline, "its network")
+            await asyncio.sleep(0.02)
+        await _forward(folder.slirp_socket, data["address"], data["port"])
+        while not await ssh_answers(data["address"], data["port"]):
+            self._check_boot(name, folder, deadline, f"sshd on {data['address']}:{data['port']}")
+            await asyncio.sleep(0.02)
+        waiting = await asyncio.create_subprocess_exec(
+            "nsenter", "-t", str(self.leader(name)), "-a", "cloud-init", "status", "--wait",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        output, _ = await waiting.communicate()
+        if waiting.returncode == 1:  # 2 is "degraded": provisioned, with warnings
+            raise RuntimeError(f"cloud-init failed to provision VM {name}: {output.decode(errors='replace')}")
 
-def _checked_name(name: str) -> str:
-    if not name or "/" in name or name.startswith(".") or len(name) > 100:
-        raise PermanentError(f"'{name}' cannot name a local VM", kind="InvalidName")
-    return name
-
-
-class _Layer:
-    """Writes into a VM's writable layer; files it changes start from the base's copy, as overlayfs would."""
-
-    def __init__(self, root: Path, lower: Path | None) -> None:
-        self.root = root
-        self.lower = lower
-
-    def read(self, relative: str) -> str:
-        for top in (self.root, self.lower):
-            if top is not None and (top / relative).exists():
-                return (top / relative).read_text()
-        return ""
-
-    def write(
-        self, relative: str, data: bytes, *, mode: int, owner: tuple[int, int] = (0, 0), folder_mode: int = 0o755
-    ) -> None:
-        self._make_parents(relative, owner, folder_mode)
-        target = self.root / relative
-        target.unlink(missing_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.chown(target, *owner)
-        os.chmod(target, mode)
-
-    def _make_parents(self, relative: str, owner: tuple[int, int], folder_mode: int) -> None:
-        """Folders new to the layer take the base's owner and mode, so the merged view shows them unchanged."""
-        parts = Path(relative).parts[:-1]
-        for depth in range(1, len(parts) + 1):
-            sub = Path(*parts[:depth])
-            made = self.root / sub
-            if made.is_dir():
-                continue
-            made.mkdir()
-            below = self.lower / sub if self.lower is not None else None
-            if below is not None and below.is_dir():
-                info = below.stat()
-                os.chown(made, info.st_uid, info.st_gid)
-                os.chmod(made, info.st_mode & 0o7777)
-            else:
-                os.chown(made, *owner)
-                os.chmod(made, folder_mode)
-
-    def ids_of(self, user: str) -> tuple[int, int]:
-        for line in self.read("etc/passwd").splitlines():
-            fields = line.split(":")
-            if fields[0] == user:
-                return int(fields[2]), int(fields[3])
-        raise KeyError(user)
-
-    def add_user(self, user: str) -> None:
-        """Add ``user`` with a group of its own and a home, unless the layer has it already."""
-        passwd = self.read("etc/passwd")
-        if any(line.split(":")[0] == user for line in passwd.splitlines()):
+    def _check_boot(self, name: str, folder: VmFolder, deadline: float, waiting_for: str) -> None:
+        if time.monotonic() < deadline and self._running(folder):
             return
-        group = self.read("etc/group")
-        taken = {
-            int(line.split(":")[2]) for text in (passwd, group) for line in text.splitlines() if line.count(":") >= 2
-        }
-        uid = next(i for i in range(1000, 60000) if i not in taken)
-        days = int(time.time() // 86400)
-        self._append("etc/passwd", f"{user}:x:{uid}:{uid}::/home/{user}:/bin/bash\n")
-        self._append("etc/group", f"{user}:x:{uid}:\n")
-        # '*' and not '!': no password, yet not a locked account that sshd would refuse.
-        self._append("etc/shadow", f"{user}:*:{days}:0:99999:7:::\n")
-        self._append("etc/gshadow", f"{user}:!::\n")
-        (self.root / "home").mkdir(exist_ok=True)
-        home = self.root / "home" / user
-        home.mkdir(mode=0o750, exist_ok=True)
-        os.chown(home, uid, uid)
-
-    def _append(self, relative: str, line: str) -> None:
-        """Append to a system file, keeping the base's mode and owner (shadow is root:shadow 0640)."""
-        below = next(
-            (top / relative for top in (self.root, self.lower) if top is not None and (top / relative).exists()), None
+        tail = folder.console.read_text(errors="replace").splitlines()[-20:] if folder.console.exists() else []
+        why = (
+            "stopped"
+            if not self._running(folder)
+            else f"did not start {waiting_for} within {BOOT_TIMEOUT_SECONDS:.0f}s"
         )
-        if below is None:
-            return
-        info = below.stat()
-        text = self.read(relative)
-        if text and not text.endswith("\n"):
-            text += "\n"
-        self.write(relative, (text + line).encode(), mode=info.st_mode & 0o7777, owner=(info.st_uid, info.st_gid))
+        raise RuntimeError(f"VM {name} {why}; its console's last lines:\n" + "\n".join(tail))
 
 
-def _boot_script(name: str, folder: VmFolder, data: dict, cgroups: list[Path]) -> str:
-    """PID 1 of the VM: join its cgroups, mount its root, pivot into it and become its sshd."""
+def claim_address(store: ResourceStore, build: BuildContext, name: str, tags: dict[str, str]) -> str:
+    """A loopback address for VM ``name``, derived from the name; the store's atomic claim settles a collision.
+    Every 127.0.0.0/8 address is the host's already, so it needs no setting up, only to be nobody else's."""
+    for attempt in range(1000):
+        digest = hashlib.sha256(f"{name}/{attempt}".encode()).digest()
+        # Skips 127.0.x.x, where the host's own services listen.
+        address = f"127.{1 + digest[0] % 254}.{digest[1]}.{1 + digest[2] % 254}"
+        claimed = store.claim(
+            address_id(address),
+            kind=ADDRESS_KIND,
+            build_id=build.build_id,
+            tags=tags,
+            data={"address": address, "vm": name},
+        )
+        if claimed.data.get("vm") == name:
+            return address
+    raise RuntimeError(f"no free loopback address for VM {name}")
+
+
+def cloud_config(user: str, login_key: str, host_key) -> dict:
+    """What Azure's provisioning gives a Linux VM, as cloud-config: the admin user, its key, sudo, the host key."""
+    return {
+        "users": [
+            {
+                "name": user,
+                "shell": "/bin/bash",
+                "lock_passwd": True,
+                "sudo": "ALL=(ALL) NOPASSWD:ALL",
+                "ssh_authorized_keys": [login_key],
+            }
+        ],
+        "ssh_keys": {"ed25519_private": private_openssh(host_key).decode(), "ed25519_public": public_line(host_key)},
+        # Only the pinned key: cloud-init makes none of another type (and, as of cloud-init 25, [] is refused).
+        "ssh_genkeytypes": ["ed25519"],
+        "ssh_deletekeys": True,
+        "ssh_pwauth": False,
+        "disable_root": True,
+    }
+
+
+# The least of Azure's provisioning file that waagent reads the admin user from (waagent 2.7 and later).
+_OVF_ENV = """<?xml version="1.0" encoding="utf-8"?>
+<Environment xmlns="http://schemas.dmtf.org/ovf/environment/1" xmlns:wa="http://schemas.microsoft.com/windowsazure">
+ <wa:ProvisioningSection>
+  <wa:Version>1.0</wa:Version>
+  <LinuxProvisioningConfigurationSet xmlns="http://schemas.microsoft.com/windowsazure">
+   <ConfigurationSetType>LinuxProvisioningConfiguration</ConfigurationSetType>
+   <HostName>{hostname}</HostName>
+   <UserName>{user}</UserName>
+   <DisableSshPasswordAuthentication>true</DisableSshPasswordAuthentication>
+  </LinuxProvisioningConfigurationSet>
+ </wa:ProvisioningSection>
+ <wa:PlatformSettingsSection>
+  <PlatformSettings xmlns="http://schemas.microsoft.com/windowsazure">
+   <ProvisionGuestAgent>true</ProvisionGuestAgent>
+  </PlatformSettings>
+ </wa:PlatformSettingsSection>
+</Environment>
+"""
+
+
+def _supervisor_script(folder: VmFolder, groups: list[Path]) -> str:
+    """The VM's supervisor, in a session of its own: it starts the VM's namespaces and their network, then waits
+    for the VM to end and stops the network with it."""
+    q = shlex.quote
+    return f"""set -u
+{record_pid(folder.supervisor_pid)}
+{cgroups.join_command(groups)}
+unshare --mount --net --propagation private sh {q(str(folder.inner))} &
+vm=$!
+echo "$vm $(cut -d' ' -f22 /proc/$vm/stat)" > {q(str(folder.nspawn_pid))}
+waited=0
+until [ -e {q(str(folder.in_namespaces))} ]; do
+  [ "$waited" -lt 1000 ] || {{ kill -KILL "$vm"; exit 1; }}
+  sleep 0.01; waited=$((waited + 1))
+done
+# slirp4netns must join the VM's network namespace, never the host's (it would give the host a tap0 and a route).
+[ "$(readlink /proc/$vm/ns/net)" != "$(readlink /proc/self/ns/net)" ] || {{ kill -KILL "$vm"; exit 1; }}
+slirp4netns --configure --mtu=65520 --disable-host-loopback --api-socket {q(str(folder.slirp_socket))} \\
+  "$vm" tap0 > {q(str(folder.path / "slirp.log"))} 2>&1 &
+slirp=$!
+waited=0
+until [ -S {q(str(folder.slirp_socket))} ]; do
+  [ "$waited" -lt 1000 ] || {{ kill -KILL "$vm" "$slirp"; exit 1; }}
+  sleep 0.01; waited=$((waited + 1))
+done
+: > {q(str(folder.network_ready))}
+wait "$vm"
+kill "$slirp" 2> /dev/null
+wait "$slirp"
+rm -f {q(str(folder.supervisor_pid))} {q(str(folder.nspawn_pid))} {q(str(folder.slirp_socket))}
+"""
+
+
+def record_pid(pid_file: Path) -> str:
+    """Shell lines that write the running shell's pid and start time to ``pid_file`` (what ``live_pid`` reads):
+    a pid alone could name a later, unrelated process once the first has ended."""
+    return f"""read -r stat < /proc/self/stat
+set -- $stat
+echo "$1 ${{22}}" > {shlex.quote(str(pid_file))}"""
+
+
+def _inner_script(name: str, folder: VmFolder, data: dict) -> str:
+    """Runs in the VM's new mount and network namespaces and becomes systemd-nspawn: systemd as the VM's PID 1."""
     q = shlex.quote
     root = q(str(folder.merged))
     if data["lower"]:
@@ -417,199 +447,83 @@ def _boot_script(name: str, folder: VmFolder, data: dict, cgroups: list[Path]) -
             f"workdir={q(str(folder.work))} {root}"
         )
     else:
-        mount_root = f"mount --bind {root} {root}"  # pivot_root needs a mount point
-    join_cgroups = "\n".join(f"echo 0 > {q(str(group / 'cgroup.procs'))}" for group in cgroups)
-    make_nodes = "\n".join(
-        f"mknod -m 0666 {root}/dev/{node} c {major} {minor}"
-        for node, major, minor in (
-            ("null", 1, 3),
-            ("zero", 1, 5),
-            ("full", 1, 7),
-            ("random", 1, 8),
-            ("urandom", 1, 9),
-            ("tty", 5, 0),
-        )
-    )
-    binds = "\n".join(
-        f"[ -e {root}/etc/{f} ] || : > {root}/etc/{f}\nmount --bind {q(str(folder.etc / f))} {root}/etc/{f}"
-        for f in ("hostname", "hosts", "resolv.conf")
-    )
+        mount_root = ":"  # a whole copy of the image is the root already
+    # Arguments after the folder go to systemd, which (like cloud-init) reads PID 1's as the kernel's command line:
+    # network-config=disabled keeps cloud-init off tap0, which slirp4netns configures.
     return f"""set -eu
-# The host's view of this process: /proc is still the host's here, so "self" is its host pid.
-read -r stat < /proc/self/stat
-set -- $stat
-echo "$1 ${{22}}" > {q(str(folder.pid_file))}.tmp
-mv {q(str(folder.pid_file))}.tmp {q(str(folder.pid_file))}
-{join_cgroups}
+: > {q(str(folder.in_namespaces))}
+ip link set lo up
+until [ -e {q(str(folder.network_ready))} ]; do sleep 0.01; done
 {mount_root}
-mount -t proc -o nosuid,nodev,noexec proc {root}/proc
-mount -t sysfs -o ro,nosuid,nodev,noexec sysfs {root}/sys
-mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs {root}/run
-mkdir -m 0755 {root}/run/sshd {root}/run/lock
-mount -t tmpfs -o mode=0755,nosuid tmpfs {root}/dev
-{make_nodes}
-mkdir {root}/dev/pts {root}/dev/shm
-mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5 devpts {root}/dev/pts
-ln -s pts/ptmx {root}/dev/ptmx
-mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs {root}/dev/shm
-ln -s /proc/self/fd {root}/dev/fd
-ln -s /proc/self/fd/0 {root}/dev/stdin
-ln -s /proc/self/fd/1 {root}/dev/stdout
-ln -s /proc/self/fd/2 {root}/dev/stderr
-{binds}
-echo {q(name[:63])} > /proc/sys/kernel/hostname
-cd {root}
-pivot_root . .
-umount -l .
-cd /
-exec /usr/sbin/sshd -D -e -o ListenAddress={data["address"]}:{SSH_PORT} -o HostKey=/etc/ssh/ssh_host_ed25519_key -o UseDNS=no
+exec systemd-nspawn --quiet --directory={root} --boot --register=no --keep-unit --console=pipe \\
+  --machine={q(name[:63])} --resolv-conf=off \\
+  --bind-ro={q(str(folder.resolved))}:/run/systemd/resolved.conf.d/90-kiln.conf \\
+  --bind-ro={q(str(folder.seed))}:/var/lib/cloud/seed/nocloud \\
+  network-config=disabled < /dev/null
 """
 
 
-def _running(folder: VmFolder) -> tuple[int, int] | None:
-    """PID 1 of the VM and its PID namespace, if it still runs. The start time in the pid file tells the VM's
-    process from an unrelated one that got the same pid later."""
+async def _forward(socket_path: Path, address: str, port: int) -> None:
+    """Forward ``address:port`` on the host to the VM's sshd through slirp4netns's API, unless an earlier attempt
+    of this create already has."""
+    listed = await _slirp_call(socket_path, {"execute": "list_hostfwd"})
+    entries = listed.get("entries") or []
+    if any(e.get("host_addr") == address and e.get("host_port") == port for e in entries):
+        return
+    request = {
+        "execute": "add_hostfwd",
+        "arguments": {"proto": "tcp", "host_addr": address, "host_port": port, "guest_port": SSH_PORT},
+    }
+    if error := (await _slirp_call(socket_path, request)).get("error"):
+        raise RuntimeError(f"could not forward {address}:{port} to the VM's sshd: {error}")
+
+
+async def _slirp_call(socket_path: Path, request: dict) -> dict:
+    """One request to slirp4netns's API socket (one per connection) and its answer."""
+    reader, writer = await asyncio.open_unix_connection(str(socket_path))
     try:
-        pid_text, start_time = folder.pid_file.read_text().split()
-        pid = int(pid_text)
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        namespace = os.stat(f"/proc/{pid}/ns/pid").st_ino
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    state, started = fields[0], fields[19]
-    if state in ("Z", "X") or started != start_time:
-        return None
-    return pid, namespace
-
-
-def _namespace_has_processes(namespace: int) -> bool:
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if os.stat(f"/proc/{entry.name}/ns/pid").st_ino == namespace:
-                    return True
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
-                continue
-    return False
-
-
-async def overlay_works(base: Path, vms: Path) -> bool:
-    """Whether overlayfs stacks a VM's layer on ``base`` here; the probe mount vanishes with its namespace."""
-    probe = vms / f".overlay-probe-{os.getpid()}-{id(base)}"
-    for sub in ("upper", "work", "merged"):
-        (probe / sub).mkdir(parents=True, exist_ok=True)
-    try:
-        await run(
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "mount",
-            "-t",
-            "overlay",
-            "probe",
-            "-o",
-            f"lowerdir={base},upperdir={probe / 'upper'},workdir={probe / 'work'}",
-            str(probe / "merged"),
-        )
-        return True
-    except CommandFailed:
-        return False
-    finally:
-        await asyncio.to_thread(shutil.rmtree, probe, True)
-
-
-async def _ssh_ready(address: str) -> bool:
-    """True once sshd accepts a connection and sends its banner."""
-    try:
-        reader, writer = await asyncio.open_connection(address, SSH_PORT)
-    except OSError:
-        return False
-    try:
-        banner = await asyncio.wait_for(reader.readline(), timeout=2)
-        return banner.startswith(b"SSH-")
-    except (TimeoutError, OSError):
-        return False
+        writer.write(json.dumps(request).encode())
+        await writer.drain()
+        return json.loads(await reader.read(65536) or b"{}")
     finally:
         writer.close()
 
 
-def _loopback_addresses() -> list[str]:
-    output = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", "lo"], capture_output=True, text=True, check=True)
-    return [line.split()[3].split("/")[0] for line in output.stdout.splitlines()]
-
-
-async def _add_address(address: str) -> None:
+def live_pid(pid_file: Path) -> int | None:
+    """The pid a ``<pid> <start time>`` file names, if that very process still runs (not a later one reusing
+    its pid)."""
     try:
-        await run("ip", "addr", "add", f"{address}/32", "dev", "lo")
-    except CommandFailed as err:
-        if "File exists" not in err.stderr:
-            raise
+        pid_text, start_time = pid_file.read_text().split()
+        stat = Path(f"/proc/{int(pid_text)}/stat").read_text()
+    except (FileNotFoundError, ValueError):
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X") or fields[19] != start_time:
+        return None
+    return int(pid_text)
 
 
-async def _delete_address(address: str) -> None:
+def _pid_namespace(pid: int) -> int | None:
     try:
-        await run("ip", "addr", "del", f"{address}/32", "dev", "lo")
-    except CommandFailed as err:
-        if "Cannot assign requested address" not in err.stderr:
-            raise
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
-def _cgroup_v2() -> bool:
-    return (CGROUP_ROOT / "cgroup.controllers").exists()
-
-
-def _cgroup_dirs(name: str) -> dict[str, Path]:
-    """The VM's cgroup folder per controller (one folder for all of them on cgroup v2)."""
-    if _cgroup_v2():
-        return {"unified": CGROUP_ROOT / "kiln" / name}
-    return {c: CGROUP_ROOT / c / "kiln" / name for c in ("cpu", "memory") if (CGROUP_ROOT / c).is_dir()}
-
-
-def _limit_files(limits: VmLimits) -> dict[str, dict[str, str]]:
-    """What to write into each controller's folder to cap the VM at its size."""
-    period = 100_000
-    quota = str(int(limits.cpus * period))
-    memory = str(limits.memory_bytes)
-    return {
-        "unified": {"cpu.max": f"{quota} {period}", "memory.max": memory},
-        "cpu": {"cpu.cfs_period_us": str(period), "cpu.cfs_quota_us": quota},
-        "memory": {"memory.limit_in_bytes": memory},
-    }
-
-
-def _make_cgroups(name: str, limits: VmLimits) -> list[Path]:
-    """The VM's cgroups, limited to its size's CPUs and memory; none where the machine does not allow it."""
-    made = []
-    try:
-        if _cgroup_v2():
-            # Controllers reach a child only when each of its parents enables them for its children.
-            for parent in (CGROUP_ROOT, CGROUP_ROOT / "kiln"):
-                parent.mkdir(exist_ok=True)
-                (parent / "cgroup.subtree_control").write_text("+cpu +memory")
-        files = _limit_files(limits)
-        for controller, group in _cgroup_dirs(name).items():
-            group.mkdir(parents=True, exist_ok=True)
-            made.append(group)
-            for file, value in files[controller].items():
-                (group / file).write_text(value)
-    except OSError:
-        pass  # a read-only or delegated cgroup tree: the VM runs with whatever limits could be set
-    return made
-
-
-def _remove_cgroups(name: str) -> None:
-    for group in _cgroup_dirs(name).values():
-        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-        while True:
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
             try:
-                group.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError as err:
-                # The last processes may still be leaving the cgroup just after they were killed.
-                if err.errno != errno.EBUSY or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _checked_name(name: str) -> str:
+    if not name or "/" in name or name.startswith(".") or len(name) > 100:
+        raise PermanentError(f"'{name}' cannot name a local VM", kind="InvalidName")
+    return name
