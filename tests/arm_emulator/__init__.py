@@ -8,7 +8,8 @@ Typical use::
     with ArmEmulator() as arm:
         compute = ComputeManagementClient(FakeCredential(), SUBSCRIPTION, **client_kwargs(arm.base_url))
 
-The `.aio` clients take `FakeAsyncCredential()` and `client_kwargs(base_url, aio=True)`.
+The `.aio` clients take `FakeAsyncCredential()` and the same `client_kwargs(base_url)`; they use azure-core's
+default async transport (aiohttp), as kiln's worker does in production.
 """
 
 from __future__ import annotations
@@ -79,19 +80,15 @@ class AllowHttp(SansIOHTTPPolicy):
         request.context["enforce_https"] = False
 
 
-def client_kwargs(base_url: str, *, aio: bool = False, fast_retries: bool = True) -> dict[str, Any]:
-    """Keyword arguments that point an azure-mgmt client at the emulator.
+def client_kwargs(base_url: str, *, fast_retries: bool = True) -> dict[str, Any]:
+    """Keyword arguments that point an azure-mgmt client (sync or `.aio`) at the emulator.
 
     `fast_retries` shrinks the exponential back-off between retries of 408/429/5xx answers
     without Retry-After (0 s, 1.6 s, 3.2 s by default) so tests of those stay short; the number of
-    attempts and the honouring of Retry-After are unchanged. The async clients get azure-core's
-    requests-based asyncio transport, so aiohttp is not needed.
+    attempts and the honouring of Retry-After are unchanged. No transport is chosen: the sync clients
+    use requests and the `.aio` ones aiohttp, the transports kiln runs on.
     """
     kwargs: dict[str, Any] = {"base_url": base_url, "per_call_policies": [AllowHttp()]}
     if fast_retries:
         kwargs["retry_backoff_factor"] = 0.01
-    if aio:
-        from azure.core.pipeline.transport import AsyncioRequestsTransport
-
-        kwargs["transport"] = AsyncioRequestsTransport()
     return kwargs

@@ -100,7 +100,7 @@ def make_cloud(arm_url: str, blob_account: str, *, secret: bytes, **options: Any
         FakeAsyncCredential(),
         SUB,
         arm_endpoint=arm_url,
-        client_options=client_kwargs(arm_url, aio=True),
+        client_options=client_kwargs(arm_url),
         blob_credential=local_azurite.credential(local_azurite.STAGING_ACCOUNT),
         secret=secret,
         egress_ip="127.0.0.1",

@@ -855,12 +855,12 @@ def test_vm_from_a_plan_image_needs_the_plan(arm: ArmEmulator, az: Clients) -> N
 
 
 async def test_async_clients_create_poll_and_delete(arm: ArmEmulator) -> None:
-    kwargs = client_kwargs(arm.base_url, aio=True)
+    kwargs = client_kwargs(arm.base_url)
     async with (
         FakeAsyncCredential() as cred,
         AioResourceManagementClient(cred, SUB, **kwargs) as resource,
-        AioNetworkManagementClient(cred, SUB, **client_kwargs(arm.base_url, aio=True)) as network,
-        AioComputeManagementClient(cred, SUB, **client_kwargs(arm.base_url, aio=True)) as compute,
+        AioNetworkManagementClient(cred, SUB, **client_kwargs(arm.base_url)) as network,
+        AioComputeManagementClient(cred, SUB, **client_kwargs(arm.base_url)) as compute,
     ):
         await resource.resource_groups.create_or_update("rg1", {"location": LOC})
         arm.faults.add(method="PUT", path_regex="/networkInterfaces/", status=429, retry_after=1, times=1)
