@@ -343,7 +343,8 @@ async def main(builds: int, count: int, sleep: int) -> None:
                     scratch / "artifacts",
                     [],
                 )
-                await prepare(harness.start_worker())
+                harness.start_worker()
+                await prepare(arm.base_url)
                 await sequential(harness, builds)
                 await harness.stop_workers()
                 if count:

@@ -23,6 +23,7 @@ from .blobs import AZURITE_ACCOUNT, AZURITE_KEY, Azurite, fixed_vhd
 from .compute.platform_images import PlatformImage
 from .compute.vm import GuestEndpoint, GuestSpec
 from .protocol import ArmError, Call
+from .rbac import Role
 from .server import ArmEmulator
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "GuestEndpoint",
     "GuestSpec",
     "PlatformImage",
+    "Role",
     "client_kwargs",
     "fixed_vhd",
 ]
@@ -46,17 +48,24 @@ _FAR_FUTURE = 4102444800  # 2100-01-01: the token never needs refreshing during 
 
 
 class FakeCredential:
-    """A token credential for the sync clients; the emulator accepts any bearer token."""
+    """A token credential for the sync clients. The emulator accepts any bearer token; the token names the
+    principal, whose role `ArmEmulator.roles` may set (any other principal is an Owner)."""
+
+    def __init__(self, token: str = "fake") -> None:
+        self.token = token
 
     def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
-        return AccessToken("fake", _FAR_FUTURE)
+        return AccessToken(self.token, _FAR_FUTURE)
 
 
 class FakeAsyncCredential:
     """The same for the `.aio` clients, whose auth policy awaits get_token and closes the credential."""
 
+    def __init__(self, token: str = "fake") -> None:
+        self.token = token
+
     async def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
-        return AccessToken("fake", _FAR_FUTURE)
+        return AccessToken(self.token, _FAR_FUTURE)
 
     async def close(self) -> None:
         pass

@@ -3,7 +3,9 @@
 Shared by the fixtures in ``conftest.py``, the build tests and ``bench/bench_azure.py``, so a benchmark measures
 exactly what the tests exercise. The real Azure SDK clients (``.aio``) talk to the emulator over HTTP; only the
 token is fake. Blob data goes to Azurite with its account key (Azurite takes no Entra tokens, hence
-``AzureCloud``'s ``blob_credential``). A VM the emulator creates gets a real guest: a local VM (``LocalVms``) whose
+``AzureCloud``'s ``blob_credential``). kiln's clients hold the role ``deploy/azure-role.json`` ships and nothing more
+(the emulator enforces it, see ``tests/arm_emulator/rbac.py``); what a test sets up beforehand, as the user would,
+it does as an Owner (``owner_clients``). A VM the emulator creates gets a real guest: a local VM (``LocalVms``) whose
 root is an overlay on this machine's own root, provisioned as Azure's agent would from the VM's osProfile (admin
 user, SSH key), with a ``waagent`` that deprovisions the admin user, and reachable on its own loopback address at
 port 22.
@@ -23,6 +25,7 @@ from typing import Any
 from temporalio.client import Client, WorkflowHandle
 
 from activities.clouds.azure import AzureCloud
+from activities.clouds.azure.clients import ArmClients
 from activities.clouds.local import azurite as local_azurite
 from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.vm import LocalVms, _Layer, overlay_works
@@ -33,6 +36,7 @@ from tests.arm_emulator import (
     GuestEndpoint,
     GuestSpec,
     PlatformImage,
+    Role,
     client_kwargs,
 )
 from tests.fixtures import CORPUS
@@ -42,7 +46,11 @@ from workflows.build import ImageBuildWorkflow
 from workflows.models import BuildContext, BuildStatus, ResolvedSource, VmSpec
 from workflows.template import VmProfile
 
+PROJECT = Path(__file__).parents[2]
 SUB = "6f1c2a9e-5b0d-4c47-9d43-0b6a3c2e7f10"
+# The bearer token kiln's clients send: the principal the shipped role is assigned to.
+KILN_PRINCIPAL = "kiln-worker"
+SHIPPED_ROLE = PROJECT / "deploy" / "azure-role.json"
 LOCATION = "eastus"
 REGION2 = "westus2"
 RG = "aibImageRG"
@@ -82,7 +90,9 @@ echo "$* : already the newest version (test guest)."
 
 
 def make_arm(blob_account: str, **settings: Any) -> ArmEmulator:
-    """An emulator (not started) with the corpus's platform images, exporting disks to Azurite's staging account."""
+    """An emulator (not started) with the corpus's platform images, exporting disks to Azurite's staging account,
+    where kiln's principal holds the shipped role."""
+    settings.setdefault("roles", {KILN_PRINCIPAL: Role.from_file(SHIPPED_ROLE)})
     return ArmEmulator(
         azurite=Azurite(
             blob_url=blob_account,
@@ -97,7 +107,7 @@ def make_arm(blob_account: str, **settings: Any) -> ArmEmulator:
 
 def make_cloud(arm_url: str, blob_account: str, *, secret: bytes, **options: Any) -> AzureCloud:
     return AzureCloud(
-        FakeAsyncCredential(),
+        FakeAsyncCredential(KILN_PRINCIPAL),
         SUB,
         arm_endpoint=arm_url,
         client_options=client_kwargs(arm_url),
@@ -108,6 +118,11 @@ def make_cloud(arm_url: str, blob_account: str, *, secret: bytes, **options: Any
         conflict_backoff=0.05,
         **options,
     )
+
+
+def owner_clients(arm_url: str) -> ArmClients:
+    """Management clients of a principal the emulator treats as an Owner: for what the user makes before a build."""
+    return ArmClients(FakeAsyncCredential(), SUB, arm_endpoint=arm_url, options=client_kwargs(arm_url))
 
 
 def kiln_resources(arm: ArmEmulator, build_id: str | None = None) -> list[dict[str, Any]]:
@@ -278,10 +293,18 @@ class AzureHarness:
         return node
 
 
-async def prepare(cloud: AzureCloud, *, generation: str = "V1") -> None:
-    """What the corpus templates expect to exist: the destination group, a gallery and its image definitions, a
-    source image and version, and a VNet with a subnet."""
-    resource, compute, network = cloud.arm.resource, cloud.arm.compute, cloud.arm.network
+async def prepare(arm_url: str, *, generation: str = "V1") -> None:
+    """What the corpus templates expect to exist, made as the user would (an Owner): the destination group, a
+    gallery and its image definitions, a source image and version, and a VNet with a subnet."""
+    owner = owner_clients(arm_url)
+    try:
+        await _prepare(owner, generation)
+    finally:
+        await owner.close()
+
+
+async def _prepare(owner: ArmClients, generation: str) -> None:
+    resource, compute, network = owner.resource, owner.compute, owner.network
     for group in (RG, "vnetRG"):
         await resource.resource_groups.create_or_update(group, {"location": LOCATION})
     await (await compute.galleries.begin_create_or_update(RG, GALLERY, {"location": LOCATION})).result()

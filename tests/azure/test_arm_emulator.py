@@ -45,6 +45,7 @@ from tests.arm_emulator import (
     GuestEndpoint,
     GuestSpec,
     PlatformImage,
+    Role,
     client_kwargs,
 )
 
@@ -427,6 +428,76 @@ def test_resources_filter_by_tag(arm: ArmEmulator, az: Clients) -> None:
     assert {r["name"] for r in arm.resources(tag_filter={"kiln-build": "b1"})} == {"kiln-b1", "nsg"}
     assert arm.resources(tag_filter={"kiln-build": "b2"}) == []
     assert [r.name for r in az.resource.resources.list(filter="tagName eq 'kiln-build'")] == ["nsg"]
+
+
+# ---------------------------------------------------------------------------------------------- RBAC
+
+
+def restricted(arm: ArmEmulator, *actions: str, not_actions: tuple[str, ...] = ()) -> Clients:
+    """Clients of a principal that holds only `actions` (minus `not_actions`)."""
+    arm.roles["restricted"] = Role(actions, not_actions)
+    cred = FakeCredential("restricted")
+    kwargs = client_kwargs(arm.base_url)
+    return Clients(
+        ResourceManagementClient(cred, SUB, **kwargs),
+        NetworkManagementClient(cred, SUB, **kwargs),
+        ComputeManagementClient(cred, SUB, **kwargs),
+        StorageManagementClient(cred, SUB, **kwargs),
+    )
+
+
+def test_a_missing_action_is_refused_before_anything_is_made(arm: ArmEmulator, az: Clients) -> None:
+    make_group(az)
+    ids = make_network(az)
+    limited = restricted(arm, "Microsoft.Compute/virtualMachines/read", "Microsoft.Network/*")
+    with pytest.raises(HttpResponseError) as refused:
+        limited.compute.virtual_machines.begin_create_or_update("rg1", "vm1", vm_model(ids["nic"]))
+    assert refused.value.status_code == 403 and refused.value.error.code == "AuthorizationFailed"
+    assert "'Microsoft.Compute/virtualMachines/write'" in refused.value.message
+    assert not any(r["type"] == "Microsoft.Compute/virtualMachines" for r in arm.resources())
+    # Authorization comes before existence, as in ARM: a read of nothing allowed is 404, of nothing denied 403.
+    with pytest.raises(ResourceNotFoundError):
+        limited.compute.virtual_machines.get("rg1", "missing")
+    with pytest.raises(HttpResponseError, match="AuthorizationFailed"):
+        limited.compute.disks.get("rg1", "missing")
+
+
+def test_a_snapshot_of_a_disk_needs_begin_get_access_on_the_disk(arm: ArmEmulator, az: Clients) -> None:
+    """Copying a managed disk into a snapshot is authorized on the disk too: a linked check (Azure/OpenShift#186)."""
+    vm, _ = make_vm(az)
+    disk_id = vm.storage_profile.os_disk.managed_disk.id
+    body = {"location": LOC, "properties": {"creationData": {"createOption": "Copy", "sourceResourceId": disk_id}}}
+    limited = restricted(arm, "Microsoft.Compute/snapshots/*", "Microsoft.Compute/disks/read")
+    with pytest.raises(HttpResponseError) as refused:
+        limited.compute.snapshots.begin_create_or_update("rg1", "snap", body)
+    assert refused.value.status_code == 403 and refused.value.error.code == "LinkedAuthorizationFailed"
+    assert (
+        "'Microsoft.Compute/disks/beginGetAccess/action'" in refused.value.message and disk_id in refused.value.message
+    )
+    allowed = restricted(arm, "Microsoft.Compute/snapshots/*", "Microsoft.Compute/disks/beginGetAccess/action")
+    assert allowed.compute.snapshots.begin_create_or_update("rg1", "snap", body).result().provisioning_state == (
+        "Succeeded"
+    )
+
+
+def test_joining_a_subnet_is_a_linked_action_and_not_actions_subtract(arm: ArmEmulator, az: Clients) -> None:
+    make_group(az)
+    ids = make_network(az)
+    nic = {
+        "location": LOC,
+        "properties": {"ipConfigurations": [{"name": "ip", "properties": {"subnet": {"id": ids["subnet"]}}}]},
+    }
+    limited = restricted(
+        arm, "Microsoft.Network/*", not_actions=("Microsoft.Network/virtualNetworks/subnets/join/action",)
+    )
+    with pytest.raises(HttpResponseError) as refused:
+        limited.network.network_interfaces.begin_create_or_update("rg1", "nic2", nic)
+    assert refused.value.error.code == "LinkedAuthorizationFailed" and ids["subnet"] in refused.value.message
+    assert (
+        restricted(arm, "Microsoft.Network/*")
+        .network.network_interfaces.begin_create_or_update("rg1", "nic2", nic)
+        .result()
+    )
 
 
 # ---------------------------------------------------------------------------------------------- LROs

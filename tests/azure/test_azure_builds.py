@@ -55,7 +55,7 @@ CORPUS_BUILDS = [
 @pytest.mark.parametrize(("name", "generation"), CORPUS_BUILDS)
 async def test_corpus_build(harness: AzureHarness, name: str, generation: str) -> None:
     cloud = harness.workers[0][2]
-    await prepare(cloud, generation=generation)
+    await prepare(harness.arm.base_url, generation=generation)
     template = harness.corpus(name)
     status = await harness.finish(await harness.start(template, name.split("_")[0]))
     assert status.run_state == RunState.SUCCEEDED, status.message
@@ -83,7 +83,7 @@ async def test_corpus_build(harness: AzureHarness, name: str, generation: str) -
 
 async def test_a_windows_template_is_refused_before_anything_is_made(harness: AzureHarness) -> None:
     """No Windows VM is paid for when kiln cannot run the template's customizers and sysprep inside it."""
-    await prepare(harness.workers[0][2])
+    await prepare(harness.arm.base_url)
     calls_before = len(harness.arm.calls)
     status = await harness.finish(await harness.start(harness.corpus("q0_helloImageTemplateWin.json"), "win"))
     assert status.run_state == RunState.FAILED
@@ -95,8 +95,7 @@ async def test_a_windows_template_is_refused_before_anything_is_made(harness: Az
 
 
 async def test_managed_image_in_another_region_is_made_from_a_copy_of_the_snapshot(harness: AzureHarness) -> None:
-    cloud = harness.workers[0][2]
-    await prepare(cloud)
+    await prepare(harness.arm.base_url)
     template = harness.corpus("q0_helloImageTemplateLinux.json")
     target = template["properties"]["distribute"][0]
     target["location"] = REGION2
@@ -121,7 +120,7 @@ async def user_staging_group(cloud: AzureCloud) -> str:
 
 async def test_fault_create_vm_fails(harness: AzureHarness) -> None:
     cloud = harness.workers[0][2]
-    await prepare(cloud)
+    await prepare(harness.arm.base_url)
     template = harness.corpus("q0_helloImageTemplateLinux.json")
     template["properties"]["stagingResourceGroup"] = await user_staging_group(cloud)
     harness.arm.faults.add(
@@ -141,7 +140,7 @@ async def test_fault_create_vm_fails(harness: AzureHarness) -> None:
 
 async def test_fault_cancel_during_customize(harness: AzureHarness) -> None:
     cloud = harness.workers[0][2]
-    await prepare(cloud)
+    await prepare(harness.arm.base_url)
     template = harness.corpus("q0_helloImageTemplateLinux.json")
     template["properties"]["stagingResourceGroup"] = await user_staging_group(cloud)
     template["properties"]["customize"].insert(0, {"type": "Shell", "name": "slow", "inline": ["sleep 120"]})
@@ -156,7 +155,7 @@ async def test_fault_cancel_during_customize(harness: AzureHarness) -> None:
 
 async def test_fault_worker_lost_mid_replication_resumes(harness: AzureHarness) -> None:
     cloud = harness.workers[0][2]
-    await prepare(cloud, generation="V2")
+    await prepare(harness.arm.base_url, generation="V2")
     template = harness.corpus("q1_helloImageTemplateforSIG.json")
     template["properties"]["stagingResourceGroup"] = await user_staging_group(cloud)
     hang = harness.arm.faults.slow_replication(polls=None, regions=[REGION2])

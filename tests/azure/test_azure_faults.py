@@ -45,7 +45,7 @@ from tests.azure.environment import (
     Guests,
     guests_supported,
     make_arm,
-    make_cloud,
+    owner_clients,
     prepare,
 )
 from tests.workflows.harness import check_all, retried_activities
@@ -372,13 +372,13 @@ async def scenario(
     guests.attach(arm)
     h = AzureHarness(client, arm, blob_account, os.urandom(32), f"kiln-azure-{uuid.uuid4()}", artifacts, [])
     try:
-        setup = make_cloud(arm.base_url, blob_account, secret=h.secret)
-        try:
-            await prepare(setup)
-            if user_group:
-                await setup.arm.resource.resource_groups.create_or_update(USER_GROUP, {"location": LOCATION})
-        finally:
-            await setup.close()
+        await prepare(arm.base_url)
+        if user_group:
+            owner = owner_clients(arm.base_url)
+            try:
+                await owner.resource.resource_groups.create_or_update(USER_GROUP, {"location": LOCATION})
+            finally:
+                await owner.close()
         if worker:
             h.start_worker()
         yield Scenario(h, step, blobs, user_group)

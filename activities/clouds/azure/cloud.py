@@ -536,7 +536,12 @@ class AzureCloud:
         ):
             await lro(compute.virtual_machines.begin_deallocate(group, vm.name))
             await compute.virtual_machines.generalize(group, vm.name)
-        async with arm_call(f"snapshot {snap_name}", needs="Microsoft.Compute/snapshots/write"):
+        # Copying the disk is authorized on the disk too (a linked check): beginGetAccess on it.
+        async with arm_call(
+            f"snapshot {snap_name}",
+            needs="Microsoft.Compute/snapshots/write, and Microsoft.Compute/disks/beginGetAccess/action on the "
+            "build VM's OS disk",
+        ):
             snapshot = await lro(
                 compute.snapshots.begin_create_or_update(
                     group,
