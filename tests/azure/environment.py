@@ -26,6 +26,7 @@ from temporalio.client import Client, WorkflowHandle
 
 from activities.clouds.azure import AzureCloud
 from activities.clouds.azure.clients import ArmClients
+from activities.clouds.azure.waits import Backoff
 from activities.clouds.local import azurite as local_azurite
 from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.vm import LocalVms, _Layer, overlay_works
@@ -105,6 +106,10 @@ def make_arm(blob_account: str, **settings: Any) -> ArmEmulator:
     )
 
 
+# Copies in the emulator end after a few looks, not minutes: look often.
+FAST_POLL = Backoff(first=0.05, most=0.2)
+
+
 def make_cloud(arm_url: str, blob_account: str, *, secret: bytes, **options: Any) -> AzureCloud:
     return AzureCloud(
         FakeAsyncCredential(KILN_PRINCIPAL),
@@ -116,6 +121,7 @@ def make_cloud(arm_url: str, blob_account: str, *, secret: bytes, **options: Any
         egress_ip="127.0.0.1",
         log_account=options.pop("log_account", blob_account),
         conflict_backoff=0.05,
+        poll=options.pop("poll", FAST_POLL),
         **options,
     )
 

@@ -375,16 +375,28 @@ def test_image_snapshot_gallery_and_disk_export(arm: ArmEmulator, az: Clients) -
 
 
 def test_snapshot_copy_start_to_another_region(arm: ArmEmulator, az: Clients) -> None:
-    """CopyStart makes an incremental snapshot elsewhere that finishes over later GETs; an image is made only from
-    a finished copy in its own region."""
+    """CopyStart makes an incremental snapshot elsewhere from an incremental one, finishing over later GETs; the
+    snapshots of one disk are copied one at a time; an image is made only from a finished copy in its own region."""
     vm, _ = make_vm(az)
     compute = az.compute
     disk = {"creationData": {"createOption": "Copy", "sourceResourceId": vm.storage_profile.os_disk.managed_disk.id}}
-    snap = compute.snapshots.begin_create_or_update("rg1", "snap", {"location": LOC, "properties": disk}).result()
+    full = compute.snapshots.begin_create_or_update("rg1", "full", {"location": LOC, "properties": disk}).result()
+    snap = compute.snapshots.begin_create_or_update(
+        "rg1", "snap", {"location": LOC, "properties": {**disk, "incremental": True}}
+    ).result()
     start = {"createOption": "CopyStart", "sourceResourceId": snap.id}
     with pytest.raises(HttpResponseError, match="incremental"):
         compute.snapshots.begin_create_or_update(
             "rg1", "c", {"location": "westus2", "properties": {"creationData": start}}
+        )
+    with pytest.raises(HttpResponseError, match="must both be incremental"):  # the source too
+        compute.snapshots.begin_create_or_update(
+            "rg1",
+            "c",
+            {
+                "location": "westus2",
+                "properties": {"creationData": {**start, "sourceResourceId": full.id}, "incremental": True},
+            },
         )
     image = {"osDisk": {"osType": "Linux", "osState": "Generalized", "snapshot": {"id": snap.id}}}
     with pytest.raises(HttpResponseError) as refused:
@@ -396,6 +408,8 @@ def test_snapshot_copy_start_to_another_region(arm: ArmEmulator, az: Clients) ->
     body = {"location": "westus2", "properties": {"creationData": start, "incremental": True}}
     copy = compute.snapshots.begin_create_or_update("rg1", "copy", body).result()  # the LRO's final GET is a poll
     assert copy.location == "westus2" and copy.completion_percent < 100
+    with pytest.raises(ResourceExistsError, match="one incremental snapshot of a particular disk at a time"):
+        compute.snapshots.begin_create_or_update("rg1", "copy3", {**body, "location": "westus3"})
     image["osDisk"]["snapshot"]["id"] = copy.id
     with pytest.raises(HttpResponseError, match="complete"):
         compute.images.begin_create_or_update(
@@ -407,6 +421,9 @@ def test_snapshot_copy_start_to_another_region(arm: ArmEmulator, az: Clients) ->
         "rg1", "img", {"location": "westus2", "properties": {"storageProfile": image}}
     ).result()
     assert made.location == "westus2"
+    # The first copy has finished: the next one may start.
+    again = compute.snapshots.begin_create_or_update("rg1", "copy3", {**body, "location": "westus3"}).result()
+    assert again.provisioning_state == "Succeeded"
 
 
 def test_group_delete_deletes_everything_inside(arm: ArmEmulator, az: Clients) -> None:

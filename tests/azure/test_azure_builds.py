@@ -24,6 +24,7 @@ from tests.azure.environment import (
     prepare,
     temporary,
 )
+from tests.workflows.harness import retried_activities
 from workflows.models import RunState
 
 
@@ -110,6 +111,25 @@ async def test_managed_image_in_another_region_is_made_from_a_copy_of_the_snapsh
     ]
     assert len(copies) == 1
     assert [r for r in harness.arm.resources() if r["type"] == "Microsoft.Compute/snapshots"] == []
+    assert temporary(harness.arm) == []
+
+
+async def test_managed_images_in_two_other_regions_take_turns_copying_the_snapshot(harness: AzureHarness) -> None:
+    """Azure copies the incremental snapshots of one disk one at a time: two ManagedImage targets in two other
+    regions copy the captured snapshot in turn, each on its first try."""
+    await prepare(harness.arm.base_url)
+    harness.arm.snapshot_copy_polls = 3  # the first copy is still running when the second target wants to start
+    template = harness.corpus("q0_helloImageTemplateLinux.json")
+    first = template["properties"]["distribute"][0]
+    first["location"] = REGION2
+    second = {**first, "runOutputName": "third", "imageId": first["imageId"] + "-3", "location": "westus3"}
+    template["properties"]["distribute"].append(second)
+    handle = await harness.start(template, "q0-turns")
+    status = await harness.finish(handle)
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    assert await retried_activities(handle) == set()
+    images = {r["id"].lower(): r.get("location") for r in harness.arm.resources()}
+    assert images[first["imageId"].lower()] == REGION2 and images[second["imageId"].lower()] == "westus3"
     assert temporary(harness.arm) == []
 
 

@@ -17,13 +17,14 @@ from activities.clouds.aib.tags import blob_metadata
 from activities.clouds.azure import AzureCloud
 from activities.clouds.azure.names import storage_account_name
 from activities.clouds.azure.storage import ensure_container
+from activities.clouds.azure.waits import Backoff
 from activities.clouds.base import PermanentError
 from activities.guest.keys import windows_password
 from tests.arm_emulator import ArmEmulator, GuestEndpoint, GuestSpec
-from tests.azure.environment import LOCATION, SUB, Guests, kiln_resources
+from tests.azure.environment import LOCATION, REGION2, SUB, Guests, kiln_resources, make_cloud, owner_clients
 from tests.fixtures import connect
-from workflows.models import Artifact, BuildContext, ResolvedSource, VmSpec
-from workflows.template import VhdDistributor, VmProfile, parse_template
+from workflows.models import Artifact, BuildContext, CapturedImage, DistributeRequest, ResolvedSource, VmSpec
+from workflows.template import ManagedImageDistributor, VhdDistributor, VmProfile, parse_template
 
 
 def build_context(**overrides: object) -> BuildContext:
@@ -404,3 +405,57 @@ async def test_an_unfinished_vhd_is_deleted_only_if_the_build_wrote_it(cloud: Az
     assert await (await cloud.blobs.blob(theirs.uri).download_blob()).readall() == b"a user's disk"
     with pytest.raises(ResourceNotFoundError):
         await cloud.blobs.blob(mine.uri).get_blob_properties()
+
+
+async def captured_snapshot(arm: ArmEmulator, build: BuildContext) -> CapturedImage:
+    """What capture leaves in the staging group, made directly: an incremental snapshot of a disk; and the
+    destination group the user made for outputs."""
+    owner = owner_clients(arm.base_url)
+    group = staging_group_name(build)
+    try:
+        await owner.resource.resource_groups.create_or_update("aibImageRG", {"location": LOCATION})
+        disk = {"location": LOCATION, "properties": {"creationData": {"createOption": "Empty"}, "diskSizeGB": 30}}
+        made = await (await owner.compute.disks.begin_create_or_update(group, "osdisk", disk)).result()
+        snapshot = {
+            "location": LOCATION,
+            "properties": {
+                "creationData": {"createOption": "Copy", "sourceResourceId": made.id},
+                "incremental": True,
+                "osType": "Linux",
+            },
+        }
+        snap = await (await owner.compute.snapshots.begin_create_or_update(group, "snap", snapshot)).result()
+    finally:
+        await owner.close()
+    return CapturedImage(id=snap.id, uri=snap.id, size_bytes=30 << 30, hyper_v_generation="V1")
+
+
+async def test_a_copy_into_another_region_is_looked_at_every_15_s_backing_off_to_30_s(
+    arm: ArmEmulator, blob_account: str
+) -> None:
+    """A snapshot's copy runs for minutes to hours and each look at it is a throttled ARM read: kiln looks every
+    15 s at first and backs off to every 30 s, never more often."""
+    pauses: list[float] = []
+
+    async def record(seconds: float) -> None:
+        pauses.append(seconds)
+
+    cloud = make_cloud(arm.base_url, blob_account, secret=b"s" * 32, poll=Backoff(sleep=record))
+    try:
+        build = build_context()
+        staging = await cloud.create_staging(build)
+        image = await captured_snapshot(arm, build)
+        arm.snapshot_copy_polls = 4
+        target = ManagedImageDistributor(
+            type="ManagedImage",
+            run_output_name="elsewhere",
+            image_id=f"/subscriptions/{SUB}/resourceGroups/aibImageRG/providers/Microsoft.Compute/images/elsewhere",
+            location=REGION2,
+        )
+        source = ResolvedSource(image_id="x", exact_version="", hyper_v_generation="V1")
+        request = DistributeRequest(build=build, staging=staging, image=image, source=source, target=target, index=0)
+        output = await cloud.distribute(request, resume=None, progress=lambda point: None)
+    finally:
+        await cloud.close()
+    assert output.artifact_id == target.image_id
+    assert pauses == [15.0, 22.5, 30.0, 30.0]

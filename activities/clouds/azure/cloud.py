@@ -37,6 +37,7 @@ from activities.clouds.azure.vm import (
     image_reference,
     lro,
 )
+from activities.clouds.azure.waits import Backoff
 from activities.clouds.base import LogSink, PermanentError, Progress
 from activities.guest.keys import derive_key, public_line, windows_password
 from workflows.models import (
@@ -107,12 +108,14 @@ class AzureCloud:
         log_account: str | None = None,
         guest_endpoint: Callable[[str, str, int], tuple[str, int]] | None = None,
         conflict_backoff: float = 3.0,
+        poll: Backoff | None = None,
     ) -> None:
         """``credential`` is an async token credential. ``blob_credential`` is what the blob clients
         authenticate with: by default the same Entra credential (staging accounts allow no shared keys); tests
         pass a storage emulator's account key instead, since an emulator takes nothing else.
         ``guest_endpoint(vm_id, address, port)`` maps a VM's address to where the worker connects; the default is
-        the address itself. ``client_options`` go to every management client (transport, policies, retries)."""
+        the address itself. ``client_options`` go to every management client (transport, policies, retries).
+        ``poll`` paces the looks at copies no long-running operation covers (see ``waits``)."""
         self.subscription_id = subscription_id
         self.arm = ArmClients(credential, subscription_id, arm_endpoint=arm_endpoint, options=client_options)
         self.blobs = BlobClients(blob_credential if blob_credential is not None else credential)
@@ -129,7 +132,12 @@ class AzureCloud:
         )
         self.galleries = AzureGalleries(self.arm)
         self.distribution = AzureDistribution(
-            self.arm, self.blobs, self.vms, galleries=self.galleries, output_account=self._output_account
+            self.arm,
+            self.blobs,
+            self.vms,
+            galleries=self.galleries,
+            output_account=self._output_account,
+            poll=poll or Backoff(),
         )
 
     @classmethod
@@ -552,6 +560,9 @@ class AzureCloud:
                         "sku": {"name": "Standard_LRS"},
                         "properties": {
                             "creationData": {"createOption": "Copy", "sourceResourceId": os_disk.managed_disk.id},
+                            # Only an incremental snapshot can be copied to another region (CopyStart), which
+                            # a ManagedImage target elsewhere needs.
+                            "incremental": True,
                             "osType": os_disk.os_type or vm.os_type,
                             "hyperVGeneration": generation,
                         },
