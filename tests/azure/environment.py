@@ -304,33 +304,51 @@ async def prepare(arm_url: str, *, generation: str = "V1") -> None:
     gallery and its image definitions, a source image and version, and a VNet with a subnet."""
     owner = owner_clients(arm_url)
     try:
-        await _prepare(owner, generation)
+        await _prepare(owner, arm_url, generation)
     finally:
         await owner.close()
 
 
-async def _prepare(owner: ArmClients, generation: str) -> None:
+async def make_gallery(
+    arm_url: str,
+    gallery: str,
+    region: str,
+    definitions: tuple[str, ...],
+    *,
+    generation: str = "V1",
+    features: list[dict[str, str]] | None = None,
+) -> str:
+    """A gallery in ``region`` (in the group ``RG``) with Linux image definitions, made as the user would; returns
+    the gallery's id."""
+    owner = owner_clients(arm_url)
+    try:
+        compute = owner.compute
+        await owner.resource.resource_groups.create_or_update(RG, {"location": LOCATION})
+        made = await (await compute.galleries.begin_create_or_update(RG, gallery, {"location": region})).result()
+        for definition in definitions:
+            properties: dict[str, Any] = {
+                "osType": "Linux",
+                "osState": "Generalized",
+                "hyperVGeneration": generation,
+                "identifier": {"publisher": "kiln", "offer": definition, "sku": generation},
+            }
+            if features is not None:
+                properties["features"] = features
+            await (
+                await compute.gallery_images.begin_create_or_update(
+                    RG, gallery, definition, {"location": region, "properties": properties}
+                )
+            ).result()
+    finally:
+        await owner.close()
+    return made.id
+
+
+async def _prepare(owner: ArmClients, arm_url: str, generation: str) -> None:
     resource, compute, network = owner.resource, owner.compute, owner.network
     for group in (RG, "vnetRG"):
         await resource.resource_groups.create_or_update(group, {"location": LOCATION})
-    await (await compute.galleries.begin_create_or_update(RG, GALLERY, {"location": LOCATION})).result()
-    for definition in ("ubuntu", "source"):
-        await (
-            await compute.gallery_images.begin_create_or_update(
-                RG,
-                GALLERY,
-                definition,
-                {
-                    "location": LOCATION,
-                    "properties": {
-                        "osType": "Linux",
-                        "osState": "Generalized",
-                        "hyperVGeneration": generation,
-                        "identifier": {"publisher": "kiln", "offer": definition, "sku": generation},
-                    },
-                },
-            )
-        ).result()
+    await make_gallery(arm_url, GALLERY, LOCATION, ("ubuntu", "source"), generation=generation)
     image = await (
         await compute.images.begin_create_or_update(
             RG,

@@ -780,6 +780,28 @@ def test_gallery_version_reports_per_region_replication(arm: ArmEmulator, az: Cl
     assert regions() == {"eastus": ("Completed", 100), "westus2": ("Completed", 100)}
 
 
+def test_gallery_version_region_rules(arm: ArmEmulator, az: Clients) -> None:
+    """A version lives in one of its target regions, names each once, and is made from a source in its region."""
+    image_id = make_gallery_image(az)  # in eastus
+    versions = az.compute.gallery_image_versions
+
+    def refused(body: dict[str, Any]) -> str:
+        with pytest.raises(HttpResponseError) as caught:
+            versions.begin_create_or_update("rg1", "gal", "def", "1.0.0", body)
+        assert caught.value.status_code == 400 and caught.value.error.code == "InvalidParameter"
+        return caught.value.message
+
+    body = gallery_version_body(image_id)
+    body["properties"]["publishingProfile"]["targetRegions"] = [{"name": "westus2"}]
+    assert "must contain the location of image version 'eastus'" in refused(body)
+    body["properties"]["publishingProfile"]["targetRegions"] = [{"name": "East US"}, {"name": "eastus"}]
+    assert "more than once" in refused(body)
+    body = gallery_version_body(image_id)
+    body["location"] = "westus2"
+    assert "must be in the version's region 'westus2'" in refused(body)
+    assert not any(r["type"].endswith("/versions") for r in arm.resources())
+
+
 def test_gallery_version_regional_replication_failure(arm: ArmEmulator, az: Clients) -> None:
     image_id = make_gallery_image(az)
     arm.faults.slow_replication(

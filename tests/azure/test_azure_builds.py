@@ -21,6 +21,7 @@ from tests.azure.environment import (
     SUB,
     AzureHarness,
     Guests,
+    make_gallery,
     prepare,
     temporary,
 )
@@ -130,6 +131,27 @@ async def test_managed_images_in_two_other_regions_take_turns_copying_the_snapsh
     assert await retried_activities(handle) == set()
     images = {r["id"].lower(): r.get("location") for r in harness.arm.resources()}
     assert images[first["imageId"].lower()] == REGION2 and images[second["imageId"].lower()] == "westus3"
+    assert temporary(harness.arm) == []
+
+
+async def test_a_gallery_in_another_region_gets_its_version_in_the_build_region(harness: AzureHarness) -> None:
+    """As Packer and AIB make it: the version lives in the build's region, where the captured image is, and that
+    region joins the target regions the user gave, whose replica counts are kept."""
+    await prepare(harness.arm.base_url, generation="V2")
+    gallery = await make_gallery(harness.arm.base_url, "farGallery", REGION2, ("ubuntu",), generation="V2")
+    template = harness.corpus("q1_helloImageTemplateforSIG.json")
+    target = template["properties"]["distribute"][0]
+    del target["replicationRegions"]
+    target["galleryImageId"] = f"{gallery}/images/ubuntu"
+    target["targetRegions"] = [{"name": REGION2, "replicaCount": 2}]
+    status = await harness.finish(await harness.start(template, "q1-far"))
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    [output] = status.run_outputs
+    version = next(r for r in harness.arm.resources() if r["id"] == output.artifact_id)
+    assert version["location"] == LOCATION
+    published = version["properties"]["publishingProfile"]["targetRegions"]
+    assert {r["name"]: r["regionalReplicaCount"] for r in published} == {REGION2: 2, LOCATION: 1}
+    assert output.replication == {REGION2: "Completed", LOCATION: "Completed"}
     assert temporary(harness.arm) == []
 
 

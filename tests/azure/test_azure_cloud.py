@@ -21,7 +21,16 @@ from activities.clouds.azure.waits import Backoff
 from activities.clouds.base import PermanentError
 from activities.guest.keys import windows_password
 from tests.arm_emulator import ArmEmulator, GuestEndpoint, GuestSpec
-from tests.azure.environment import LOCATION, REGION2, SUB, Guests, kiln_resources, make_cloud, owner_clients
+from tests.azure.environment import (
+    LOCATION,
+    REGION2,
+    SUB,
+    Guests,
+    kiln_resources,
+    make_cloud,
+    make_gallery,
+    owner_clients,
+)
 from tests.fixtures import connect
 from workflows.models import Artifact, BuildContext, CapturedImage, DistributeRequest, ResolvedSource, VmSpec
 from workflows.template import ManagedImageDistributor, VhdDistributor, VmProfile, parse_template
@@ -113,6 +122,25 @@ async def test_a_gallery_target_that_cannot_be_written_is_refused_when_the_sourc
     }
     with pytest.raises(PermanentError, match=r"distribute\[0\]\.galleryImageId: the gallery .*nowhere does not exist"):
         await cloud.resolve_source(build_context(), template(distribute=[target]))
+    assert kiln_resources(arm) == []
+
+
+async def test_a_gallery_target_naming_a_region_twice_is_refused_when_the_source_is_resolved(
+    cloud: AzureCloud, arm: ArmEmulator
+) -> None:
+    """ARM refuses a version whose target regions repeat one (terraform-provider-azurerm#7751): refused before
+    anything is made, naming the field, however the region is spelt."""
+    await make_gallery(arm.base_url, "gal", LOCATION, ("ubuntu",))
+    gallery = f"/subscriptions/{SUB}/resourceGroups/aibImageRG/providers/Microsoft.Compute/galleries/gal"
+    target = {
+        "type": "SharedImage",
+        "runOutputName": "sig",
+        "galleryImageId": f"{gallery}/images/ubuntu",
+        "targetRegions": [{"name": REGION2}, {"name": LOCATION}, {"name": "East US"}],
+    }
+    with pytest.raises(PermanentError, match=r"distribute\[0\]\.targetRegions\[2\]\.name: 'East US'") as caught:
+        await cloud.resolve_source(build_context(), template(distribute=[target]))
+    assert "targetRegions[1].name" in caught.value.message
     assert kiln_resources(arm) == []
 
 

@@ -2,9 +2,14 @@
 
 AIB's rules: a ManagedImage target's ``imageId`` is a managed image id. A SharedImage target's ``galleryImageId``
 is an image definition id (optionally with ``/versions/<x.y.z>``), its gallery and image definition exist already
-(AIB does not make them), and the definition fits the image: the same OS type and Hyper-V generation. A build is
+(AIB does not make them), the definition fits the image (the same OS type and Hyper-V generation), and its regions
+are each named once (ARM refuses a version that names one twice: terraform-provider-azurerm#7751). A build is
 refused at resolve source, before it pays for anything, when a target breaks one. Each cloud brings the lookups
 (``Galleries``) and, where it has only some regions, a check of a region name.
+
+A gallery version is written in the build's region, where the captured image is, and that region is published to
+even when the target does not name it, as Packer and AIB do: ARM makes a version only from a source in its own
+region (MicrosoftDocs/azure-docs#28793) and only when its regions contain its own (hashicorp/packer#8895).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from activities.clouds.aib.ids import GalleryRef, ResourceId, parse_gallery_id, parse_managed_image_id
+from activities.clouds.aib.ids import GalleryRef, ResourceId, parse_gallery_id, parse_managed_image_id, region_key
 from activities.clouds.base import PermanentError
 from workflows.models import DistributeRequest, ResolvedSource
 from workflows.template import ImageTemplate, ManagedImageDistributor, SharedImageDistributor, TargetRegion
@@ -129,6 +134,27 @@ def target_regions(target: SharedImageDistributor, *, index: int) -> list[tuple[
     return [(r, f"properties.distribute[{index}].{given}[{i}].name") for i, r in enumerate(target.regions())]
 
 
+def publishing_regions(target: SharedImageDistributor, *, build_location: str) -> list[TargetRegion]:
+    """The regions a SharedImage target's version is published to: the target's own, with their replica counts
+    and storage types, and the build's region (one replica) when they do not name it."""
+    regions = list(target.regions())
+    if all(region_key(r.name) != region_key(build_location) for r in regions):
+        regions.append(TargetRegion(name=build_location, storage_account_type=regions[0].storage_account_type))
+    return regions
+
+
+def _check_each_region_once(target: SharedImageDistributor, *, index: int) -> None:
+    seen: dict[str, str] = {}
+    for region, field in target_regions(target, index=index):
+        key = region_key(region.name)
+        if key in seen:
+            raise PermanentError(
+                f"{field}: '{region.name}' is the region {seen[key]} names already; give each region once",
+                kind="BadSharedImageDistribute",
+            )
+        seen[key] = field
+
+
 async def check_targets(
     template: ImageTemplate,
     source: ResolvedSource,
@@ -157,6 +183,7 @@ async def check_targets(
                 hyper_v_generation=source.hyper_v_generation,
                 galleries=galleries,
             )
+            _check_each_region_once(target, index=index)
             if check_region is not None:
                 for region, field in target_regions(target, index=index):
                     check_region(region.name, field=field)

@@ -25,7 +25,7 @@ from activities.clouds.aib.tags import (
     build_tags,
     written_by,
 )
-from activities.clouds.aib.targets import managed_image_target, shared_image_target
+from activities.clouds.aib.targets import managed_image_target, publishing_regions, shared_image_target
 from activities.clouds.aib.versions import choose_version
 from activities.clouds.azure import storage
 from activities.clouds.azure.clients import ArmClients, BlobClients, split_blob_url
@@ -223,7 +223,7 @@ class AzureDistribution:
         self, request: DistributeRequest, target: SharedImageDistributor, resume: dict[str, Any], progress: Progress
     ) -> RunOutput:
         field = f"properties.distribute[{request.index}].galleryImageId"
-        ref, definition = await shared_image_target(request, galleries=self._galleries)
+        ref, _ = await shared_image_target(request, galleries=self._galleries)
         group, gallery, definition_name = ref.group, ref.gallery, ref.image
         versions = self._arm.compute.gallery_image_versions
         needs = "Microsoft.Compute/galleries/images/versions/write"
@@ -247,13 +247,14 @@ class AzureDistribution:
                 if earlier.provisioning_state != "Succeeded":
                     raise RuntimeError(f"gallery image version {version} ended {earlier.provisioning_state}")
             else:
+                build_location = request.build.location
                 regions = [
                     {
                         "name": r.name,
                         "regionalReplicaCount": r.replica_count,
                         "storageAccountType": r.storage_account_type,
                     }
-                    for r in target.regions()
+                    for r in publishing_regions(target, build_location=build_location)
                 ]
                 poller = await versions.begin_create_or_update(
                     group,
@@ -261,7 +262,8 @@ class AzureDistribution:
                     definition_name,
                     version,
                     {
-                        "location": definition.location,
+                        # Where the captured image is, which ARM requires of a version's source.
+                        "location": build_location,
                         "tags": output_tags(request),
                         "properties": {
                             "publishingProfile": {

@@ -3,6 +3,11 @@
 A version's create ends with its slowest target region, and never while one of them is hung; a region that fails
 (see `Faults.slow_replication`) fails the version's operation. `$expand=ReplicationStatus` shows each region's
 state and progress.
+
+A version's regions follow ARM's rules, each refused with 400 InvalidParameter: the publishing profile's target
+regions must contain the version's own location (hashicorp/packer#8895), may name a region only once
+(terraform-provider-azurerm#7751), and the source image must be in the version's region (MicrosoftDocs/azure-docs
+#28793).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..operations import Operation
-from ..protocol import ArmError, now
+from ..protocol import ArmError, now, region_name
 from ..provider import ResourceType
 from ..store import Resource
 from .names import GALLERIES, IMAGE_DEFINITIONS, IMAGE_VERSIONS
@@ -32,10 +37,33 @@ def _prepare_definition(arm: ArmEmulator, res: Resource, existing: Resource | No
 
 def _prepare_version(arm: ArmEmulator, res: Resource, existing: Resource | None) -> None:
     profile = res.properties.get("storageProfile") or {}
-    if not arm.store.check_refs(profile):
+    sources = arm.store.check_refs(profile)
+    if not sources:
         raise ArmError(400, "InvalidParameter", "The gallery image version needs a source in storageProfile.")
+    location = region_name(str(res.envelope["location"]))
+    for source in sources:
+        where = arm.store.region(source)
+        if where != location:
+            raise ArmError(
+                400,
+                "InvalidParameter",
+                f"The source '{source.id}' is in region '{where}'; a gallery image version's source must be in the "
+                f"version's region '{location}'.",
+            )
     publishing = res.properties.setdefault("publishingProfile", {})
     publishing.setdefault("targetRegions", [{"name": res.envelope["location"], "regionalReplicaCount": 1}])
+    regions = [region_name(str(r.get("name", ""))) for r in publishing["targetRegions"]]
+    repeated = sorted({r for r in regions if regions.count(r) > 1})
+    if repeated:
+        raise ArmError(
+            400, "InvalidParameter", f"The publishing profile names the target region(s) {repeated} more than once."
+        )
+    if location not in regions:
+        raise ArmError(
+            400,
+            "InvalidParameter",
+            f"The regions in the publishing profile {regions} must contain the location of image version '{location}'.",
+        )
     publishing.setdefault("replicaCount", 1)
     publishing.setdefault("storageAccountType", "Standard_LRS")
     publishing["publishedDate"] = now()
