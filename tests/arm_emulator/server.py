@@ -69,6 +69,7 @@ class ArmEmulator:
     `proxy_storage` routes storage accounts' blob traffic through the emulator (see blob_proxy.py).
     `snapshot_copy_polls` (see compute/disks.py) and `blob_copy_polls` (see blob_proxy.py) pace copies.
     `roles` maps a bearer token to the role assigned to that principal (see rbac.py); other tokens act as Owner.
+    `listing_lag` is how many seconds the listing of every resource (`/resources`) runs behind (see store.py).
 
     `store`, `operations`, `types` and `lock` are the state the provider modules work on; whatever changes the
     store or the operations, or walks over them, holds `lock`.
@@ -100,6 +101,7 @@ class ArmEmulator:
         self.vhd = fixed_vhd()
         self.snapshot_copy_polls: int | None = 1
         self.blob_copy_polls: int | None = 0
+        self.listing_lag = 0.0
         self.blobs: Azurite | ServedBlobs | None = azurite
         self.blob_proxy = BlobProxy(azurite) if proxy_storage and azurite is not None else None
         self._azurite = azurite

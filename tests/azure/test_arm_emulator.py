@@ -445,6 +445,28 @@ def test_resources_filter_by_tag(arm: ArmEmulator, az: Clients) -> None:
     assert {r["name"] for r in arm.resources(tag_filter={"kiln-build": "b1"})} == {"kiln-b1", "nsg"}
     assert arm.resources(tag_filter={"kiln-build": "b2"}) == []
     assert [r.name for r in az.resource.resources.list(filter="tagName eq 'kiln-build'")] == ["nsg"]
+    # A tag-filtered listing returns no tags (the spec's $filter description); an unfiltered one does.
+    filtered = az.resource.resources.list(filter="tagName eq 'kiln-build' and tagValue eq 'b1'")
+    assert [(r.name, r.tags) for r in filtered] == [("nsg", None)]
+    assert {r.name: r.tags for r in az.resource.resources.list_by_resource_group("kiln-b1")}["nsg"] == {
+        "kiln-build": "b1"
+    }
+
+
+def test_the_listing_of_every_resource_runs_behind(arm: ArmEmulator, az: Clients) -> None:
+    """/resources comes from a regional cache: new resources appear late, deleted ones linger; the per-type
+    listings, served by the resource providers, do not lag."""
+    make_group(az)
+    net = az.network.network_security_groups
+    net.begin_create_or_update("rg1", "old", {"location": LOC}).result()
+    arm.listing_lag = 3600
+    net.begin_create_or_update("rg1", "new", {"location": LOC}).result()
+    net.begin_delete("rg1", "old").result()
+    assert [r.name for r in az.resource.resources.list_by_resource_group("rg1")] == ["old"]
+    assert [r.name for r in az.resource.resources.list()] == ["old"]
+    assert [n.name for n in net.list("rg1")] == ["new"]
+    arm.listing_lag = 0
+    assert [r.name for r in az.resource.resources.list_by_resource_group("rg1")] == ["new"]
 
 
 # ---------------------------------------------------------------------------------------------- RBAC

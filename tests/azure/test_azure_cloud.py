@@ -13,7 +13,7 @@ from azure.core.exceptions import ResourceNotFoundError
 
 from activities.clouds.aib.ids import platform_image_id
 from activities.clouds.aib.names import staging_group_name
-from activities.clouds.aib.tags import blob_metadata
+from activities.clouds.aib.tags import ROLE_TEMPORARY, blob_metadata, build_tags
 from activities.clouds.azure import AzureCloud
 from activities.clouds.azure.names import storage_account_name
 from activities.clouds.azure.storage import ensure_container
@@ -283,6 +283,50 @@ async def test_user_staging_group_must_be_empty_and_is_kept(cloud: AzureCloud, a
     await cloud.delete_staging(build)
     assert kiln_resources(arm) == []
     assert await groups.check_existence("empty-staging")
+
+
+async def test_a_user_staging_group_is_judged_by_what_it_holds_not_by_the_lagging_listing(
+    cloud: AzureCloud, arm: ArmEmulator
+) -> None:
+    """/resources runs behind: what was deleted a moment ago is still listed there, and what was made a moment ago
+    is not yet. Whether the group is empty is judged by each type's own listing."""
+    group_id = f"/subscriptions/{SUB}/resourceGroups/reused"
+    owner = owner_clients(arm.base_url)
+    try:
+        await owner.resource.resource_groups.create_or_update("reused", {"location": LOCATION})
+        nsgs = owner.network.network_security_groups
+        await (await nsgs.begin_create_or_update("reused", "gone", {"location": LOCATION})).result()
+        arm.listing_lag = 3600
+        await (await nsgs.begin_delete("reused", "gone")).result()
+        build = build_context(staging_resource_group=group_id)
+        assert (await cloud.create_staging(build)).created_group is False
+        await cloud.delete_staging(build)
+        await (await nsgs.begin_create_or_update("reused", "fresh", {"location": LOCATION})).result()
+        with pytest.raises(PermanentError, match=r"must be empty .* such as .*/networkSecurityGroups/fresh"):
+            await cloud.create_staging(build_context(staging_resource_group=group_id))
+    finally:
+        await owner.close()
+
+
+async def test_what_an_undo_missed_is_deleted_though_the_lagging_listing_does_not_show_it_yet(
+    cloud: AzureCloud, arm: ArmEmulator
+) -> None:
+    """A create whose undo was lost (its network made, never recorded) is still cleaned up with the staging group,
+    found by the listings of each type kiln makes rather than by /resources, which does not show it yet."""
+    build = build_context(staging_resource_group=f"/subscriptions/{SUB}/resourceGroups/my-staging")
+    owner = owner_clients(arm.base_url)
+    try:
+        await owner.resource.resource_groups.create_or_update("my-staging", {"location": LOCATION})
+    finally:
+        await owner.close()
+    await cloud.create_staging(build)
+    arm.listing_lag = 3600
+    await cloud.vms.create_network(
+        "my-staging", _parts(build), location=LOCATION, tags=build_tags(build, role=ROLE_TEMPORARY), subnet_id=None
+    )
+    assert len(kiln_resources(arm, build.build_id)) == 5  # the staging account and the VM's network
+    await cloud.delete_staging(build)
+    assert kiln_resources(arm, build.build_id) == []
 
 
 async def test_user_staging_group_made_when_missing_is_deleted(cloud: AzureCloud, arm: ArmEmulator) -> None:

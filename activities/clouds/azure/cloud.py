@@ -22,6 +22,7 @@ from activities.clouds.azure.clients import PUBLIC_ARM, ArmClients, BlobClients,
 from activities.clouds.azure.distribute import AzureDistribution
 from activities.clouds.azure.errors import arm_call
 from activities.clouds.azure.galleries import AzureGalleries
+from activities.clouds.azure.inventory import Inventory
 from activities.clouds.azure.names import (
     LOGS_CONTAINER,
     STAGING_CONTAINER,
@@ -65,18 +66,6 @@ from workflows.template import (
 log = logging.getLogger("kiln.azure")
 
 EGRESS_LOOKUP = "https://api.ipify.org"
-# Cleanup order inside a staging group kiln did not create: users before what they use.
-_DELETE_ORDER = [
-    "microsoft.compute/virtualmachines",
-    "microsoft.network/networkinterfaces",
-    "microsoft.network/publicipaddresses",
-    "microsoft.network/virtualnetworks",
-    "microsoft.network/networksecuritygroups",
-    "microsoft.compute/disks",
-    "microsoft.compute/images",
-    "microsoft.compute/snapshots",
-    "microsoft.storage/storageaccounts",
-]
 
 
 def _default_endpoint(vm_id: str, address: str, port: int) -> tuple[str, int]:
@@ -131,6 +120,7 @@ class AzureCloud:
             conflict_backoff=conflict_backoff,
         )
         self.galleries = AzureGalleries(self.arm)
+        self.inventory = Inventory(self.arm, self.vms)
         self.distribution = AzureDistribution(
             self.arm,
             self.blobs,
@@ -363,11 +353,7 @@ class AzureCloud:
                 raise PermanentError(
                     f"the staging resource group {name} exists and was not made by this build", kind="StagingGroupTaken"
                 )
-            others = [
-                r.id
-                async for r in self.arm.resource.resources.list_by_resource_group(name)
-                if (r.tags or {}).get(TAG_BUILD_ID) != build.build_id
-            ]
+            others = await self.inventory.others(name, build.build_id)
         if others:
             raise PermanentError(
                 f"{field}: the resource group {existing.id} must be empty when the build starts, "
@@ -393,37 +379,8 @@ class AzureCloud:
                 lambda: groups.begin_delete(group.name),
             )
             return
-        found = [
-            r
-            async for r in self.arm.resource.resources.list_by_resource_group(
-                group.name, filter=f"tagName eq '{TAG_BUILD_ID}' and tagValue eq '{build.build_id}'"
-            )
-        ]
-        # Whatever the saga's own undos did not get (a half-made create whose undo was lost): VM parts first.
-        for vm in [r for r in found if r.type.lower() == "microsoft.compute/virtualmachines"]:
-            await self.vms.delete_vm_parts(group.name, VmParts(vm.name))
-        for arm_type in _DELETE_ORDER:
-            if arm_type == "microsoft.storage/storageaccounts" and logs_here:
-                continue
-            for res in [r for r in found if r.type.lower() == arm_type]:
-                await self._delete_by_type(group.name, arm_type, res.name)
-
-    async def _delete_by_type(self, group: str, arm_type: str, name: str) -> None:
-        compute, network = self.arm.compute, self.arm.network
-        begin = {
-            "microsoft.compute/virtualmachines": lambda: compute.virtual_machines.begin_delete(group, name),
-            "microsoft.network/networkinterfaces": lambda: network.network_interfaces.begin_delete(group, name),
-            "microsoft.network/publicipaddresses": lambda: network.public_ip_addresses.begin_delete(group, name),
-            "microsoft.network/virtualnetworks": lambda: network.virtual_networks.begin_delete(group, name),
-            "microsoft.network/networksecuritygroups": lambda: network.network_security_groups.begin_delete(
-                group, name
-            ),
-            "microsoft.compute/disks": lambda: compute.disks.begin_delete(group, name),
-            "microsoft.compute/images": lambda: compute.images.begin_delete(group, name),
-            "microsoft.compute/snapshots": lambda: compute.snapshots.begin_delete(group, name),
-            "microsoft.storage/storageaccounts": lambda: self.arm.storage.storage_accounts.delete(group, name),
-        }[arm_type]
-        await self.vms.delete(f"{arm_type.split('/')[-1]} {name}", arm_type, begin)
+        # Whatever the saga's own undos did not get (a half-made create whose undo was lost).
+        await self.inventory.delete_build(group.name, build.build_id, keep_storage=logs_here)
 
     async def stage_artifact(
         self, build: BuildContext, staging: Staging, artifact: Artifact, data: bytes
