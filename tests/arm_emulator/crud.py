@@ -217,6 +217,8 @@ def _put(
 
     def fail() -> None:
         res.properties["provisioningState"] = "Failed"
+        if existing is None and spec.failed is not None:
+            spec.failed(arm, res)
 
     op = start_operation(arm, req, succeed, fail, spec.put_polls(arm, res) if spec.put_polls else None)
     res.state["operation"] = op
@@ -259,6 +261,8 @@ def _delete(arm: ArmEmulator, req: Request, spec: ResourceType, rid: str) -> Res
                 f"following resources: {', '.join(users)}. In order to delete it, remove the association "
                 "with the resource(s).",
             )
+    if spec.check_delete is not None:
+        spec.check_delete(arm, res)
     if spec.delete == "sync":
         arm.store.discard(rid)
         return Response(200)
@@ -267,6 +271,8 @@ def _delete(arm: ArmEmulator, req: Request, spec: ResourceType, rid: str) -> Res
 
     def succeed() -> None:
         remove(arm, res)
+        if spec.deleted is not None:
+            spec.deleted(arm, res)
         return None
 
     def fail() -> None:

@@ -70,6 +70,7 @@ class ArmEmulator:
     `snapshot_copy_polls` (see compute/disks.py) and `blob_copy_polls` (see blob_proxy.py) pace copies.
     `roles` maps a bearer token to the role assigned to that principal (see rbac.py); other tokens act as Owner.
     `listing_lag` is how many seconds the listing of every resource (`/resources`) runs behind (see store.py).
+    `nic_reservation` is how many seconds a NIC stays reserved for a VM that is gone (see compute/vm.py).
 
     `store`, `operations`, `types` and `lock` are the state the provider modules work on; whatever changes the
     store or the operations, or walks over them, holds `lock`.
@@ -102,6 +103,7 @@ class ArmEmulator:
         self.snapshot_copy_polls: int | None = 1
         self.blob_copy_polls: int | None = 0
         self.listing_lag = 0.0
+        self.nic_reservation = 180.0
         self.blobs: Azurite | ServedBlobs | None = azurite
         self.blob_proxy = BlobProxy(azurite) if proxy_storage and azurite is not None else None
         self._azurite = azurite

@@ -52,6 +52,9 @@ SUB = "6f1c2a9e-5b0d-4c47-9d43-0b6a3c2e7f10"
 # The bearer token kiln's clients send: the principal the shipped role is assigned to.
 KILN_PRINCIPAL = "kiln-worker"
 SHIPPED_ROLE = PROJECT / "deploy" / "azure-role.json"
+# Azure's NIC reservation (180 s) and kiln's wait for it (in_use_wait), scaled down alike for the tests.
+NIC_RESERVATION = 1.0
+IN_USE_WAIT = 5.0
 LOCATION = "eastus"
 REGION2 = "westus2"
 RG = "aibImageRG"
@@ -92,9 +95,10 @@ echo "$* : already the newest version (test guest)."
 
 def make_arm(blob_account: str, **settings: Any) -> ArmEmulator:
     """An emulator (not started) with the corpus's platform images, exporting disks to Azurite's staging account,
-    where kiln's principal holds the shipped role."""
+    where kiln's principal holds the shipped role and a NIC is reserved for a VM that is gone for NIC_RESERVATION
+    seconds rather than Azure's 180."""
     settings.setdefault("roles", {KILN_PRINCIPAL: Role.from_file(SHIPPED_ROLE)})
-    return ArmEmulator(
+    arm = ArmEmulator(
         azurite=Azurite(
             blob_url=blob_account,
             account_name=local_azurite.STAGING_ACCOUNT,
@@ -104,6 +108,8 @@ def make_arm(blob_account: str, **settings: Any) -> ArmEmulator:
         platform_images=PLATFORM_IMAGES,
         **settings,
     )
+    arm.nic_reservation = NIC_RESERVATION
+    return arm
 
 
 # Copies in the emulator end after a few looks, not minutes: look often.
@@ -121,6 +127,7 @@ def make_cloud(arm_url: str, blob_account: str, *, secret: bytes, **options: Any
         egress_ip="127.0.0.1",
         log_account=options.pop("log_account", blob_account),
         conflict_backoff=0.05,
+        in_use_wait=IN_USE_WAIT,
         poll=options.pop("poll", FAST_POLL),
         **options,
     )

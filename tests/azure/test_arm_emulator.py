@@ -675,7 +675,9 @@ def test_in_use_resources_refuse_deletion(arm: ArmEmulator, az: Clients) -> None
         az.compute.disks.begin_delete("rg1", vm.storage_profile.os_disk.name)
     assert disk.value.status_code == 409 and disk.value.error.code == "OperationNotAllowed"
 
-    # Take things apart in order and every delete goes through.
+    # Take things apart in order and every delete goes through (once Azure frees the NIC the VM used, which the
+    # test of NIC reservations covers).
+    arm.nic_reservation = 0
     az.compute.virtual_machines.begin_delete("rg1", "vm1").result()
     net.network_interfaces.begin_delete("rg1", "nic1").result()
     net.subnets.begin_delete("rg1", "vnet1", "default").result()
@@ -911,6 +913,42 @@ def test_guest_that_fails_to_boot_fails_the_vm_creation(arm: ArmEmulator, az: Cl
         make_vm(az)
     assert failed.value.error.code == "OSProvisioningInternalError" and "no rootfs" in failed.value.error.message
     assert az.compute.virtual_machines.get("rg1", "vm1").provisioning_state == "Failed"
+
+
+def test_a_nic_stays_reserved_for_its_vm_after_the_vm_is_gone(arm: ArmEmulator, az: Clients) -> None:
+    """For `nic_reservation` seconds (180 on Azure) after its VM is deleted, or failed to create, a NIC cannot be
+    deleted or given to another VM (gardenlinux#4133, microsoft/AzureTRE#4511)."""
+    arm.nic_reservation = 0.3
+    vm, ids = make_vm(az)
+    az.compute.virtual_machines.begin_delete("rg1", "vm1").result()
+    with pytest.raises(HttpResponseError) as reserved:
+        az.network.network_interfaces.begin_delete("rg1", "nic1")
+    assert reserved.value.status_code == 400 and reserved.value.error.code == "NicReservedForAnotherVm"
+    assert vm.id in reserved.value.message
+    with pytest.raises(HttpResponseError, match="NicReservedForAnotherVm"):  # the same name, another VM
+        az.compute.virtual_machines.begin_create_or_update("rg1", "vm1", vm_model(ids["nic"]))
+    time.sleep(arm.nic_reservation)
+    again = az.compute.virtual_machines.begin_create_or_update("rg1", "vm1", vm_model(ids["nic"])).result()
+    assert again.provisioning_state == "Succeeded" and again.vm_id != vm.vm_id
+
+    def broken(spec: GuestSpec) -> GuestEndpoint:
+        raise RuntimeError("no rootfs")
+
+    arm.guest_factory = broken
+    body = vm_model(ids["nic"], computer_name="vm2")
+    body.network_profile.network_interfaces = [cm.NetworkInterfaceReference(id=ids["nic"], delete_option="Delete")]
+    az.compute.virtual_machines.begin_delete("rg1", "vm1").result()
+    time.sleep(arm.nic_reservation)
+    with pytest.raises(HttpResponseError, match="OSProvisioningInternalError"):
+        az.compute.virtual_machines.begin_create_or_update("rg1", "vm2", body).result()
+    # The failed VM never took its NIC: deleting the VM leaves it, reserved, though it was to go with the VM.
+    az.compute.virtual_machines.begin_delete("rg1", "vm2").result()
+    assert az.network.network_interfaces.get("rg1", "nic1").virtual_machine is None
+    with pytest.raises(HttpResponseError, match="NicReservedForAnotherVm"):
+        az.network.network_interfaces.begin_delete("rg1", "nic1")
+    time.sleep(arm.nic_reservation)
+    az.network.network_interfaces.begin_delete("rg1", "nic1").result()
+    assert not any(r["type"] == "Microsoft.Network/networkInterfaces" for r in arm.resources())
 
 
 # ---------------------------------------------------------------------------------------------- platform images

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from azure.core.exceptions import ResourceNotFoundError
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
 from activities.clouds.aib.ids import platform_image_id
 from activities.clouds.aib.names import staging_group_name
@@ -17,6 +17,7 @@ from activities.clouds.aib.tags import ROLE_TEMPORARY, blob_metadata, build_tags
 from activities.clouds.azure import AzureCloud
 from activities.clouds.azure.names import storage_account_name
 from activities.clouds.azure.storage import ensure_container
+from activities.clouds.azure.vm import IN_USE_WAIT
 from activities.clouds.azure.waits import Backoff
 from activities.clouds.base import PermanentError
 from activities.guest.keys import windows_password
@@ -222,6 +223,45 @@ async def test_a_guest_that_can_never_boot_fails_the_create_at_once(cloud: Azure
     await cloud.delete_vm(build, spec.name)
     await cloud.delete_staging(build)
     assert kiln_resources(arm) == []
+
+
+async def test_a_vm_whose_create_failed_is_made_again_once_azure_frees_its_nic(
+    cloud: AzureCloud, arm: ArmEmulator
+) -> None:
+    """A create that fails for a passing reason leaves a Failed VM, which does not come right by being sent again.
+    The step's retry deletes it and makes the VM anew under the same names; Azure holds the NIC for the failed VM
+    a while (NicReservedForAnotherVm, 180 s on Azure), which the new create waits out."""
+    boots: list[GuestSpec] = []
+
+    def boot(spec: GuestSpec) -> GuestEndpoint:
+        boots.append(spec)
+        if len(boots) == 1:
+            raise RuntimeError("the host the VM landed on went away")
+        return GuestEndpoint()
+
+    def host_key(vm_id: str, body: dict) -> tuple[str, str]:
+        booted = arm.guest(vm_id) is not None  # only a VM whose guest came up answers
+        return ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKiln host\n" if booted else "", "")
+
+    arm.guest_factory, arm.run_command = boot, host_key
+    build = build_context()
+    staging = await cloud.create_staging(build)
+    source = await cloud.resolve_source(build, template())
+    spec = VmSpec(
+        name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source, vm_profile=VmProfile()
+    )
+    with pytest.raises(HttpResponseError, match="OSProvisioningInternalError"):
+        await cloud.create_vm(build, staging, spec)
+    vm = await cloud.create_vm(build, staging, spec)  # the step's retry
+    assert vm.host_key.startswith("ssh-ed25519 ") and len(boots) == 2
+    await cloud.delete_vm(build, vm.name)
+    await cloud.delete_staging(build)
+    assert kiln_resources(arm) == []
+
+
+def test_by_default_kiln_waits_out_azures_180_second_nic_reservation() -> None:
+    """The tests scale Azure's reservation and kiln's wait down alike; on Azure the wait must cover 180 s."""
+    assert IN_USE_WAIT >= 180 + 30
 
 
 async def test_staging_create_twice_delete_twice(cloud: AzureCloud, arm: ArmEmulator) -> None:

@@ -32,6 +32,7 @@ from activities.clouds.azure.names import (
     storage_account_name,
 )
 from activities.clouds.azure.vm import (
+    IN_USE_WAIT,
     SSH_PORT,
     WINRM_HTTPS_PORT,
     AzureVms,
@@ -97,6 +98,7 @@ class AzureCloud:
         log_account: str | None = None,
         guest_endpoint: Callable[[str, str, int], tuple[str, int]] | None = None,
         conflict_backoff: float = 3.0,
+        in_use_wait: float = IN_USE_WAIT,
         poll: Backoff | None = None,
     ) -> None:
         """``credential`` is an async token credential. ``blob_credential`` is what the blob clients
@@ -104,7 +106,9 @@ class AzureCloud:
         pass a storage emulator's account key instead, since an emulator takes nothing else.
         ``guest_endpoint(vm_id, address, port)`` maps a VM's address to where the worker connects; the default is
         the address itself. ``client_options`` go to every management client (transport, policies, retries).
-        ``poll`` paces the looks at copies no long-running operation covers (see ``waits``)."""
+        ``conflict_backoff`` is the first pause before a call that met a resource still in use (or a NIC Azure
+        still reserves) is made again, for up to ``in_use_wait`` seconds. ``poll`` paces the looks at copies no
+        long-running operation covers (see ``waits``)."""
         self.subscription_id = subscription_id
         self.arm = ArmClients(credential, subscription_id, arm_endpoint=arm_endpoint, options=client_options)
         self.blobs = BlobClients(blob_credential if blob_credential is not None else credential)
@@ -118,6 +122,7 @@ class AzureCloud:
             egress_source=self._egress_source,
             guest_endpoint=guest_endpoint or _default_endpoint,
             conflict_backoff=conflict_backoff,
+            in_use_wait=in_use_wait,
         )
         self.galleries = AzureGalleries(self.arm)
         self.inventory = Inventory(self.arm, self.vms)
