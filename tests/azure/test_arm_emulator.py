@@ -12,6 +12,7 @@ import socket
 import socketserver
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,7 @@ from azure.mgmt.resource.resources.aio import (
     ResourceManagementClient as AioResourceManagementClient,
 )
 from azure.mgmt.storage import StorageManagementClient
-from azure.storage.blob import BlobClient
+from azure.storage.blob import BlobClient, BlobServiceClient
 
 from activities.clouds.local import azurite as local_azurite
 from tests.arm_emulator import (
@@ -1138,6 +1139,60 @@ def test_disk_export_and_storage_endpoints_in_azurite(emulator_azurite: Azurite)
         assert blob.get_blob_properties().blob_type == "PageBlob"
         vhd = blob.download_blob().readall()
         assert vhd[-512:-504] == b"conectix" and len(vhd) % 512 == 0
+
+
+def test_revoking_an_export_fails_the_copies_still_reading_it(emulator_azurite: Azurite) -> None:
+    """endGetAccess revokes every SAS of the disk: a server-side blob copy still reading from one fails, and the
+    SAS itself no longer reads; a copy that had finished keeps its blob."""
+    azurite = emulator_azurite
+    with ArmEmulator(azurite=azurite, proxy_storage=True) as arm:
+        kwargs = client_kwargs(arm.base_url)
+        az = Clients(
+            *(
+                cls(FakeCredential(), SUB, **kwargs)
+                for cls in (
+                    ResourceManagementClient,
+                    NetworkManagementClient,
+                    ComputeManagementClient,
+                    StorageManagementClient,
+                )
+            )
+        )
+        vm, _ = make_vm(az)
+        endpoint = (
+            az.storage.storage_accounts.begin_create(
+                "rg1", "kilnout", {"location": LOC, "sku": {"name": "Standard_LRS"}, "kind": "StorageV2"}
+            )
+            .result()
+            .primary_endpoints.blob
+        )
+        container = f"vhds-{uuid.uuid4().hex[:8]}"
+        BlobServiceClient(endpoint, credential=azurite.account_key).create_container(container)
+        az.compute.virtual_machines.begin_deallocate("rg1", "vm1").result()
+        disk = vm.storage_profile.os_disk.name
+        grant = {"access": "Read", "durationInSeconds": 600}
+        sas = az.compute.disks.begin_grant_access("rg1", disk, grant).result().access_sas
+
+        def copy_to(name: str) -> BlobClient:
+            blob = BlobClient(endpoint, container, name, credential=azurite.account_key)
+            blob.start_copy_from_url(sas)
+            return blob
+
+        finished = copy_to("finished.vhd")
+        assert finished.get_blob_properties().copy.status == "success"
+        release = arm.blob_proxy.hold_copies(r"/pending\.vhd$")
+        pending = copy_to("pending.vhd")
+        assert pending.get_blob_properties().copy.status == "pending"
+        az.compute.disks.begin_revoke_access("rg1", disk).result()
+        release()
+        failed = pending.get_blob_properties().copy
+        assert failed.status == "failed" and "CannotVerifyCopySource" in failed.status_description
+        assert finished.get_blob_properties().copy.status == "success"
+        with pytest.raises(ResourceNotFoundError):
+            BlobClient.from_blob_url(sas).get_blob_properties()
+        # A new grant exports the disk again.
+        sas = az.compute.disks.begin_grant_access("rg1", disk, grant).result().access_sas
+        assert copy_to("again.vhd").get_blob_properties().copy.status == "success"
 
 
 def test_fixed_vhd_footer_is_valid() -> None:

@@ -30,6 +30,7 @@ from activities.clouds.aib.versions import choose_version
 from activities.clouds.azure import storage
 from activities.clouds.azure.clients import ArmClients, BlobClients, split_blob_url
 from activities.clouds.azure.errors import arm_call, permanent
+from activities.clouds.azure.exports import SnapshotExports
 from activities.clouds.azure.galleries import AzureGalleries
 from activities.clouds.azure.names import VHD_CONTAINER, snapshot_copy_name
 from activities.clouds.azure.vm import AzureVms, lro
@@ -39,7 +40,6 @@ from workflows.models import BuildContext, DistributeRequest, RunOutput
 from workflows.template import Distributor, ManagedImageDistributor, SharedImageDistributor, VhdDistributor
 
 TAG_OUTPUT_INDEX = "kilnOutputIndex"
-SAS_SECONDS = 4 * 3600
 
 
 def output_tags(request: DistributeRequest) -> dict[str, str]:
@@ -62,6 +62,7 @@ class AzureDistribution:
         poll: Backoff,
     ) -> None:
         self._arm = arm
+        self._exports = SnapshotExports(arm, blobs)
         self._poll = poll
         self._blobs = blobs
         self._vms = vms
@@ -332,12 +333,11 @@ class AzureDistribution:
         return f"{account.rstrip('/')}/{VHD_CONTAINER}/{build.build_id}/{target.run_output_name}.vhd"
 
     async def _vhd(self, request: DistributeRequest, target: VhdDistributor, progress: Progress) -> RunOutput:
-        """Export the OS-disk snapshot (a read SAS) and copy it server-side to the target blob. The copy runs in
-        the blob service, not here, and its blob carries the build id from the start: a retry that finds this
-        build's copy still pending (or done) waits for that one instead of starting another, even when the worker
-        that started it died before it could record the copy's id."""
+        """Export the OS-disk snapshot (a read SAS, shared with the other VHD targets: see ``exports``) and copy it
+        server-side to the target blob. The copy runs in the blob service, not here, and its blob carries the build
+        id from the start: a retry that finds this build's copy still pending (or done) waits for that one instead
+        of starting another, even when the worker that started it died before it could record the copy's id."""
         snapshot = resource_id(request.image.uri, field="the captured snapshot")
-        snapshots = self._arm.compute.snapshots
         url = await self._vhd_url(request.build, target)
         blob = self._blobs.blob(url)
         try:
@@ -349,18 +349,12 @@ class AzureDistribution:
             and written_by(props.metadata, request.build.build_id)
             and props.copy.status in ("pending", "success")
         )
-        if not attached:
-            async with arm_call(f"snapshot {snapshot.name}", needs="Microsoft.Compute/snapshots/beginGetAccess/action"):
-                access = await lro(
-                    snapshots.begin_grant_access(
-                        snapshot.group, snapshot.name, {"access": "Read", "durationInSeconds": SAS_SECONDS}
-                    )
-                )
         try:
             if not attached:
+                sas = await self._exports.grant(request, snapshot)
                 account_url, container, _ = split_blob_url(url)
                 await storage.ensure_container(self._blobs, f"{account_url}/{container}")
-                copy = await blob.start_copy_from_url(access.access_sas, metadata=blob_metadata(request.build.build_id))
+                copy = await blob.start_copy_from_url(sas, metadata=blob_metadata(request.build.build_id))
                 progress({"blob": url, "copy": copy.get("copy_id")})
             pauses = self._poll.pauses()
             while (props := await blob.get_blob_properties()).copy.status == "pending":
@@ -370,8 +364,8 @@ class AzureDistribution:
                     f"copying the VHD to {url} ended {props.copy.status}: {props.copy.status_description}"
                 )
         finally:
-            # Also after a re-attach: the worker that granted the SAS died before revoking it.
-            await lro(snapshots.begin_revoke_access(snapshot.group, snapshot.name))
+            # Also after a re-attach: the worker that granted the SAS died before it could count itself out.
+            await self._exports.release(request, snapshot)
         return self._vhd_output(target, url)
 
     @staticmethod

@@ -1,5 +1,5 @@
 """Managed disks and snapshots: their creation from a source, their state towards a VM, and export (beginGetAccess
-hands out a SAS URL of the emulator's VHD, endGetAccess revokes it).
+hands out a SAS URL of the emulator's VHD; endGetAccess revokes it, and the blob copies still reading from it fail).
 
 PUT answers 202 / 200 (never 201) with Azure-AsyncOperation, which is all the SDK accepts for these types. A disk
 attached to a VM refuses deletion (409) and export unless the VM is deallocated.
@@ -159,9 +159,14 @@ def _grant(arm: ArmEmulator, req: Request, res: Resource) -> Response:
 
 
 def _revoke(arm: ArmEmulator, req: Request, res: Resource) -> Response:
+    """endGetAccess: every SAS of the disk stops working, which fails the blob copies still reading from it."""
+
     def succeed() -> None:
-        if res.state.pop("sas", None):
+        sas = res.state.pop("sas", None)
+        if sas:
             arm.blobs.unpublish(_export_name(res))
+            if arm.blob_proxy is not None:
+                arm.blob_proxy.revoke(sas)
         return None
 
     return accept_action(arm, req, res, succeed)
