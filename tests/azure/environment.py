@@ -60,12 +60,18 @@ REGION2 = "westus2"
 RG = "aibImageRG"
 GALLERY = "kilnGallery"
 SCRIPT = b"#!/bin/sh\necho customized by $(id -un) > /tmp/customized\n"
+# Gen2 marketplace images say they can run as Trusted Launch VMs.
+TRUSTED_LAUNCH_SUPPORTED = {"SecurityType": "TrustedLaunchSupported"}
 # The marketplace as far as the corpus templates use it.
 PLATFORM_IMAGES = {
     ("Canonical", "UbuntuServer", "18.04-LTS"): PlatformImage(versions=["18.04.202401010", "18.04.202312120"]),
     ("Canonical", "UbuntuServer", "16.04-LTS"): PlatformImage(versions=["16.04.202109280"]),
     ("Canonical", "0001-com-ubuntu-server-focal", "20_04-lts-gen2"): PlatformImage(
-        versions=["20.04.202402010", "20.04.202310250"], hyper_v_generation="V2"
+        versions=["20.04.202402010", "20.04.202310250"], hyper_v_generation="V2", features=TRUSTED_LAUNCH_SUPPORTED
+    ),
+    # The live suite's source (tests/azure_live).
+    ("Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2"): PlatformImage(
+        versions=["22.04.202404090"], hyper_v_generation="V2", features=TRUSTED_LAUNCH_SUPPORTED
     ),
     ("MicrosoftWindowsServer", "WindowsServer", "2022-datacenter-azure-edition"): PlatformImage(
         versions=["20348.2227.240104"], os_type="Windows", hyper_v_generation="V2"

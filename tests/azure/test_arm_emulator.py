@@ -736,6 +736,62 @@ def test_snake_case_body_is_refused(arm: ArmEmulator, az: Clients) -> None:
     assert flat.status_code == 400 and "properties" in flat.json()["error"]["message"]
 
 
+def test_security_types_as_trusted_launch_as_default_sets_them(arm: ArmEmulator, az: Clients) -> None:
+    """A Gen2 VM is TrustedLaunch unless Standard is asked for, and no managed image is made from a TrustedLaunch
+    VM (hashicorp/packer#13189); a Gen2 gallery definition is TrustedLaunchSupported unless it says otherwise."""
+    arm.platform_images = {JAMMY: PlatformImage(versions=["22.04.1"], hyper_v_generation="V2")}
+    make_group(az)
+    ids = make_network(az)
+    compute = az.compute
+    vm = compute.virtual_machines.begin_create_or_update("rg1", "vm1", vm_model(ids["nic"])).result()
+    assert vm.security_profile.security_type == "TrustedLaunch"
+    compute.virtual_machines.begin_deallocate("rg1", "vm1").result()
+    compute.virtual_machines.generalize("rg1", "vm1")
+    body = {"location": LOC, "properties": {"sourceVirtualMachine": {"id": vm.id}, "hyperVGeneration": "V2"}}
+    with pytest.raises(ResourceExistsError) as refused:
+        compute.images.begin_create_or_update("rg1", "img", body)
+    assert refused.value.error.code == "OperationNotAllowed" and "TrustedLaunch security type" in refused.value.message
+
+    arm.nic_reservation = 0
+    compute.virtual_machines.begin_delete("rg1", "vm1").result()
+    standard = vm_model(ids["nic"], computer_name="vm2")
+    standard.security_profile = cm.SecurityProfile(security_type="Standard")
+    vm2 = compute.virtual_machines.begin_create_or_update("rg1", "vm2", standard).result()
+    assert vm2.security_profile.security_type == "Standard"
+    compute.virtual_machines.begin_deallocate("rg1", "vm2").result()
+    compute.virtual_machines.generalize("rg1", "vm2")
+    body["properties"]["sourceVirtualMachine"]["id"] = vm2.id
+    image = compute.images.begin_create_or_update("rg1", "img", body).result()
+
+    compute.galleries.begin_create_or_update("rg1", "gal", {"location": LOC}).result()
+
+    def definition(name: str, features: list[dict[str, str]] | None = None) -> cm.GalleryImage:
+        properties: dict[str, Any] = {
+            "osType": "Linux",
+            "osState": "Generalized",
+            "hyperVGeneration": "V2",
+            "identifier": {"publisher": "p", "offer": "o", "sku": name},
+        }
+        if features is not None:
+            properties["features"] = features
+        return compute.gallery_images.begin_create_or_update(
+            "rg1", "gal", name, {"location": LOC, "properties": properties}
+        ).result()
+
+    supported = definition("supported")
+    assert [(f.name, f.value) for f in supported.features] == [("SecurityType", "TrustedLaunchSupported")]
+    versions = compute.gallery_image_versions
+    from_vm = {"location": LOC, "properties": {"storageProfile": {"source": {"virtualMachineId": vm2.id}}}}
+    with pytest.raises(HttpResponseError, match="only Vhd Blob, User Image and Gallery Image Version sources"):
+        versions.begin_create_or_update("rg1", "gal", "supported", "1.0.0", from_vm)
+    from_image = {"location": LOC, "properties": {"storageProfile": {"source": {"id": image.id}}}}
+    made = versions.begin_create_or_update("rg1", "gal", "supported", "1.0.0", from_image).result()
+    assert made.provisioning_state == "Succeeded"
+    definition("trusted", [{"name": "SecurityType", "value": "TrustedLaunch"}])
+    with pytest.raises(HttpResponseError, match="'TrustedLaunch' is not supported for the source id"):
+        versions.begin_create_or_update("rg1", "gal", "trusted", "1.0.0", from_image)
+
+
 # ---------------------------------------------------------------------------------------------- replication
 
 

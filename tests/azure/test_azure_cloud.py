@@ -21,7 +21,7 @@ from activities.clouds.azure.vm import IN_USE_WAIT
 from activities.clouds.azure.waits import Backoff
 from activities.clouds.base import PermanentError
 from activities.guest.keys import windows_password
-from tests.arm_emulator import ArmEmulator, GuestEndpoint, GuestSpec
+from tests.arm_emulator import ArmEmulator, GuestEndpoint, GuestSpec, PlatformImage
 from tests.azure.environment import (
     LOCATION,
     REGION2,
@@ -143,6 +143,63 @@ async def test_a_gallery_target_naming_a_region_twice_is_refused_when_the_source
         await cloud.resolve_source(build_context(), template(distribute=[target]))
     assert "targetRegions[1].name" in caught.value.message
     assert kiln_resources(arm) == []
+
+
+@pytest.mark.parametrize("security", ["TrustedLaunch", "ConfidentialVM"])
+async def test_a_gallery_target_that_takes_no_standard_image_is_refused_when_the_source_is_resolved(
+    cloud: AzureCloud, arm: ArmEmulator, security: str
+) -> None:
+    """kiln writes a managed image of a Standard VM, which a TrustedLaunch or confidential definition does not take:
+    refused before anything is made, instead of after the build at distribution. A Gen2 definition made without a
+    security type is TrustedLaunchSupported (Trusted Launch as default), and that one takes it."""
+    features = [{"name": "SecurityType", "value": security}]
+    gallery = await make_gallery(arm.base_url, "gal", LOCATION, ("strict",), generation="V2", features=features)
+    await make_gallery(arm.base_url, "gal", LOCATION, ("default",), generation="V2")
+    gen2 = {
+        "type": "PlatformImage",
+        "publisher": "Canonical",
+        "offer": "0001-com-ubuntu-server-focal",
+        "sku": "20_04-lts-gen2",
+        "version": "latest",
+    }
+
+    def target(definition: str) -> dict:
+        return {
+            "type": "SharedImage",
+            "runOutputName": definition,
+            "galleryImageId": f"{gallery}/images/{definition}",
+            "targetRegions": [{"name": LOCATION}],
+        }
+
+    with pytest.raises(
+        PermanentError, match=rf"distribute\[1\]\.galleryImageId: .*/strict is of security type {security}"
+    ):
+        await cloud.resolve_source(build_context(), template(gen2, distribute=[target("default"), target("strict")]))
+    assert (
+        await cloud.resolve_source(build_context(), template(gen2, distribute=[target("default")]))
+    ).hyper_v_generation == "V2"
+    assert kiln_resources(arm) == []
+
+
+async def test_a_source_that_runs_only_as_trusted_launch_is_refused_when_resolved(
+    cloud: AzureCloud, arm: ArmEmulator
+) -> None:
+    """AIB does not build from a TrustedLaunch (or ConfidentialVM) source: its VM could not be captured."""
+    arm.platform_images[("Contoso", "hardened", "tl-only")] = PlatformImage(
+        versions=["1.0.0"], hyper_v_generation="V2", features={"SecurityType": "TrustedLaunch"}
+    )
+    source = {
+        "type": "PlatformImage",
+        "publisher": "Contoso",
+        "offer": "hardened",
+        "sku": "tl-only",
+        "version": "latest",
+    }
+    with pytest.raises(
+        PermanentError, match=r"properties.source: Contoso:hardened:tl-only:latest is of security type TrustedLaunch"
+    ) as caught:
+        await cloud.resolve_source(build_context(), template(source))
+    assert caught.value.type == "UnsupportedSecurityType"
 
 
 async def test_a_windows_vm_gets_a_derived_password_and_a_pinned_winrm_listener(
@@ -396,6 +453,13 @@ async def test_throttling_with_retry_after_is_honoured(cloud: AzureCloud, arm: A
             "quota",
         ),
         ("OperationNotAllowed", 409, "Operation results in exceeding quota limits of Core.", "QuotaExceeded", "quota"),
+        (
+            "OperationNotAllowed",
+            409,
+            "Creation of managed images are not supported for virtual machine with TrustedLaunch security type.",
+            "OperationNotAllowed",
+            "does not allow it",
+        ),
         (
             "AuthorizationFailed",
             403,

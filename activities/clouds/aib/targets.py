@@ -7,6 +7,12 @@ are each named once (ARM refuses a version that names one twice: terraform-provi
 refused at resolve source, before it pays for anything, when a target breaks one. Each cloud brings the lookups
 (``Galleries``) and, where it has only some regions, a check of a region name.
 
+Security types (Trusted Launch): AIB takes a source of security type Standard, TrustedLaunchSupported or
+ConfidentialVMSupported, not one that runs only as TrustedLaunch or ConfidentialVM, and writes its image, a Standard
+one, only into a definition that takes it: Standard or TrustedLaunchSupported (a TrustedLaunchSupported definition
+takes managed images; one of type TrustedLaunch does not: packer-plugin-azure#304). New Gen2 definitions are
+TrustedLaunchSupported unless made otherwise (Trusted Launch as default).
+
 A gallery version is written in the build's region, where the captured image is, and that region is published to
 even when the target does not name it, as Packer and AIB do: ARM makes a version only from a source in its own
 region (MicrosoftDocs/azure-docs#28793) and only when its regions contain its own (hashicorp/packer#8895).
@@ -22,14 +28,34 @@ from activities.clouds.base import PermanentError
 from workflows.models import DistributeRequest, ResolvedSource
 from workflows.template import ImageTemplate, ManagedImageDistributor, SharedImageDistributor, TargetRegion
 
+STANDARD = "Standard"
+_SOURCE_SECURITY_REFUSED = {"trustedlaunch", "confidentialvm"}
+_TARGET_SECURITY_TAKEN = {"standard", "trustedlaunchsupported"}
+
 
 @dataclass(frozen=True)
 class ImageDefinition:
-    """What AIB's rules ask of a gallery image definition, and where it lives."""
+    """What AIB's rules ask of a gallery image definition, and where it lives; ``security_type`` is its
+    ``SecurityType`` feature (Standard when it has none)."""
 
     os_type: str
     hyper_v_generation: str
     location: str
+    security_type: str = STANDARD
+
+
+def check_source_security(security_type: str, *, field: str, image: str) -> None:
+    """Refuse a source that runs only as a TrustedLaunch or ConfidentialVM VM.
+
+    Raises:
+        PermanentError: ``UnsupportedSecurityType``, naming ``field``.
+    """
+    if security_type.lower() in _SOURCE_SECURITY_REFUSED:
+        raise PermanentError(
+            f"{field}: {image} is of security type {security_type}; AIB builds from Standard, "
+            "TrustedLaunchSupported and ConfidentialVMSupported sources only",
+            kind="UnsupportedSecurityType",
+        )
 
 
 class Galleries(Protocol):
@@ -123,6 +149,12 @@ async def image_definition_for(
     if definition.os_type != os_type:
         raise PermanentError(
             f"{field}: the image is {os_type}, the image definition {ref.image_id} is {definition.os_type}",
+            kind="BadSharedImageDistribute",
+        )
+    if definition.security_type.lower() not in _TARGET_SECURITY_TAKEN:
+        raise PermanentError(
+            f"{field}: the image definition {ref.image_id} is of security type {definition.security_type}, which "
+            "takes no Standard image; write to a definition of security type Standard or TrustedLaunchSupported",
             kind="BadSharedImageDistribute",
         )
     return ref, definition

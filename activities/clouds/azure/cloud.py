@@ -14,14 +14,14 @@ from azure.core.exceptions import ResourceNotFoundError
 from activities.clouds.aib.ids import COMPUTE, parse_platform_image_id, platform_image_id, resource_id
 from activities.clouds.aib.names import admin_user_of, staging_group
 from activities.clouds.aib.tags import ROLE_TEMPORARY, TAG_BUILD_ID, blob_metadata, build_tags
-from activities.clouds.aib.targets import check_targets
+from activities.clouds.aib.targets import check_source_security, check_targets
 from activities.clouds.aib.versions import version_key
 from activities.clouds.append_log import AppendLog
 from activities.clouds.azure import storage
 from activities.clouds.azure.clients import PUBLIC_ARM, ArmClients, BlobClients, is_loopback_http
 from activities.clouds.azure.distribute import AzureDistribution
 from activities.clouds.azure.errors import arm_call
-from activities.clouds.azure.galleries import AzureGalleries
+from activities.clouds.azure.galleries import AzureGalleries, security_type
 from activities.clouds.azure.inventory import Inventory
 from activities.clouds.azure.names import (
     LOGS_CONTAINER,
@@ -228,6 +228,7 @@ class AzureCloud:
                 f"({image.plan.publisher}/{image.plan.product}/{image.plan.name}); give it in properties.source.planInfo",
                 kind="PlanInfoRequired",
             )
+        check_source_security(security_type(image.features), field="properties.source", image=label)
         os_disk = image.os_disk_image
         return ResolvedSource(
             image_id=platform_image_id(
@@ -289,6 +290,7 @@ class AzureCloud:
                     f"{field}: {source.image_version_id} does not exist (or has no version that 'latest' can mean)",
                     kind="SourceImageNotFound",
                 ) from err
+        check_source_security(security_type(image.features), field=field, image=source.image_version_id)
         return ResolvedSource(
             image_id=found.id,
             exact_version=version,

@@ -279,6 +279,10 @@ class AzureVms:
                 "diagnosticsProfile": {"bootDiagnostics": {"enabled": True}},
             },
         }
+        if generation == "V2":
+            # Azure makes a Gen2 VM TrustedLaunch unless told otherwise (Trusted Launch as default), and no managed
+            # image can be made from a TrustedLaunch VM (hashicorp/packer#13189): capture needs a Standard one.
+            body["properties"]["securityProfile"] = {"securityType": "Standard"}
         if plan:
             body["plan"] = plan
         if identities:
@@ -342,7 +346,8 @@ class AzureVms:
         try:
             await self._while_in_use(once, codes=IN_USE_CODES)
         except HttpResponseError as err:
-            failure = permanent(err, what=what, needs=f"{arm_type}/delete")
+            # Still in use after the wait: left to the activity's retry policy, which tries again later.
+            failure = None if error_code(err) in IN_USE_CODES else permanent(err, what=what, needs=f"{arm_type}/delete")
             if failure is not None:
                 raise failure from err
             raise

@@ -4,6 +4,10 @@ A VM's PUT creates its OS disk (unless attached), and its parts with deleteOptio
 actions (start, powerOff, deallocate, restart), runCommand and capture answer 202 with both LRO headers;
 generalize is a synchronous 200, allowed only on a stopped or deallocated VM.
 
+Security types, as Trusted Launch as default (TLaD) sets them: a VM made from a Gen2 image without
+`securityProfile.securityType` is TrustedLaunch (secure boot and vTPM on); Standard must be asked for. A Gen1 image
+takes only Standard. A managed image cannot be made from a TrustedLaunch or ConfidentialVM VM (see images.py).
+
 A NIC is reserved for its VM for `nic_reservation` seconds (Azure's 180 by default) after that VM is deleted, and
 after its create failed, when the VM never took the NIC (deleting the failed VM leaves it): deleting the NIC, or
 making another VM with it (a VM made again under the same name is another VM), answers 400 NicReservedForAnotherVm
@@ -26,7 +30,7 @@ from ..operations import accept_action
 from ..protocol import ArmError, Request, Response, check_rest_shape, now, operation_not_allowed
 from ..provider import Action, ResourceType
 from ..store import Resource
-from .names import DISKS, RUN_COMMANDS, VIRTUAL_MACHINES
+from .names import DISKS, IMAGE_VERSIONS, RUN_COMMANDS, VIRTUAL_MACHINES
 from .platform_images import catalogue_entry
 
 if TYPE_CHECKING:
@@ -83,6 +87,7 @@ def _prepare(arm: ArmEmulator, res: Resource, existing: Resource | None) -> None
     storage = props.setdefault("storageProfile", {})
     image = storage.get("imageReference") or {}
     _check_plan(arm, res, image)
+    _set_security_type(arm, res, image, existing)
     windows = "windowsConfiguration" in os_profile or "windows" in str(image.get("offer", "")).lower()
     computer = os_profile.get("computerName")
     if computer and len(computer) > (15 if windows else 64):
@@ -124,6 +129,46 @@ def _prepare(arm: ArmEmulator, res: Resource, existing: Resource | None) -> None
             )
         )
     res.state.update(power="starting", generalized=False, os_type=os_disk["osType"], computer_name=computer or res.name)
+
+
+_SECURITY_TYPES = ("Standard", "TrustedLaunch", "ConfidentialVM")
+
+
+def security_type(vm: Resource) -> str:
+    """A VM's security type; Standard when its profile names none."""
+    return (vm.properties.get("securityProfile") or {}).get("securityType") or "Standard"
+
+
+def _set_security_type(arm: ArmEmulator, vm: Resource, image: dict[str, Any], existing: Resource | None) -> None:
+    if existing is not None:  # fixed at create
+        vm.properties["securityProfile"] = existing.properties.get("securityProfile")
+        return
+    given = (vm.properties.get("securityProfile") or {}).get("securityType")
+    generation = image_generation(arm, image)
+    if given is None and generation == "V2":
+        vm.properties["securityProfile"] = {
+            "securityType": "TrustedLaunch",
+            "uefiSettings": {"secureBootEnabled": True, "vTpmEnabled": True},
+        }
+    elif given is not None and given not in _SECURITY_TYPES:
+        raise ArmError(400, "InvalidParameter", f"The value '{given}' of parameter 'securityType' is not valid.")
+    elif given in ("TrustedLaunch", "ConfidentialVM") and generation != "V2":
+        raise ArmError(
+            400, "InvalidParameter", f"The security type '{given}' is supported only for Hyper-V generation 2 images."
+        )
+
+
+def image_generation(arm: ArmEmulator, image: dict[str, Any]) -> str:
+    """The Hyper-V generation of what a VM is made from: a managed image, a gallery version, a marketplace image."""
+    if image.get("id"):
+        source = arm.store.find(image["id"])
+        if source is not None and source.type == IMAGE_VERSIONS:
+            source = arm.store.find(source.id.rsplit("/versions/", 1)[0])
+        return str((source.properties if source is not None else {}).get("hyperVGeneration") or "V1")
+    entry = catalogue_entry(
+        arm.platform_images, image.get("publisher", ""), image.get("offer", ""), image.get("sku", "")
+    )
+    return entry.hyper_v_generation if entry is not None else "V1"
 
 
 def _check_plan(arm: ArmEmulator, vm: Resource, image: dict[str, Any]) -> None:
