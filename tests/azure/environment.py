@@ -127,7 +127,7 @@ def make_cloud(arm_url: str, blob_account: str, *, secret: bytes, **options: Any
         FakeAsyncCredential(KILN_PRINCIPAL),
         SUB,
         arm_endpoint=arm_url,
-        client_options=client_kwargs(arm_url),
+        client_options={**client_kwargs(arm_url), **options.pop("client_options", {})},
         blob_credential=local_azurite.credential(local_azurite.STAGING_ACCOUNT),
         secret=secret,
         egress_ip="127.0.0.1",
@@ -234,8 +234,9 @@ class AzureHarness:
     artifacts: Path
     workers: list[tuple[asyncio.Event, asyncio.Task[None], AzureCloud]]
 
-    def start_worker(self) -> AzureCloud:
-        cloud = make_cloud(self.arm.base_url, self.blob_account, secret=self.secret)
+    def start_worker(self, **options: Any) -> AzureCloud:
+        """A worker on the harness's queue; ``options`` go to its cloud (``make_cloud``)."""
+        cloud = make_cloud(self.arm.base_url, self.blob_account, secret=self.secret, **options)
         stop = asyncio.Event()
         task = asyncio.create_task(run_worker(self.client, cloud, task_queue=self.task_queue, stop=stop))
         self.workers.append((stop, task, cloud))

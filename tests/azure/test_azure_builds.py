@@ -18,6 +18,7 @@ from tests.arm_emulator import ArmEmulator
 from tests.azure.environment import (
     LOCATION,
     REGION2,
+    RG,
     SUB,
     AzureHarness,
     Guests,
@@ -25,6 +26,8 @@ from tests.azure.environment import (
     prepare,
     temporary,
 )
+from tests.azure_live.live_build import leftovers, live_template
+from tests.azure_live.recording import Recorder, read
 from tests.workflows.harness import retried_activities
 from workflows.models import RunState
 
@@ -153,6 +156,34 @@ async def test_a_gallery_in_another_region_gets_its_version_in_the_build_region(
     assert {r["name"]: r["regionalReplicaCount"] for r in published} == {REGION2: 2, LOCATION: 1}
     assert output.replication == {REGION2: "Completed", LOCATION: "Completed"}
     assert temporary(harness.arm) == []
+
+
+async def test_the_live_suites_build_on_the_emulator(harness: AzureHarness, tmp_path: Path) -> None:
+    """The build tests/azure_live makes on Azure (built in one region, into a gallery in another, a managed image in
+    a third, under the shipped role), made here and checked the same way. With KILN_EMULATED_RECORDING set, its ARM
+    traffic is kept there for the recorded-traffic check (python -m tests.azure_live.recording diff)."""
+    await prepare(harness.arm.base_url, generation="V2")
+    gallery = await make_gallery(harness.arm.base_url, "liveGallery", REGION2, ("live",), generation="V2")
+    recording = Path(os.environ.get("KILN_EMULATED_RECORDING") or tmp_path / "emulated.jsonl")
+    await harness.stop_worker(0)
+    cloud = harness.start_worker(client_options={"per_retry_policies": [Recorder(recording)]})
+    image_id = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/images/live"
+    template = live_template(
+        location=LOCATION,
+        gallery_image_id=f"{gallery}/images/live",
+        gallery_region=REGION2,
+        image_id=image_id,
+        image_location="westus3",
+    )
+    status = await harness.finish(await harness.start(template, "live"))
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    [version] = [o for o in status.run_outputs if o.type == "SharedImage"]
+    assert version.replication == {REGION2: "Completed", LOCATION: "Completed"}
+    image = next(r for r in harness.arm.resources() if r["id"].lower() == image_id.lower())
+    assert image["location"] == "westus3"
+    assert await leftovers(cloud, status, logs_kept=False) == []
+    recorded = read(recording)
+    assert any(r["method"] == "PUT" and "/images/live/versions/" in r["url"] for r in recorded)
 
 
 async def user_staging_group(cloud: AzureCloud) -> str:

@@ -136,7 +136,9 @@ class AzureCloud:
         )
 
     @classmethod
-    def from_environment(cls) -> AzureCloud:
+    def from_environment(cls, *, client_options: dict[str, Any] | None = None) -> AzureCloud:
+        """The cloud the environment describes (see the package docstring); ``client_options`` go to every
+        management client, as in the constructor."""
         from azure.identity.aio import DefaultAzureCredential
 
         from activities.clouds.state import worker_secret
@@ -155,6 +157,7 @@ class AzureCloud:
             secret=bytes.fromhex(secret_hex) if secret_hex else worker_secret(),
             egress_ip=os.environ.get("KILN_EGRESS_IP") or None,
             log_account=os.environ.get("KILN_LOG_ACCOUNT") or None,
+            client_options=client_options,
         )
 
     async def close(self) -> None:
