@@ -41,7 +41,7 @@ Example output (2 shared cores, builds 1 and 2 left out):
         cleanup: delete captured image                  0.04   0.00    0.04
         cleanup: delete staging                         0.04   0.00    0.04
     (b) ARM calls of build 3
-      59 ARM calls; by resource type and method:
+      60 ARM calls; by resource type and method:
           11  GET    Microsoft.Compute operation (poll)
            1  DELETE Microsoft.Compute/disks
            1  DELETE Microsoft.Compute/images
@@ -51,7 +51,7 @@ Example output (2 shared cores, builds 1 and 2 left out):
            1  GET    Microsoft.Compute/snapshots
            1  PUT    Microsoft.Compute/snapshots
            1  DELETE Microsoft.Compute/virtualMachines
-           2  GET    Microsoft.Compute/virtualMachines
+           3  GET    Microsoft.Compute/virtualMachines
            1  PUT    Microsoft.Compute/virtualMachines
            1  POST   Microsoft.Compute/virtualMachines/deallocate
            1  POST   Microsoft.Compute/virtualMachines/generalize
@@ -76,8 +76,8 @@ Example output (2 shared cores, builds 1 and 2 left out):
            1  PUT    Microsoft.Resources/resourceGroups
            1  GET    Microsoft.Storage operation (poll)
            1  PUT    Microsoft.Storage/storageAccounts
-      by method: DELETE 9, GET 37, POST 3, PUT 10
-      by status: 200 35, 201 8, 202 11, 204 2, 404 3
+      by method: DELETE 9, GET 38, POST 3, PUT 10
+      by status: 200 35, 201 8, 202 11, 204 2, 404 4
     (a) median over the builds: wall 2.35 s, arm 0.18 s, boot 0.12 s, polling 0.02 s, kiln 2.15 s
     (c) 50 builds of q0_helloImageTemplateLinux.json with a first customizer 'sleep 5', started at once on one worker
       outcomes: {'Succeeded': 50}; at most 47 builds in the sleep customizer at once
@@ -342,7 +342,8 @@ async def main(builds: int, count: int, sleep: int) -> None:
                     scratch / "artifacts",
                     [],
                 )
-                await prepare(harness.start_worker())
+                harness.start_worker()
+                await prepare(arm.base_url)
                 await sequential(harness, builds)
                 await harness.stop_workers()
                 if count:

@@ -4,13 +4,19 @@ With it, storage accounts' blob endpoints point at the emulator itself, which pa
 Azurite unchanged (the signed path is the same) and so applies request faults to blob traffic too; those are
 answered as the blob service answers errors (XML body, `x-ms-error-code`). A server-side blob copy (Put Blob with
 `x-ms-copy-source`) reports `x-ms-copy-status: pending` for `blob_copy_polls` reads of the destination, since
-Azurite itself finishes copies at once; None keeps the copy pending until a test sets a number.
+Azurite itself finishes copies at once; None keeps the copy pending until a test sets a number, and `hold_copies`
+keeps the copies to some destinations pending until released.
+
+A copy still pending when its source's SAS is revoked (a disk export's endGetAccess, see `revoke`) fails, as the
+blob service fails a copy whose source it can no longer read.
 """
 
 from __future__ import annotations
 
 import http.client
+import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -21,7 +27,10 @@ from .protocol import Request, Response
 @dataclass
 class _BlobCopy:
     id: str
+    source: str  # the source's path, without its SAS
     polls: int = 0
+    done: bool = False  # reported finished: a revocation after that no longer matters
+    failed: bool = False
 
 
 class BlobProxy:
@@ -30,6 +39,7 @@ class BlobProxy:
     def __init__(self, azurite: Azurite) -> None:
         self._azurite = azurite
         self._copies: dict[str, _BlobCopy] = {}  # by destination path
+        self._held: set[str] = set()  # destination path patterns whose copies stay pending
         self._lock = threading.Lock()
 
     def _prefix(self) -> str:
@@ -43,6 +53,25 @@ class BlobProxy:
     def endpoint(self, base_url: str) -> str:
         """The blob endpoint storage accounts report: the emulator at `base_url`, under Azurite's path."""
         return f"{base_url}{self._prefix()}/"
+
+    def hold_copies(self, path_regex: str) -> Callable[[], None]:
+        """Keep copies to destinations matching `path_regex` pending; returns what releases them."""
+        with self._lock:
+            self._held.add(path_regex)
+
+        def release() -> None:
+            with self._lock:
+                self._held.discard(path_regex)
+
+        return release
+
+    def revoke(self, source_url: str) -> None:
+        """The SAS of `source_url` is revoked: the copies from it that are still pending fail."""
+        source = urlsplit(source_url).path
+        with self._lock:
+            for copy in self._copies.values():
+                if copy.source == source and not copy.done:
+                    copy.failed = True
 
     def serve(self, req: Request, copy_polls: int | None) -> Response:
         """Azurite's answer to `req`, a copy it started still pending for `copy_polls` reads (None: until told)."""
@@ -67,21 +96,34 @@ class BlobProxy:
 
     def _pace_copy(self, req: Request, resp: Response, copy_polls: int | None) -> Response:
         """Azurite finishes a copy before answering; this makes it report pending for `copy_polls` reads
-        of the destination first, as a copy of a large blob does."""
+        of the destination first (or while held), as a copy of a large blob does, and failed once its source's
+        SAS was revoked meanwhile."""
         header = {k.lower(): k for k in resp.headers}
         copy_id = resp.headers.get(header.get("x-ms-copy-id", ""))
-        starts = req.method == "PUT" and any(k.lower() == "x-ms-copy-source" for k in req.headers)
+        source = next((v for k, v in req.headers.items() if k.lower() == "x-ms-copy-source"), None)
         with self._lock:
-            if starts and copy_id and copy_polls != 0:
-                self._copies[req.path] = copy = _BlobCopy(copy_id)
+            held = any(re.search(pattern, req.path) for pattern in self._held)
+            if req.method == "PUT" and source and copy_id and (copy_polls != 0 or held):
+                self._copies[req.path] = copy = _BlobCopy(copy_id, urlsplit(source).path)
             elif req.method in ("GET", "HEAD") and not req.raw_query and req.path in self._copies:
                 copy = self._copies[req.path]
                 copy.polls += 1
             else:
                 return resp
-            if copy_id != copy.id or (copy_polls is not None and copy.polls > copy_polls):
+            if copy_id != copy.id:
                 return resp
-        resp.headers[header.get("x-ms-copy-status", "x-ms-copy-status")] = "pending"
+            if copy.failed:
+                state = "failed"
+            elif held or copy_polls is None or copy.polls <= copy_polls:
+                state = "pending"
+            else:
+                copy.done = True
+                return resp
+        resp.headers[header.get("x-ms-copy-status", "x-ms-copy-status")] = state
+        if state == "failed":
+            resp.headers["x-ms-copy-status-description"] = (
+                "403 CannotVerifyCopySource: the copy source's access signature was revoked"
+            )
         for name in ("x-ms-copy-completion-time", "x-ms-copy-progress"):
             resp.headers.pop(header.get(name, name), None)
         return resp

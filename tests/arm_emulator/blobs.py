@@ -82,7 +82,15 @@ class Azurite:
         return f"{blob.url}?{sas}"
 
     def unpublish(self, name: str) -> None:
-        """Revoking access leaves the blob (a later grant reuses it); SAS expiry is not emulated."""
+        """Revoking access removes the export, so its SAS no longer reads; a later grant uploads it again. SAS
+        expiry is not emulated."""
+        from azure.core.exceptions import ResourceNotFoundError
+        from azure.storage.blob import BlobServiceClient
+
+        service = BlobServiceClient(self.blob_url, credential=self.account_key)
+        with contextlib.suppress(ResourceNotFoundError):
+            service.get_blob_client(self.container, name).delete_blob()
+        self._uploaded.discard(name)
 
 
 @dataclass

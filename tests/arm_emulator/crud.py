@@ -84,14 +84,25 @@ def remove(arm: ArmEmulator, res: Resource) -> None:
 
 def list_answer(arm: ArmEmulator, req: Request, sub: str, group: str | None, type_name: str | None) -> Response:
     """A listing of a subscription or group, of one type or (None) of every top-level resource, honouring
-    `$filter` on resourceType and on tagName (and tagValue)."""
+    `$filter` on resourceType and on tagName (and tagValue).
+
+    The listing of every resource (`/resources`) runs `listing_lag` seconds behind the store, and when filtered by
+    a tag it returns no tags, as the spec's `$filter` description says ("When you filter by a tag name and value,
+    the tags for each resource are not returned in the results")."""
     filt = req.query.get("$filter", "")
     tag = re.search(r"tagname\s+eq\s+'([^']*)'(?:\s+and\s+tagvalue\s+eq\s+'([^']*)')?", filt, re.I)
     rtype = re.search(r"resourcetype\s+eq\s+'([^']*)'", filt, re.I)
+    generic = type_name is None
     with arm.lock:
-        found = [render(arm, r) for r in arm.store.listed(sub, group, type_name, rtype.group(1) if rtype else None)]
+        listed = arm.store.listed(
+            sub, group, type_name, rtype.group(1) if rtype else None, lag=arm.listing_lag if generic else 0.0
+        )
+        found = [render(arm, r) for r in listed]
     if tag is not None:
         found = [r for r in found if tags_match(r.get("tags") or {}, {tag.group(1): tag.group(2)})]
+        if generic:
+            for r in found:
+                r.pop("tags", None)
     return Response(200, {"value": found})
 
 
@@ -206,6 +217,8 @@ def _put(
 
     def fail() -> None:
         res.properties["provisioningState"] = "Failed"
+        if existing is None and spec.failed is not None:
+            spec.failed(arm, res)
 
     op = start_operation(arm, req, succeed, fail, spec.put_polls(arm, res) if spec.put_polls else None)
     res.state["operation"] = op
@@ -248,6 +261,8 @@ def _delete(arm: ArmEmulator, req: Request, spec: ResourceType, rid: str) -> Res
                 f"following resources: {', '.join(users)}. In order to delete it, remove the association "
                 "with the resource(s).",
             )
+    if spec.check_delete is not None:
+        spec.check_delete(arm, res)
     if spec.delete == "sync":
         arm.store.discard(rid)
         return Response(200)
@@ -256,6 +271,8 @@ def _delete(arm: ArmEmulator, req: Request, spec: ResourceType, rid: str) -> Res
 
     def succeed() -> None:
         remove(arm, res)
+        if spec.deleted is not None:
+            spec.deleted(arm, res)
         return None
 
     def fail() -> None:

@@ -1,6 +1,8 @@
 """Microsoft.Network: virtual networks and their subnets, network security groups, public IP addresses and network
 interfaces.
 
+A NIC reserved for a VM that is gone (see compute/vm.py) refuses deletion with 400 NicReservedForAnotherVm.
+
 Every PUT answers 201 / 200 with Azure-AsyncOperation and provisioningState Updating; every resource carries a
 weak etag. A VNet's inline subnets become child resources, as ARM stores them, and a resource still referenced
 (an NSG by a subnet, a NIC by a VM) refuses deletion with 400. A NIC's private IP and a public IP are where the
@@ -14,7 +16,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from .compute.names import VIRTUAL_MACHINES
-from .compute.vm import guest_host
+from .compute.vm import guest_host, nic_reserved, nic_reserved_for
 from .crud import render
 from .protocol import ArmError
 from .provider import InUse, Provider, ResourceType
@@ -151,6 +153,12 @@ def _prepare_nic(arm: ArmEmulator, res: Resource, existing: Resource | None) -> 
     )
 
 
+def _check_nic_delete(arm: ArmEmulator, res: Resource) -> None:
+    reserved = nic_reserved_for(res)
+    if reserved is not None:
+        raise nic_reserved(arm, reserved[0])
+
+
 def _render_nic(arm: ArmEmulator, res: Resource, out: dict[str, Any], props: dict[str, Any], expand: str) -> None:
     vm = arm.store.referrer(res, VIRTUAL_MACHINES)
     host = guest_host(vm)
@@ -210,6 +218,7 @@ PROVIDER = Provider(
             prepare=_prepare_nic,
             render=_render_nic,
             in_use=InUse(400, "NicInUse", (VIRTUAL_MACHINES,)),
+            check_delete=_check_nic_delete,
         ),
     ),
 )

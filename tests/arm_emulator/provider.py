@@ -58,6 +58,7 @@ class ResourceType:
     * `put_polls(arm, res)`: how many InProgress polls the PUT's operation answers, read at every poll, None for
       not yet (a gallery version waits for its slowest region); without it, the emulator's `operation_polls`.
     * `ready(arm, res)`: runs when the PUT's operation succeeds; raise ArmError to fail it instead.
+    * `failed(arm, res)`: runs when a create's operation fails (what the failed resource keeps hold of).
     * `after_create(arm, res)`: runs once after a create, without the lock, before the PUT is answered: slow work
       such as booting a VM's guest.
     * `read(arm, res)`: runs at every GET of the resource, before it is rendered.
@@ -65,7 +66,9 @@ class ResourceType:
       `properties`, both copies); `expand` is the request's lower-cased $expand, "" without one.
     * `actions`: POSTs (and GET views) under the resource, keyed by lower-cased action name.
     * `in_use`: the answer refusing DELETE while other resources reference this one.
+    * `check_delete(arm, res)`: refuses a DELETE for a reason of the type's own (raise ArmError).
     * `deletes_along(arm, res)`: ids of other resources ARM deletes with this one.
+    * `deleted(arm, res)`: runs once a DELETE's operation has removed the resource and what goes along with it.
     * `release(arm, res)`: frees what the resource holds outside the store (a VM's guest) when it leaves the
       store or the emulator stops.
     """
@@ -81,12 +84,15 @@ class ResourceType:
     prepare: Prepare | None = None
     put_polls: PutPolls | None = None
     ready: OnResource | None = None
+    failed: OnResource | None = None
     after_create: OnResource | None = None
     read: OnResource | None = None
     render: Render | None = None
     actions: Mapping[str, Action] = field(default_factory=dict)
     in_use: InUse | None = None
+    check_delete: OnResource | None = None
     deletes_along: PartsOf | None = None
+    deleted: OnResource | None = None
     release: OnResource | None = None
 
     @property

@@ -10,6 +10,7 @@ This module is the emulator itself: its settings, its HTTP entry point (where re
 faults.py) and the routing of a path to what serves it. The rest is split by concern:
 
 * protocol.py: requests, answers, the error envelope and the checks every body gets; http_server.py: the server.
+* rbac.py: the role each principal (bearer token) holds, checked on every ARM request before it is served.
 * store.py: the resources; operations.py: long-running operations and their polling; crud.py: the PUT, GET,
   PATCH, DELETE, listing and action machinery every resource type shares.
 * One module per resource provider, each registering its types with their rules as hooks (see provider.py):
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from . import compute, crud, network, operations, resources, storage
+from . import compute, crud, network, operations, rbac, resources, storage
 from .blob_proxy import BlobProxy
 from .blobs import Azurite, ServedBlobs, fixed_vhd
 from .compute.names import VIRTUAL_MACHINES
@@ -67,6 +68,9 @@ class ArmEmulator:
     disk export serves). Blob data goes to `azurite` when given, else to a read-only server built in;
     `proxy_storage` routes storage accounts' blob traffic through the emulator (see blob_proxy.py).
     `snapshot_copy_polls` (see compute/disks.py) and `blob_copy_polls` (see blob_proxy.py) pace copies.
+    `roles` maps a bearer token to the role assigned to that principal (see rbac.py); other tokens act as Owner.
+    `listing_lag` is how many seconds the listing of every resource (`/resources`) runs behind (see store.py).
+    `nic_reservation` is how many seconds a NIC stays reserved for a VM that is gone (see compute/vm.py).
 
     `store`, `operations`, `types` and `lock` are the state the provider modules work on; whatever changes the
     store or the operations, or walks over them, holds `lock`.
@@ -83,6 +87,7 @@ class ArmEmulator:
         guest_factory: Callable[[GuestSpec], GuestEndpoint] | None = None,
         run_command: Callable[[str, dict[str, Any]], tuple[str, str]] | None = None,
         proxy_storage: bool = False,
+        roles: dict[str, rbac.Role] | None = None,
     ) -> None:
         if proxy_storage and azurite is None:
             raise ValueError("proxy_storage passes blob requests on to Azurite: give azurite too")
@@ -93,9 +98,12 @@ class ArmEmulator:
         self.platform_images = dict(platform_images or {})
         self.guest_factory = guest_factory
         self.run_command = run_command or (lambda vm_id, body: ("", ""))
+        self.roles = dict(roles or {})
         self.vhd = fixed_vhd()
         self.snapshot_copy_polls: int | None = 1
         self.blob_copy_polls: int | None = 0
+        self.listing_lag = 0.0
+        self.nic_reservation = 180.0
         self.blobs: Azurite | ServedBlobs | None = azurite
         self.blob_proxy = BlobProxy(azurite) if proxy_storage and azurite is not None else None
         self._azurite = azurite
@@ -218,6 +226,7 @@ class ArmEmulator:
                 "MissingApiVersionParameter",
                 "The api-version query parameter (?api-version=) is required for all requests.",
             )
+        rbac.authorize(self, req, sub, path)
         answer = _first_answer(_ROUTES, self, req, sub, path)
         if answer is not None:
             return answer

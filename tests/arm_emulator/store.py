@@ -1,12 +1,18 @@
 """The resource store: every resource by its case-insensitive ARM id, the resource groups that hold them, the ids
 they reference, and selection by place, type and tag for listings.
 
+The store remembers when each resource appeared and, for a while, the ones removed: ARM serves the generic
+listings (`/resources`, a group's `/resources`) from a regional cache that runs behind, so resources made a moment
+ago appear late and deleted ones linger (azure-rest-api-specs#21221, #28600; azure-sdk-for-python#22737). A
+listing with a `lag` shows the store as it was that many seconds ago.
+
 The store takes no lock of its own: whatever changes it or walks over it holds the emulator's lock
 (`ArmEmulator.lock`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +46,8 @@ class Store:
 
     def __init__(self) -> None:
         self._by_key: dict[str, Resource] = {}
+        self._since: dict[str, float] = {}  # when each resource appeared (monotonic seconds)
+        self._gone: dict[str, tuple[Resource, float]] = {}  # removed resources and when, for lagged listings
 
     def __iter__(self) -> Iterator[Resource]:
         return iter(self._by_key.values())
@@ -73,16 +81,24 @@ class Store:
 
     def add(self, res: Resource) -> None:
         """Stores a resource, replacing the one with its id (a PUT that updates)."""
+        if res.key not in self._by_key:
+            self._since[res.key] = time.monotonic()
+            self._gone.pop(res.key, None)
         self._by_key[res.key] = res
 
     def discard(self, rid: str) -> None:
         """Takes out the resource with this id, if there is one, and nothing under it."""
-        self._by_key.pop(rid.lower(), None)
+        res = self._by_key.pop(rid.lower(), None)
+        if res is not None:
+            self._gone[res.key] = (res, time.monotonic())
 
     def remove_tree(self, res: Resource) -> list[Resource]:
         """Takes out a resource and everything under its id (a group's resources, a VNet's subnets)."""
         keys = [k for k in self._by_key if k == res.key or k.startswith(res.key + "/")]
-        return [self._by_key.pop(k) for k in keys]
+        removed = [self._by_key.pop(k) for k in keys]
+        for gone in removed:
+            self._gone[gone.key] = (gone, time.monotonic())
+        return removed
 
     # ----------------------------------------------------------------- resource groups
 
@@ -138,12 +154,20 @@ class Store:
 
     # ----------------------------------------------------------------- listings
 
-    def listed(self, sub: str, group: str | None, type_name: str | None, type_filter: str | None) -> list[Resource]:
-        """What a listing shows: of one type, or (no type) the top-level resources except groups, as ARM lists."""
+    def listed(
+        self, sub: str, group: str | None, type_name: str | None, type_filter: str | None, *, lag: float = 0.0
+    ) -> list[Resource]:
+        """What a listing shows: of one type, or (no type) the top-level resources except groups, as ARM lists;
+        with `lag`, as the store was that many seconds ago."""
         prefix = (f"/subscriptions/{sub}/" + (f"resourcegroups/{group}/" if group else "")).lower()
+        now = time.monotonic()
+        shown = list(self._by_key.values())
+        if lag > 0:
+            self._gone = {k: (r, t) for k, (r, t) in self._gone.items() if now - t < lag}
+            shown = [r for r in shown if now - self._since[r.key] >= lag] + [r for r, _ in self._gone.values()]
         return [
             r
-            for r in self._by_key.values()
+            for r in shown
             if r.key.startswith(prefix)
             and (type_name is None or r.type.lower() == type_name.lower())
             and (type_name is not None or (r.type.count("/") == 1 and r.type != GROUP_TYPE))

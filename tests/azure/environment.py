@@ -3,7 +3,9 @@
 Shared by the fixtures in ``conftest.py``, the build tests and ``bench/bench_azure.py``, so a benchmark measures
 exactly what the tests exercise. The real Azure SDK clients (``.aio``) talk to the emulator over HTTP; only the
 token is fake. Blob data goes to Azurite with its account key (Azurite takes no Entra tokens, hence
-``AzureCloud``'s ``blob_credential``). A VM the emulator creates gets a real guest: a local VM (``LocalVms``) whose
+``AzureCloud``'s ``blob_credential``). kiln's clients hold the role ``deploy/azure-role.json`` ships and nothing more
+(the emulator enforces it, see ``tests/arm_emulator/rbac.py``); what a test sets up beforehand, as the user would,
+it does as an Owner (``owner_clients``). A VM the emulator creates gets a real guest: a local VM (``LocalVms``) whose
 root is an overlay on this machine's own root, provisioned as Azure's agent would from the VM's osProfile (admin
 user, SSH key), with a ``waagent`` that deprovisions the admin user, and reachable on its own loopback address at
 port 22.
@@ -23,6 +25,8 @@ from typing import Any
 from temporalio.client import Client, WorkflowHandle
 
 from activities.clouds.azure import AzureCloud
+from activities.clouds.azure.clients import ArmClients
+from activities.clouds.azure.waits import Backoff
 from activities.clouds.local import azurite as local_azurite
 from activities.clouds.local.overlays import overlay_works
 from activities.clouds.local.records import ResourceStore
@@ -33,6 +37,7 @@ from tests.arm_emulator import (
     GuestEndpoint,
     GuestSpec,
     PlatformImage,
+    Role,
     client_kwargs,
 )
 from tests.azure.guest_vms import GuestVms, _Layer
@@ -43,18 +48,31 @@ from workflows.build import ImageBuildWorkflow
 from workflows.models import BuildContext, BuildStatus, ResolvedSource, VmSpec
 from workflows.template import VmProfile
 
+PROJECT = Path(__file__).parents[2]
 SUB = "6f1c2a9e-5b0d-4c47-9d43-0b6a3c2e7f10"
+# The bearer token kiln's clients send: the principal the shipped role is assigned to.
+KILN_PRINCIPAL = "kiln-worker"
+SHIPPED_ROLE = PROJECT / "deploy" / "azure-role.json"
+# Azure's NIC reservation (180 s) and kiln's wait for it (in_use_wait), scaled down alike for the tests.
+NIC_RESERVATION = 1.0
+IN_USE_WAIT = 5.0
 LOCATION = "eastus"
 REGION2 = "westus2"
 RG = "aibImageRG"
 GALLERY = "kilnGallery"
 SCRIPT = b"#!/bin/sh\necho customized by $(id -un) > /tmp/customized\n"
+# Gen2 marketplace images say they can run as Trusted Launch VMs.
+TRUSTED_LAUNCH_SUPPORTED = {"SecurityType": "TrustedLaunchSupported"}
 # The marketplace as far as the corpus templates use it.
 PLATFORM_IMAGES = {
     ("Canonical", "UbuntuServer", "18.04-LTS"): PlatformImage(versions=["18.04.202401010", "18.04.202312120"]),
     ("Canonical", "UbuntuServer", "16.04-LTS"): PlatformImage(versions=["16.04.202109280"]),
     ("Canonical", "0001-com-ubuntu-server-focal", "20_04-lts-gen2"): PlatformImage(
-        versions=["20.04.202402010", "20.04.202310250"], hyper_v_generation="V2"
+        versions=["20.04.202402010", "20.04.202310250"], hyper_v_generation="V2", features=TRUSTED_LAUNCH_SUPPORTED
+    ),
+    # The live suite's source (tests/azure_live).
+    ("Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2"): PlatformImage(
+        versions=["22.04.202404090"], hyper_v_generation="V2", features=TRUSTED_LAUNCH_SUPPORTED
     ),
     ("MicrosoftWindowsServer", "WindowsServer", "2022-datacenter-azure-edition"): PlatformImage(
         versions=["20348.2227.240104"], os_type="Windows", hyper_v_generation="V2"
@@ -83,8 +101,11 @@ echo "$* : already the newest version (test guest)."
 
 
 def make_arm(blob_account: str, **settings: Any) -> ArmEmulator:
-    """An emulator (not started) with the corpus's platform images, exporting disks to Azurite's staging account."""
-    return ArmEmulator(
+    """An emulator (not started) with the corpus's platform images, exporting disks to Azurite's staging account,
+    where kiln's principal holds the shipped role and a NIC is reserved for a VM that is gone for NIC_RESERVATION
+    seconds rather than Azure's 180."""
+    settings.setdefault("roles", {KILN_PRINCIPAL: Role.from_file(SHIPPED_ROLE)})
+    arm = ArmEmulator(
         azurite=Azurite(
             blob_url=blob_account,
             account_name=local_azurite.STAGING_ACCOUNT,
@@ -94,21 +115,34 @@ def make_arm(blob_account: str, **settings: Any) -> ArmEmulator:
         platform_images=PLATFORM_IMAGES,
         **settings,
     )
+    arm.nic_reservation = NIC_RESERVATION
+    return arm
+
+
+# Copies in the emulator end after a few looks, not minutes: look often.
+FAST_POLL = Backoff(first=0.05, most=0.2)
 
 
 def make_cloud(arm_url: str, blob_account: str, *, secret: bytes, **options: Any) -> AzureCloud:
     return AzureCloud(
-        FakeAsyncCredential(),
+        FakeAsyncCredential(KILN_PRINCIPAL),
         SUB,
         arm_endpoint=arm_url,
-        client_options=client_kwargs(arm_url, aio=True),
+        client_options={**client_kwargs(arm_url), **options.pop("client_options", {})},
         blob_credential=local_azurite.credential(local_azurite.STAGING_ACCOUNT),
         secret=secret,
         egress_ip="127.0.0.1",
         log_account=options.pop("log_account", blob_account),
         conflict_backoff=0.05,
+        in_use_wait=IN_USE_WAIT,
+        poll=options.pop("poll", FAST_POLL),
         **options,
     )
+
+
+def owner_clients(arm_url: str) -> ArmClients:
+    """Management clients of a principal the emulator treats as an Owner: for what the user makes before a build."""
+    return ArmClients(FakeAsyncCredential(), SUB, arm_endpoint=arm_url, options=client_kwargs(arm_url))
 
 
 def kiln_resources(arm: ArmEmulator, build_id: str | None = None) -> list[dict[str, Any]]:
@@ -201,8 +235,9 @@ class AzureHarness:
     artifacts: Path
     workers: list[tuple[asyncio.Event, asyncio.Task[None], AzureCloud]]
 
-    def start_worker(self) -> AzureCloud:
-        cloud = make_cloud(self.arm.base_url, self.blob_account, secret=self.secret)
+    def start_worker(self, **options: Any) -> AzureCloud:
+        """A worker on the harness's queue; ``options`` go to its cloud (``make_cloud``)."""
+        cloud = make_cloud(self.arm.base_url, self.blob_account, secret=self.secret, **options)
         stop = asyncio.Event()
         task = asyncio.create_task(run_worker(self.client, cloud, task_queue=self.task_queue, stop=stop))
         self.workers.append((stop, task, cloud))
@@ -279,30 +314,56 @@ class AzureHarness:
         return node
 
 
-async def prepare(cloud: AzureCloud, *, generation: str = "V1") -> None:
-    """What the corpus templates expect to exist: the destination group, a gallery and its image definitions, a
-    source image and version, and a VNet with a subnet."""
-    resource, compute, network = cloud.arm.resource, cloud.arm.compute, cloud.arm.network
+async def prepare(arm_url: str, *, generation: str = "V1") -> None:
+    """What the corpus templates expect to exist, made as the user would (an Owner): the destination group, a
+    gallery and its image definitions, a source image and version, and a VNet with a subnet."""
+    owner = owner_clients(arm_url)
+    try:
+        await _prepare(owner, arm_url, generation)
+    finally:
+        await owner.close()
+
+
+async def make_gallery(
+    arm_url: str,
+    gallery: str,
+    region: str,
+    definitions: tuple[str, ...],
+    *,
+    generation: str = "V1",
+    features: list[dict[str, str]] | None = None,
+) -> str:
+    """A gallery in ``region`` (in the group ``RG``) with Linux image definitions, made as the user would; returns
+    the gallery's id."""
+    owner = owner_clients(arm_url)
+    try:
+        compute = owner.compute
+        await owner.resource.resource_groups.create_or_update(RG, {"location": LOCATION})
+        made = await (await compute.galleries.begin_create_or_update(RG, gallery, {"location": region})).result()
+        for definition in definitions:
+            properties: dict[str, Any] = {
+                "osType": "Linux",
+                "osState": "Generalized",
+                "hyperVGeneration": generation,
+                "identifier": {"publisher": "kiln", "offer": definition, "sku": generation},
+            }
+            if features is not None:
+                properties["features"] = features
+            await (
+                await compute.gallery_images.begin_create_or_update(
+                    RG, gallery, definition, {"location": region, "properties": properties}
+                )
+            ).result()
+    finally:
+        await owner.close()
+    return made.id
+
+
+async def _prepare(owner: ArmClients, arm_url: str, generation: str) -> None:
+    resource, compute, network = owner.resource, owner.compute, owner.network
     for group in (RG, "vnetRG"):
         await resource.resource_groups.create_or_update(group, {"location": LOCATION})
-    await (await compute.galleries.begin_create_or_update(RG, GALLERY, {"location": LOCATION})).result()
-    for definition in ("ubuntu", "source"):
-        await (
-            await compute.gallery_images.begin_create_or_update(
-                RG,
-                GALLERY,
-                definition,
-                {
-                    "location": LOCATION,
-                    "properties": {
-                        "osType": "Linux",
-                        "osState": "Generalized",
-                        "hyperVGeneration": generation,
-                        "identifier": {"publisher": "kiln", "offer": definition, "sku": generation},
-                    },
-                },
-            )
-        ).result()
+    await make_gallery(arm_url, GALLERY, LOCATION, ("ubuntu", "source"), generation=generation)
     image = await (
         await compute.images.begin_create_or_update(
             RG,

@@ -12,6 +12,7 @@ import socket
 import socketserver
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,7 @@ from azure.mgmt.resource.resources.aio import (
     ResourceManagementClient as AioResourceManagementClient,
 )
 from azure.mgmt.storage import StorageManagementClient
-from azure.storage.blob import BlobClient
+from azure.storage.blob import BlobClient, BlobServiceClient
 
 from activities.clouds.local import azurite as local_azurite
 from tests.arm_emulator import (
@@ -45,6 +46,7 @@ from tests.arm_emulator import (
     GuestEndpoint,
     GuestSpec,
     PlatformImage,
+    Role,
     client_kwargs,
 )
 
@@ -374,16 +376,28 @@ def test_image_snapshot_gallery_and_disk_export(arm: ArmEmulator, az: Clients) -
 
 
 def test_snapshot_copy_start_to_another_region(arm: ArmEmulator, az: Clients) -> None:
-    """CopyStart makes an incremental snapshot elsewhere that finishes over later GETs; an image is made only from
-    a finished copy in its own region."""
+    """CopyStart makes an incremental snapshot elsewhere from an incremental one, finishing over later GETs; the
+    snapshots of one disk are copied one at a time; an image is made only from a finished copy in its own region."""
     vm, _ = make_vm(az)
     compute = az.compute
     disk = {"creationData": {"createOption": "Copy", "sourceResourceId": vm.storage_profile.os_disk.managed_disk.id}}
-    snap = compute.snapshots.begin_create_or_update("rg1", "snap", {"location": LOC, "properties": disk}).result()
+    full = compute.snapshots.begin_create_or_update("rg1", "full", {"location": LOC, "properties": disk}).result()
+    snap = compute.snapshots.begin_create_or_update(
+        "rg1", "snap", {"location": LOC, "properties": {**disk, "incremental": True}}
+    ).result()
     start = {"createOption": "CopyStart", "sourceResourceId": snap.id}
     with pytest.raises(HttpResponseError, match="incremental"):
         compute.snapshots.begin_create_or_update(
             "rg1", "c", {"location": "westus2", "properties": {"creationData": start}}
+        )
+    with pytest.raises(HttpResponseError, match="must both be incremental"):  # the source too
+        compute.snapshots.begin_create_or_update(
+            "rg1",
+            "c",
+            {
+                "location": "westus2",
+                "properties": {"creationData": {**start, "sourceResourceId": full.id}, "incremental": True},
+            },
         )
     image = {"osDisk": {"osType": "Linux", "osState": "Generalized", "snapshot": {"id": snap.id}}}
     with pytest.raises(HttpResponseError) as refused:
@@ -395,6 +409,8 @@ def test_snapshot_copy_start_to_another_region(arm: ArmEmulator, az: Clients) ->
     body = {"location": "westus2", "properties": {"creationData": start, "incremental": True}}
     copy = compute.snapshots.begin_create_or_update("rg1", "copy", body).result()  # the LRO's final GET is a poll
     assert copy.location == "westus2" and copy.completion_percent < 100
+    with pytest.raises(ResourceExistsError, match="one incremental snapshot of a particular disk at a time"):
+        compute.snapshots.begin_create_or_update("rg1", "copy3", {**body, "location": "westus3"})
     image["osDisk"]["snapshot"]["id"] = copy.id
     with pytest.raises(HttpResponseError, match="complete"):
         compute.images.begin_create_or_update(
@@ -406,6 +422,9 @@ def test_snapshot_copy_start_to_another_region(arm: ArmEmulator, az: Clients) ->
         "rg1", "img", {"location": "westus2", "properties": {"storageProfile": image}}
     ).result()
     assert made.location == "westus2"
+    # The first copy has finished: the next one may start.
+    again = compute.snapshots.begin_create_or_update("rg1", "copy3", {**body, "location": "westus3"}).result()
+    assert again.provisioning_state == "Succeeded"
 
 
 def test_group_delete_deletes_everything_inside(arm: ArmEmulator, az: Clients) -> None:
@@ -427,6 +446,98 @@ def test_resources_filter_by_tag(arm: ArmEmulator, az: Clients) -> None:
     assert {r["name"] for r in arm.resources(tag_filter={"kiln-build": "b1"})} == {"kiln-b1", "nsg"}
     assert arm.resources(tag_filter={"kiln-build": "b2"}) == []
     assert [r.name for r in az.resource.resources.list(filter="tagName eq 'kiln-build'")] == ["nsg"]
+    # A tag-filtered listing returns no tags (the spec's $filter description); an unfiltered one does.
+    filtered = az.resource.resources.list(filter="tagName eq 'kiln-build' and tagValue eq 'b1'")
+    assert [(r.name, r.tags) for r in filtered] == [("nsg", None)]
+    assert {r.name: r.tags for r in az.resource.resources.list_by_resource_group("kiln-b1")}["nsg"] == {
+        "kiln-build": "b1"
+    }
+
+
+def test_the_listing_of_every_resource_runs_behind(arm: ArmEmulator, az: Clients) -> None:
+    """/resources comes from a regional cache: new resources appear late, deleted ones linger; the per-type
+    listings, served by the resource providers, do not lag."""
+    make_group(az)
+    net = az.network.network_security_groups
+    net.begin_create_or_update("rg1", "old", {"location": LOC}).result()
+    arm.listing_lag = 3600
+    net.begin_create_or_update("rg1", "new", {"location": LOC}).result()
+    net.begin_delete("rg1", "old").result()
+    assert [r.name for r in az.resource.resources.list_by_resource_group("rg1")] == ["old"]
+    assert [r.name for r in az.resource.resources.list()] == ["old"]
+    assert [n.name for n in net.list("rg1")] == ["new"]
+    arm.listing_lag = 0
+    assert [r.name for r in az.resource.resources.list_by_resource_group("rg1")] == ["new"]
+
+
+# ---------------------------------------------------------------------------------------------- RBAC
+
+
+def restricted(arm: ArmEmulator, *actions: str, not_actions: tuple[str, ...] = ()) -> Clients:
+    """Clients of a principal that holds only `actions` (minus `not_actions`)."""
+    arm.roles["restricted"] = Role(actions, not_actions)
+    cred = FakeCredential("restricted")
+    kwargs = client_kwargs(arm.base_url)
+    return Clients(
+        ResourceManagementClient(cred, SUB, **kwargs),
+        NetworkManagementClient(cred, SUB, **kwargs),
+        ComputeManagementClient(cred, SUB, **kwargs),
+        StorageManagementClient(cred, SUB, **kwargs),
+    )
+
+
+def test_a_missing_action_is_refused_before_anything_is_made(arm: ArmEmulator, az: Clients) -> None:
+    make_group(az)
+    ids = make_network(az)
+    limited = restricted(arm, "Microsoft.Compute/virtualMachines/read", "Microsoft.Network/*")
+    with pytest.raises(HttpResponseError) as refused:
+        limited.compute.virtual_machines.begin_create_or_update("rg1", "vm1", vm_model(ids["nic"]))
+    assert refused.value.status_code == 403 and refused.value.error.code == "AuthorizationFailed"
+    assert "'Microsoft.Compute/virtualMachines/write'" in refused.value.message
+    assert not any(r["type"] == "Microsoft.Compute/virtualMachines" for r in arm.resources())
+    # Authorization comes before existence, as in ARM: a read of nothing allowed is 404, of nothing denied 403.
+    with pytest.raises(ResourceNotFoundError):
+        limited.compute.virtual_machines.get("rg1", "missing")
+    with pytest.raises(HttpResponseError, match="AuthorizationFailed"):
+        limited.compute.disks.get("rg1", "missing")
+
+
+def test_a_snapshot_of_a_disk_needs_begin_get_access_on_the_disk(arm: ArmEmulator, az: Clients) -> None:
+    """Copying a managed disk into a snapshot is authorized on the disk too: a linked check (Azure/OpenShift#186)."""
+    vm, _ = make_vm(az)
+    disk_id = vm.storage_profile.os_disk.managed_disk.id
+    body = {"location": LOC, "properties": {"creationData": {"createOption": "Copy", "sourceResourceId": disk_id}}}
+    limited = restricted(arm, "Microsoft.Compute/snapshots/*", "Microsoft.Compute/disks/read")
+    with pytest.raises(HttpResponseError) as refused:
+        limited.compute.snapshots.begin_create_or_update("rg1", "snap", body)
+    assert refused.value.status_code == 403 and refused.value.error.code == "LinkedAuthorizationFailed"
+    assert (
+        "'Microsoft.Compute/disks/beginGetAccess/action'" in refused.value.message and disk_id in refused.value.message
+    )
+    allowed = restricted(arm, "Microsoft.Compute/snapshots/*", "Microsoft.Compute/disks/beginGetAccess/action")
+    assert allowed.compute.snapshots.begin_create_or_update("rg1", "snap", body).result().provisioning_state == (
+        "Succeeded"
+    )
+
+
+def test_joining_a_subnet_is_a_linked_action_and_not_actions_subtract(arm: ArmEmulator, az: Clients) -> None:
+    make_group(az)
+    ids = make_network(az)
+    nic = {
+        "location": LOC,
+        "properties": {"ipConfigurations": [{"name": "ip", "properties": {"subnet": {"id": ids["subnet"]}}}]},
+    }
+    limited = restricted(
+        arm, "Microsoft.Network/*", not_actions=("Microsoft.Network/virtualNetworks/subnets/join/action",)
+    )
+    with pytest.raises(HttpResponseError) as refused:
+        limited.network.network_interfaces.begin_create_or_update("rg1", "nic2", nic)
+    assert refused.value.error.code == "LinkedAuthorizationFailed" and ids["subnet"] in refused.value.message
+    assert (
+        restricted(arm, "Microsoft.Network/*")
+        .network.network_interfaces.begin_create_or_update("rg1", "nic2", nic)
+        .result()
+    )
 
 
 # ---------------------------------------------------------------------------------------------- LROs
@@ -565,7 +676,9 @@ def test_in_use_resources_refuse_deletion(arm: ArmEmulator, az: Clients) -> None
         az.compute.disks.begin_delete("rg1", vm.storage_profile.os_disk.name)
     assert disk.value.status_code == 409 and disk.value.error.code == "OperationNotAllowed"
 
-    # Take things apart in order and every delete goes through.
+    # Take things apart in order and every delete goes through (once Azure frees the NIC the VM used, which the
+    # test of NIC reservations covers).
+    arm.nic_reservation = 0
     az.compute.virtual_machines.begin_delete("rg1", "vm1").result()
     net.network_interfaces.begin_delete("rg1", "nic1").result()
     net.subnets.begin_delete("rg1", "vnet1", "default").result()
@@ -621,6 +734,62 @@ def test_snake_case_body_is_refused(arm: ArmEmulator, az: Clients) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "InvalidRequestContent"
     flat = requests.put(url, json={"location": LOC, "publicIPAllocationMethod": "Static"}, headers=AUTH, timeout=5)
     assert flat.status_code == 400 and "properties" in flat.json()["error"]["message"]
+
+
+def test_security_types_as_trusted_launch_as_default_sets_them(arm: ArmEmulator, az: Clients) -> None:
+    """A Gen2 VM is TrustedLaunch unless Standard is asked for, and no managed image is made from a TrustedLaunch
+    VM (hashicorp/packer#13189); a Gen2 gallery definition is TrustedLaunchSupported unless it says otherwise."""
+    arm.platform_images = {JAMMY: PlatformImage(versions=["22.04.1"], hyper_v_generation="V2")}
+    make_group(az)
+    ids = make_network(az)
+    compute = az.compute
+    vm = compute.virtual_machines.begin_create_or_update("rg1", "vm1", vm_model(ids["nic"])).result()
+    assert vm.security_profile.security_type == "TrustedLaunch"
+    compute.virtual_machines.begin_deallocate("rg1", "vm1").result()
+    compute.virtual_machines.generalize("rg1", "vm1")
+    body = {"location": LOC, "properties": {"sourceVirtualMachine": {"id": vm.id}, "hyperVGeneration": "V2"}}
+    with pytest.raises(ResourceExistsError) as refused:
+        compute.images.begin_create_or_update("rg1", "img", body)
+    assert refused.value.error.code == "OperationNotAllowed" and "TrustedLaunch security type" in refused.value.message
+
+    arm.nic_reservation = 0
+    compute.virtual_machines.begin_delete("rg1", "vm1").result()
+    standard = vm_model(ids["nic"], computer_name="vm2")
+    standard.security_profile = cm.SecurityProfile(security_type="Standard")
+    vm2 = compute.virtual_machines.begin_create_or_update("rg1", "vm2", standard).result()
+    assert vm2.security_profile.security_type == "Standard"
+    compute.virtual_machines.begin_deallocate("rg1", "vm2").result()
+    compute.virtual_machines.generalize("rg1", "vm2")
+    body["properties"]["sourceVirtualMachine"]["id"] = vm2.id
+    image = compute.images.begin_create_or_update("rg1", "img", body).result()
+
+    compute.galleries.begin_create_or_update("rg1", "gal", {"location": LOC}).result()
+
+    def definition(name: str, features: list[dict[str, str]] | None = None) -> cm.GalleryImage:
+        properties: dict[str, Any] = {
+            "osType": "Linux",
+            "osState": "Generalized",
+            "hyperVGeneration": "V2",
+            "identifier": {"publisher": "p", "offer": "o", "sku": name},
+        }
+        if features is not None:
+            properties["features"] = features
+        return compute.gallery_images.begin_create_or_update(
+            "rg1", "gal", name, {"location": LOC, "properties": properties}
+        ).result()
+
+    supported = definition("supported")
+    assert [(f.name, f.value) for f in supported.features] == [("SecurityType", "TrustedLaunchSupported")]
+    versions = compute.gallery_image_versions
+    from_vm = {"location": LOC, "properties": {"storageProfile": {"source": {"virtualMachineId": vm2.id}}}}
+    with pytest.raises(HttpResponseError, match="only Vhd Blob, User Image and Gallery Image Version sources"):
+        versions.begin_create_or_update("rg1", "gal", "supported", "1.0.0", from_vm)
+    from_image = {"location": LOC, "properties": {"storageProfile": {"source": {"id": image.id}}}}
+    made = versions.begin_create_or_update("rg1", "gal", "supported", "1.0.0", from_image).result()
+    assert made.provisioning_state == "Succeeded"
+    definition("trusted", [{"name": "SecurityType", "value": "TrustedLaunch"}])
+    with pytest.raises(HttpResponseError, match="'TrustedLaunch' is not supported for the source id"):
+        versions.begin_create_or_update("rg1", "gal", "trusted", "1.0.0", from_image)
 
 
 # ---------------------------------------------------------------------------------------------- replication
@@ -690,6 +859,28 @@ def test_gallery_version_reports_per_region_replication(arm: ArmEmulator, az: Cl
     status = versions.get("rg1", "gal", "def", "1.0.0", expand="ReplicationStatus").replication_status
     assert status.aggregated_state == "Completed"
     assert regions() == {"eastus": ("Completed", 100), "westus2": ("Completed", 100)}
+
+
+def test_gallery_version_region_rules(arm: ArmEmulator, az: Clients) -> None:
+    """A version lives in one of its target regions, names each once, and is made from a source in its region."""
+    image_id = make_gallery_image(az)  # in eastus
+    versions = az.compute.gallery_image_versions
+
+    def refused(body: dict[str, Any]) -> str:
+        with pytest.raises(HttpResponseError) as caught:
+            versions.begin_create_or_update("rg1", "gal", "def", "1.0.0", body)
+        assert caught.value.status_code == 400 and caught.value.error.code == "InvalidParameter"
+        return caught.value.message
+
+    body = gallery_version_body(image_id)
+    body["properties"]["publishingProfile"]["targetRegions"] = [{"name": "westus2"}]
+    assert "must contain the location of image version 'eastus'" in refused(body)
+    body["properties"]["publishingProfile"]["targetRegions"] = [{"name": "East US"}, {"name": "eastus"}]
+    assert "more than once" in refused(body)
+    body = gallery_version_body(image_id)
+    body["location"] = "westus2"
+    assert "must be in the version's region 'westus2'" in refused(body)
+    assert not any(r["type"].endswith("/versions") for r in arm.resources())
 
 
 def test_gallery_version_regional_replication_failure(arm: ArmEmulator, az: Clients) -> None:
@@ -781,6 +972,42 @@ def test_guest_that_fails_to_boot_fails_the_vm_creation(arm: ArmEmulator, az: Cl
     assert az.compute.virtual_machines.get("rg1", "vm1").provisioning_state == "Failed"
 
 
+def test_a_nic_stays_reserved_for_its_vm_after_the_vm_is_gone(arm: ArmEmulator, az: Clients) -> None:
+    """For `nic_reservation` seconds (180 on Azure) after its VM is deleted, or failed to create, a NIC cannot be
+    deleted or given to another VM (gardenlinux#4133, microsoft/AzureTRE#4511)."""
+    arm.nic_reservation = 0.3
+    vm, ids = make_vm(az)
+    az.compute.virtual_machines.begin_delete("rg1", "vm1").result()
+    with pytest.raises(HttpResponseError) as reserved:
+        az.network.network_interfaces.begin_delete("rg1", "nic1")
+    assert reserved.value.status_code == 400 and reserved.value.error.code == "NicReservedForAnotherVm"
+    assert vm.id in reserved.value.message
+    with pytest.raises(HttpResponseError, match="NicReservedForAnotherVm"):  # the same name, another VM
+        az.compute.virtual_machines.begin_create_or_update("rg1", "vm1", vm_model(ids["nic"]))
+    time.sleep(arm.nic_reservation)
+    again = az.compute.virtual_machines.begin_create_or_update("rg1", "vm1", vm_model(ids["nic"])).result()
+    assert again.provisioning_state == "Succeeded" and again.vm_id != vm.vm_id
+
+    def broken(spec: GuestSpec) -> GuestEndpoint:
+        raise RuntimeError("no rootfs")
+
+    arm.guest_factory = broken
+    body = vm_model(ids["nic"], computer_name="vm2")
+    body.network_profile.network_interfaces = [cm.NetworkInterfaceReference(id=ids["nic"], delete_option="Delete")]
+    az.compute.virtual_machines.begin_delete("rg1", "vm1").result()
+    time.sleep(arm.nic_reservation)
+    with pytest.raises(HttpResponseError, match="OSProvisioningInternalError"):
+        az.compute.virtual_machines.begin_create_or_update("rg1", "vm2", body).result()
+    # The failed VM never took its NIC: deleting the VM leaves it, reserved, though it was to go with the VM.
+    az.compute.virtual_machines.begin_delete("rg1", "vm2").result()
+    assert az.network.network_interfaces.get("rg1", "nic1").virtual_machine is None
+    with pytest.raises(HttpResponseError, match="NicReservedForAnotherVm"):
+        az.network.network_interfaces.begin_delete("rg1", "nic1")
+    time.sleep(arm.nic_reservation)
+    az.network.network_interfaces.begin_delete("rg1", "nic1").result()
+    assert not any(r["type"] == "Microsoft.Network/networkInterfaces" for r in arm.resources())
+
+
 # ---------------------------------------------------------------------------------------------- platform images
 
 JAMMY = ("Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2")
@@ -855,12 +1082,12 @@ def test_vm_from_a_plan_image_needs_the_plan(arm: ArmEmulator, az: Clients) -> N
 
 
 async def test_async_clients_create_poll_and_delete(arm: ArmEmulator) -> None:
-    kwargs = client_kwargs(arm.base_url, aio=True)
+    kwargs = client_kwargs(arm.base_url)
     async with (
         FakeAsyncCredential() as cred,
         AioResourceManagementClient(cred, SUB, **kwargs) as resource,
-        AioNetworkManagementClient(cred, SUB, **client_kwargs(arm.base_url, aio=True)) as network,
-        AioComputeManagementClient(cred, SUB, **client_kwargs(arm.base_url, aio=True)) as compute,
+        AioNetworkManagementClient(cred, SUB, **client_kwargs(arm.base_url)) as network,
+        AioComputeManagementClient(cred, SUB, **client_kwargs(arm.base_url)) as compute,
     ):
         await resource.resource_groups.create_or_update("rg1", {"location": LOC})
         arm.faults.add(method="PUT", path_regex="/networkInterfaces/", status=429, retry_after=1, times=1)
@@ -968,6 +1195,60 @@ def test_disk_export_and_storage_endpoints_in_azurite(emulator_azurite: Azurite)
         assert blob.get_blob_properties().blob_type == "PageBlob"
         vhd = blob.download_blob().readall()
         assert vhd[-512:-504] == b"conectix" and len(vhd) % 512 == 0
+
+
+def test_revoking_an_export_fails_the_copies_still_reading_it(emulator_azurite: Azurite) -> None:
+    """endGetAccess revokes every SAS of the disk: a server-side blob copy still reading from one fails, and the
+    SAS itself no longer reads; a copy that had finished keeps its blob."""
+    azurite = emulator_azurite
+    with ArmEmulator(azurite=azurite, proxy_storage=True) as arm:
+        kwargs = client_kwargs(arm.base_url)
+        az = Clients(
+            *(
+                cls(FakeCredential(), SUB, **kwargs)
+                for cls in (
+                    ResourceManagementClient,
+                    NetworkManagementClient,
+                    ComputeManagementClient,
+                    StorageManagementClient,
+                )
+            )
+        )
+        vm, _ = make_vm(az)
+        endpoint = (
+            az.storage.storage_accounts.begin_create(
+                "rg1", "kilnout", {"location": LOC, "sku": {"name": "Standard_LRS"}, "kind": "StorageV2"}
+            )
+            .result()
+            .primary_endpoints.blob
+        )
+        container = f"vhds-{uuid.uuid4().hex[:8]}"
+        BlobServiceClient(endpoint, credential=azurite.account_key).create_container(container)
+        az.compute.virtual_machines.begin_deallocate("rg1", "vm1").result()
+        disk = vm.storage_profile.os_disk.name
+        grant = {"access": "Read", "durationInSeconds": 600}
+        sas = az.compute.disks.begin_grant_access("rg1", disk, grant).result().access_sas
+
+        def copy_to(name: str) -> BlobClient:
+            blob = BlobClient(endpoint, container, name, credential=azurite.account_key)
+            blob.start_copy_from_url(sas)
+            return blob
+
+        finished = copy_to("finished.vhd")
+        assert finished.get_blob_properties().copy.status == "success"
+        release = arm.blob_proxy.hold_copies(r"/pending\.vhd$")
+        pending = copy_to("pending.vhd")
+        assert pending.get_blob_properties().copy.status == "pending"
+        az.compute.disks.begin_revoke_access("rg1", disk).result()
+        release()
+        failed = pending.get_blob_properties().copy
+        assert failed.status == "failed" and "CannotVerifyCopySource" in failed.status_description
+        assert finished.get_blob_properties().copy.status == "success"
+        with pytest.raises(ResourceNotFoundError):
+            BlobClient.from_blob_url(sas).get_blob_properties()
+        # A new grant exports the disk again.
+        sas = az.compute.disks.begin_grant_access("rg1", disk, grant).result().access_sas
+        assert copy_to("again.vhd").get_blob_properties().copy.status == "success"
 
 
 def test_fixed_vhd_footer_is_valid() -> None:

@@ -18,12 +18,17 @@ from tests.arm_emulator import ArmEmulator
 from tests.azure.environment import (
     LOCATION,
     REGION2,
+    RG,
     SUB,
     AzureHarness,
     Guests,
+    make_gallery,
     prepare,
     temporary,
 )
+from tests.azure_live.live_build import leftovers, live_template
+from tests.azure_live.recording import Recorder, read
+from tests.workflows.harness import retried_activities
 from workflows.models import RunState
 
 
@@ -55,7 +60,7 @@ CORPUS_BUILDS = [
 @pytest.mark.parametrize(("name", "generation"), CORPUS_BUILDS)
 async def test_corpus_build(harness: AzureHarness, name: str, generation: str) -> None:
     cloud = harness.workers[0][2]
-    await prepare(cloud, generation=generation)
+    await prepare(harness.arm.base_url, generation=generation)
     template = harness.corpus(name)
     status = await harness.finish(await harness.start(template, name.split("_")[0]))
     assert status.run_state == RunState.SUCCEEDED, status.message
@@ -83,7 +88,7 @@ async def test_corpus_build(harness: AzureHarness, name: str, generation: str) -
 
 async def test_a_windows_template_is_refused_before_anything_is_made(harness: AzureHarness) -> None:
     """No Windows VM is paid for when kiln cannot run the template's customizers and sysprep inside it."""
-    await prepare(harness.workers[0][2])
+    await prepare(harness.arm.base_url)
     calls_before = len(harness.arm.calls)
     status = await harness.finish(await harness.start(harness.corpus("q0_helloImageTemplateWin.json"), "win"))
     assert status.run_state == RunState.FAILED
@@ -95,8 +100,7 @@ async def test_a_windows_template_is_refused_before_anything_is_made(harness: Az
 
 
 async def test_managed_image_in_another_region_is_made_from_a_copy_of_the_snapshot(harness: AzureHarness) -> None:
-    cloud = harness.workers[0][2]
-    await prepare(cloud)
+    await prepare(harness.arm.base_url)
     template = harness.corpus("q0_helloImageTemplateLinux.json")
     target = template["properties"]["distribute"][0]
     target["location"] = REGION2
@@ -114,6 +118,74 @@ async def test_managed_image_in_another_region_is_made_from_a_copy_of_the_snapsh
     assert temporary(harness.arm) == []
 
 
+async def test_managed_images_in_two_other_regions_take_turns_copying_the_snapshot(harness: AzureHarness) -> None:
+    """Azure copies the incremental snapshots of one disk one at a time: two ManagedImage targets in two other
+    regions copy the captured snapshot in turn, each on its first try."""
+    await prepare(harness.arm.base_url)
+    harness.arm.snapshot_copy_polls = 3  # the first copy is still running when the second target wants to start
+    template = harness.corpus("q0_helloImageTemplateLinux.json")
+    first = template["properties"]["distribute"][0]
+    first["location"] = REGION2
+    second = {**first, "runOutputName": "third", "imageId": first["imageId"] + "-3", "location": "westus3"}
+    template["properties"]["distribute"].append(second)
+    handle = await harness.start(template, "q0-turns")
+    status = await harness.finish(handle)
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    assert await retried_activities(handle) == set()
+    images = {r["id"].lower(): r.get("location") for r in harness.arm.resources()}
+    assert images[first["imageId"].lower()] == REGION2 and images[second["imageId"].lower()] == "westus3"
+    assert temporary(harness.arm) == []
+
+
+async def test_a_gallery_in_another_region_gets_its_version_in_the_build_region(harness: AzureHarness) -> None:
+    """As Packer and AIB make it: the version lives in the build's region, where the captured image is, and that
+    region joins the target regions the user gave, whose replica counts are kept."""
+    await prepare(harness.arm.base_url, generation="V2")
+    gallery = await make_gallery(harness.arm.base_url, "farGallery", REGION2, ("ubuntu",), generation="V2")
+    template = harness.corpus("q1_helloImageTemplateforSIG.json")
+    target = template["properties"]["distribute"][0]
+    del target["replicationRegions"]
+    target["galleryImageId"] = f"{gallery}/images/ubuntu"
+    target["targetRegions"] = [{"name": REGION2, "replicaCount": 2}]
+    status = await harness.finish(await harness.start(template, "q1-far"))
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    [output] = status.run_outputs
+    version = next(r for r in harness.arm.resources() if r["id"] == output.artifact_id)
+    assert version["location"] == LOCATION
+    published = version["properties"]["publishingProfile"]["targetRegions"]
+    assert {r["name"]: r["regionalReplicaCount"] for r in published} == {REGION2: 2, LOCATION: 1}
+    assert output.replication == {REGION2: "Completed", LOCATION: "Completed"}
+    assert temporary(harness.arm) == []
+
+
+async def test_the_live_suites_build_on_the_emulator(harness: AzureHarness, tmp_path: Path) -> None:
+    """The build tests/azure_live makes on Azure (built in one region, into a gallery in another, a managed image in
+    a third, under the shipped role), made here and checked the same way. With KILN_EMULATED_RECORDING set, its ARM
+    traffic is kept there for the recorded-traffic check (python -m tests.azure_live.recording diff)."""
+    await prepare(harness.arm.base_url, generation="V2")
+    gallery = await make_gallery(harness.arm.base_url, "liveGallery", REGION2, ("live",), generation="V2")
+    recording = Path(os.environ.get("KILN_EMULATED_RECORDING") or tmp_path / "emulated.jsonl")
+    await harness.stop_worker(0)
+    cloud = harness.start_worker(client_options={"per_retry_policies": [Recorder(recording)]})
+    image_id = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/images/live"
+    template = live_template(
+        location=LOCATION,
+        gallery_image_id=f"{gallery}/images/live",
+        gallery_region=REGION2,
+        image_id=image_id,
+        image_location="westus3",
+    )
+    status = await harness.finish(await harness.start(template, "live"))
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    [version] = [o for o in status.run_outputs if o.type == "SharedImage"]
+    assert version.replication == {REGION2: "Completed", LOCATION: "Completed"}
+    image = next(r for r in harness.arm.resources() if r["id"].lower() == image_id.lower())
+    assert image["location"] == "westus3"
+    assert await leftovers(cloud, status, logs_kept=False) == []
+    recorded = read(recording)
+    assert any(r["method"] == "PUT" and "/images/live/versions/" in r["url"] for r in recorded)
+
+
 async def user_staging_group(cloud: AzureCloud) -> str:
     await cloud.arm.resource.resource_groups.create_or_update("userStaging", {"location": LOCATION})
     return f"/subscriptions/{SUB}/resourceGroups/userStaging"
@@ -121,7 +193,7 @@ async def user_staging_group(cloud: AzureCloud) -> str:
 
 async def test_fault_create_vm_fails(harness: AzureHarness) -> None:
     cloud = harness.workers[0][2]
-    await prepare(cloud)
+    await prepare(harness.arm.base_url)
     template = harness.corpus("q0_helloImageTemplateLinux.json")
     template["properties"]["stagingResourceGroup"] = await user_staging_group(cloud)
     harness.arm.faults.add(
@@ -141,7 +213,7 @@ async def test_fault_create_vm_fails(harness: AzureHarness) -> None:
 
 async def test_fault_cancel_during_customize(harness: AzureHarness) -> None:
     cloud = harness.workers[0][2]
-    await prepare(cloud)
+    await prepare(harness.arm.base_url)
     template = harness.corpus("q0_helloImageTemplateLinux.json")
     template["properties"]["stagingResourceGroup"] = await user_staging_group(cloud)
     template["properties"]["customize"].insert(0, {"type": "Shell", "name": "slow", "inline": ["sleep 120"]})
@@ -156,7 +228,7 @@ async def test_fault_cancel_during_customize(harness: AzureHarness) -> None:
 
 async def test_fault_worker_lost_mid_replication_resumes(harness: AzureHarness) -> None:
     cloud = harness.workers[0][2]
-    await prepare(cloud, generation="V2")
+    await prepare(harness.arm.base_url, generation="V2")
     template = harness.corpus("q1_helloImageTemplateforSIG.json")
     template["properties"]["stagingResourceGroup"] = await user_staging_group(cloud)
     hang = harness.arm.faults.slow_replication(polls=None, regions=[REGION2])

@@ -9,21 +9,41 @@ from __future__ import annotations
 import time
 
 import pytest
-from azure.core.exceptions import ResourceNotFoundError
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
 from activities.clouds.aib.ids import platform_image_id
 from activities.clouds.aib.names import staging_group_name
-from activities.clouds.aib.tags import blob_metadata
+from activities.clouds.aib.tags import ROLE_TEMPORARY, blob_metadata, build_tags
 from activities.clouds.azure import AzureCloud
 from activities.clouds.azure.names import storage_account_name
 from activities.clouds.azure.storage import ensure_container
+from activities.clouds.azure.vm import IN_USE_WAIT
+from activities.clouds.azure.waits import Backoff
 from activities.clouds.base import PermanentError
 from activities.guest.keys import windows_password
-from tests.arm_emulator import ArmEmulator, GuestEndpoint, GuestSpec
-from tests.azure.environment import LOCATION, SUB, Guests, kiln_resources
+from tests.arm_emulator import ArmEmulator, GuestEndpoint, GuestSpec, PlatformImage
+from tests.azure.environment import (
+    LOCATION,
+    REGION2,
+    SUB,
+    Guests,
+    kiln_resources,
+    make_cloud,
+    make_gallery,
+    owner_clients,
+)
+from tests.azure_live.live_build import leftovers
 from tests.fixtures import connect
-from workflows.models import Artifact, BuildContext, ResolvedSource, VmSpec
-from workflows.template import VhdDistributor, VmProfile, parse_template
+from workflows.models import (
+    Artifact,
+    BuildContext,
+    BuildStatus,
+    CapturedImage,
+    DistributeRequest,
+    ResolvedSource,
+    VmSpec,
+)
+from workflows.template import ManagedImageDistributor, VhdDistributor, VmProfile, parse_template
 
 
 def build_context(**overrides: object) -> BuildContext:
@@ -115,6 +135,82 @@ async def test_a_gallery_target_that_cannot_be_written_is_refused_when_the_sourc
     assert kiln_resources(arm) == []
 
 
+async def test_a_gallery_target_naming_a_region_twice_is_refused_when_the_source_is_resolved(
+    cloud: AzureCloud, arm: ArmEmulator
+) -> None:
+    """ARM refuses a version whose target regions repeat one (terraform-provider-azurerm#7751): refused before
+    anything is made, naming the field, however the region is spelt."""
+    await make_gallery(arm.base_url, "gal", LOCATION, ("ubuntu",))
+    gallery = f"/subscriptions/{SUB}/resourceGroups/aibImageRG/providers/Microsoft.Compute/galleries/gal"
+    target = {
+        "type": "SharedImage",
+        "runOutputName": "sig",
+        "galleryImageId": f"{gallery}/images/ubuntu",
+        "targetRegions": [{"name": REGION2}, {"name": LOCATION}, {"name": "East US"}],
+    }
+    with pytest.raises(PermanentError, match=r"distribute\[0\]\.targetRegions\[2\]\.name: 'East US'") as caught:
+        await cloud.resolve_source(build_context(), template(distribute=[target]))
+    assert "targetRegions[1].name" in caught.value.message
+    assert kiln_resources(arm) == []
+
+
+@pytest.mark.parametrize("security", ["TrustedLaunch", "ConfidentialVM"])
+async def test_a_gallery_target_that_takes_no_standard_image_is_refused_when_the_source_is_resolved(
+    cloud: AzureCloud, arm: ArmEmulator, security: str
+) -> None:
+    """kiln writes a managed image of a Standard VM, which a TrustedLaunch or confidential definition does not take:
+    refused before anything is made, instead of after the build at distribution. A Gen2 definition made without a
+    security type is TrustedLaunchSupported (Trusted Launch as default), and that one takes it."""
+    features = [{"name": "SecurityType", "value": security}]
+    gallery = await make_gallery(arm.base_url, "gal", LOCATION, ("strict",), generation="V2", features=features)
+    await make_gallery(arm.base_url, "gal", LOCATION, ("default",), generation="V2")
+    gen2 = {
+        "type": "PlatformImage",
+        "publisher": "Canonical",
+        "offer": "0001-com-ubuntu-server-focal",
+        "sku": "20_04-lts-gen2",
+        "version": "latest",
+    }
+
+    def target(definition: str) -> dict:
+        return {
+            "type": "SharedImage",
+            "runOutputName": definition,
+            "galleryImageId": f"{gallery}/images/{definition}",
+            "targetRegions": [{"name": LOCATION}],
+        }
+
+    with pytest.raises(
+        PermanentError, match=rf"distribute\[1\]\.galleryImageId: .*/strict is of security type {security}"
+    ):
+        await cloud.resolve_source(build_context(), template(gen2, distribute=[target("default"), target("strict")]))
+    assert (
+        await cloud.resolve_source(build_context(), template(gen2, distribute=[target("default")]))
+    ).hyper_v_generation == "V2"
+    assert kiln_resources(arm) == []
+
+
+async def test_a_source_that_runs_only_as_trusted_launch_is_refused_when_resolved(
+    cloud: AzureCloud, arm: ArmEmulator
+) -> None:
+    """AIB does not build from a TrustedLaunch (or ConfidentialVM) source: its VM could not be captured."""
+    arm.platform_images[("Contoso", "hardened", "tl-only")] = PlatformImage(
+        versions=["1.0.0"], hyper_v_generation="V2", features={"SecurityType": "TrustedLaunch"}
+    )
+    source = {
+        "type": "PlatformImage",
+        "publisher": "Contoso",
+        "offer": "hardened",
+        "sku": "tl-only",
+        "version": "latest",
+    }
+    with pytest.raises(
+        PermanentError, match=r"properties.source: Contoso:hardened:tl-only:latest is of security type TrustedLaunch"
+    ) as caught:
+        await cloud.resolve_source(build_context(), template(source))
+    assert caught.value.type == "UnsupportedSecurityType"
+
+
 async def test_a_windows_vm_gets_a_derived_password_and_a_pinned_winrm_listener(
     cloud: AzureCloud, arm: ArmEmulator
 ) -> None:
@@ -195,6 +291,45 @@ async def test_a_guest_that_can_never_boot_fails_the_create_at_once(cloud: Azure
     assert kiln_resources(arm) == []
 
 
+async def test_a_vm_whose_create_failed_is_made_again_once_azure_frees_its_nic(
+    cloud: AzureCloud, arm: ArmEmulator
+) -> None:
+    """A create that fails for a passing reason leaves a Failed VM, which does not come right by being sent again.
+    The step's retry deletes it and makes the VM anew under the same names; Azure holds the NIC for the failed VM
+    a while (NicReservedForAnotherVm, 180 s on Azure), which the new create waits out."""
+    boots: list[GuestSpec] = []
+
+    def boot(spec: GuestSpec) -> GuestEndpoint:
+        boots.append(spec)
+        if len(boots) == 1:
+            raise RuntimeError("the host the VM landed on went away")
+        return GuestEndpoint()
+
+    def host_key(vm_id: str, body: dict) -> tuple[str, str]:
+        booted = arm.guest(vm_id) is not None  # only a VM whose guest came up answers
+        return ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKiln host\n" if booted else "", "")
+
+    arm.guest_factory, arm.run_command = boot, host_key
+    build = build_context()
+    staging = await cloud.create_staging(build)
+    source = await cloud.resolve_source(build, template())
+    spec = VmSpec(
+        name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source, vm_profile=VmProfile()
+    )
+    with pytest.raises(HttpResponseError, match="OSProvisioningInternalError"):
+        await cloud.create_vm(build, staging, spec)
+    vm = await cloud.create_vm(build, staging, spec)  # the step's retry
+    assert vm.host_key.startswith("ssh-ed25519 ") and len(boots) == 2
+    await cloud.delete_vm(build, vm.name)
+    await cloud.delete_staging(build)
+    assert kiln_resources(arm) == []
+
+
+def test_by_default_kiln_waits_out_azures_180_second_nic_reservation() -> None:
+    """The tests scale Azure's reservation and kiln's wait down alike; on Azure the wait must cover 180 s."""
+    assert IN_USE_WAIT >= 180 + 30
+
+
 async def test_staging_create_twice_delete_twice(cloud: AzureCloud, arm: ArmEmulator) -> None:
     build = build_context()
     first = await cloud.create_staging(build)
@@ -256,6 +391,75 @@ async def test_user_staging_group_must_be_empty_and_is_kept(cloud: AzureCloud, a
     assert await groups.check_existence("empty-staging")
 
 
+async def test_a_user_staging_group_is_judged_by_what_it_holds_not_by_the_lagging_listing(
+    cloud: AzureCloud, arm: ArmEmulator
+) -> None:
+    """/resources runs behind: what was deleted a moment ago is still listed there, and what was made a moment ago
+    is not yet. Whether the group is empty is judged by each type's own listing."""
+    group_id = f"/subscriptions/{SUB}/resourceGroups/reused"
+    owner = owner_clients(arm.base_url)
+    try:
+        await owner.resource.resource_groups.create_or_update("reused", {"location": LOCATION})
+        nsgs = owner.network.network_security_groups
+        await (await nsgs.begin_create_or_update("reused", "gone", {"location": LOCATION})).result()
+        arm.listing_lag = 3600
+        await (await nsgs.begin_delete("reused", "gone")).result()
+        build = build_context(staging_resource_group=group_id)
+        assert (await cloud.create_staging(build)).created_group is False
+        await cloud.delete_staging(build)
+        await (await nsgs.begin_create_or_update("reused", "fresh", {"location": LOCATION})).result()
+        with pytest.raises(PermanentError, match=r"must be empty .* such as .*/networkSecurityGroups/fresh"):
+            await cloud.create_staging(build_context(staging_resource_group=group_id))
+    finally:
+        await owner.close()
+
+
+async def test_what_an_undo_missed_is_deleted_though_the_lagging_listing_does_not_show_it_yet(
+    cloud: AzureCloud, arm: ArmEmulator
+) -> None:
+    """A create whose undo was lost (its network made, never recorded) is still cleaned up with the staging group,
+    found by the listings of each type kiln makes rather than by /resources, which does not show it yet."""
+    build = build_context(staging_resource_group=f"/subscriptions/{SUB}/resourceGroups/my-staging")
+    owner = owner_clients(arm.base_url)
+    try:
+        await owner.resource.resource_groups.create_or_update("my-staging", {"location": LOCATION})
+    finally:
+        await owner.close()
+    await cloud.create_staging(build)
+    arm.listing_lag = 3600
+    await cloud.vms.create_network(
+        "my-staging", _parts(build), location=LOCATION, tags=build_tags(build, role=ROLE_TEMPORARY), subnet_id=None
+    )
+    assert len(kiln_resources(arm, build.build_id)) == 5  # the staging account and the VM's network
+    await cloud.delete_staging(build)
+    assert kiln_resources(arm, build.build_id) == []
+
+
+async def test_the_live_suites_leftover_check_reports_what_a_build_left(cloud: AzureCloud, arm: ArmEmulator) -> None:
+    """The live suite's leak check can fail: what a build left in its staging group, and the group itself, are
+    reported, found by each type's listing though /resources does not list them yet."""
+    build = build_context()
+    staging = await cloud.create_staging(build)
+    arm.listing_lag = 3600
+    group = staging_group_name(build)
+    await cloud.vms.create_network(
+        group, _parts(build), location=LOCATION, tags=build_tags(build, role=ROLE_TEMPORARY), subnet_id=None
+    )
+    status = BuildStatus(build_id=build.build_id, exact_staging_resource_group=staging.resource_group_id)
+    left = await leftovers(cloud, status, logs_kept=False)
+    assert sorted(i.split("/providers/")[-1].split("/")[1] for i in left if "/providers/" in i) == [
+        "networkInterfaces",
+        "networkSecurityGroups",
+        "publicIPAddresses",
+        "storageAccounts",
+        "virtualNetworks",
+    ]
+    assert staging.resource_group_id in left
+    await cloud.delete_vm(build, _parts(build).vm)
+    await cloud.delete_staging(build)
+    assert await leftovers(cloud, status, logs_kept=False) == []
+
+
 async def test_user_staging_group_made_when_missing_is_deleted(cloud: AzureCloud, arm: ArmEmulator) -> None:
     build = build_context(staging_resource_group=f"/subscriptions/{SUB}/resourceGroups/made-for-me")
     staging = await cloud.create_staging(build)
@@ -283,6 +487,13 @@ async def test_throttling_with_retry_after_is_honoured(cloud: AzureCloud, arm: A
             "quota",
         ),
         ("OperationNotAllowed", 409, "Operation results in exceeding quota limits of Core.", "QuotaExceeded", "quota"),
+        (
+            "OperationNotAllowed",
+            409,
+            "Creation of managed images are not supported for virtual machine with TrustedLaunch security type.",
+            "OperationNotAllowed",
+            "does not allow it",
+        ),
         (
             "AuthorizationFailed",
             403,
@@ -404,3 +615,57 @@ async def test_an_unfinished_vhd_is_deleted_only_if_the_build_wrote_it(cloud: Az
     assert await (await cloud.blobs.blob(theirs.uri).download_blob()).readall() == b"a user's disk"
     with pytest.raises(ResourceNotFoundError):
         await cloud.blobs.blob(mine.uri).get_blob_properties()
+
+
+async def captured_snapshot(arm: ArmEmulator, build: BuildContext) -> CapturedImage:
+    """What capture leaves in the staging group, made directly: an incremental snapshot of a disk; and the
+    destination group the user made for outputs."""
+    owner = owner_clients(arm.base_url)
+    group = staging_group_name(build)
+    try:
+        await owner.resource.resource_groups.create_or_update("aibImageRG", {"location": LOCATION})
+        disk = {"location": LOCATION, "properties": {"creationData": {"createOption": "Empty"}, "diskSizeGB": 30}}
+        made = await (await owner.compute.disks.begin_create_or_update(group, "osdisk", disk)).result()
+        snapshot = {
+            "location": LOCATION,
+            "properties": {
+                "creationData": {"createOption": "Copy", "sourceResourceId": made.id},
+                "incremental": True,
+                "osType": "Linux",
+            },
+        }
+        snap = await (await owner.compute.snapshots.begin_create_or_update(group, "snap", snapshot)).result()
+    finally:
+        await owner.close()
+    return CapturedImage(id=snap.id, uri=snap.id, size_bytes=30 << 30, hyper_v_generation="V1")
+
+
+async def test_a_copy_into_another_region_is_looked_at_every_15_s_backing_off_to_30_s(
+    arm: ArmEmulator, blob_account: str
+) -> None:
+    """A snapshot's copy runs for minutes to hours and each look at it is a throttled ARM read: kiln looks every
+    15 s at first and backs off to every 30 s, never more often."""
+    pauses: list[float] = []
+
+    async def record(seconds: float) -> None:
+        pauses.append(seconds)
+
+    cloud = make_cloud(arm.base_url, blob_account, secret=b"s" * 32, poll=Backoff(sleep=record))
+    try:
+        build = build_context()
+        staging = await cloud.create_staging(build)
+        image = await captured_snapshot(arm, build)
+        arm.snapshot_copy_polls = 4
+        target = ManagedImageDistributor(
+            type="ManagedImage",
+            run_output_name="elsewhere",
+            image_id=f"/subscriptions/{SUB}/resourceGroups/aibImageRG/providers/Microsoft.Compute/images/elsewhere",
+            location=REGION2,
+        )
+        source = ResolvedSource(image_id="x", exact_version="", hyper_v_generation="V1")
+        request = DistributeRequest(build=build, staging=staging, image=image, source=source, target=target, index=0)
+        output = await cloud.distribute(request, resume=None, progress=lambda point: None)
+    finally:
+        await cloud.close()
+    assert output.artifact_id == target.image_id
+    assert pauses == [15.0, 22.5, 30.0, 30.0]

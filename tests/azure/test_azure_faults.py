@@ -45,7 +45,7 @@ from tests.azure.environment import (
     Guests,
     guests_supported,
     make_arm,
-    make_cloud,
+    owner_clients,
     prepare,
 )
 from tests.workflows.harness import check_all, retried_activities
@@ -372,13 +372,13 @@ async def scenario(
     guests.attach(arm)
     h = AzureHarness(client, arm, blob_account, os.urandom(32), f"kiln-azure-{uuid.uuid4()}", artifacts, [])
     try:
-        setup = make_cloud(arm.base_url, blob_account, secret=h.secret)
-        try:
-            await prepare(setup)
-            if user_group:
-                await setup.arm.resource.resource_groups.create_or_update(USER_GROUP, {"location": LOCATION})
-        finally:
-            await setup.close()
+        await prepare(arm.base_url)
+        if user_group:
+            owner = owner_clients(arm.base_url)
+            try:
+                await owner.resource.resource_groups.create_or_update(USER_GROUP, {"location": LOCATION})
+            finally:
+                await owner.close()
         if worker:
             h.start_worker()
         yield Scenario(h, step, blobs, user_group)
@@ -668,3 +668,41 @@ async def test_a_worker_killed_before_it_learns_its_gallery_version_was_accepted
         [output] = [o for o in status.run_outputs if o.type == "SharedImage"]
         assert output.replication == {LOCATION: "Completed", REGION2: "Completed"}
         s.assert_clean(status)
+
+
+async def test_vhd_targets_sharing_the_snapshots_export_do_not_break_each_others_copies(
+    client: Client, blob_account: str, directory: Path
+) -> None:
+    """One endGetAccess revokes every SAS of a snapshot and fails the copies still reading from it. Two VHD targets
+    copy from the same export; the one that finishes first leaves the SAS to the other, whose copy goes on."""
+    step = next(s for s in STEPS if s.slug == "distribute")
+    async with scenario(client, blob_account, directory / "shared-export", step) as s:
+        vhds = [f"{s.arm.base_url}{urlsplit(blob_account).path}/vhds/{uuid.uuid4().hex}.vhd" for _ in range(2)]
+        paths = [urlsplit(vhd).path for vhd in vhds]
+        built = s.template()
+        built["properties"]["distribute"] = [
+            {"type": "VHD", "runOutputName": name, "uri": vhd}
+            for name, vhd in zip(("first", "second"), vhds, strict=True)
+        ]
+        assert s.arm.blob_proxy is not None
+        release_first, release_second = (s.arm.blob_proxy.hold_copies(f"^{path}$") for path in paths)
+        handle = await s.start(built, "shared-export")
+
+        def copies_started() -> list[int]:
+            return [sum(c.method == "PUT" and c.path == path for c in s.arm.calls) for path in paths]
+
+        async with asyncio.timeout(180):
+            while 0 in copies_started():
+                await asyncio.sleep(0.1)
+            release_first()
+            while not any(
+                step.name == "distribute VHD first" and step.outcome == "succeeded"
+                for step in (await handle.query(ImageBuildWorkflow.status)).steps
+            ):
+                await asyncio.sleep(0.1)
+        release_second()
+        status = await s.h.finish(handle)
+        assert status.run_state == RunState.SUCCEEDED, status.message
+        assert await retried_activities(handle) == set(), "a copy was broken and started over"
+        assert copies_started() == [1, 1]
+        assert s.arm.resources({"kilnBuildId": status.build_id}) == []

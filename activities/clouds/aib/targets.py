@@ -2,9 +2,20 @@
 
 AIB's rules: a ManagedImage target's ``imageId`` is a managed image id. A SharedImage target's ``galleryImageId``
 is an image definition id (optionally with ``/versions/<x.y.z>``), its gallery and image definition exist already
-(AIB does not make them), and the definition fits the image: the same OS type and Hyper-V generation. A build is
+(AIB does not make them), the definition fits the image (the same OS type and Hyper-V generation), and its regions
+are each named once (ARM refuses a version that names one twice: terraform-provider-azurerm#7751). A build is
 refused at resolve source, before it pays for anything, when a target breaks one. Each cloud brings the lookups
 (``Galleries``) and, where it has only some regions, a check of a region name.
+
+Security types (Trusted Launch): AIB takes a source of security type Standard, TrustedLaunchSupported or
+ConfidentialVMSupported, not one that runs only as TrustedLaunch or ConfidentialVM, and writes its image, a Standard
+one, only into a definition that takes it: Standard or TrustedLaunchSupported (a TrustedLaunchSupported definition
+takes managed images; one of type TrustedLaunch does not: packer-plugin-azure#304). New Gen2 definitions are
+TrustedLaunchSupported unless made otherwise (Trusted Launch as default).
+
+A gallery version is written in the build's region, where the captured image is, and that region is published to
+even when the target does not name it, as Packer and AIB do: ARM makes a version only from a source in its own
+region (MicrosoftDocs/azure-docs#28793) and only when its regions contain its own (hashicorp/packer#8895).
 """
 
 from __future__ import annotations
@@ -12,19 +23,39 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from activities.clouds.aib.ids import GalleryRef, ResourceId, parse_gallery_id, parse_managed_image_id
+from activities.clouds.aib.ids import GalleryRef, ResourceId, parse_gallery_id, parse_managed_image_id, region_key
 from activities.clouds.base import PermanentError
 from workflows.models import DistributeRequest, ResolvedSource
 from workflows.template import ImageTemplate, ManagedImageDistributor, SharedImageDistributor, TargetRegion
 
+STANDARD = "Standard"
+_SOURCE_SECURITY_REFUSED = {"trustedlaunch", "confidentialvm"}
+_TARGET_SECURITY_TAKEN = {"standard", "trustedlaunchsupported"}
+
 
 @dataclass(frozen=True)
 class ImageDefinition:
-    """What AIB's rules ask of a gallery image definition, and where it lives."""
+    """What AIB's rules ask of a gallery image definition, and where it lives; ``security_type`` is its
+    ``SecurityType`` feature (Standard when it has none)."""
 
     os_type: str
     hyper_v_generation: str
     location: str
+    security_type: str = STANDARD
+
+
+def check_source_security(security_type: str, *, field: str, image: str) -> None:
+    """Refuse a source that runs only as a TrustedLaunch or ConfidentialVM VM.
+
+    Raises:
+        PermanentError: ``UnsupportedSecurityType``, naming ``field``.
+    """
+    if security_type.lower() in _SOURCE_SECURITY_REFUSED:
+        raise PermanentError(
+            f"{field}: {image} is of security type {security_type}; AIB builds from Standard, "
+            "TrustedLaunchSupported and ConfidentialVMSupported sources only",
+            kind="UnsupportedSecurityType",
+        )
 
 
 class Galleries(Protocol):
@@ -120,6 +151,12 @@ async def image_definition_for(
             f"{field}: the image is {os_type}, the image definition {ref.image_id} is {definition.os_type}",
             kind="BadSharedImageDistribute",
         )
+    if definition.security_type.lower() not in _TARGET_SECURITY_TAKEN:
+        raise PermanentError(
+            f"{field}: the image definition {ref.image_id} is of security type {definition.security_type}, which "
+            "takes no Standard image; write to a definition of security type Standard or TrustedLaunchSupported",
+            kind="BadSharedImageDistribute",
+        )
     return ref, definition
 
 
@@ -136,6 +173,27 @@ def target_regions(
         return [(TargetRegion(name=definition.location), f"properties.distribute[{index}].galleryImageId")]
     given = "targetRegions" if target.target_regions is not None else "replicationRegions"
     return [(r, f"properties.distribute[{index}].{given}[{i}].name") for i, r in enumerate(regions)]
+
+
+def publishing_regions(target: SharedImageDistributor, *, build_location: str) -> list[TargetRegion]:
+    """The regions a SharedImage target's version is published to: the target's own, with their replica counts
+    and storage types, and the build's region (one replica) when they do not name it."""
+    regions = list(target.regions())
+    if all(region_key(r.name) != region_key(build_location) for r in regions):
+        regions.append(TargetRegion(name=build_location, storage_account_type=regions[0].storage_account_type))
+    return regions
+
+
+def _check_each_region_once(target: SharedImageDistributor, *, index: int) -> None:
+    seen: dict[str, str] = {}
+    for region, field in target_regions(target, index=index):
+        key = region_key(region.name)
+        if key in seen:
+            raise PermanentError(
+                f"{field}: '{region.name}' is the region {seen[key]} names already; give each region once",
+                kind="BadSharedImageDistribute",
+            )
+        seen[key] = field
 
 
 async def check_targets(
@@ -166,6 +224,7 @@ async def check_targets(
                 hyper_v_generation=source.hyper_v_generation,
                 galleries=galleries,
             )
+            _check_each_region_once(target, index=index)
             if check_region is not None:
                 for region, field in target_regions(target, index=index, definition=definition):
                     check_region(region.name, field=field)

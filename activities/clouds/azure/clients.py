@@ -21,7 +21,8 @@ from azure.storage.blob.aio import BlobClient, BlobServiceClient, ContainerClien
 
 PUBLIC_ARM = "https://management.azure.com"
 # ARM sends Retry-After on most operations; this is only the pace when it does not (the SDK's own is 30 s).
-POLLING_INTERVAL = 5
+# Every poll is a read that counts against the subscription's per-provider throttling, and builds poll for hours.
+POLLING_INTERVAL = 15
 # Throttling (429) and server errors are retried by azure-core's RetryPolicy, sleeping exactly what Retry-After
 # asks; a few more attempts than the default 4 ride out a throttled subscription without failing the step.
 RETRY_OPTIONS: dict[str, Any] = {"retry_total": 8, "retry_status": 6, "retry_backoff_max": 60}

@@ -14,14 +14,15 @@ from azure.core.exceptions import ResourceNotFoundError
 from activities.clouds.aib.ids import COMPUTE, parse_platform_image_id, platform_image_id, resource_id
 from activities.clouds.aib.names import admin_user_of, staging_group
 from activities.clouds.aib.tags import ROLE_TEMPORARY, TAG_BUILD_ID, blob_metadata, build_tags
-from activities.clouds.aib.targets import check_targets
+from activities.clouds.aib.targets import check_source_security, check_targets
 from activities.clouds.aib.versions import version_key
 from activities.clouds.append_log import AppendLog
 from activities.clouds.azure import storage
 from activities.clouds.azure.clients import PUBLIC_ARM, ArmClients, BlobClients, is_loopback_http
 from activities.clouds.azure.distribute import AzureDistribution
 from activities.clouds.azure.errors import arm_call
-from activities.clouds.azure.galleries import AzureGalleries
+from activities.clouds.azure.galleries import AzureGalleries, security_type
+from activities.clouds.azure.inventory import Inventory
 from activities.clouds.azure.names import (
     LOGS_CONTAINER,
     STAGING_CONTAINER,
@@ -31,12 +32,14 @@ from activities.clouds.azure.names import (
     storage_account_name,
 )
 from activities.clouds.azure.vm import (
+    IN_USE_WAIT,
     SSH_PORT,
     WINRM_HTTPS_PORT,
     AzureVms,
     image_reference,
     lro,
 )
+from activities.clouds.azure.waits import Backoff
 from activities.clouds.base import LogSink, PermanentError, Progress
 from activities.guest.keys import derive_key, public_line, windows_password
 from workflows.models import (
@@ -64,18 +67,6 @@ from workflows.template import (
 log = logging.getLogger("kiln.azure")
 
 EGRESS_LOOKUP = "https://api.ipify.org"
-# Cleanup order inside a staging group kiln did not create: users before what they use.
-_DELETE_ORDER = [
-    "microsoft.compute/virtualmachines",
-    "microsoft.network/networkinterfaces",
-    "microsoft.network/publicipaddresses",
-    "microsoft.network/virtualnetworks",
-    "microsoft.network/networksecuritygroups",
-    "microsoft.compute/disks",
-    "microsoft.compute/images",
-    "microsoft.compute/snapshots",
-    "microsoft.storage/storageaccounts",
-]
 
 
 def _default_endpoint(vm_id: str, address: str, port: int) -> tuple[str, int]:
@@ -107,12 +98,17 @@ class AzureCloud:
         log_account: str | None = None,
         guest_endpoint: Callable[[str, str, int], tuple[str, int]] | None = None,
         conflict_backoff: float = 3.0,
+        in_use_wait: float = IN_USE_WAIT,
+        poll: Backoff | None = None,
     ) -> None:
         """``credential`` is an async token credential. ``blob_credential`` is what the blob clients
         authenticate with: by default the same Entra credential (staging accounts allow no shared keys); tests
         pass a storage emulator's account key instead, since an emulator takes nothing else.
         ``guest_endpoint(vm_id, address, port)`` maps a VM's address to where the worker connects; the default is
-        the address itself. ``client_options`` go to every management client (transport, policies, retries)."""
+        the address itself. ``client_options`` go to every management client (transport, policies, retries).
+        ``conflict_backoff`` is the first pause before a call that met a resource still in use (or a NIC Azure
+        still reserves) is made again, for up to ``in_use_wait`` seconds. ``poll`` paces the looks at copies no
+        long-running operation covers (see ``waits``)."""
         self.subscription_id = subscription_id
         self.arm = ArmClients(credential, subscription_id, arm_endpoint=arm_endpoint, options=client_options)
         self.blobs = BlobClients(blob_credential if blob_credential is not None else credential)
@@ -126,14 +122,23 @@ class AzureCloud:
             egress_source=self._egress_source,
             guest_endpoint=guest_endpoint or _default_endpoint,
             conflict_backoff=conflict_backoff,
+            in_use_wait=in_use_wait,
         )
         self.galleries = AzureGalleries(self.arm)
+        self.inventory = Inventory(self.arm, self.vms)
         self.distribution = AzureDistribution(
-            self.arm, self.blobs, self.vms, galleries=self.galleries, output_account=self._output_account
+            self.arm,
+            self.blobs,
+            self.vms,
+            galleries=self.galleries,
+            output_account=self._output_account,
+            poll=poll or Backoff(),
         )
 
     @classmethod
-    def from_environment(cls) -> AzureCloud:
+    def from_environment(cls, *, client_options: dict[str, Any] | None = None) -> AzureCloud:
+        """The cloud the environment describes (see the package docstring); ``client_options`` go to every
+        management client, as in the constructor."""
         from azure.identity.aio import DefaultAzureCredential
 
         from activities.clouds.state import worker_secret
@@ -152,6 +157,7 @@ class AzureCloud:
             secret=bytes.fromhex(secret_hex) if secret_hex else worker_secret(),
             egress_ip=os.environ.get("KILN_EGRESS_IP") or None,
             log_account=os.environ.get("KILN_LOG_ACCOUNT") or None,
+            client_options=client_options,
         )
 
     async def close(self) -> None:
@@ -225,6 +231,7 @@ class AzureCloud:
                 f"({image.plan.publisher}/{image.plan.product}/{image.plan.name}); give it in properties.source.planInfo",
                 kind="PlanInfoRequired",
             )
+        check_source_security(security_type(image.features), field="properties.source", image=label)
         os_disk = image.os_disk_image
         return ResolvedSource(
             image_id=platform_image_id(
@@ -286,6 +293,7 @@ class AzureCloud:
                     f"{field}: {source.image_version_id} does not exist (or has no version that 'latest' can mean)",
                     kind="SourceImageNotFound",
                 ) from err
+        check_source_security(security_type(image.features), field=field, image=source.image_version_id)
         return ResolvedSource(
             image_id=found.id,
             exact_version=version,
@@ -355,11 +363,7 @@ class AzureCloud:
                 raise PermanentError(
                     f"the staging resource group {name} exists and was not made by this build", kind="StagingGroupTaken"
                 )
-            others = [
-                r.id
-                async for r in self.arm.resource.resources.list_by_resource_group(name)
-                if (r.tags or {}).get(TAG_BUILD_ID) != build.build_id
-            ]
+            others = await self.inventory.others(name, build.build_id)
         if others:
             raise PermanentError(
                 f"{field}: the resource group {existing.id} must be empty when the build starts, "
@@ -385,37 +389,8 @@ class AzureCloud:
                 lambda: groups.begin_delete(group.name),
             )
             return
-        found = [
-            r
-            async for r in self.arm.resource.resources.list_by_resource_group(
-                group.name, filter=f"tagName eq '{TAG_BUILD_ID}' and tagValue eq '{build.build_id}'"
-            )
-        ]
-        # Whatever the saga's own undos did not get (a half-made create whose undo was lost): VM parts first.
-        for vm in [r for r in found if r.type.lower() == "microsoft.compute/virtualmachines"]:
-            await self.vms.delete_vm_parts(group.name, VmParts(vm.name))
-        for arm_type in _DELETE_ORDER:
-            if arm_type == "microsoft.storage/storageaccounts" and logs_here:
-                continue
-            for res in [r for r in found if r.type.lower() == arm_type]:
-                await self._delete_by_type(group.name, arm_type, res.name)
-
-    async def _delete_by_type(self, group: str, arm_type: str, name: str) -> None:
-        compute, network = self.arm.compute, self.arm.network
-        begin = {
-            "microsoft.compute/virtualmachines": lambda: compute.virtual_machines.begin_delete(group, name),
-            "microsoft.network/networkinterfaces": lambda: network.network_interfaces.begin_delete(group, name),
-            "microsoft.network/publicipaddresses": lambda: network.public_ip_addresses.begin_delete(group, name),
-            "microsoft.network/virtualnetworks": lambda: network.virtual_networks.begin_delete(group, name),
-            "microsoft.network/networksecuritygroups": lambda: network.network_security_groups.begin_delete(
-                group, name
-            ),
-            "microsoft.compute/disks": lambda: compute.disks.begin_delete(group, name),
-            "microsoft.compute/images": lambda: compute.images.begin_delete(group, name),
-            "microsoft.compute/snapshots": lambda: compute.snapshots.begin_delete(group, name),
-            "microsoft.storage/storageaccounts": lambda: self.arm.storage.storage_accounts.delete(group, name),
-        }[arm_type]
-        await self.vms.delete(f"{arm_type.split('/')[-1]} {name}", arm_type, begin)
+        # Whatever the saga's own undos did not get (a half-made create whose undo was lost).
+        await self.inventory.delete_build(group.name, build.build_id, keep_storage=logs_here)
 
     async def stage_artifact(
         self, build: BuildContext, staging: Staging, artifact: Artifact, data: bytes
@@ -536,7 +511,12 @@ class AzureCloud:
         ):
             await lro(compute.virtual_machines.begin_deallocate(group, vm.name))
             await compute.virtual_machines.generalize(group, vm.name)
-        async with arm_call(f"snapshot {snap_name}", needs="Microsoft.Compute/snapshots/write"):
+        # Copying the disk is authorized on the disk too (a linked check): beginGetAccess on it.
+        async with arm_call(
+            f"snapshot {snap_name}",
+            needs="Microsoft.Compute/snapshots/write, and Microsoft.Compute/disks/beginGetAccess/action on the "
+            "build VM's OS disk",
+        ):
             snapshot = await lro(
                 compute.snapshots.begin_create_or_update(
                     group,
@@ -547,6 +527,9 @@ class AzureCloud:
                         "sku": {"name": "Standard_LRS"},
                         "properties": {
                             "creationData": {"createOption": "Copy", "sourceResourceId": os_disk.managed_disk.id},
+                            # Only an incremental snapshot can be copied to another region (CopyStart), which
+                            # a ManagedImage target elsewhere needs.
+                            "incremental": True,
                             "osType": os_disk.os_type or vm.os_type,
                             "hyperVGeneration": generation,
                         },

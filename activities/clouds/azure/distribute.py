@@ -9,7 +9,6 @@ Success is judged by the resource itself: a version whose replication finished a
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,21 +25,21 @@ from activities.clouds.aib.tags import (
     build_tags,
     written_by,
 )
-from activities.clouds.aib.targets import managed_image_target, shared_image_target
+from activities.clouds.aib.targets import managed_image_target, publishing_regions, shared_image_target
 from activities.clouds.aib.versions import choose_version
 from activities.clouds.azure import storage
 from activities.clouds.azure.clients import ArmClients, BlobClients, split_blob_url
 from activities.clouds.azure.errors import arm_call, permanent
+from activities.clouds.azure.exports import SnapshotExports
 from activities.clouds.azure.galleries import AzureGalleries
 from activities.clouds.azure.names import VHD_CONTAINER, snapshot_copy_name
 from activities.clouds.azure.vm import AzureVms, lro
+from activities.clouds.azure.waits import Backoff
 from activities.clouds.base import PermanentError, Progress
 from workflows.models import BuildContext, DistributeRequest, RunOutput
 from workflows.template import Distributor, ManagedImageDistributor, SharedImageDistributor, VhdDistributor
 
 TAG_OUTPUT_INDEX = "kilnOutputIndex"
-SAS_SECONDS = 4 * 3600
-COPY_POLL_SECONDS = 2.0
 
 
 def output_tags(request: DistributeRequest) -> dict[str, str]:
@@ -60,8 +59,11 @@ class AzureDistribution:
         *,
         galleries: AzureGalleries,
         output_account: Callable[[BuildContext], Awaitable[str]],
+        poll: Backoff,
     ) -> None:
         self._arm = arm
+        self._exports = SnapshotExports(arm, blobs)
+        self._poll = poll
         self._blobs = blobs
         self._vms = vms
         self._galleries = galleries
@@ -130,11 +132,16 @@ class AzureDistribution:
     ) -> str:
         """Copy the captured snapshot into the target's region (CopyStart, which takes incremental snapshots only)
         and wait for the data to arrive. The copy lives in the staging group, named from the build and tagged
-        with it, so a retry finds it and cleanup removes one left half-made."""
+        with it, so a retry finds it and cleanup removes one left half-made.
+
+        Azure copies the incremental snapshots of one disk one at a time, so the targets in other regions take
+        turns: each waits for the copies already running, and one that loses the race to start waits again."""
         group = staging_group(request.build, subscription=self._arm.subscription_id).name
         name = snapshot_copy_name(request.build.build_id, request.index)
+        source = request.image.uri
         snapshots = self._arm.compute.snapshots
-        async with arm_call(f"snapshot {name} in {target.location}", needs="Microsoft.Compute/snapshots/write"):
+        needs = "Microsoft.Compute/snapshots/write"
+        async with arm_call(f"snapshot {name} in {target.location}", needs=needs):
             try:
                 copy = await snapshots.get(group, name)
             except ResourceNotFoundError:
@@ -142,33 +149,61 @@ class AzureDistribution:
             if copy is not None and (copy.provisioning_state == "Failed" or copy.copy_completion_error):
                 await self._delete_copy(request.build, request.index)
                 copy = None
-            if copy is None:
-                copy = await lro(
-                    snapshots.begin_create_or_update(
-                        group,
-                        name,
-                        {
-                            "location": target.location,
-                            "tags": {
-                                **build_tags(request.build, role=ROLE_TEMPORARY),
-                                TAG_OUTPUT_INDEX: str(request.index),
+            while copy is None:
+                await self._wait_for_other_copies(group, source, name)
+                try:
+                    copy = await lro(
+                        snapshots.begin_create_or_update(
+                            group,
+                            name,
+                            {
+                                "location": target.location,
+                                "tags": {
+                                    **build_tags(request.build, role=ROLE_TEMPORARY),
+                                    TAG_OUTPUT_INDEX: str(request.index),
+                                },
+                                "sku": {"name": "Standard_LRS"},
+                                "properties": {
+                                    "creationData": {"createOption": "CopyStart", "sourceResourceId": source},
+                                    "incremental": True,
+                                },
                             },
-                            "sku": {"name": "Standard_LRS"},
-                            "properties": {
-                                "creationData": {"createOption": "CopyStart", "sourceResourceId": request.image.uri},
-                                "incremental": True,
-                            },
-                        },
+                        )
                     )
-                )
+                except HttpResponseError as err:
+                    # Refused because another target's copy started first: its turn, then this one's.
+                    if permanent(err, what=name, needs=needs) is not None or not await self._other_copies(
+                        group, source, name
+                    ):
+                        raise
             progress({"copy": copy.id})  # for the activity's details; a retry finds the copy by its name
+            pauses = self._poll.pauses()
             while (copy.completion_percent or 0) < 100:
                 if copy.copy_completion_error:
                     error = copy.copy_completion_error
                     raise RuntimeError(f"copying the snapshot to {target.location} failed: {error.error_message}")
-                await asyncio.sleep(COPY_POLL_SECONDS)
+                await anext(pauses)
                 copy = await snapshots.get(group, name)
         return copy.id
+
+    async def _other_copies(self, group: str, source: str, name: str) -> list[str]:
+        """Names of the copies of ``source`` other than ``name`` still running in the staging group."""
+        return [
+            s.name
+            async for s in self._arm.compute.snapshots.list_by_resource_group(group)
+            if s.name != name
+            and s.creation_data is not None
+            and (s.creation_data.create_option or "").lower() == "copystart"
+            and (s.creation_data.source_resource_id or "").lower() == source.lower()
+            and s.provisioning_state != "Failed"
+            and not s.copy_completion_error
+            and (s.completion_percent or 0) < 100
+        ]
+
+    async def _wait_for_other_copies(self, group: str, source: str, name: str) -> None:
+        pauses = self._poll.pauses()
+        while await self._other_copies(group, source, name):
+            await anext(pauses)
 
     async def _delete_copy(self, build: BuildContext, index: int) -> None:
         group = staging_group(build, subscription=self._arm.subscription_id).name
@@ -189,7 +224,7 @@ class AzureDistribution:
         self, request: DistributeRequest, target: SharedImageDistributor, resume: dict[str, Any], progress: Progress
     ) -> RunOutput:
         field = f"properties.distribute[{request.index}].galleryImageId"
-        ref, definition = await shared_image_target(request, galleries=self._galleries)
+        ref, _ = await shared_image_target(request, galleries=self._galleries)
         group, gallery, definition_name = ref.group, ref.gallery, ref.image
         versions = self._arm.compute.gallery_image_versions
         needs = "Microsoft.Compute/galleries/images/versions/write"
@@ -206,19 +241,21 @@ class AzureDistribution:
             elif earlier is not None and earlier.provisioning_state != "Failed":
                 # An earlier try's PUT took effect, but its worker died before it could record the poller: wait on
                 # the version itself rather than send the PUT (and restart a long replication) again.
+                pauses = self._poll.pauses()
                 while earlier.provisioning_state in ("Creating", "Updating", "Migrating"):
-                    await asyncio.sleep(COPY_POLL_SECONDS)
+                    await anext(pauses)
                     earlier = await versions.get(group, gallery, definition_name, version)
                 if earlier.provisioning_state != "Succeeded":
                     raise RuntimeError(f"gallery image version {version} ended {earlier.provisioning_state}")
             else:
+                build_location = request.build.location
                 regions = [
                     {
                         "name": r.name,
                         "regionalReplicaCount": r.replica_count,
                         "storageAccountType": r.storage_account_type,
                     }
-                    for r in target.regions()
+                    for r in publishing_regions(target, build_location=build_location)
                 ]
                 poller = await versions.begin_create_or_update(
                     group,
@@ -226,7 +263,8 @@ class AzureDistribution:
                     definition_name,
                     version,
                     {
-                        "location": definition.location,
+                        # Where the captured image is, which ARM requires of a version's source.
+                        "location": build_location,
                         "tags": output_tags(request),
                         "properties": {
                             "publishingProfile": {
@@ -295,12 +333,11 @@ class AzureDistribution:
         return f"{account.rstrip('/')}/{VHD_CONTAINER}/{build.build_id}/{target.run_output_name}.vhd"
 
     async def _vhd(self, request: DistributeRequest, target: VhdDistributor, progress: Progress) -> RunOutput:
-        """Export the OS-disk snapshot (a read SAS) and copy it server-side to the target blob. The copy runs in
-        the blob service, not here, and its blob carries the build id from the start: a retry that finds this
-        build's copy still pending (or done) waits for that one instead of starting another, even when the worker
-        that started it died before it could record the copy's id."""
+        """Export the OS-disk snapshot (a read SAS, shared with the other VHD targets: see ``exports``) and copy it
+        server-side to the target blob. The copy runs in the blob service, not here, and its blob carries the build
+        id from the start: a retry that finds this build's copy still pending (or done) waits for that one instead
+        of starting another, even when the worker that started it died before it could record the copy's id."""
         snapshot = resource_id(request.image.uri, field="the captured snapshot")
-        snapshots = self._arm.compute.snapshots
         url = await self._vhd_url(request.build, target)
         blob = self._blobs.blob(url)
         try:
@@ -312,28 +349,23 @@ class AzureDistribution:
             and written_by(props.metadata, request.build.build_id)
             and props.copy.status in ("pending", "success")
         )
-        if not attached:
-            async with arm_call(f"snapshot {snapshot.name}", needs="Microsoft.Compute/snapshots/beginGetAccess/action"):
-                access = await lro(
-                    snapshots.begin_grant_access(
-                        snapshot.group, snapshot.name, {"access": "Read", "durationInSeconds": SAS_SECONDS}
-                    )
-                )
         try:
             if not attached:
+                sas = await self._exports.grant(request, snapshot)
                 account_url, container, _ = split_blob_url(url)
                 await storage.ensure_container(self._blobs, f"{account_url}/{container}")
-                copy = await blob.start_copy_from_url(access.access_sas, metadata=blob_metadata(request.build.build_id))
+                copy = await blob.start_copy_from_url(sas, metadata=blob_metadata(request.build.build_id))
                 progress({"blob": url, "copy": copy.get("copy_id")})
+            pauses = self._poll.pauses()
             while (props := await blob.get_blob_properties()).copy.status == "pending":
-                await asyncio.sleep(COPY_POLL_SECONDS)
+                await anext(pauses)
             if props.copy.status != "success":
                 raise RuntimeError(
                     f"copying the VHD to {url} ended {props.copy.status}: {props.copy.status_description}"
                 )
         finally:
-            # Also after a re-attach: the worker that granted the SAS died before revoking it.
-            await lro(snapshots.begin_revoke_access(snapshot.group, snapshot.name))
+            # Also after a re-attach: the worker that granted the SAS died before it could count itself out.
+            await self._exports.release(request, snapshot)
         return self._vhd_output(target, url)
 
     @staticmethod

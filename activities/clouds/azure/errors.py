@@ -1,8 +1,9 @@
 """Which ARM failures retrying cannot fix, and how they are reported.
 
 A missing quota or role does not come back by itself, so such a failure fails the step at once (the saga then
-cleans up) with a message that says what to ask for. Everything else is left to the activity's retry policy:
-ARM's conflicts, throttling and server errors mostly pass.
+cleans up) with a message that says what to ask for; so does an operation ARM does not allow at all (say, a managed
+image of a TrustedLaunch VM). Everything else is left to the activity's retry policy: ARM's conflicts, throttling
+and server errors mostly pass. (Deletes retry the conflicts of a resource still in use themselves, ``vm.py``.)
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _message(err: HttpResponseError) -> str:
 
 
 def permanent(err: HttpResponseError, *, what: str, needs: str) -> PermanentError | None:
-    """The PermanentError for a quota or permission failure, or None when retrying may help.
+    """The PermanentError for a quota, permission, guest or not-allowed failure, or None when retrying may help.
 
     ``what`` names the resource being made; ``needs`` the ARM action (or quota) the call needed.
     """
@@ -54,6 +55,8 @@ def permanent(err: HttpResponseError, *, what: str, needs: str) -> PermanentErro
             f"Request a quota increase for {needs}, or choose a smaller vmSize.",
             kind="QuotaExceeded",
         )
+    if code == "OperationNotAllowed":
+        return PermanentError(f"{what}: Azure does not allow it ({code}: {message}).", kind="OperationNotAllowed")
     if code in _GUEST_CODES:
         return PermanentError(
             f"{what}: the guest OS failed to provision ({code}: {message}). The VM's boot diagnostics (serial "

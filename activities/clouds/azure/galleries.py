@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from azure.core.exceptions import ResourceNotFoundError
 
 from activities.clouds.aib.ids import GalleryRef
-from activities.clouds.aib.targets import ImageDefinition
+from activities.clouds.aib.targets import STANDARD, ImageDefinition
 from activities.clouds.azure.clients import ArmClients
 from activities.clouds.azure.errors import arm_call
+
+
+def security_type(features: list[Any] | None) -> str:
+    """The ``SecurityType`` among an image's or image definition's features; Standard when it has none."""
+    return next((f.value for f in features or [] if (f.name or "").lower() == "securitytype" and f.value), STANDARD)
 
 
 class AzureGalleries:
@@ -35,6 +42,7 @@ class AzureGalleries:
             os_type="Windows" if found.os_type == "Windows" else "Linux",
             hyper_v_generation="V2" if found.hyper_v_generation == "V2" else "V1",
             location=found.location,
+            security_type=security_type(found.features),
         )
 
     def how_to_make(self, ref: GalleryRef) -> str:

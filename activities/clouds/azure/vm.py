@@ -17,7 +17,11 @@ from activities.clouds.azure.names import VmParts, computer_name
 
 SSH_PORT = 22
 WINRM_HTTPS_PORT = 5986
-DELETE_TRIES = 5
+# Azure keeps a NIC for the VM it was made for 180 s after that VM is gone (NicReservedForAnotherVm): deletes and
+# creates that meet a conflict wait that long and a margin before the activity's retry policy takes over.
+IN_USE_WAIT = 240.0
+MOST_CONFLICT_BACKOFF = 15.0
+VIRTUAL_MACHINES = "Microsoft.Compute/virtualMachines"
 SUBNET = "build"
 ADDRESS_SPACE = "10.0.0.0/24"
 # The guest agent's run command reports "Enable succeeded: \n[stdout]\n<out>\n[stderr]\n<err>".
@@ -64,11 +68,13 @@ class AzureVms:
         egress_source: Callable[[], Awaitable[str]],
         guest_endpoint: Callable[[str, str, int], tuple[str, int]],
         conflict_backoff: float,
+        in_use_wait: float = IN_USE_WAIT,
     ) -> None:
         self._arm = arm
         self._egress_source = egress_source
         self._guest_endpoint = guest_endpoint
         self._conflict_backoff = conflict_backoff
+        self._in_use_wait = in_use_wait
 
     # ---- network
 
@@ -273,36 +279,78 @@ class AzureVms:
                 "diagnosticsProfile": {"bootDiagnostics": {"enabled": True}},
             },
         }
+        if generation == "V2":
+            # Azure makes a Gen2 VM TrustedLaunch unless told otherwise (Trusted Launch as default), and no managed
+            # image can be made from a TrustedLaunch VM (hashicorp/packer#13189): capture needs a Standard one.
+            body["properties"]["securityProfile"] = {"securityType": "Standard"}
         if plan:
             body["plan"] = plan
         if identities:
             body["identity"] = {"type": "UserAssigned", "userAssignedIdentities": {i: {} for i in identities}}
+        await self._replace_failed(group, parts.vm)
+        vms = self._arm.compute.virtual_machines
+        # Made again under the same names, the VM is another VM to Azure, which holds the NIC for the failed one.
+        return await self._while_in_use(
+            lambda: self._create(vms, group, parts.vm, body, location=location, size=size),
+            codes={"NicReservedForAnotherVm"},
+        )
+
+    @staticmethod
+    async def _create(vms: Any, group: str, name: str, body: dict[str, Any], *, location: str, size: str) -> Any:
         async with arm_call(
-            f"VM {parts.vm} ({size} in {location})",
+            f"VM {name} ({size} in {location})",
             needs=f"the {size} family's vCPUs in {location} (and Microsoft.Compute/virtualMachines/write)",
         ):
-            return await lro(self._arm.compute.virtual_machines.begin_create_or_update(group, parts.vm, body))
+            return await lro(vms.begin_create_or_update(group, name, body))
+
+    async def _replace_failed(self, group: str, name: str) -> None:
+        """Delete the VM an earlier try left Failed: sending its create again does not revive it."""
+        vms = self._arm.compute.virtual_machines
+        try:
+            existing = await vms.get(group, name)
+        except ResourceNotFoundError:
+            return
+        if existing.provisioning_state == "Failed":
+            await self.delete(f"VM {name}", VIRTUAL_MACHINES, lambda: vms.begin_delete(group, name))
+
+    async def _while_in_use(self, call: Callable[[], Awaitable[Any]], *, codes: set[str]) -> Any:
+        """Run ``call``, again after a pause while it fails with one of ``codes`` (a conflict with a resource still
+        in use, or still reserved), for up to ``in_use_wait`` seconds; the last failure is raised."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._in_use_wait
+        pause = self._conflict_backoff
+        while True:
+            try:
+                return await call()
+            except HttpResponseError as err:
+                if error_code(err) not in codes or loop.time() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, MOST_CONFLICT_BACKOFF)
 
     # ---- deletes
 
     async def delete(self, what: str, arm_type: str, begin: Callable[[], Awaitable[Any]]) -> None:
-        """Delete one resource: done when it (or its group) is gone; a conflict with a resource still using it is
-        retried a few times here, and beyond that by the activity's retry policy."""
-        for attempt in range(DELETE_TRIES):
+        """Delete one resource: done when it (or its group) is gone. A conflict with a resource still using it, or
+        a NIC Azure still reserves for a VM that is gone, is retried here for up to ``in_use_wait`` seconds, and
+        beyond that by the activity's retry policy."""
+
+        async def once() -> None:
             try:
                 result = await begin()
                 if hasattr(result, "result"):
                     await result.result()
-                return
             except ResourceNotFoundError:
                 return
-            except HttpResponseError as err:
-                failure = permanent(err, what=what, needs=f"{arm_type}/delete")
-                if failure is not None:
-                    raise failure from err
-                if error_code(err) not in IN_USE_CODES or attempt == DELETE_TRIES - 1:
-                    raise
-            await asyncio.sleep(self._conflict_backoff * (attempt + 1))
+
+        try:
+            await self._while_in_use(once, codes=IN_USE_CODES)
+        except HttpResponseError as err:
+            # Still in use after the wait: left to the activity's retry policy, which tries again later.
+            failure = None if error_code(err) in IN_USE_CODES else permanent(err, what=what, needs=f"{arm_type}/delete")
+            if failure is not None:
+                raise failure from err
+            raise
 
     async def delete_vm_parts(self, group: str, parts: VmParts) -> None:
         """The VM and everything made for it, in dependency order: users before what they use."""

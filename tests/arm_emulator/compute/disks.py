@@ -1,13 +1,16 @@
 """Managed disks and snapshots: their creation from a source, their state towards a VM, and export (beginGetAccess
-hands out a SAS URL of the emulator's VHD, endGetAccess revokes it).
+hands out a SAS URL of the emulator's VHD; endGetAccess revokes it, and the blob copies still reading from it fail).
 
 PUT answers 202 / 200 (never 201) with Azure-AsyncOperation, which is all the SDK accepts for these types. A disk
 attached to a VM refuses deletion (409) and export unless the VM is deallocated.
 
-Copies that outlast their call: a snapshot made with `creationData.createOption` CopyStart (incremental only, from
-a snapshot, usually into another region) is created at once and then reports `completionPercent` below 100 for
-`snapshot_copy_polls` GETs; an image or disk cannot be made from it until then. The setting None keeps the copy
-going until a test sets a number.
+Copies that outlast their call: a snapshot made with `creationData.createOption` CopyStart (usually into another
+region) is created at once and then reports `completionPercent` below 100 for `snapshot_copy_polls` GETs; an image
+or disk cannot be made from it until then. The setting None keeps the copy going until a test sets a number. As
+Azure documents it ("Copy an incremental snapshot to a new region"; Azure/azure-sdk-for-java#31861), both the copy
+and its source must be incremental, and the incremental snapshots of one disk are copied one at a time: a second
+CopyStart while another copy of that disk's snapshots runs is refused (409; the restriction is documented, the
+code it answers with is not, so the emulator answers Conflict).
 """
 
 from __future__ import annotations
@@ -71,13 +74,38 @@ def _prepare_snapshot(arm: ArmEmulator, res: Resource, existing: Resource | None
     if str(creation.get("createOption", "")).lower() == "copystart":
         if source[0].type != SNAPSHOTS:
             raise ArmError(400, "InvalidParameter", "CopyStart copies a snapshot: sourceResourceId must be one.")
-        if res.properties.get("incremental") is not True:
-            raise ArmError(400, "InvalidParameter", "CopyStart is only supported for incremental snapshots.")
+        if res.properties.get("incremental") is not True or source[0].properties.get("incremental") is not True:
+            raise ArmError(
+                400,
+                "InvalidParameter",
+                f"CopyStart is only supported for incremental snapshots; the copy and its source "
+                f"'{source[0].id}' must both be incremental.",
+            )
         if existing is None:
+            _refuse_a_second_copy(arm, res, source[0])
             res.state["copy_polls"] = 0
+            res.state["copy_of"] = _disk_of(source[0])
     res.properties.setdefault("diskSizeGB", source[0].properties.get("diskSizeGB"))
     res.properties.setdefault("osType", source[0].properties.get("osType"))
     res.properties.setdefault("timeCreated", now())
+
+
+def _disk_of(snapshot: Resource) -> str:
+    """The disk an incremental snapshot was taken of (itself when it is not known)."""
+    return str((snapshot.properties.get("creationData") or {}).get("sourceResourceId") or snapshot.id).lower()
+
+
+def _refuse_a_second_copy(arm: ArmEmulator, res: Resource, source: Resource) -> None:
+    """One copy at a time of the incremental snapshots of one disk."""
+    disk = _disk_of(source)
+    for other in arm.store:
+        if other.key != res.key and other.state.get("copy_of") == disk and (_copy_percent(arm, other) or 0) < 100:
+            raise ArmError(
+                409,
+                "Conflict",
+                f"You can only copy one incremental snapshot of a particular disk at a time: '{other.id}' is still "
+                f"being copied from a snapshot of '{disk}'.",
+            )
 
 
 def _count_copy_read(arm: ArmEmulator, res: Resource) -> None:
@@ -131,9 +159,14 @@ def _grant(arm: ArmEmulator, req: Request, res: Resource) -> Response:
 
 
 def _revoke(arm: ArmEmulator, req: Request, res: Resource) -> Response:
+    """endGetAccess: every SAS of the disk stops working, which fails the blob copies still reading from it."""
+
     def succeed() -> None:
-        if res.state.pop("sas", None):
+        sas = res.state.pop("sas", None)
+        if sas:
             arm.blobs.unpublish(_export_name(res))
+            if arm.blob_proxy is not None:
+                arm.blob_proxy.revoke(sas)
         return None
 
     return accept_action(arm, req, res, succeed)

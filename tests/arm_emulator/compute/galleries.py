@@ -3,6 +3,16 @@
 A version's create ends with its slowest target region, and never while one of them is hung; a region that fails
 (see `Faults.slow_replication`) fails the version's operation. `$expand=ReplicationStatus` shows each region's
 state and progress.
+
+A version's regions follow ARM's rules, each refused with 400 InvalidParameter: the publishing profile's target
+regions must contain the version's own location (hashicorp/packer#8895), may name a region only once
+(terraform-provider-azurerm#7751), and the source image must be in the version's region (MicrosoftDocs/azure-docs
+#28793).
+
+Security types: a Gen2 image definition made without a `SecurityType` feature is TrustedLaunchSupported, as Trusted
+Launch as default (TLaD) makes it. A version of a TrustedLaunchSupported definition is made only from a VHD, a
+managed image or another gallery version, not from a VM (packer-plugin-azure#304); one of a TrustedLaunch or
+confidential definition not from a managed image, which is never of that security type (the emulator's wording).
 """
 
 from __future__ import annotations
@@ -11,10 +21,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..operations import Operation
-from ..protocol import ArmError, now
+from ..protocol import ArmError, now, region_name
 from ..provider import ResourceType
 from ..store import Resource
-from .names import GALLERIES, IMAGE_DEFINITIONS, IMAGE_VERSIONS
+from .names import GALLERIES, IMAGE_DEFINITIONS, IMAGE_VERSIONS, IMAGES, VIRTUAL_MACHINES
 
 if TYPE_CHECKING:
     from ..server import ArmEmulator
@@ -28,14 +38,67 @@ def _prepare_definition(arm: ArmEmulator, res: Resource, existing: Resource | No
     for required in ("osType", "osState", "identifier"):
         if not res.properties.get(required):
             raise ArmError(400, "InvalidParameter", f"Required parameter '{required}' is missing (null).")
+    features = res.properties.setdefault("features", [])
+    if res.properties.get("hyperVGeneration") == "V2" and not any(f.get("name") == "SecurityType" for f in features):
+        features.append({"name": "SecurityType", "value": "TrustedLaunchSupported"})
+
+
+def definition_security_type(definition: Resource) -> str:
+    features = definition.properties.get("features") or []
+    return next((f.get("value") for f in features if f.get("name") == "SecurityType"), None) or "Standard"
+
+
+def _check_security_type(arm: ArmEmulator, version: Resource, sources: list[Resource]) -> None:
+    definition = arm.store.find(version.id.rsplit("/versions/", 1)[0])
+    wanted = definition_security_type(definition) if definition is not None else "Standard"
+    for source in sources:
+        if wanted == "TrustedLaunchSupported" and source.type == VIRTUAL_MACHINES:
+            raise ArmError(
+                400,
+                "InvalidParameter",
+                f"The security type 'TrustedLaunchSupported' is not supported for the source id '{source.id}'. "
+                "Currently only Vhd Blob, User Image and Gallery Image Version sources are supported for "
+                "'TrustedLaunchSupported' images.",
+            )
+        if wanted in ("TrustedLaunch", "ConfidentialVM", "ConfidentialVmSupported") and source.type == IMAGES:
+            raise ArmError(
+                400,
+                "InvalidParameter",
+                f"The security type '{wanted}' is not supported for the source id '{source.id}': a managed image is "
+                "never of that security type.",
+            )
 
 
 def _prepare_version(arm: ArmEmulator, res: Resource, existing: Resource | None) -> None:
     profile = res.properties.get("storageProfile") or {}
-    if not arm.store.check_refs(profile):
+    sources = arm.store.check_refs(profile)
+    if not sources:
         raise ArmError(400, "InvalidParameter", "The gallery image version needs a source in storageProfile.")
+    location = region_name(str(res.envelope["location"]))
+    for source in sources:
+        where = arm.store.region(source)
+        if where != location:
+            raise ArmError(
+                400,
+                "InvalidParameter",
+                f"The source '{source.id}' is in region '{where}'; a gallery image version's source must be in the "
+                f"version's region '{location}'.",
+            )
+    _check_security_type(arm, res, sources)
     publishing = res.properties.setdefault("publishingProfile", {})
     publishing.setdefault("targetRegions", [{"name": res.envelope["location"], "regionalReplicaCount": 1}])
+    regions = [region_name(str(r.get("name", ""))) for r in publishing["targetRegions"]]
+    repeated = sorted({r for r in regions if regions.count(r) > 1})
+    if repeated:
+        raise ArmError(
+            400, "InvalidParameter", f"The publishing profile names the target region(s) {repeated} more than once."
+        )
+    if location not in regions:
+        raise ArmError(
+            400,
+            "InvalidParameter",
+            f"The regions in the publishing profile {regions} must contain the location of image version '{location}'.",
+        )
     publishing.setdefault("replicaCount", 1)
     publishing.setdefault("storageAccountType", "Standard_LRS")
     publishing["publishedDate"] = now()

@@ -1,6 +1,7 @@
 """Managed images: made from a generalized VM, or from an OS disk, snapshot or blob named in storageProfile.
 
 A source must be in the image's region (400 otherwise, as in ARM), and a snapshot still being copied cannot be one.
+A VM of security type TrustedLaunch or ConfidentialVM cannot be one (409 OperationNotAllowed, hashicorp/packer#13189).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from ..provider import ResourceType
 from ..store import Resource
 from .disks import check_copied
 from .names import IMAGES, VIRTUAL_MACHINES
+from .vm import security_type
 
 if TYPE_CHECKING:
     from ..server import ArmEmulator
@@ -33,6 +35,11 @@ def _prepare(arm: ArmEmulator, res: Resource, existing: Resource | None) -> None
     if vm is not None:
         if not vm.state.get("generalized"):
             raise operation_not_allowed(f"The source virtual machine '{vm.id}' must be generalized to create an image.")
+        if security_type(vm) != "Standard":
+            raise operation_not_allowed(
+                f"Creation of managed images are not supported for virtual machine with {security_type(vm)} "
+                "security type."
+            )
         os_disk = vm.properties["storageProfile"]["osDisk"]
         res.properties["storageProfile"] = {
             "osDisk": {

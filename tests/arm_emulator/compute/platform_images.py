@@ -21,7 +21,8 @@ class PlatformImage:
     """One marketplace SKU (publisher/offer/sku) and its versions, as VirtualMachineImages serves it.
 
     `plan` is the purchase plan (`{"name", "product", "publisher"}`) a VM made from it must name;
-    `locations` limits the regions that offer it (None: every region).
+    `locations` limits the regions that offer it (None: every region); `features` are its image features by
+    name, such as `{"SecurityType": "TrustedLaunchSupported"}`.
     """
 
     versions: tuple[str, ...] | list[str]
@@ -30,6 +31,7 @@ class PlatformImage:
     plan: dict[str, str] | None = None
     architecture: str = "x64"
     locations: tuple[str, ...] | None = None
+    features: dict[str, str] | None = None
 
     def offered_in(self, location: str) -> bool:
         return self.locations is None or region_name(location) in {region_name(loc) for loc in self.locations}
@@ -104,6 +106,7 @@ def _image_version(
             "architecture": image.architecture,
             "imageDeprecationStatus": {"imageState": "Active"},
             **({"plan": dict(image.plan)} if image.plan else {}),
+            **({"features": [{"name": k, "value": v} for k, v in image.features.items()]} if image.features else {}),
         }
     return out
 

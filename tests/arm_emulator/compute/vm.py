@@ -4,6 +4,15 @@ A VM's PUT creates its OS disk (unless attached), and its parts with deleteOptio
 actions (start, powerOff, deallocate, restart), runCommand and capture answer 202 with both LRO headers;
 generalize is a synchronous 200, allowed only on a stopped or deallocated VM.
 
+Security types, as Trusted Launch as default (TLaD) sets them: a VM made from a Gen2 image without
+`securityProfile.securityType` is TrustedLaunch (secure boot and vTPM on); Standard must be asked for. A Gen1 image
+takes only Standard. A managed image cannot be made from a TrustedLaunch or ConfidentialVM VM (see images.py).
+
+A NIC is reserved for its VM for `nic_reservation` seconds (Azure's 180 by default) after that VM is deleted, and
+after its create failed, when the VM never took the NIC (deleting the failed VM leaves it): deleting the NIC, or
+making another VM with it (a VM made again under the same name is another VM), answers 400 NicReservedForAnotherVm
+meanwhile (gardenlinux#4133, microsoft/AzureTRE#4511).
+
 Guest execution: a VM's NIC private IP and public IP are loopback addresses. A test sets `guest_factory` to
 start something that answers SSH for the VM (the local cloud's VM code can serve as a real guest) and returns
 where it listens; see `GuestSpec` / `GuestEndpoint`. A guest that fails to start fails the VM's creation.
@@ -11,6 +20,7 @@ where it listens; see `GuestSpec` / `GuestEndpoint`. A guest that fails to start
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +30,7 @@ from ..operations import accept_action
 from ..protocol import ArmError, Request, Response, check_rest_shape, now, operation_not_allowed
 from ..provider import Action, ResourceType
 from ..store import Resource
-from .names import DISKS, RUN_COMMANDS, VIRTUAL_MACHINES
+from .names import DISKS, IMAGE_VERSIONS, RUN_COMMANDS, VIRTUAL_MACHINES
 from .platform_images import catalogue_entry
 
 if TYPE_CHECKING:
@@ -66,6 +76,9 @@ def _prepare(arm: ArmEmulator, res: Resource, existing: Resource | None) -> None
         owner = arm.store.referrer(arm.store[nic["id"]], VIRTUAL_MACHINES)
         if owner is not None and owner.key != res.key:
             raise ArmError(400, "NicInUse", f"Network interface {nic['id']} is used by existing VM {owner.id}.")
+        reserved = nic_reserved_for(arm.store[nic["id"]])
+        if reserved is not None and (existing is None or reserved[1] != existing.properties["vmId"]):
+            raise nic_reserved(arm, reserved[0])
     os_profile = props.get("osProfile") or {}
     if existing is None:
         res.state["admin_password"] = os_profile.get("adminPassword")
@@ -74,6 +87,7 @@ def _prepare(arm: ArmEmulator, res: Resource, existing: Resource | None) -> None
     storage = props.setdefault("storageProfile", {})
     image = storage.get("imageReference") or {}
     _check_plan(arm, res, image)
+    _set_security_type(arm, res, image, existing)
     windows = "windowsConfiguration" in os_profile or "windows" in str(image.get("offer", "")).lower()
     computer = os_profile.get("computerName")
     if computer and len(computer) > (15 if windows else 64):
@@ -115,6 +129,46 @@ def _prepare(arm: ArmEmulator, res: Resource, existing: Resource | None) -> None
             )
         )
     res.state.update(power="starting", generalized=False, os_type=os_disk["osType"], computer_name=computer or res.name)
+
+
+_SECURITY_TYPES = ("Standard", "TrustedLaunch", "ConfidentialVM")
+
+
+def security_type(vm: Resource) -> str:
+    """A VM's security type; Standard when its profile names none."""
+    return (vm.properties.get("securityProfile") or {}).get("securityType") or "Standard"
+
+
+def _set_security_type(arm: ArmEmulator, vm: Resource, image: dict[str, Any], existing: Resource | None) -> None:
+    if existing is not None:  # fixed at create
+        vm.properties["securityProfile"] = existing.properties.get("securityProfile")
+        return
+    given = (vm.properties.get("securityProfile") or {}).get("securityType")
+    generation = image_generation(arm, image)
+    if given is None and generation == "V2":
+        vm.properties["securityProfile"] = {
+            "securityType": "TrustedLaunch",
+            "uefiSettings": {"secureBootEnabled": True, "vTpmEnabled": True},
+        }
+    elif given is not None and given not in _SECURITY_TYPES:
+        raise ArmError(400, "InvalidParameter", f"The value '{given}' of parameter 'securityType' is not valid.")
+    elif given in ("TrustedLaunch", "ConfidentialVM") and generation != "V2":
+        raise ArmError(
+            400, "InvalidParameter", f"The security type '{given}' is supported only for Hyper-V generation 2 images."
+        )
+
+
+def image_generation(arm: ArmEmulator, image: dict[str, Any]) -> str:
+    """The Hyper-V generation of what a VM is made from: a managed image, a gallery version, a marketplace image."""
+    if image.get("id"):
+        source = arm.store.find(image["id"])
+        if source is not None and source.type == IMAGE_VERSIONS:
+            source = arm.store.find(source.id.rsplit("/versions/", 1)[0])
+        return str((source.properties if source is not None else {}).get("hyperVGeneration") or "V1")
+    entry = catalogue_entry(
+        arm.platform_images, image.get("publisher", ""), image.get("offer", ""), image.get("sku", "")
+    )
+    return entry.hyper_v_generation if entry is not None else "V1"
 
 
 def _check_plan(arm: ArmEmulator, vm: Resource, image: dict[str, Any]) -> None:
@@ -172,15 +226,57 @@ def _finish_boot(arm: ArmEmulator, vm: Resource) -> None:
 
 
 def _parts_deleted_with(arm: ArmEmulator, vm: Resource) -> list[str]:
-    """Parts created with deleteOption Delete go with the VM, as in ARM."""
+    """Parts created with deleteOption Delete go with the VM, as in ARM; NICs only if the VM ever took them."""
     os_disk = vm.properties.get("storageProfile", {}).get("osDisk", {})
     doomed = [os_disk.get("managedDisk", {}).get("id")] if os_disk.get("deleteOption") == "Delete" else []
-    doomed += [
-        nic.get("id")
-        for nic in vm.properties.get("networkProfile", {}).get("networkInterfaces", [])
-        if (nic.get("properties") or {}).get("deleteOption") == "Delete"
-    ]
+    if vm.state.get("nics_taken", True):
+        doomed += [
+            nic.get("id")
+            for nic in vm.properties.get("networkProfile", {}).get("networkInterfaces", [])
+            if (nic.get("properties") or {}).get("deleteOption") == "Delete"
+        ]
     return [rid for rid in doomed if rid]
+
+
+def _nics_of(arm: ArmEmulator, vm: Resource) -> list[Resource]:
+    found = [
+        arm.store.find(n.get("id", "")) for n in vm.properties.get("networkProfile", {}).get("networkInterfaces", [])
+    ]
+    return [nic for nic in found if nic is not None]
+
+
+def _reserve_nics(arm: ArmEmulator, vm: Resource) -> None:
+    for nic in _nics_of(arm, vm):
+        nic.state["reserved_for"] = (vm.id, vm.properties["vmId"], time.monotonic() + arm.nic_reservation)
+
+
+def _create_failed(arm: ArmEmulator, vm: Resource) -> None:
+    """A VM whose create failed never took its NICs, which stay reserved for it."""
+    vm.state["nics_taken"] = False
+    _reserve_nics(arm, vm)
+
+
+def _deleted(arm: ArmEmulator, vm: Resource) -> None:
+    """The NICs a deleted VM leaves behind stay reserved for it."""
+    _reserve_nics(arm, vm)
+
+
+def nic_reserved_for(nic: Resource) -> tuple[str, str] | None:
+    """The VM (its id and vmId) a NIC is reserved for now, or None."""
+    reserved = nic.state.get("reserved_for")
+    if reserved is None or time.monotonic() >= reserved[2]:
+        return None
+    return reserved[0], reserved[1]
+
+
+def nic_reserved(arm: ArmEmulator, vm_id: str) -> ArmError:
+    seconds = f"{arm.nic_reservation:g}"
+    return ArmError(
+        400,
+        "NicReservedForAnotherVm",
+        f"Nic(s) in request is reserved for another Virtual Machine for {seconds} seconds. Please provide another "
+        f"nic(s) or retry after {seconds} seconds. Reserved VM: {vm_id}",
+    )
 
 
 def _close_guest(arm: ArmEmulator, vm: Resource) -> None:
@@ -404,6 +500,7 @@ TYPES = (
         "aao201",
         prepare=_prepare,
         ready=_finish_boot,
+        failed=_create_failed,
         after_create=_boot_guest,
         render=_render,
         actions={
@@ -417,6 +514,7 @@ TYPES = (
             "capture": Action(_capture),
         },
         deletes_along=_parts_deleted_with,
+        deleted=_deleted,
         release=_close_guest,
     ),
     ResourceType(
