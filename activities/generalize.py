@@ -15,14 +15,32 @@ class GeneralizeActivities(CloudActivities):
     @activity.defn
     async def generalize(self, request: GuestScriptRequest) -> GuestScriptResult:
         profile = self.guests.profile(request.vm.os_type)
+        deprovision = profile.deprovision
         async with AsyncExitStack() as stack:
             guest, log = await open_guest(self.cloud, self.guests, request, stack)
-            # AIB runs the override instead of its default when a customizer wrote it.
-            override = profile.deprovision.override_path
+            # AIB runs the override instead of its default when it is there: a customizer wrote it, or (Windows)
+            # AIB wrote its default there first and the customizers left it, or changed it.
+            override = deprovision.override_path
             if await guest.path_exists(override):
-                note = f"\n==> using the template's {override}\n"
-                script = profile.deprovision.override_command
+                whose = (
+                    "AIB's default, as the customizers left it"
+                    if deprovision.default_written_first
+                    else "the template's"
+                )
+                note = f"\n==> running {override} ({whose})\n"
+                script = deprovision.override_command
             else:
                 note, script = "", await profile.default_deprovision(guest, request.vm)
             note += f"==> deprovision command:\n{script}\n"
-            return await run_script(request, guest, log, script, valid_exit_codes=[0], as_root=True, note=note)
+            return await run_script(
+                request,
+                guest,
+                log,
+                script,
+                valid_exit_codes=[0],
+                as_root=True,
+                note=note,
+                time_limit=deprovision.time_limit,
+                stuck=deprovision.stuck,
+                poll_every=profile.poll_every,
+            )

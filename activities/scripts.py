@@ -1,5 +1,6 @@
 """One script in a guest as a build step: start it (or re-attach to it), stream its output into the build log,
-and judge its exit code. Customizers, validators and the generalize step all run this way.
+and judge its exit code. Customizers, validators and the generalize step all run this way, and so does each
+round of a Windows Update step.
 
 A script is never run twice. It runs detached in the guest under a run id derived from the build and the step,
 and starting a run id that already started does nothing; so when a worker dies mid-script, the retry attaches to
@@ -12,16 +13,35 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from temporalio import activity
 
 from activities.clouds.base import Cloud, LogSink, PermanentError
-from activities.common import heartbeating
-from activities.guest import Guests, GuestSession
+from activities.common import Heartbeat, heartbeating
+from activities.guest.base import POLL_EVERY
 from workflows.models import GuestScriptRequest, GuestScriptResult, StagedArtifact
 
-POLL_EVERY = 0.5
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from activities.guest import Guests, GuestSession
+
 TAIL_LINES = 10
+
+
+@dataclass(frozen=True)
+class ScriptEnd:
+    """How a script in the guest ended: its exit code and the end of its output."""
+
+    label: str
+    exit_code: int
+    tail: bytes
+    seconds: float
+
+    def last_lines(self) -> str:
+        return "\n".join(self.tail.decode(errors="replace").splitlines()[-TAIL_LINES:])
 
 
 async def open_guest(
@@ -35,28 +55,53 @@ async def open_guest(
     return guest, log
 
 
-async def run_script(
+def part_label(request: GuestScriptRequest, part: str) -> str:
+    """The label of one script of a step: the step's own, or for a step of several scripts, the part's."""
+    return f"{request.label}: {part}" if part else request.label
+
+
+async def follow_script(
     request: GuestScriptRequest,
     guest: GuestSession,
     log: LogSink,
     script: str,
     *,
-    valid_exit_codes: list[int],
     as_root: bool = False,
+    as_system: bool = False,
     note: str = "",
-) -> GuestScriptResult:
-    """Start (or re-attach to) one script in the guest, stream its output into the log, and judge its exit code.
-    ``note`` goes into the log once, before the step's header, so a re-attached retry neither repeats it nor
-    mistakes it for script output."""
+    part: str = "",
+    heartbeat: Heartbeat | None = None,
+    time_limit: float | None = None,
+    stuck: Callable[[str], str] | None = None,
+    poll_every: float = POLL_EVERY,
+) -> ScriptEnd:
+    """Start (or re-attach to) one script in the guest and stream its output into the log until it ends.
+
+    Args:
+        note: written into the log once, before the script's header, so a re-attached retry neither repeats it
+            nor mistakes it for script output.
+        part: which script of a step of several (an update round): its own run id and header.
+        heartbeat: the step's resume point, sent with each heartbeat; without it, heartbeats carry none.
+        time_limit: seconds the script may run; past them it is stopped and the step fails.
+        stuck: what to say of a script stopped at its time limit, from the end of its output.
+        poll_every: seconds between two reads of its output.
+
+    Raises:
+        PermanentError: ``StepTimedOut`` past ``time_limit``; what the guest raises when the run is lost.
+    """
     started = time.monotonic()
+    label = part_label(request, part)
     run_id = f"{request.build.build_id}-{request.log_name.removesuffix('.log')}-{request.index}"
-    header = f"\n==> {request.label}\n".encode()
+    if part:
+        run_id += "-" + "".join(c if c.isalnum() else "-" for c in part)
+    header = f"\n==> {label}\n".encode()
     # A retry reads on from what the log already holds of this run: heartbeat details would lag behind it.
-    offset = await logged_output(log, header, request.label) if activity.info().attempt > 1 else None
+    offset = await logged_output(log, header, label) if activity.info().attempt > 1 else None
     if offset is None:
         await log.append(note.encode() + header)
         offset = 0
-    await guest.start_script(run_id, script, as_root=as_root)
+    await guest.start_script(run_id, script, as_root=as_root, as_system=as_system)
+    beat = heartbeat.beat if heartbeat is not None else activity.heartbeat
     tail = b""
     try:
         while True:
@@ -65,30 +110,72 @@ async def run_script(
                 await log.append(progress.output)
                 offset += len(progress.output)
                 tail = (tail + progress.output)[-8192:]
-            activity.heartbeat()
+            beat()
             if progress.exit_code is not None:
                 break
-            await asyncio.sleep(POLL_EVERY)
+            if time_limit is not None and time.monotonic() - started > time_limit:
+                await stop_script(guest, log, run_id, label, why=f"it ran longer than {time_limit:g} s")
+                said = stuck(tail.decode(errors="replace")) if stuck is not None else ""
+                end = ScriptEnd(label, -1, tail, time.monotonic() - started)
+                raise PermanentError(
+                    f"{label} did not finish within {time_limit:g} s{said}. Last lines of its output:\n"
+                    f"{end.last_lines()}\nFull log: {log.uri}",
+                    kind="StepTimedOut",
+                )
+            await asyncio.sleep(poll_every)
     except asyncio.CancelledError:
         # The build was cancelled or timed out: stop the script in the guest before the VM is deleted.
-        await asyncio.shield(stop_script(guest, log, run_id, request.label))
+        await asyncio.shield(stop_script(guest, log, run_id, label, why="the build was cancelled"))
         raise
-    exit_code = progress.exit_code
-    await log.append(f"==> {request.label}: exit code {exit_code}\n".encode())
-    if exit_code not in valid_exit_codes:
-        last = "\n".join(tail.decode(errors="replace").splitlines()[-TAIL_LINES:])
-        raise PermanentError(
-            f"{request.label} failed with exit code {exit_code}. Last lines of its output:\n{last}\n"
-            f"Full log: {log.uri}",
-            kind="CustomizerFailed",
-        )
-    return GuestScriptResult(exit_code=exit_code, duration_seconds=time.monotonic() - started)
+    await log.append(f"==> {label}: exit code {progress.exit_code}\n".encode())
+    return ScriptEnd(label, progress.exit_code, tail, time.monotonic() - started)
 
 
-async def logged_output(log: LogSink, header: bytes, label: str) -> int | None:
-    """How many bytes of this step's script output the log holds already, or None if no attempt began it.
+def failed(end: ScriptEnd, log: LogSink) -> PermanentError:
+    """The step's failure: its exit code, the last lines of its output, and where the whole log is."""
+    return PermanentError(
+        f"{end.label} failed with exit code {end.exit_code}. Last lines of its output:\n{end.last_lines()}\n"
+        f"Full log: {log.uri}",
+        kind="CustomizerFailed",
+    )
 
-    The step's section runs from its header to its first ``==> label:`` note (or the end): only the script's
+
+async def run_script(
+    request: GuestScriptRequest,
+    guest: GuestSession,
+    log: LogSink,
+    script: str,
+    *,
+    valid_exit_codes: list[int],
+    as_root: bool = False,
+    as_system: bool = False,
+    note: str = "",
+    time_limit: float | None = None,
+    stuck: Callable[[str], str] | None = None,
+    poll_every: float = POLL_EVERY,
+) -> GuestScriptResult:
+    """``follow_script``, then judge the exit code: one outside ``valid_exit_codes`` fails the step."""
+    end = await follow_script(
+        request,
+        guest,
+        log,
+        script,
+        as_root=as_root,
+        as_system=as_system,
+        note=note,
+        time_limit=time_limit,
+        stuck=stuck,
+        poll_every=poll_every,
+    )
+    if end.exit_code not in valid_exit_codes:
+        raise failed(end, log)
+    return GuestScriptResult(exit_code=end.exit_code, duration_seconds=end.seconds)
+
+
+async def logged_section(log: LogSink, header: bytes, label: str) -> bytes | None:
+    """This script's output as the log holds it, or None if no attempt began it.
+
+    The script's section runs from its header to its first ``==> label:`` note (or the end): only the script's
     own output is in between.
     """
     text = await log.read()
@@ -97,12 +184,24 @@ async def logged_output(log: LogSink, header: bytes, label: str) -> int | None:
         return None
     section = text[at + len(header) :]
     end = section.find(f"==> {label}: ".encode())
-    return len(section) if end < 0 else end
+    return section if end < 0 else section[:end]
 
 
-async def stop_script(guest: GuestSession, log: LogSink, run_id: str, label: str) -> None:
-    await guest.kill_script(run_id)
-    await log.append(f"==> {label}: stopped, the build was cancelled\n".encode())
+async def logged_output(log: LogSink, header: bytes, label: str) -> int | None:
+    """How many bytes of this script's output the log holds already, or None if no attempt began it."""
+    section = await logged_section(log, header, label)
+    return None if section is None else len(section)
+
+
+async def stop_script(guest: GuestSession, log: LogSink, run_id: str, label: str, *, why: str) -> None:
+    """Stop a run in the guest, saying why in the log; a guest that cannot be reached any more is let be (its VM
+    is about to be deleted)."""
+    try:
+        await guest.kill_script(run_id)
+    except Exception as err:  # noqa: BLE001 (whatever the transport raised: the cancel must go on)
+        await log.append(f"==> {label}: could not be stopped ({err}); {why}\n".encode())
+        return
+    await log.append(f"==> {label}: stopped, {why}\n".encode())
 
 
 def only(staged: list[StagedArtifact], label: str) -> StagedArtifact:

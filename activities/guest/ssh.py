@@ -116,9 +116,9 @@ class SshSession:
         result = await self._connection.run(f"test -e {shlex.quote(path)}", check=False)
         return result.exit_status == 0
 
-    async def start_script(self, run_id: str, script: str, *, as_root: bool = False) -> None:
+    async def start_script(self, run_id: str, script: str, *, as_root: bool = False, as_system: bool = False) -> None:
         data = script.encode()
-        run_as = "" if as_root or self._username == "root" else self._username
+        run_as = "" if as_root or as_system or self._username == "root" else self._username
         interpreter = "" if data.startswith(b"#!") else "/bin/sh"
         result = await self._run(_START, run_dir(run_id), str(len(data)), run_as, interpreter, stdin=data, as_root=True)
         if result.exit_status != 0:
