@@ -81,19 +81,6 @@ async def test_corpus_build(harness: AzureHarness, name: str, generation: str) -
     assert b"deprovision" in log and b"exit code 0" in log
 
 
-async def test_a_windows_template_is_refused_before_anything_is_made(harness: AzureHarness) -> None:
-    """No Windows VM is paid for when kiln cannot run the template's customizers and sysprep inside it."""
-    await prepare(harness.workers[0][2])
-    calls_before = len(harness.arm.calls)
-    status = await harness.finish(await harness.start(harness.corpus("q0_helloImageTemplateWin.json"), "win"))
-    assert status.run_state == RunState.FAILED
-    assert "resolve source failed" in status.message and "is a Windows image" in status.message, status.message
-    assert "WindowsServer" in status.message
-    writes = [c for c in harness.arm.calls[calls_before:] if c.method in ("PUT", "POST", "PATCH", "DELETE")]
-    assert [c.path for c in writes if c.path.lower().startswith("/subscriptions/")] == []
-    assert temporary(harness.arm) == []
-
-
 async def test_managed_image_in_another_region_is_made_from_a_copy_of_the_snapshot(harness: AzureHarness) -> None:
     cloud = harness.workers[0][2]
     await prepare(cloud)
