@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from activities.clouds.base import PermanentError
+from activities.events import event_line
 from activities.guest.winrm import WinRmError
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from activities.clouds.base import LogSink
     from activities.common import Heartbeat
     from activities.guest.windows_session import WindowsSession
@@ -70,25 +73,28 @@ async def restart(
     """
     started = time.monotonic()
     deadline = started + timeout
-    event = f"==> {label}: restart {number}"
+
+    async def say(text: str) -> None:
+        await log.append(event_line(label, "restart", number, text))
+
     before = progress.get("boot")
     if before is None:
         before = (await _answer(guest.boot, deadline, timing))[1]
         progress["boot"] = before
         heartbeat.beat(progress)
     elif (await _answer(guest.boot, deadline, timing))[1] != before:
-        await log.append(f"{event}: the machine had restarted already\n".encode())
+        await say("the machine had restarted already")
         return 0.0
-    await log.append(f"{event}: {command}\n".encode())
+    await say(command)
     result = await _answer(lambda: guest.run(command), deadline, timing)
     if result.exit_code not in STARTED:
         raise PermanentError(
             f"{label}: Restart script exited with non-zero exit status: {result.exit_code}: {result.text.strip()}",
             kind="RestartFailed",
         )
-    went_down = await _going_down(guest, log, event, deadline, timing)
+    went_down = await _going_down(guest, say, deadline, timing)
     if went_down:
-        await log.append(f"{event}: the machine is going down\n".encode())
+        await say("the machine is going down")
     custom = check_command.strip()
     while time.monotonic() < deadline:
         await asyncio.sleep(timing.check_every)
@@ -103,7 +109,7 @@ async def restart(
             continue
         if answered and boot != before:
             seconds = time.monotonic() - started
-            await log.append(f"{event}: the machine is back after {seconds:.1f} s\n".encode())
+            await say(f"the machine is back after {seconds:.1f} s")
             return seconds
     why = "it went down and did not come back" if went_down else f"it never went down: '{command}' did not restart it"
     raise PermanentError(
@@ -111,7 +117,9 @@ async def restart(
     )
 
 
-async def _going_down(guest: WindowsSession, log: LogSink, event: str, deadline: float, timing: RestartTiming) -> bool:
+async def _going_down(
+    guest: WindowsSession, say: Callable[[str], Awaitable[None]], deadline: float, timing: RestartTiming
+) -> bool:
     """Packer's check that a shutdown is under way (borrowed from Vagrant); True once the machine stopped
     answering, which is certain proof."""
     while time.monotonic() < deadline:
@@ -122,7 +130,7 @@ async def _going_down(guest: WindowsSession, log: LogSink, event: str, deadline:
         if test.exit_code == 1:
             return False
         if test.exit_code in UNDER_WAY:
-            await log.append(f"{event}: Reboot already in progress, waiting...\n".encode())
+            await say("Reboot already in progress, waiting...")
             await asyncio.sleep(timing.under_way_every)
             continue
         if test.exit_code == 0:

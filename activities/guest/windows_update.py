@@ -25,6 +25,7 @@ from temporalio import activity
 
 from activities.clouds.base import PermanentError
 from activities.common import heartbeating
+from activities.events import event_line
 from activities.guest.windows_restart import RestartTiming, restart
 from activities.guest.windows_session import kiln_command
 from activities.scripts import failed, follow_script, logged_section, part_label
@@ -151,10 +152,8 @@ async def run_updates(
                 found = [f"{m['kb']} {m['title']}" for m in _FOUND.finditer(output)]
                 if end.exit_code == 0:
                     installed = progress["installed"]
-                    await log.append(
-                        f"==> {label}: no more updates; {len(installed)} installed in {number} rounds, "
-                        f"{progress['restarts']} restarts\n".encode()
-                    )
+                    done = f"no more updates; {len(installed)} installed in {number} rounds, {progress['restarts']} restarts"
+                    await log.append(event_line(request.label, "update round", number, done))
                     return GuestScriptResult(exit_code=0, duration_seconds=time.monotonic() - started)
                 if end.exit_code in RESTART_NEEDED:
                     progress["installed"] += [f for f in found if f not in progress["installed"]]
@@ -163,7 +162,7 @@ async def run_updates(
                     what = f"Windows Update refused to install ({NOT_ALLOWED}: a restart is pending); restarting first"
                 else:
                     raise failed(end, log)
-                await log.append(f"==> {label}: {what}\n".encode())
+                await log.append(event_line(request.label, "update round", number, what))
                 if progress["restarts"] >= max_restarts:
                     pending = "; ".join(found) or "none named"
                     raise PermanentError(

@@ -7,12 +7,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
+from rich.console import Console
 from temporalio.testing import ActivityEnvironment
 
 from activities.clouds.aib.ids import platform_image_id
@@ -21,6 +25,7 @@ from activities.clouds.base import PermanentError
 from activities.customize import CustomizeActivities
 from activities.generalize import GeneralizeActivities
 from activities.guest import Guests as OsProfiles
+from cli.progress import BuildView, EventPrinter, LogTail, read_new_lines
 from tests.arm_emulator import ArmEmulator
 from tests.azure.environment import LOCATION, SUB, Guests, os_profiles
 from tests.azure.test_azure_cloud import build_context
@@ -28,11 +33,13 @@ from tests.wsman import GENERALIZED, MachineSettings, Update, WindowsMachine
 from workflows.models import (
     Artifact,
     BuildContext,
+    BuildStatus,
     BuildVm,
     GuestScriptRequest,
     GuestScriptResult,
     ResolvedSource,
     Staging,
+    StepRecord,
     VmSpec,
 )
 from workflows.template import (
@@ -375,3 +382,32 @@ async def test_a_small_file_is_pushed_and_a_large_one_fetched_by_the_vm(
     with pytest.raises(PermanentError) as refused:
         await customize(vm, missing, profiles=profiles, staged=[await vm.stage(small)])
     assert refused.value.type == "DestinationMissing" and "c:\\nowhere does not exist" in refused.value.message
+
+
+async def test_the_live_view_shows_each_restart_and_update_round_as_the_log_has_them(
+    windows_vm: Callable[..., Awaitable[WindowsVm]], tmp_path: Path
+) -> None:
+    """What ``kiln build`` and ``kiln watch`` print from a Windows Update step's log, on a terminal and off one."""
+    vm = await windows_vm(MachineSettings(updates=[dataclasses.replace(u) for u in CUMULATIVE[:2]]))
+    await customize(vm, windows_update())
+    log = tmp_path / "customization.log"
+    log.write_text(await vm.log())
+    step = StepRecord(name="customize 2/9: WindowsUpdate", started=datetime.now(UTC))
+    status = BuildStatus(steps=[step], log_uri=log.as_uri())
+    view = BuildView("win", footer="")
+    view.status = status
+    lines = await read_new_lines(LogTail(), view)
+
+    plain = Console(file=io.StringIO(), width=200)
+    EventPrinter(plain).update(status, "", lines)
+    printed = plain.file.getvalue()  # type: ignore[attr-defined]
+    assert "↻ customize 2/9: WindowsUpdate: update round 1: installed KB5034439 2024-01 Servicing Stack" in printed
+    assert "↻ customize 2/9: WindowsUpdate: restart 2: the machine is back after" in printed
+    assert "↻ customize 2/9: WindowsUpdate: update round 3: no more updates; 2 installed in 3 rounds" in printed
+    assert "│ Found Windows update (KB5034770; 40 MB)" in printed
+    assert "↻ customize 2/9: WindowsUpdate: update round 1: exit code" not in printed  # a log line, no event
+
+    terminal = Console(file=io.StringIO(), width=200, force_terminal=True, color_system=None)
+    terminal.print(view)
+    row = next(r for r in terminal.file.getvalue().splitlines() if "customize 2/9" in r)  # type: ignore[attr-defined]
+    assert "↻ update round 3: no more updates" in row
