@@ -120,10 +120,10 @@ def make_arm(blob_account: str, **settings: Any) -> ArmEmulator:
     )
 
 
-def os_profiles(**windows: Any) -> OsProfiles:
+def os_profiles(*, pause: float = 0.05, **windows: Any) -> OsProfiles:
     """The OS profiles a test worker reaches its guests with: the real ones, with the pauses Windows steps make
-    between their checks as short as the scripted Windows machines are quick; ``windows`` sets more of the
-    Windows profile (``max_restarts``, ``sysprep_limit``, ``fetch_above``)."""
+    between their checks (``pause`` seconds) as short as the scripted Windows machines are quick; ``windows``
+    sets more of the Windows profile (``max_restarts``, ``sysprep_limit``, ``fetch_above``)."""
     return OsProfiles(
         [
             LinuxProfile(),
@@ -131,8 +131,8 @@ def os_profiles(**windows: Any) -> OsProfiles:
                 WinRmTransport(
                     WinRmSettings(operation_timeout=1, read_timeout=5, command_timeout=30), connect_seconds=10
                 ),
-                restart_timing=RestartTiming(check_every=0.05, under_way_every=0.05, retry_every=0.05),
-                poll_every=0.05,
+                restart_timing=RestartTiming(check_every=pause, under_way_every=pause, retry_every=pause),
+                poll_every=pause,
                 **windows,
             ),
         ]
@@ -275,11 +275,12 @@ class AzureHarness:
     artifacts: Path
     workers: list[tuple[asyncio.Event, asyncio.Task[None], AzureCloud]]
 
-    def start_worker(self) -> AzureCloud:
+    def start_worker(self, profiles: OsProfiles | None = None) -> AzureCloud:
+        """A worker in this process; ``profiles`` are the OS profiles it reaches guests with (``os_profiles()``)."""
         cloud = make_cloud(self.arm.base_url, self.blob_account, secret=self.secret)
         stop = asyncio.Event()
         task = asyncio.create_task(
-            run_worker(self.client, cloud, task_queue=self.task_queue, guests=os_profiles(), stop=stop)
+            run_worker(self.client, cloud, task_queue=self.task_queue, guests=profiles or os_profiles(), stop=stop)
         )
         self.workers.append((stop, task, cloud))
         return cloud

@@ -169,6 +169,8 @@ class WindowsMachine:
         # Every command line the machine ran, PowerShell decoded; and every detached run by its folder.
         self.commands: list[str] = []
         self.longest_command_line = 0
+        # Real seconds the machine spent in its scripted time (scripts' sleeps, restarts): its own, not kiln's.
+        self.scripted_seconds = 0.0
         self.runs: dict[str, Run] = {}
         self.endpoint: WsmanEndpoint | None = None
         self._generation = 0
@@ -219,14 +221,18 @@ class WindowsMachine:
 
     def sleep(self, seconds: float) -> None:
         """Pass ``seconds`` of scripted time in the calling process, which ends there if it is interrupted."""
-        until = time.monotonic() + seconds * self.settings.time_scale
+        start = time.monotonic()
+        until = start + seconds * self.settings.time_scale
         check: Callable[[], None] = getattr(self._current, "check", lambda: None)
-        while True:
-            check()
-            left = until - time.monotonic()
-            if left <= 0:
-                return
-            self._deleted.wait(min(left, 0.02))
+        try:
+            while True:
+                check()
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                self._deleted.wait(min(left, 0.02))
+        finally:
+            self.scripted_seconds += time.monotonic() - start
 
     # ---- what scripts reach
 
@@ -519,6 +525,9 @@ class WindowsMachine:
         return code
 
     def _restart_cycle(self) -> None:
+        self.scripted_seconds += (
+            self.settings.shutdown_seconds + self.settings.reboot_seconds
+        ) * self.settings.time_scale
         if self._deleted.wait(self.settings.shutdown_seconds * self.settings.time_scale):
             return
         if self.endpoint is not None:

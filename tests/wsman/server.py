@@ -155,6 +155,7 @@ class WsmanEndpoint:
         self.shells: dict[str, Shell] = {}
         self.faults: list[InjectedFault] = []
         self.requests = 0
+        self.request_times: list[float] = []
         self.by_action: Counter[str] = Counter()
         self.started_at: float | None = None
         # Seconds from the listener coming back (after a restart) to the first request it served.
@@ -205,6 +206,7 @@ class WsmanEndpoint:
     def _count(self) -> None:
         with self._lock:
             self.requests += 1
+            self.request_times.append(time.time())
             if self._awaiting_first and self.started_at is not None:
                 self.first_request_delays.append(time.monotonic() - self.started_at)
                 self._awaiting_first = False
