@@ -81,7 +81,7 @@ async def follow_script(
         note: written into the log once, before the script's header, so a re-attached retry neither repeats it
             nor mistakes it for script output.
         part: which script of a step of several (an update round): its own run id and header.
-        heartbeat: the step's resume point, sent with each heartbeat; without it, heartbeats carry none.
+        heartbeat: the step's heartbeat with its resume point; without one, heartbeats carry none.
         time_limit: seconds the script may run; past them it is stopped and the step fails.
         stuck: what to say of a script stopped at its time limit, from the end of its output.
         poll_every: seconds between two reads of its output.
@@ -100,33 +100,36 @@ async def follow_script(
     if offset is None:
         await log.append(note.encode() + header)
         offset = 0
-    await guest.start_script(run_id, script, as_root=as_root, as_system=as_system)
-    beat = heartbeat.beat if heartbeat is not None else activity.heartbeat
-    tail = b""
-    try:
-        while True:
-            progress = await guest.poll_script(run_id, offset)
-            if progress.output:
-                await log.append(progress.output)
-                offset += len(progress.output)
-                tail = (tail + progress.output)[-8192:]
-            beat()
-            if progress.exit_code is not None:
-                break
-            if time_limit is not None and time.monotonic() - started > time_limit:
-                await stop_script(guest, log, run_id, label, why=f"it ran longer than {time_limit:g} s")
-                said = stuck(tail.decode(errors="replace")) if stuck is not None else ""
-                end = ScriptEnd(label, -1, tail, time.monotonic() - started)
-                raise PermanentError(
-                    f"{label} did not finish within {time_limit:g} s{said}. Last lines of its output:\n"
-                    f"{end.last_lines()}\nFull log: {log.uri}",
-                    kind="StepTimedOut",
-                )
-            await asyncio.sleep(poll_every)
-    except asyncio.CancelledError:
-        # The build was cancelled or timed out: stop the script in the guest before the VM is deleted.
-        await asyncio.shield(stop_script(guest, log, run_id, label, why="the build was cancelled"))
-        raise
+    async with AsyncExitStack() as beating:
+        if heartbeat is None:
+            # A guest slow to answer one poll must not look like a dead worker: heartbeat meanwhile as well.
+            heartbeat = await beating.enter_async_context(heartbeating())
+        await guest.start_script(run_id, script, as_root=as_root, as_system=as_system)
+        tail = b""
+        try:
+            while True:
+                progress = await guest.poll_script(run_id, offset)
+                if progress.output:
+                    await log.append(progress.output)
+                    offset += len(progress.output)
+                    tail = (tail + progress.output)[-8192:]
+                heartbeat.beat()
+                if progress.exit_code is not None:
+                    break
+                if time_limit is not None and time.monotonic() - started > time_limit:
+                    await stop_script(guest, log, run_id, label, why=f"it ran longer than {time_limit:g} s")
+                    said = stuck(tail.decode(errors="replace")) if stuck is not None else ""
+                    end = ScriptEnd(label, -1, tail, time.monotonic() - started)
+                    raise PermanentError(
+                        f"{label} did not finish within {time_limit:g} s{said}. Last lines of its output:\n"
+                        f"{end.last_lines()}\nFull log: {log.uri}",
+                        kind="StepTimedOut",
+                    )
+                await asyncio.sleep(poll_every)
+        except asyncio.CancelledError:
+            # The build was cancelled or timed out: stop the script in the guest before the VM is deleted.
+            await asyncio.shield(stop_script(guest, log, run_id, label, why="the build was cancelled"))
+            raise
     await log.append(f"==> {label}: exit code {progress.exit_code}\n".encode())
     return ScriptEnd(label, progress.exit_code, tail, time.monotonic() - started)
 

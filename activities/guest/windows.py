@@ -18,13 +18,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, cast
 
-from temporalio import activity
-
 from activities.clouds.base import PermanentError
-from activities.common import heartbeating
 from activities.guest.base import POLL_EVERY, Deprovision, FileSource, GuestSession, Transport
 from activities.guest.keys import windows_password
-from activities.guest.windows_restart import DEFAULT_RESTART_COMMAND, RestartTiming, restart
+from activities.guest.windows_restart import RestartTiming, run_restart
 from activities.guest.windows_session import WindowsSession
 from activities.guest.windows_update import run_updates
 from activities.guest.winrm import GuestUnreachable, WinRmClient, WinRmSettings
@@ -95,13 +92,6 @@ SYSPREP_LIMIT = 40 * 60.0
 FETCH_ABOVE = 256 * 1024
 MAX_RESTARTS = 10
 _PIN = re.compile(r"winrm-sha1:([0-9A-Fa-f]{40})")
-_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def duration_seconds(text: str) -> float:
-    """A Go duration (restartTimeout: ``5m``, ``1h30m``, ``90s``) in seconds."""
-    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _GO_DURATION.findall(text))
 
 
 def sysprep_state(tail: str) -> str:
@@ -243,35 +233,13 @@ class WindowsProfile:
                 poll_every=self.poll_every,
             )
         if isinstance(step, WindowsRestartCustomizer):
-            return await self._restart(request, _windows(guest), log, step)
+            return await run_restart(request, _windows(guest), log, timing=self.restart_timing)
         raise PermanentError(
             f"{request.label}: kiln cannot run {type(step).__name__} steps", kind="UnsupportedCustomizer"
         )
 
     async def default_deprovision(self, guest: GuestSession, vm: BuildVm) -> str:
         return AIB_SYSPREP
-
-    async def _restart(
-        self, request: GuestScriptRequest, guest: WindowsSession, log: LogSink, step: WindowsRestartCustomizer
-    ) -> GuestScriptResult:
-        resumed = activity.info().heartbeat_details
-        progress = dict(resumed[0]) if resumed else {}
-        if not resumed:
-            await log.append(f"\n==> {request.label}\n".encode())
-        async with heartbeating(progress) as heartbeat:
-            seconds = await restart(
-                guest,
-                log,
-                request.label,
-                number=1,
-                command=step.restart_command or DEFAULT_RESTART_COMMAND,
-                check_command=step.restart_check_command,
-                timeout=duration_seconds(step.restart_timeout),
-                timing=self.restart_timing,
-                progress=progress,
-                heartbeat=heartbeat,
-            )
-        return GuestScriptResult(exit_code=0, duration_seconds=seconds)
 
 
 def _windows(guest: GuestSession) -> WindowsSession:

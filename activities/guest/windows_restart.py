@@ -17,13 +17,19 @@ same restart instead of starting another.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from temporalio import activity
+
 from activities.clouds.base import PermanentError
+from activities.common import heartbeating
 from activities.events import event_line
 from activities.guest.winrm import WinRmError
+from workflows.models import GuestScriptRequest, GuestScriptResult
+from workflows.template import WindowsRestartCustomizer
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -37,6 +43,8 @@ RESTART_TEST = 'shutdown /r /f /t 60 /c "packer restart test"'
 ABORT_TEST = "shutdown /a"
 STARTED = (0, 1115, 1190)
 UNDER_WAY = (1115, 1190, 1717)
+_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,37 @@ class RestartTiming:
     check_every: float = 5.0
     under_way_every: float = 10.0
     retry_every: float = 2.0
+
+
+def duration_seconds(text: str) -> float:
+    """A Go duration, as Packer parses restartTimeout (``5m``, ``1h30m``, ``90s``), in seconds."""
+    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _GO_DURATION.findall(text))
+
+
+async def run_restart(
+    request: GuestScriptRequest, guest: WindowsSession, log: LogSink, *, timing: RestartTiming
+) -> GuestScriptResult:
+    """A WindowsRestart step: one restart, resumed from the step's heartbeat by a worker that takes it over."""
+    step = request.step
+    assert isinstance(step, WindowsRestartCustomizer)
+    resumed = activity.info().heartbeat_details
+    progress = dict(resumed[0]) if resumed else {}
+    if not resumed:
+        await log.append(f"\n==> {request.label}\n".encode())
+    async with heartbeating(progress) as heartbeat:
+        seconds = await restart(
+            guest,
+            log,
+            request.label,
+            number=1,
+            command=step.restart_command or DEFAULT_RESTART_COMMAND,
+            check_command=step.restart_check_command,
+            timeout=duration_seconds(step.restart_timeout),
+            timing=timing,
+            progress=progress,
+            heartbeat=heartbeat,
+        )
+    return GuestScriptResult(exit_code=0, duration_seconds=seconds)
 
 
 async def restart(

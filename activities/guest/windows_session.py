@@ -77,17 +77,20 @@ if (Test-Path -LiteralPath $destination -PathType Container) {
 _TEST_PATH = "if (Test-Path -LiteralPath $path) { 'True' } else { 'False' }\n"
 
 # What a run's process executes: records its process id, runs the script with its output in output.log, then
-# records the exit code (written aside and renamed, so a reader never sees half of it), and removes its script
-# (which the image must not keep) and its task.
+# records the exit code (written aside and renamed, so a reader never sees half of it), removes its script (which
+# the image must not keep) and its task, and exits with the script's code (a task's LastTaskResult). The exit
+# file, not the task, is what kiln reads: it outlives the task and the worker that started the run.
 _RUN_WRAPPER = r"""
 $dir = Split-Path -Parent $MyInvocation.MyCommand.Path
 Set-Content -LiteralPath "$dir\pid.tmp" -Value $PID
 Move-Item -LiteralPath "$dir\pid.tmp" -Destination "$dir\pid"
 cmd.exe /c "chcp 65001 >nul & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File `"$dir\script.ps1`" > `"$dir\output.log`" 2>&1"
-Set-Content -LiteralPath "$dir\exit.tmp" -Value $LASTEXITCODE
+$code = $LASTEXITCODE
+Set-Content -LiteralPath "$dir\exit.tmp" -Value $code
 Move-Item -LiteralPath "$dir\exit.tmp" -Destination "$dir\exit"
 Remove-Item -LiteralPath "$dir\script.ps1" -Force -ErrorAction SilentlyContinue
 schtasks.exe /Delete /TN ('kiln-' + (Split-Path -Leaf $dir)) /F 2>&1 | Out-Null
+exit $code
 """
 
 _START = (
