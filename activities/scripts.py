@@ -201,7 +201,7 @@ async def stop_script(guest: GuestSession, log: LogSink, run_id: str, label: str
     is about to be deleted)."""
     try:
         await guest.kill_script(run_id)
-    except Exception as err:  # noqa: BLE001 (whatever the transport raised: the cancel must go on)
+    except Exception as err:  # whatever the transport raised: the cancel must go on
         await log.append(f"==> {label}: could not be stopped ({err}); {why}\n".encode())
         return
     await log.append(f"==> {label}: stopped, {why}\n".encode())

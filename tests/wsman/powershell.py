@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from typing import Protocol
 
-from tests.wsman.files import FileError, expand
+from tests.wsman.files import FileError, Files, expand
 
 # The markers around a template's inline lines in kiln's wrapper (activities/guest/windows.py), which runs them
 # inside try { } as Packer's powershell provisioner does.
@@ -38,7 +38,7 @@ class Host(Protocol):
     """What a script reaches of its machine."""
 
     computer_name: str
-    files: object
+    files: Files
 
     def sleep(self, seconds: float) -> None: ...
 

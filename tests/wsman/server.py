@@ -85,7 +85,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+    def do_POST(self) -> None:
         endpoint = self.server.endpoint
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         endpoint._count()
