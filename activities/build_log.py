@@ -50,10 +50,6 @@ def provisioner_end(provisioner: str) -> bytes:
     return f"(telemetry) ending {provisioner}\n".encode()
 
 
-def step_stopped(label: str) -> bytes:
-    return note(f"{label}: stopped, the build was cancelled")
-
-
 class OutputFramer:
     """Indents a script's output under the builder's prefix, line by line, across chunks that split lines."""
 
@@ -68,9 +64,9 @@ class OutputFramer:
         return b"".join(framed)
 
 
-def logged_output(log: bytes, label: str, provisioner: str) -> tuple[int, bool] | None:
-    """How many bytes of a step's own script output ``log`` holds, and whether the last of it ended a line; None
-    if no attempt began the step.
+def section_output(log: bytes, label: str, provisioner: str) -> bytes | None:
+    """A step's own script output as ``log`` holds it, without the builder's prefix; None if no attempt began the
+    step.
 
     The section runs from the step's header to its first ``==> azure-arm: <label>:`` note (or the log's end), and
     every line in it is the script's output under the builder's prefix.
@@ -81,8 +77,15 @@ def logged_output(log: bytes, label: str, provisioner: str) -> tuple[int, bool] 
         return None
     section = log[at + len(header) :]
     end = section.find(f"{_NOTE}{label}: ".encode())
-    section = section if end < 0 else section[:end]
-    raw = raw_output(section)
+    return raw_output(section if end < 0 else section[:end])
+
+
+def logged_output(log: bytes, label: str, provisioner: str) -> tuple[int, bool] | None:
+    """How many bytes of a step's own output ``log`` holds, and whether the last of it ended a line; None if no
+    attempt began the step."""
+    raw = section_output(log, label, provisioner)
+    if raw is None:
+        return None
     return len(raw), not raw or raw.endswith((b"\n", b"\r"))
 
 

@@ -15,13 +15,20 @@ class GeneralizeActivities(CloudActivities):
     @activity.defn
     async def generalize(self, request: GuestScriptRequest) -> GuestScriptResult:
         profile = self.guests.profile(request.vm.os_type)
+        deprovision = profile.deprovision
         async with AsyncExitStack() as stack:
             guest, log = await open_guest(self.cloud, self.guests, request, stack)
-            # AIB runs the override instead of its default when a customizer wrote it.
-            override = profile.deprovision.override_path
+            # AIB runs the override instead of its default when it is there: a customizer wrote it, or (Windows)
+            # AIB wrote its default there first and the customizers left it, or changed it.
+            override = deprovision.override_path
             if await guest.path_exists(override):
-                note = f"using the template's {override}\n"
-                script = profile.deprovision.override_command
+                whose = (
+                    "AIB's default, as the customizers left it"
+                    if deprovision.default_written_first
+                    else "the template's"
+                )
+                note = f"running {override} ({whose})\n"
+                script = deprovision.override_command
             else:
                 note, script = "", await profile.default_deprovision(guest, request.vm)
             note += f"Found command: {script}"
@@ -30,8 +37,11 @@ class GeneralizeActivities(CloudActivities):
                 guest,
                 log,
                 script,
-                provisioner=profile.deprovision.provisioner,
+                provisioner=deprovision.provisioner,
                 valid_exit_codes=[0],
                 as_root=True,
                 note=note,
+                time_limit=deprovision.time_limit,
+                stuck=deprovision.stuck,
+                poll_every=profile.poll_every,
             )

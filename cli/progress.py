@@ -1,8 +1,8 @@
 """How a build is shown: the live view while it runs, and the status and summary once asked or finished.
 
 On a terminal the live view redraws in place (steps with their elapsed time ticking, the tail of the
-customizer's output). Anywhere else (a CI log, a pipe) it prints one line per event instead, so the output
-reads well as plain text.
+customizer's output, and beside a Windows step its latest restart or update round). Anywhere else (a CI log, a
+pipe) it prints one line per event instead, so the output reads well as plain text.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from activities.events import parse_event
 from cli.builds import Build, no_worker_note, outcome, query_status
 from cli.logs import read_log, sibling_log
 from workflows.models import BuildStatus, RunState, RunSubState, StepRecord
@@ -41,6 +42,7 @@ OUTCOME_MARKS = {
     "canceled": Text("⊘", style="yellow"),
 }
 RUNNING_MARK = Text("▸", style="cyan")
+EVENT_MARK = "↻ "
 
 
 def format_duration(seconds: float) -> str:
@@ -76,9 +78,12 @@ def first_line(message: str) -> str:
     return message.split("\n", 1)[0]
 
 
-def steps_table(status: BuildStatus, *, running_mark: RenderableType | None = None) -> Table:
+def steps_table(
+    status: BuildStatus, *, running_mark: RenderableType | None = None, events: dict[str, str] | None = None
+) -> Table:
     """One row per step. The live view passes its one spinner: a spinner animates by its age, so a new one
-    made on each refresh would never move."""
+    made on each refresh would never move; and the latest event of each step (a Windows restart or update
+    round), which a running step shows where a finished one shows its message."""
     table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1))
     table.add_column(width=1)
     table.add_column(ratio=2, no_wrap=True, overflow="ellipsis")
@@ -86,7 +91,10 @@ def steps_table(status: BuildStatus, *, running_mark: RenderableType | None = No
     table.add_column(ratio=3, style="dim", no_wrap=True, overflow="ellipsis")
     for step in status.steps:
         mark = (running_mark or RUNNING_MARK) if step.outcome == "running" else OUTCOME_MARKS[step.outcome]
-        table.add_row(mark, Text(step.name), step_elapsed(step), Text(first_line(step.message)))
+        note = first_line(step.message)
+        if step.outcome == "running" and not note and events and step.name in events:
+            note = EVENT_MARK + events[step.name]
+        table.add_row(mark, Text(step.name), step_elapsed(step), Text(note))
     return table
 
 
@@ -101,6 +109,8 @@ class BuildView:
         self.log_note = ""
         self.log_name = CUSTOMIZATION_LOG
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        # Each step's latest event in its log, by the step's name.
+        self.events: dict[str, str] = {}
         self.spinner = Spinner("dots", style="cyan")
 
     def __rich__(self) -> RenderableType:
@@ -116,7 +126,7 @@ class BuildView:
                 header.append(f"  {build_elapsed(self.status)}", style="dim")
             parts.append(header)
         if self.status is not None:
-            parts.append(steps_table(self.status, running_mark=self.spinner))
+            parts.append(steps_table(self.status, running_mark=self.spinner, events=self.events))
         if self.tail:
             lines = Text("\n").join(Text.from_ansi(line, no_wrap=True, overflow="ellipsis") for line in self.tail)
             parts.append(Panel(lines, title=self.log_name, title_align="left", border_style="dim"))
@@ -140,7 +150,13 @@ class EventPrinter:
     def update(self, status: BuildStatus | None, note: str, lines: list[str]) -> None:
         # The log is read before the status, so its lines come first: they never belong to a later step.
         for line in lines:
-            self.console.print(Text("  │ ", style="dim") + Text.from_ansi(line), soft_wrap=True)
+            event = parse_event(line)
+            if event is not None:  # a restart or an update round: news of its own, not script output
+                self.console.print(
+                    Text(f"  {EVENT_MARK}", style="cyan") + Text(f"{event[0]}: {event[1]}"), soft_wrap=True
+                )
+            else:
+                self.console.print(Text("  │ ", style="dim") + Text.from_ansi(line), soft_wrap=True)
         if status is not None:
             for index, step in enumerate(status.steps):
                 if step.outcome == "running" and index not in self.started:
@@ -193,6 +209,9 @@ async def read_new_lines(tail: LogTail, view: BuildView) -> list[str]:
         return []
     view.log_note = ""
     view.tail.extend(lines)
+    for line in lines:
+        if (event := parse_event(line)) is not None:
+            view.events[event[0]] = event[1]
     return lines
 
 

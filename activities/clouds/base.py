@@ -99,6 +99,11 @@ class Cloud(Protocol):
     async def read_staged(self, build: BuildContext, staged: StagedArtifact) -> bytes:
         """The bytes ``stage_artifact`` stored, for a step that runs or copies them."""
 
+    async def read_url(self, build: BuildContext, staged: StagedArtifact) -> str:
+        """A short-lived read-only URL of a staged artifact, for a build VM to fetch it itself: a Windows guest
+        fetches a large File customizer's source this way instead of taking it through WinRM. Only clouds that
+        build Windows images are asked for one. The URL is a credential: it goes into no log, status or history."""
+
     async def open_log(self, build: BuildContext, staging: Staging, name: str) -> LogSink:
         """Open (creating on first use) the build's log ``name``; a worker taking over appends to the same log."""
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
 
 from activities.clouds.base import PermanentError
-from activities.guest.base import Deprovision, GuestSession, OsProfile, ScriptProgress, Transport
+from activities.guest.base import Deprovision, FileSource, GuestSession, OsProfile, ScriptProgress, Transport
 from activities.guest.linux import LinuxProfile
 from activities.guest.windows import WindowsProfile
 from workflows.models import BuildVm
@@ -22,7 +22,7 @@ class Guests:
     """The OS profiles a worker knows, by OS type. Tests swap in profiles with a transport of their own."""
 
     def __init__(self, profiles: Iterable[OsProfile] | None = None) -> None:
-        chosen = list(profiles) if profiles is not None else [LinuxProfile(), WindowsProfile()]
+        chosen = list(profiles) if profiles is not None else [LinuxProfile(), WindowsProfile.from_environment()]
         self._profiles = {profile.os_type: profile for profile in chosen}
 
     def profile(self, os_type: str) -> OsProfile:
@@ -41,4 +41,4 @@ class Guests:
         return self.profile(vm.os_type).transport.session(vm, build_id=build_id, secret=secret)
 
 
-__all__ = ["Deprovision", "GuestSession", "Guests", "OsProfile", "ScriptProgress", "Transport"]
+__all__ = ["Deprovision", "FileSource", "GuestSession", "Guests", "OsProfile", "ScriptProgress", "Transport"]

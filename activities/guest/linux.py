@@ -9,13 +9,18 @@ from __future__ import annotations
 import shlex
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
-from activities.guest.base import Deprovision, GuestSession, Transport
+from activities.clouds.base import PermanentError
+from activities.guest.base import POLL_EVERY, Deprovision, FileSource, GuestSession, Transport
 from activities.guest.keys import derive_key
 from activities.guest.ssh import SshSession, open_session
-from workflows.models import BuildVm, GuestStep
+from workflows.models import BuildVm, GuestScriptRequest, GuestScriptResult, GuestStep
 from workflows.plan import guest_steps
 from workflows.template import FileCustomizer, ImageTemplate, ShellCustomizer, TemplateIssue
+
+if TYPE_CHECKING:
+    from activities.clouds.base import LogSink
 
 WAAGENT = "/usr/sbin/waagent"
 
@@ -73,6 +78,7 @@ class SshTransport:
 
 class LinuxProfile:
     os_type = "Linux"
+    poll_every = POLL_EVERY
     deprovision = Deprovision(
         override_path="/tmp/DeprovisioningScript.sh",
         override_command="sh /tmp/DeprovisioningScript.sh",
@@ -105,6 +111,16 @@ class LinuxProfile:
             return INLINE_SHEBANG + "".join(f"{line}\n" for line in step.inline)
         assert staged is not None
         return staged.decode().replace("\r\n", "\n")
+
+    async def prepare(self, guest: GuestSession) -> None:
+        return None  # AIB writes nothing into a Linux build VM before its customizers
+
+    async def copy_file(self, guest: GuestSession, destination: str, source: FileSource) -> None:
+        await guest.upload(await source.read(), destination)  # SFTP carries any size as fast as the guest could
+
+    async def run_step(self, request: GuestScriptRequest, guest: GuestSession, log: LogSink) -> GuestScriptResult:
+        # template_issues refuses these before any VM is made; this is what a request made without it meets.
+        raise PermanentError(f"{request.label}: a Linux guest cannot run this step", kind="UnsupportedCustomizer")
 
     async def default_deprovision(self, guest: GuestSession, vm: BuildVm) -> str:
         if await guest.path_exists(WAAGENT):

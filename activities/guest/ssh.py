@@ -121,10 +121,16 @@ class SshSession:
         return result.exit_status == 0
 
     async def start_script(
-        self, run_id: str, script: str, *, as_root: bool = False, environment: dict[str, str] | None = None
+        self,
+        run_id: str,
+        script: str,
+        *,
+        as_root: bool = False,
+        as_system: bool = False,
+        environment: dict[str, str] | None = None,
     ) -> None:
         data = script.encode()
-        run_as = "" if as_root or self._username == "root" else self._username
+        run_as = "" if as_root or as_system or self._username == "root" else self._username
         variables = [f"{name}={value}" for name, value in (environment or {}).items()]
         result = await self._run(_START, run_dir(run_id), str(len(data)), run_as, *variables, stdin=data, as_root=True)
         if result.exit_status != 0:

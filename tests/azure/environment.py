@@ -1,4 +1,4 @@
-"""The Azure cloud's test environment: the ARM emulator, Azurite, real SSH guests and corpus builds on a worker.
+"""The Azure cloud's test environment: the ARM emulator, Azurite, guests for its VMs and corpus builds on a worker.
 
 Shared by the fixtures in ``conftest.py``, the build tests and ``bench/bench_azure.py``, so a benchmark measures
 exactly what the tests exercise. The real Azure SDK clients (``.aio``) talk to the emulator over HTTP; only the
@@ -8,7 +8,8 @@ token is fake. Blob data goes to Azurite with its account key (Azurite takes no 
 it does as an Owner (``owner_clients``). A VM the emulator creates gets a real guest: a local VM (``LocalVms``) whose
 root is an overlay on this machine's own root, provisioned as Azure's agent would from the VM's osProfile (admin
 user, SSH key), with a ``waagent`` that deprovisions the admin user, and reachable on its own loopback address at
-port 22.
+port 22. A Windows VM gets a scripted Windows machine (``tests.wsman``) with the admin
+account of its osProfile, on its own loopback address, whose WinRM HTTPS listener kiln's run command turns on.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,11 @@ from activities.clouds.azure.waits import Backoff
 from activities.clouds.local import azurite as local_azurite
 from activities.clouds.local.overlays import overlay_works
 from activities.clouds.local.records import ResourceStore
+from activities.guest import Guests as OsProfiles
+from activities.guest.linux import LinuxProfile
+from activities.guest.windows import WindowsProfile, WinRmTransport
+from activities.guest.windows_restart import RestartTiming
+from activities.guest.winrm import WinRmSettings
 from tests.arm_emulator import (
     ArmEmulator,
     Azurite,
@@ -42,11 +49,15 @@ from tests.arm_emulator import (
 )
 from tests.azure.guest_vms import GuestVms, _Layer
 from tests.fixtures import CORPUS
+from tests.services import free_loopback_address
 from tests.workflows.harness import finish, wait_for_step
+from tests.wsman import MachineSettings, WindowsMachine
+from tests.wsman.machine import WINRM_HTTPS_PORT
 from worker import run_worker
 from workflows.build import ImageBuildWorkflow
 from workflows.models import BuildContext, BuildStatus, ResolvedSource, VmSpec
 from workflows.template import VmProfile
+from workflows.template.arm import is_arm_wrapper, resolve_arm_wrapper
 
 PROJECT = Path(__file__).parents[2]
 SUB = "6f1c2a9e-5b0d-4c47-9d43-0b6a3c2e7f10"
@@ -63,6 +74,11 @@ GALLERY = "kilnGallery"
 SCRIPT = b"#!/bin/sh\necho customized by $(id -un) > /tmp/customized\n"
 # Gen2 marketplace images say they can run as Trusted Launch VMs.
 TRUSTED_LAUNCH_SUPPORTED = {"SecurityType": "TrustedLaunchSupported"}
+# The corpus's Windows scriptUri stands for danielsollondon's testPsScript.ps1, which makes the folder the
+# template's File customizer writes into.
+WINDOWS_SCRIPT = (
+    b"mkdir c:\\buildArtifacts\r\necho Azure-Image-Builder-Was-Here  > c:\\buildArtifacts\\azureImageBuilder.txt\r\n"
+)
 # The marketplace as far as the corpus templates use it.
 PLATFORM_IMAGES = {
     ("Canonical", "UbuntuServer", "18.04-LTS"): PlatformImage(versions=["18.04.202401010", "18.04.202312120"]),
@@ -76,6 +92,15 @@ PLATFORM_IMAGES = {
     ),
     ("MicrosoftWindowsServer", "WindowsServer", "2022-datacenter-azure-edition"): PlatformImage(
         versions=["20348.2227.240104"], os_type="Windows", hyper_v_generation="V2"
+    ),
+    ("MicrosoftWindowsServer", "WindowsServer", "2019-Datacenter"): PlatformImage(
+        versions=["17763.5329.240105", "17763.5206.231202"], os_type="Windows"
+    ),
+    ("MicrosoftWindowsDesktop", "Windows-10", "20h2-pro"): PlatformImage(
+        versions=["19042.2965.230505"], os_type="Windows"
+    ),
+    ("MicrosoftWindowsDesktop", "windows-10", "20h1-ent"): PlatformImage(
+        versions=["19041.1415.220106"], os_type="Windows"
     ),
 }
 
@@ -121,6 +146,25 @@ def make_arm(blob_account: str, **settings: Any) -> ArmEmulator:
 
 # Copies in the emulator end after a few looks, not minutes: look often.
 FAST_POLL = Backoff(first=0.05, most=0.2)
+
+
+def os_profiles(*, pause: float = 0.05, **windows: Any) -> OsProfiles:
+    """The OS profiles a test worker reaches its guests with: the real ones, with the pauses Windows steps make
+    between their checks (``pause`` seconds) as short as the scripted Windows machines are quick; ``windows``
+    sets more of the Windows profile (``max_restarts``, ``sysprep_limit``, ``fetch_above``)."""
+    return OsProfiles(
+        [
+            LinuxProfile(),
+            WindowsProfile(
+                WinRmTransport(
+                    WinRmSettings(operation_timeout=1, read_timeout=5, command_timeout=30), connect_seconds=10
+                ),
+                restart_timing=RestartTiming(check_every=pause, under_way_every=pause, retry_every=pause),
+                poll_every=pause,
+                **windows,
+            ),
+        ]
+    )
 
 
 def make_cloud(arm_url: str, blob_account: str, *, secret: bytes, **options: Any) -> AzureCloud:
@@ -184,20 +228,28 @@ async def guests_supported(state: Path) -> bool:
 
 
 class Guests:
-    """Boots a real SSH guest for each VM the emulator creates, and answers run commands for it."""
+    """Boots a guest for each VM the emulator creates, and answers run commands for it.
+
+    ``windows`` makes the settings of each Windows machine from its VM's spec (a fresh queue of updates, a slow
+    restart); ``machines`` holds each Windows machine by its VM's name.
+    """
 
     def __init__(self, state: Path, secret: bytes) -> None:
+        self.state = state
         self.vms = AzureLikeVms(state=state, store=ResourceStore(state / "guests.db"), secret=secret)
         self.host_keys: dict[str, str] = {}
         self.booted: list[str] = []
+        self.windows: Callable[[GuestSpec], MachineSettings] = lambda spec: MachineSettings()
+        self.machines: dict[str, WindowsMachine] = {}
+        self._by_vm_id: dict[str, WindowsMachine] = {}
 
     def attach(self, arm: ArmEmulator) -> None:
         arm.guest_factory = self.boot
         arm.run_command = self.run_command
 
     def boot(self, spec: GuestSpec) -> GuestEndpoint:
-        if spec.os_type != "Linux":
-            raise RuntimeError("the test guests run Linux only")
+        if spec.os_type == "Windows":
+            return self._boot_windows(spec)
         name = f"g{uuid.uuid4().hex[:12]}"
         self.vms.profiles[name] = spec
         build = BuildContext(build_id=spec.name, template_name="guest", location=LOCATION, cloud="azure")
@@ -208,16 +260,39 @@ class Guests:
         self.booted.append(name)
         return GuestEndpoint(host=vm.host, port=22, close=lambda: asyncio.run(self.vms.delete(name)))
 
+    def _boot_windows(self, spec: GuestSpec) -> GuestEndpoint:
+        host = free_loopback_address(WINRM_HTTPS_PORT)
+        machine = WindowsMachine(
+            computer_name=spec.computer_name or spec.name[:15],
+            admin_user=spec.admin_username or "",
+            admin_password=spec.admin_password or "",
+            host=host,
+            folder=self.state / "windows" / spec.name,
+            settings=self.windows(spec),
+        )
+        self.machines[spec.name] = machine
+        self._by_vm_id[spec.vm_id.lower()] = machine
+        return GuestEndpoint(host=host, port=WINRM_HTTPS_PORT, close=machine.delete)
+
     def run_command(self, vm_id: str, body: dict[str, Any]) -> tuple[str, str]:
         script = "\n".join(body.get("script") or [])
         if "ssh_host_ed25519_key.pub" in script:
             return self.host_keys.get(vm_id.lower(), "") + "\n", ""
-        return "", f"the test guest runs only the host key query, not: {script}"
+        machine = self._by_vm_id.get(vm_id.lower())
+        if (
+            machine is not None
+            and body.get("commandId") == "RunPowerShellScript"
+            and "WSMan:\\localhost\\Listener" in script
+        ):
+            return f"{machine.enable_winrm()}\n", ""
+        return "", f"the test guest runs only the host key query and the WinRM listener setup, not: {script}"
 
     def close(self) -> None:
         """Deletes every guest still up (deleting one twice is fine)."""
         for name in self.booted:
             asyncio.run(self.vms.delete(name))
+        for machine in self.machines.values():
+            machine.delete()
 
 
 # ---------------------------------------------------------------------------------------------- builds
@@ -235,11 +310,14 @@ class AzureHarness:
     artifacts: Path
     workers: list[tuple[asyncio.Event, asyncio.Task[None], AzureCloud]]
 
-    def start_worker(self, **options: Any) -> AzureCloud:
-        """A worker on the harness's queue; ``options`` go to its cloud (``make_cloud``)."""
+    def start_worker(self, profiles: OsProfiles | None = None, **options: Any) -> AzureCloud:
+        """A worker in this process; ``profiles`` are the OS profiles it reaches guests with (``os_profiles()``),
+        ``options`` go to its cloud (``make_cloud``)."""
         cloud = make_cloud(self.arm.base_url, self.blob_account, secret=self.secret, **options)
         stop = asyncio.Event()
-        task = asyncio.create_task(run_worker(self.client, cloud, task_queue=self.task_queue, stop=stop))
+        task = asyncio.create_task(
+            run_worker(self.client, cloud, task_queue=self.task_queue, guests=profiles or os_profiles(), stop=stop)
+        )
         self.workers.append((stop, task, cloud))
         return cloud
 
@@ -265,8 +343,9 @@ class AzureHarness:
     async def wait_for_step(self, handle: WorkflowHandle[Any, Any], prefix: str, timeout: float = 120) -> BuildStatus:
         return await wait_for_step(handle, prefix, timeout)
 
-    def corpus(self, name: str, **extra: str) -> dict[str, Any]:
-        """A corpus template with its <placeholders> set to emulator values and its artifacts made local."""
+    def corpus(self, name: str, *, parameters: dict[str, Any] | None = None, **extra: str) -> dict[str, Any]:
+        """A corpus template with its <placeholders> set to emulator values and its artifacts made local; an ARM
+        deployment template is resolved with ``parameters``, as ``kiln build`` does with a parameters file."""
         values = {
             "region": LOCATION,
             "region1": LOCATION,
@@ -293,7 +372,10 @@ class AzureHarness:
         text = (CORPUS / name).read_text()
         for key, value in values.items():
             text = text.replace(f"<{key}>", value)
-        return self._local_artifacts(json.loads(text))
+        doc = json.loads(text)
+        if is_arm_wrapper(doc):
+            doc, _ = resolve_arm_wrapper(doc, parameters)
+        return self._local_artifacts(doc)
 
     def _local_artifacts(self, node: Any) -> Any:
         """Remote scriptUri/sourceUri become files here (there is no internet), checksums updated to match."""
@@ -305,7 +387,8 @@ class AzureHarness:
         for key in ("scriptUri", "sourceUri"):
             uri = node.get(key)
             if isinstance(uri, str) and not uri.startswith("file:"):
-                data = SCRIPT if key == "scriptUri" else b"<h1>golden</h1>\n"
+                script = WINDOWS_SCRIPT if node.get("type") == "PowerShell" else SCRIPT
+                data = script if key == "scriptUri" else b"<h1>golden</h1>\n"
                 path = self.artifacts / hashlib.sha256(uri.encode()).hexdigest()[:12]
                 path.write_bytes(data)
                 node[key] = path.as_uri()
@@ -331,10 +414,11 @@ async def make_gallery(
     definitions: tuple[str, ...],
     *,
     generation: str = "V1",
+    os_type: str = "Linux",
     features: list[dict[str, str]] | None = None,
 ) -> str:
-    """A gallery in ``region`` (in the group ``RG``) with Linux image definitions, made as the user would; returns
-    the gallery's id."""
+    """A gallery in ``region`` (in the group ``RG``) with image definitions of ``os_type``, made as the user would;
+    returns the gallery's id."""
     owner = owner_clients(arm_url)
     try:
         compute = owner.compute
@@ -342,7 +426,7 @@ async def make_gallery(
         made = await (await compute.galleries.begin_create_or_update(RG, gallery, {"location": region})).result()
         for definition in definitions:
             properties: dict[str, Any] = {
-                "osType": "Linux",
+                "osType": os_type,
                 "osState": "Generalized",
                 "hyperVGeneration": generation,
                 "identifier": {"publisher": "kiln", "offer": definition, "sku": generation},
@@ -364,6 +448,7 @@ async def _prepare(owner: ArmClients, arm_url: str, generation: str) -> None:
     for group in (RG, "vnetRG"):
         await resource.resource_groups.create_or_update(group, {"location": LOCATION})
     await make_gallery(arm_url, GALLERY, LOCATION, ("ubuntu", "source"), generation=generation)
+    await make_gallery(arm_url, GALLERY, LOCATION, ("windows",), generation=generation, os_type="Windows")
     image = await (
         await compute.images.begin_create_or_update(
             RG,

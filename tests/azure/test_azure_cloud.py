@@ -106,7 +106,8 @@ async def test_resolve_unknown_image_is_permanent(cloud: AzureCloud) -> None:
         )
 
 
-async def test_a_windows_source_is_refused_when_resolved(cloud: AzureCloud) -> None:
+async def test_a_windows_source_resolves_with_its_os_type(cloud: AzureCloud) -> None:
+    """The OS type decides how the build VM is made and reached (a password and WinRM, not an SSH key)."""
     windows = {
         "type": "PlatformImage",
         "publisher": "MicrosoftWindowsServer",
@@ -114,9 +115,8 @@ async def test_a_windows_source_is_refused_when_resolved(cloud: AzureCloud) -> N
         "sku": "2022-datacenter-azure-edition",
         "version": "latest",
     }
-    with pytest.raises(PermanentError, match=r"properties.source: .*WindowsServer.* is a Windows image") as caught:
-        await cloud.resolve_source(build_context(), template(windows))
-    assert caught.value.type == "UnsupportedOsType"
+    source = await cloud.resolve_source(build_context(), template(windows))
+    assert (source.os_type, source.exact_version, source.hyper_v_generation) == ("Windows", "20348.2227.240104", "V2")
 
 
 async def test_a_gallery_target_that_cannot_be_written_is_refused_when_the_source_is_resolved(
@@ -214,8 +214,8 @@ async def test_a_source_that_runs_only_as_trusted_launch_is_refused_when_resolve
 async def test_a_windows_vm_gets_a_derived_password_and_a_pinned_winrm_listener(
     cloud: AzureCloud, arm: ArmEmulator
 ) -> None:
-    """The Windows build VM that WinRM sessions will use: an admin password derived from the worker secret (never
-    in the activity's result), WinRM over HTTPS turned on through the guest agent, its certificate pinned."""
+    """The Windows build VM WinRM sessions reach: an admin password derived from the worker secret (never in the
+    activity's result), WinRM over HTTPS turned on through the guest agent, its certificate pinned."""
     booted: list[GuestSpec] = []
     thumbprint = "0123456789abcdef0123456789abcdef01234567"
 

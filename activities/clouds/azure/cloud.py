@@ -73,6 +73,11 @@ def _default_endpoint(vm_id: str, address: str, port: int) -> tuple[str, int]:
     return address, port
 
 
+def _account_key(credential: Any) -> str | None:
+    """A storage emulator's account key, when that is what the blob clients sign with (``{"account_key": ...}``)."""
+    return credential.get("account_key") if isinstance(credential, dict) else None
+
+
 def _account_url(value: str) -> str:
     """A storage account's blob endpoint from its name or from the endpoint itself."""
     if "://" in value:
@@ -112,6 +117,7 @@ class AzureCloud:
         self.subscription_id = subscription_id
         self.arm = ArmClients(credential, subscription_id, arm_endpoint=arm_endpoint, options=client_options)
         self.blobs = BlobClients(blob_credential if blob_credential is not None else credential)
+        self._blob_credential = blob_credential
         self._credential = credential
         self.secret = secret
         self._egress_ip = egress_ip
@@ -197,13 +203,6 @@ class AzureCloud:
         else:
             assert isinstance(source, SharedImageVersionSource)
             resolved = await self._resolve_gallery(source)
-        if resolved.os_type == "Windows":
-            # Refused here, before a Windows VM is paid for: every build runs at least sysprep inside the guest.
-            raise PermanentError(
-                f"properties.source: {resolved.image_id} is a Windows image; kiln cannot yet run commands inside "
-                "a Windows build VM (WinRM), so it builds Linux images only",
-                kind="UnsupportedOsType",
-            )
         await check_targets(template, resolved, galleries=self.galleries)
         return resolved
 
@@ -399,6 +398,9 @@ class AzureCloud:
 
     async def read_staged(self, build: BuildContext, staged: StagedArtifact) -> bytes:
         return await storage.read(self.blobs, staged.staged_uri)
+
+    async def read_url(self, build: BuildContext, staged: StagedArtifact) -> str:
+        return await storage.read_url(self.blobs, staged.staged_uri, account_key=_account_key(self._blob_credential))
 
     async def open_log(self, build: BuildContext, staging: Staging, name: str) -> LogSink:
         blob = self.blobs.blob(f"{staging.log_uri_prefix}{name}")

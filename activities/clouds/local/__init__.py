@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from activities import build_log
 from activities.clouds.aib.tags import ROLE_TEMPORARY, kiln_tags
 from activities.clouds.base import LogSink, PermanentError, Progress
 from activities.clouds.local.capture import capture_disk, vhd_file
@@ -129,7 +130,7 @@ class LocalCloud:
             ) from None
         accelerator = (await asyncio.to_thread(self._store.get, qemu_id(spec.name))).data["accelerator"]
         await log.append(
-            self.qemu.console(spec.name) + f"\n==> booted to SSH in {seconds:.1f} s ({accelerator})\n".encode()
+            self.qemu.console(spec.name) + b"\n" + build_log.note(f"booted to SSH in {seconds:.1f} s ({accelerator})")
         )
         return vm
 
