@@ -1,10 +1,12 @@
 """Resolve the source image: ``latest`` is pinned to an exact version, the cloud refuses what it cannot build, and
-the source's OS refuses the steps AIB would refuse on it, all before anything is made."""
+the source refuses what AIB would refuse on it (steps its OS cannot run, a disk smaller than its own), all before
+anything is made."""
 
 from __future__ import annotations
 
 from temporalio import activity
 
+from activities.clouds.aib.vm_sizes import os_disk_too_small
 from activities.clouds.base import PermanentError
 from activities.common import CloudActivities, heartbeating
 from workflows.models import ResolvedSource, ResolveSourceRequest
@@ -21,4 +23,6 @@ class SourceActivities(CloudActivities):
                 "The template cannot be built on this source:\n" + "\n".join(f"{i.path}: {i.message}" for i in issues),
                 kind="InvalidTemplate",
             )
+        if problem := os_disk_too_small(request.template.properties.vm_profile.os_disk_size_gb, resolved.size_bytes):
+            raise PermanentError(problem, kind="OsDiskTooSmall")
         return resolved

@@ -1,4 +1,5 @@
-"""Local VM figures: create to SSH-ready, capture of a ~1 GiB root filesystem, VHD used vs virtual bytes.
+"""Local VM figures: a build VM's create to SSH-ready (systemd, cloud-init done), the capture of a ~2 GiB image
+into a bootable disk (partitions, boot loader, fixed VHD), and that disk's boot to SSH in QEMU (KVM or TCG).
 
     python bench/bench_local_vm.py [--boots 5]
 
@@ -15,20 +16,22 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from activities.clouds.local import LocalCloud  # noqa: E402
 from activities.clouds.local.images import resolve_platform_image  # noqa: E402
+from activities.clouds.local.qemu import accelerator  # noqa: E402
 from activities.clouds.local.records import ResourceStore  # noqa: E402
 from tests.fixtures import connect
 from tests.local.vms import STAGING, TEST_HOME, debian_template, run_to_end  # noqa: E402
 from workflows.models import BuildContext, CaptureSpec, VmSpec  # noqa: E402
 
-# About 850 MiB on top of the ~170 MiB base: incompressible data plus many small files, like a real image. The
+# About 1.5 GiB on top of the ~550 MiB base: incompressible data plus many small files, like a real image. The
 # deprovision step that precedes every capture ends with `sync` (as AIB's does), so the capture is timed after one.
-GROW_TO_1GIB = (
-    "sudo sh -c 'head -c 565M /dev/urandom > /var/lib/bulk && cp -a /usr /opt/usr1 && cp -a /usr /opt/usr2 && sync'"
+GROW_TO_2GIB = (
+    "sudo sh -c 'head -c 900M /dev/urandom > /var/lib/bulk && cp -a /usr /opt/usr1 && cp -a /usr /opt/usr2 && sync'"
 )
 
 
@@ -72,17 +75,23 @@ async def main(boots: int) -> None:
     vm = await cloud.create_vm(build, STAGING, spec)
     try:
         async with connect(cloud, build, vm) as guest:
-            output, exit_code = await run_to_end(guest, "grow", GROW_TO_1GIB + " && sudo du -sxm / | cut -f1")
+            output, exit_code = await run_to_end(guest, "grow", GROW_TO_2GIB + " && sudo du -sxm / | cut -f1")
             assert exit_code == 0, output
         started = time.monotonic()
         image = await cloud.capture_image(build, STAGING, vm, CaptureSpec(name=f"{build.build_id}-image"))
         seconds = time.monotonic() - started
-        print(f"capture of a {output.decode().split()[-1]} MiB root filesystem: {seconds:.2f} s")
+        print(f"capture of a {output.decode().split()[-1]} MiB image to a bootable fixed VHD: {seconds:.2f} s")
         print(
             f"VHD: used {image.used_bytes / 2**20:.0f} MiB of {image.size_bytes / 2**20:.0f} MiB virtual "
             f"({image.used_bytes} / {image.size_bytes} bytes)"
         )
-        await cloud.delete_image(build, f"{build.build_id}-image")
+        validation = spec.model_copy(update={"name": f"{build.build_id}-validation", "purpose": "validation"})
+        try:
+            _, boot_seconds = await cloud.qemu.create(build, validation, Path(urlparse(image.uri).path))
+            print(f"boot of that disk to SSH ({await accelerator(TEST_HOME)}): {boot_seconds:.1f} s")
+        finally:
+            await cloud.qemu.delete(validation.name)
+            await cloud.delete_image(build, f"{build.build_id}-image")
     finally:
         await cloud.delete_vm(build, vm.name)
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from activities.clouds.registry import task_queue
+from activities.clouds.registry import CLOUDS, cloud_of, task_queue
 from activities.connection import connect
 from cli.builds import (
     EXIT_FAILED,
@@ -277,6 +277,84 @@ async def resources(args: argparse.Namespace, io: Io) -> int:
         )
     what = "orphaned resources" if args.orphans else "local resources"
     io.out.print(table if table.row_count else f"no {what}")
+    return EXIT_SUCCEEDED
+
+
+async def bases(args: argparse.Namespace, io: Io) -> int:
+    """The local cloud's Debian bases: each release's kept versions, which one ``latest`` pins to; ``--rebuild``
+    makes a new version now (of one offer's release, or of every release already made)."""
+    from activities.clouds.local.images import OFFERS, ImageCache
+    from activities.clouds.state import state_dir
+
+    cache = ImageCache(state_dir() / "images")
+    releases = {offer.suite: [o for o in OFFERS if o.suite == offer.suite] for offer in OFFERS}
+    if args.rebuild is not None:
+        chosen = [o for o in OFFERS if args.rebuild in ("", o.offer)]
+        if not chosen:
+            known = ", ".join(dict.fromkeys(o.offer for o in OFFERS))
+            raise UsageError(f"--rebuild: {args.rebuild!r} is not a local offer ({known})")
+        for suite in dict.fromkeys(o.suite for o in chosen):
+            offer = releases[suite][0]
+            if args.rebuild == "" and not cache.versions(offer):
+                continue  # a release no build has asked for yet is made when one does
+            with io.err.status(f"making a new Debian {suite} base from the Debian registry (a few minutes)"):
+                try:
+                    made = await cache.rebuild(offer)
+                except RuntimeError as err:
+                    raise UsageError(str(err)) from None
+            io.err.print(Text.assemble(f"Debian {suite}: made version ", (made.version, "bold")))
+    table = Table("offer:sku", "version", "made", "latest")
+    for offers in releases.values():
+        latest = cache.fresh(offers[0])
+        for version in reversed(cache.versions(offers[0])):
+            base = cache.base(offers[0], version)
+            note = "← latest" if base == latest else "" if cache.current_recipe(base) else "older recipe"
+            made = cache.made_at(base).astimezone().strftime("%Y-%m-%d %H:%M")
+            table.add_row(", ".join(f"{o.offer}:{o.sku}" for o in offers), version, made, note)
+    io.out.print(table if table.row_count else "no local bases yet: the first build of a Debian source makes one")
+    return EXIT_SUCCEEDED
+
+
+async def export(args: argparse.Namespace, io: Io) -> int:
+    """Convert an output of a finished local build into a disk file for another hypervisor."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    from activities.clouds.base import PermanentError
+    from activities.clouds.local.export import FORMATS, export_output
+    from activities.clouds.local.records import ResourceStore
+    from activities.clouds.local.storage import LocalStorage
+
+    disk_format = args.format or args.file.suffix.lstrip(".").lower()
+    if disk_format not in FORMATS:
+        raise UsageError(f"--format: say which of {', '.join(FORMATS)} to write ({args.file.name} does not tell)")
+    client = await connect(address=args.address, namespace=args.namespace)
+    current, _ = await get_status(await get_build(client, args.name))
+    if current.run_state not in (RunState.SUCCEEDED, RunState.PARTIALLY_SUCCEEDED):
+        raise UsageError(f"build {args.name} is {current.run_state.value}: only a finished build has outputs")
+    if cloud_of(current.cloud) in CLOUDS and cloud_of(current.cloud) != "local":
+        raise UsageError(f"build {args.name} ran on {cloud_of(current.cloud)}: kiln export converts local outputs")
+    outputs = {o.run_output_name: o for o in current.run_outputs if o.provisioning_state == "Succeeded"}
+    have = ", ".join(outputs) or "none"
+    if args.run_output is None and len(outputs) != 1:
+        raise UsageError(f"--run-output: name one of the outputs of build {args.name} (it has: {have})")
+    name = args.run_output or next(iter(outputs))
+    if name not in outputs:
+        raise UsageError(f"--run-output: build {args.name} has no finished output {name!r} (it has: {have})")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), console=io.err) as progress:
+        task = progress.add_task(f"{name} → {args.file} ({disk_format})", total=100)
+        async with LocalStorage(store=ResourceStore()) as storage:
+            try:
+                await export_output(
+                    storage,
+                    outputs[name],
+                    args.file,
+                    disk_format,
+                    on_progress=lambda percent: progress.update(task, completed=percent),
+                )
+            except PermanentError as err:
+                raise UsageError(err.message) from None
+        progress.update(task, completed=100)
+    io.out.print(Text.assemble("Exported ", (name, "bold"), f" of {args.name} to ", (str(args.file), "bold")))
     return EXIT_SUCCEEDED
 
 

@@ -131,6 +131,21 @@ def parser() -> argparse.ArgumentParser:
     p = gallery_sub.add_parser("list", help="local galleries, image definitions and versions")
     p.set_defaults(handler=commands.gallery_list)
 
+    p = command("bases", commands.bases, "the local cloud's Debian base images, and making new ones", remote=False)
+    p.add_argument(
+        "--rebuild",
+        nargs="?",
+        const="",
+        metavar="OFFER",
+        help="make a new version now: of OFFER's release (debian-12, debian-13), or of every release made so far",
+    )
+
+    p = command("export", commands.export, "write an output of a finished local build as qcow2, raw, vmdk or vhdx")
+    p.add_argument("name", help="the build")
+    p.add_argument("file", type=Path, help="the disk file to write (its suffix names the format)")
+    p.add_argument("--format", choices=["qcow2", "raw", "vmdk", "vhdx"], help="the format, if not the suffix's")
+    p.add_argument("--run-output", metavar="NAME", help="which output, when the build has several")
+
     p = command("deadline", commands.deadline, "move a running build's deadline to DURATION from now")
     p.add_argument("name")
     p.add_argument("duration", type=duration, help="from now, e.g. 30m or 2h")

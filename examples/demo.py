@@ -2,8 +2,9 @@
 
 It starts the embedded Temporal dev server, Azurite and a local worker (`python worker.py --dev`), serves
 `examples/files/` on a loopback port for the template's scriptUri and sourceUri, makes the local gallery the
-template distributes to, builds `examples/debian-golden.json` with `kiln build`, and then opens the gallery
-image it produced, read-only, to show the customization inside it.
+template distributes to, builds `examples/debian-golden.json` with `kiln build` (whose validator runs in the
+captured image booted in QEMU), shows the end of that boot's serial console, and then opens the gallery image
+it produced, read-only, to show the customization inside it.
 """
 
 from __future__ import annotations
@@ -82,16 +83,31 @@ async def open_image(artifact_id: str) -> Path:
 
 
 def debugfs(image: Path, request: str) -> str:
-    # debugfs without -w opens the filesystem read-only; the fixed VHD's data is the ext4 filesystem itself.
-    result = subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True, text=True)
-    return result.stdout.strip()
+    """Read the image's root filesystem without changing it (debugfs without -w), at its partition's offset."""
+    from activities.clouds.local.disks import root_partition
+
+    filesystem = f"{image}?offset={root_partition(image).offset}"
+    return subprocess.run(["debugfs", "-R", request, filesystem], capture_output=True, text=True).stdout.strip()
+
+
+def show_boot(status) -> None:  # noqa: ANN001 - BuildStatus, imported lazily with the project
+    """The end of the validation VM's serial console: the captured disk booted in QEMU to a login prompt."""
+    from activities.clouds.local.admin import read_log
+
+    console_log = status.log_uri.rsplit("/", 1)[0] + "/console.log"
+    lines = asyncio.run(read_log(console_log)).decode(errors="replace").splitlines()
+    if not lines:
+        return
+    console.rule("[bold]the image, booted for real (serial console, last lines)")
+    for line in lines[-8:]:
+        console.print(line, markup=False)
 
 
 def show_inside(image: Path) -> None:
     console.rule("[bold]inside the image (read-only)")
     console.print("/etc/kiln-release:", debugfs(image, "cat /etc/kiln-release"))
-    tree = debugfs(image, "stat /usr/bin/tree")
-    console.print("/usr/bin/tree (package tree):", "installed" if "Inode:" in tree else "[red]missing")
+    enabled = debugfs(image, "stat /etc/systemd/system/multi-user.target.wants/nginx.service")
+    console.print("nginx:", "installed, enabled at boot" if "Inode:" in enabled else "[red]not enabled")
     console.print("/etc/motd:", debugfs(image, "cat /etc/motd"))
     passwd = debugfs(image, "cat /etc/passwd")
     left = [line.split(":")[0] for line in passwd.splitlines() if line.startswith("kiln")]
@@ -117,6 +133,7 @@ def main() -> int:
         name = f"debian-golden-{datetime.now():%Y%m%d-%H%M%S}"
         code = kiln("build", str(TEMPLATE), "--name", name)
         status = asyncio.run(final_status(name))
+        show_boot(status)
         gallery = next((o for o in status.run_outputs if o.type == "SharedImage" and o.artifact_id), None)
         if gallery is not None:
             image = asyncio.run(open_image(gallery.artifact_id))

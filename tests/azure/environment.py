@@ -340,6 +340,11 @@ class AzureHarness:
     async def finish(self, handle: WorkflowHandle[Any, Any]) -> BuildStatus:
         return await finish(handle)
 
+    async def log(self, status: BuildStatus, name: str = "customization.log") -> str:
+        """One of the build's logs, as its staging storage holds it."""
+        blob = self.workers[0][2].blobs.blob(status.log_uri.rsplit("/", 1)[0] + f"/{name}")
+        return (await (await blob.download_blob()).readall()).decode(errors="replace")
+
     async def wait_for_step(self, handle: WorkflowHandle[Any, Any], prefix: str, timeout: float = 120) -> BuildStatus:
         return await wait_for_step(handle, prefix, timeout)
 

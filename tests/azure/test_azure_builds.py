@@ -28,6 +28,7 @@ from tests.azure.environment import (
 )
 from tests.azure_live.live_build import leftovers, live_template
 from tests.azure_live.recording import Recorder, read
+from tests.fixtures import script_semantics
 from tests.workflows.harness import retried_activities
 from workflows.models import RunState
 
@@ -121,6 +122,37 @@ async def test_managed_images_in_two_other_regions_take_turns_copying_the_snapsh
     assert await retried_activities(handle) == set()
     images = {r["id"].lower(): r.get("location") for r in harness.arm.resources()}
     assert images[first["imageId"].lower()] == REGION2 and images[second["imageId"].lower()] == "westus3"
+    assert temporary(harness.arm) == []
+
+
+async def test_scripts_run_as_aib_runs_them(harness: AzureHarness, tmp_path: Path) -> None:
+    """Packer's shell provisioner semantics on a build VM reached over SSH (tests/fixtures/script_semantics.py)."""
+    await prepare(harness.arm.base_url)
+    for customize, check in (
+        (script_semantics.passing_customizers(tmp_path), script_semantics.check_passing),
+        (script_semantics.failing_customizers(), script_semantics.check_failing),
+    ):
+        template = harness.corpus("q0_helloImageTemplateLinux.json")
+        template["properties"]["customize"] = customize
+        status = await harness.finish(await harness.start(template, "scripts"))
+        check(status, await harness.log(status))
+    assert temporary(harness.arm) == []
+
+
+async def test_a_gallery_target_without_regions_replicates_to_its_definitions_region(harness: AzureHarness) -> None:
+    """Neither targetRegions nor replicationRegions (allowed from 2022-07-01): the definition's own region, and the
+    build's region, where the version lives."""
+    await prepare(harness.arm.base_url, generation="V2")
+    gallery = await make_gallery(harness.arm.base_url, "regionlessGallery", REGION2, ("ubuntu",), generation="V2")
+    template = harness.corpus("q1_helloImageTemplateforSIG.json")
+    template["apiVersion"] = "2022-07-01"
+    target = template["properties"]["distribute"][0]
+    del target["replicationRegions"]
+    target["galleryImageId"] = f"{gallery}/images/ubuntu"
+    status = await harness.finish(await harness.start(template, "q1-regionless"))
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    [output] = status.run_outputs
+    assert output.replication == {REGION2: "Completed", LOCATION: "Completed"}
     assert temporary(harness.arm) == []
 
 

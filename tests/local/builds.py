@@ -25,6 +25,7 @@ from typing import Any
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob.aio import BlobClient, BlobServiceClient
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.service import RPCError
 
 from activities.clouds.aib.tags import ROLE_LOG, ROLE_OUTPUT, TAG_ROLE
 from activities.clouds.base import PermanentError
@@ -180,6 +181,19 @@ class LocalBuilds:
                 if status.finished:
                     raise AssertionError(f"the build ended ({status.run_state}: {status.message}) before {text!r}")
                 await asyncio.sleep(0.2)
+
+    async def abandon_unfinished(self) -> None:
+        """After a test that failed half-way: terminate its builds still running and stop their VMs, so that
+        nothing of them goes on using this machine."""
+        for build in self.builds:
+            with suppress(RPCError):
+                await build.handle.terminate("the test ended")
+            for record in await asyncio.to_thread(self.store.list, build_id=build.build_id):
+                name = record.id.rsplit("/", 1)[1]
+                if record.kind == VM_KIND:
+                    await self.cloud.vms.delete(name)
+                elif record.kind == QEMU_KIND:
+                    await self.cloud.qemu.delete(name)
 
     async def make_gallery(self) -> str:
         """A gallery of its own with a Debian 12 gen2 (Hyper-V V2) image definition; the definition's id."""
@@ -386,6 +400,7 @@ async def serving(
         finally:
             stop.set()
             await worker
+            await builds.abandon_unfinished()
             await builds.cloud.close()
             builds.files.close()
             for build in builds.builds:

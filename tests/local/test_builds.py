@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -21,6 +22,9 @@ from temporalio.client import Client
 from activities.clouds.local.azurite import Azurite
 from activities.clouds.local.gallery_target import GALLERY_CONTAINER
 from activities.clouds.local.records import ResourceStore
+from cli.builds import EXIT_USAGE
+from cli.main import main
+from tests.fixtures import script_semantics
 from tests.local.builds import (
     SOURCE,
     Build,
@@ -33,6 +37,7 @@ from tests.local.builds import (
     template,
     worker_process,
 )
+from tests.local.vms import host
 from tests.workflows.harness import check_all
 from workflows.models import RunState
 
@@ -62,7 +67,23 @@ async def assert_clean(builds: LocalBuilds, build: Build, *, kept: set[str]) -> 
     assert set(builds.kept(build)) == kept
 
 
-async def test_a_template_end_to_end(local_builds: LocalBuilds, tmp_path: Path) -> None:
+async def check_exports(build: Build, images: dict[str, Path], folder: Path) -> None:
+    """``kiln export`` writes each output in each format with the same disk inside, and a bad ask fails clearly."""
+    name = build.handle.id
+    for output, disk_format in (("vhd", "qcow2"), ("vhd", "raw"), ("gallery", "vmdk"), ("gallery", "vhdx")):
+        path = folder / f"{output}.{disk_format}"
+        assert await asyncio.to_thread(main, ["export", name, str(path), "--run-output", output]) == 0
+        info = json.loads(await host("qemu-img", "info", "--output=json", str(path)))
+        assert info["format"] == disk_format
+        await host("qemu-img", "compare", "-q", "-f", "vpc", "-F", disk_format, str(images[output]), str(path))
+        path.unlink()
+    assert await asyncio.to_thread(main, ["export", name, str(folder / "disk.qcow2")]) == EXIT_USAGE  # which one?
+    assert not list(folder.glob("*.qcow2")) and not list(folder.glob(".*partial"))
+
+
+async def test_a_template_end_to_end(
+    local_builds: LocalBuilds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every Linux step, a validator, a VHD and a gallery in three regions: the customizations are in the image."""
     script_uri, script_sha = local_builds.files.add("configure.sh", CONFIGURE)
     release = tmp_path / "kiln-release"
@@ -126,6 +147,8 @@ async def test_a_template_end_to_end(local_builds: LocalBuilds, tmp_path: Path) 
     gallery_image = (await local_builds.storage.locate_image(outputs["gallery"].artifact_id)).vhd_path
     vhd = await download_vhd(outputs["vhd"].artifact_uri, tmp_path / "output.vhd")
     try:
+        monkeypatch.setenv("TEMPORAL_ADDRESS", local_builds.client.service_client.config.target_host)
+        await check_exports(build, {"vhd": vhd, "gallery": gallery_image}, tmp_path)
         for image in (vhd, gallery_image):
             assert debugfs(image, "cat /etc/motd") == "built by kiln\n"
             assert debugfs(image, "cat /etc/kiln-configured") == "configured\n"
@@ -136,6 +159,23 @@ async def test_a_template_end_to_end(local_builds: LocalBuilds, tmp_path: Path) 
     finally:
         gallery_image.unlink()
     await assert_clean(local_builds, build, kept={"log", "output"})
+
+
+async def test_scripts_run_as_aib_runs_them(local_builds: LocalBuilds, tmp_path: Path) -> None:
+    """Packer's shell provisioner semantics on a real build VM (tests/fixtures/script_semantics.py)."""
+
+    async def passing() -> None:
+        build = await local_builds.start(template(script_semantics.passing_customizers(tmp_path)), prefix="scripts")
+        status = await local_builds.finish(build)
+        script_semantics.check_passing(status, await local_builds.log(status))
+
+    async def failing() -> None:
+        build = await local_builds.start(template(script_semantics.failing_customizers()), prefix="stops")
+        status = await local_builds.finish(build)
+        script_semantics.check_failing(status, await local_builds.log(status))
+        await assert_clean(local_builds, build, kept={"log"})
+
+    await check_all({"passing": passing(), "failing": failing()})
 
 
 async def test_cleanup_after_a_failure_a_cancel_and_a_timeout(local_builds: LocalBuilds) -> None:

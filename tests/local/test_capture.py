@@ -3,7 +3,6 @@ and VMs made again from what a build captured. Booting those disks for real is t
 
 from __future__ import annotations
 
-import asyncio
 import json
 import struct
 from pathlib import Path
@@ -22,6 +21,7 @@ from tests.local.vms import (
     ImagesOnlyStorage,
     MakeVm,
     guest_run,
+    host,
     new_build,
     run_to_end,
 )
@@ -32,22 +32,15 @@ pytestmark = pytest.mark.local
 
 MIB = 1 << 20
 MARKER = "made by a customizer"
-
-
-async def host(*argv: str) -> str:
-    process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
-    )
-    output, _ = await process.communicate()
-    assert process.returncode == 0, argv
-    return output.decode()
+FSTAB_LINE = "tmpfs /var/cache/kiln tmpfs defaults 0 0"
 
 
 async def customize_and_capture(
     cloud: LocalCloud, build: BuildContext, vm: BuildVm, *, os_disk_size_gb: int = 0
 ) -> CapturedImage:
     async with connect(cloud, build, vm) as guest:
-        _, exit_code = await run_to_end(guest, "marker", f"echo '{MARKER}' | sudo tee /etc/kiln-marker")
+        script = f"echo '{MARKER}' | sudo tee /etc/kiln-marker; echo '{FSTAB_LINE}' | sudo tee -a /etc/fstab"
+        _, exit_code = await run_to_end(guest, "marker", script)
         assert exit_code == 0
         _, exit_code = await run_to_end(guest, "deprovision", await deprovision_script(guest, vm), as_root=True)
         assert exit_code == 0
@@ -111,6 +104,8 @@ async def test_capture_writes_a_bootable_fixed_vhd_holding_what_the_scripts_made
         fstab = await host("debugfs", "-R", "cat /etc/fstab", filesystem)
         uuid = (await host("debugfs", "-R", "stats", filesystem)).split("Filesystem UUID:")[1].split()[0]
         assert fstab.startswith(f"UUID={uuid} / ext4 ")
+        assert fstab.splitlines()[-1] == FSTAB_LINE  # a customizer's entry stays, behind the disk's own
+        assert len(fstab.splitlines()) == (3 if generation == "V2" else 2)  # the root, the ESP on Gen2, and it
         assert "kiln-guest" not in await host("debugfs", "-R", "ls /var/lib", filesystem)
         assert vm.admin_user not in await host("debugfs", "-R", "ls /home", filesystem)
         assert store.get(image.id) is not None

@@ -22,6 +22,8 @@ from activities.clouds.local.images import (
     resolve_platform_image,
 )
 from activities.clouds.local.records import ResourceStore
+from cli.builds import EXIT_USAGE
+from cli.main import main
 from tests.local.vms import ImagesOnlyStorage, debian_template, new_build
 from workflows.models import ResolvedSource
 from workflows.template import PlatformImageSource
@@ -170,5 +172,43 @@ async def test_a_base_older_than_its_maximum_age_or_of_an_older_recipe_is_made_a
     meta = second.rootfs.parent / "image.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "recipe": 1}))
     third = await cache.resolve(BOOKWORM, "latest")
+    assert builder.calls == 3 and cache.versions(BOOKWORM) == [b.version for b in (first, second, third)]
     fourth = await cache.rebuild(BOOKWORM)
-    assert builder.calls == 4 and cache.versions(BOOKWORM) == [b.version for b in (first, second, third, fourth)]
+    # The newest three stay: the first goes, and can no longer be pinned.
+    assert builder.calls == 4 and cache.versions(BOOKWORM) == [b.version for b in (second, third, fourth)]
+    assert not first.rootfs.exists() and not list(first.rootfs.parent.parent.glob(".*"))
+    with pytest.raises(PermanentError, match=f"no local version '{first.version}'"):
+        await cache.resolve(BOOKWORM, first.version)
+
+
+async def test_a_base_a_vm_runs_on_is_kept_past_the_newest_versions(tmp_path: Path):
+    assert BOOKWORM is not None
+    running_on: set[Path] = set()
+    cache = ImageCache(tmp_path / "images", builder=CountingBuilder(), keep=1, in_use=running_on.__contains__)
+    first = await cache.resolve(BOOKWORM, "latest")
+    running_on.add(first.rootfs)
+    second = await cache.rebuild(BOOKWORM)
+    assert cache.versions(BOOKWORM) == [first.version, second.version]
+    running_on.clear()
+    third = await cache.rebuild(BOOKWORM)
+    assert cache.versions(BOOKWORM) == [third.version]
+
+
+async def test_kiln_bases_lists_each_release_and_what_latest_pins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    assert BOOKWORM is not None
+    cache = ImageCache(tmp_path / "images", builder=CountingBuilder())
+    old = await cache.resolve(BOOKWORM, "latest")
+    meta = old.rootfs.parent / "image.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "recipe": 1}))
+    new = await cache.resolve(BOOKWORM, "latest")
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "200")
+    assert await asyncio.to_thread(main, ["bases"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "debian-12:12-gen2" in line]
+    assert len(rows) == 2 and new.version in rows[0] and "latest" in rows[0]
+    assert old.version in rows[1] and "older recipe" in rows[1]
+    assert await asyncio.to_thread(main, ["bases", "--rebuild", "debian-9"]) == EXIT_USAGE
+    assert "--rebuild: 'debian-9' is not a local offer (debian-12, debian-13)" in capsys.readouterr().err
+    assert cache.versions(BOOKWORM) == [old.version, new.version]

@@ -447,6 +447,17 @@ async def test_replication_to_three_regions_with_two_replicas(local_storage: Loc
         assert local_storage.store.get(url).tags[TAG_ROLE] == ROLE_OUTPUT
 
 
+async def test_a_target_without_regions_replicates_to_its_definitions_region(
+    local_storage: LocalStorage, small_disk: Path
+) -> None:
+    """Neither targetRegions nor replicationRegions (allowed from 2022-07-01): the image definition's region."""
+    await make_definition(local_storage)  # its gallery is in eastus
+    build = new_build()
+    staging = await local_storage.create_staging(build)
+    output = await distribute(local_storage, request_for(build, staging, small_disk, shared(target_regions=None)))
+    assert output.replication == {"eastus": "Completed"}
+
+
 async def test_a_resumed_replication_skips_completed_regions(
     local_storage: LocalStorage,
     disk: Path,

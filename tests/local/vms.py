@@ -97,3 +97,13 @@ async def run_to_end(guest, run_id: str, script: str, *, as_root: bool = False) 
         if progress.exit_code is not None:
             return output, progress.exit_code
         await asyncio.sleep(0.05)
+
+
+async def host(*argv: str) -> str:
+    """Run a host program to its end and return what it printed; it must succeed."""
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    output, errors = await process.communicate()
+    assert process.returncode == 0, f"{argv}: {errors.decode(errors='replace')}"
+    return output.decode()

@@ -147,6 +147,18 @@ async def test_a_file_destination_outside_tmp_is_refused_before_staging(harness:
     assert harness.cloud.events() == []
 
 
+async def test_an_os_disk_smaller_than_the_sources_is_refused_before_anything_is_made(harness: Harness) -> None:
+    """osDiskSizeGB can only grow the source's disk, as Azure has it; kiln says so once it knows the source."""
+    template = harness.template()
+    template["properties"]["vmProfile"] = {"osDiskSizeGB": 16}
+    status = await harness.finish(await harness.start(template))
+
+    assert status.run_state == RunState.FAILED
+    assert "properties.vmProfile.osDiskSizeGB: 16 GB is smaller than the source image's 30 GB disk" in status.message
+    assert [s.name for s in status.steps] == ["resolve source"]
+    assert harness.cloud.events() == []
+
+
 async def wait_for_steps(handle: WorkflowHandle[Any, Any], names: set[str]) -> None:
     async with asyncio.timeout(60):
         while not names <= {

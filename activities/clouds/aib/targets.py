@@ -175,10 +175,12 @@ def target_regions(
     return [(r, f"properties.distribute[{index}].{given}[{i}].name") for i, r in enumerate(regions)]
 
 
-def publishing_regions(target: SharedImageDistributor, *, build_location: str) -> list[TargetRegion]:
-    """The regions a SharedImage target's version is published to: the target's own, with their replica counts
-    and storage types, and the build's region (one replica) when they do not name it."""
-    regions = list(target.regions())
+def publishing_regions(
+    target: SharedImageDistributor, *, index: int, definition: ImageDefinition, build_location: str
+) -> list[TargetRegion]:
+    """The regions a SharedImage target's version is published to: the target's own (or its definition's), with
+    their replica counts and storage types, and the build's region (one replica) when they do not name it."""
+    regions = [region for region, _ in target_regions(target, index=index, definition=definition)]
     if all(region_key(r.name) != region_key(build_location) for r in regions):
         regions.append(TargetRegion(name=build_location, storage_account_type=regions[0].storage_account_type))
     return regions

@@ -224,7 +224,7 @@ class AzureDistribution:
         self, request: DistributeRequest, target: SharedImageDistributor, resume: dict[str, Any], progress: Progress
     ) -> RunOutput:
         field = f"properties.distribute[{request.index}].galleryImageId"
-        ref, _ = await shared_image_target(request, galleries=self._galleries)
+        ref, image_definition = await shared_image_target(request, galleries=self._galleries)
         group, gallery, definition_name = ref.group, ref.gallery, ref.image
         versions = self._arm.compute.gallery_image_versions
         needs = "Microsoft.Compute/galleries/images/versions/write"
@@ -255,7 +255,9 @@ class AzureDistribution:
                         "regionalReplicaCount": r.replica_count,
                         "storageAccountType": r.storage_account_type,
                     }
-                    for r in publishing_regions(target, build_location=build_location)
+                    for r in publishing_regions(
+                        target, index=request.index, definition=image_definition, build_location=build_location
+                    )
                 ]
                 poller = await versions.begin_create_or_update(
                     group,

@@ -73,8 +73,8 @@ class LocalCloud:
         self._boot_check = boot_check
         self.secret = worker_secret()
         self._captures = self._state / "images" / "captured"
-        self.images = ImageCache(self._state / "images")
         self.vms = LocalVms(state=self._state, store=store, secret=self.secret)
+        self.images = ImageCache(self._state / "images", in_use=self.vms.runs_on)
         self.qemu = QemuVms(state=self._state, store=store, secret=self.secret)
 
     async def resolve_source(self, build: BuildContext, template: ImageTemplate) -> ResolvedSource:

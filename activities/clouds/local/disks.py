@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from activities.clouds.aib.vm_sizes import os_disk_too_small
 from activities.clouds.base import PermanentError
 from activities.clouds.local.base_image import AZURE_KERNEL_ARGS
 from activities.clouds.local.host import CommandFailed, require_programs, run
@@ -74,12 +75,8 @@ def disk_size(*, data_bytes: int, source_bytes: int, os_disk_size_gb: int) -> in
     if not os_disk_size_gb:
         return max(source_bytes, needed)
     size = os_disk_size_gb * GIB
-    if size < source_bytes:
-        raise PermanentError(
-            f"properties.vmProfile.osDiskSizeGB: {os_disk_size_gb} GB is smaller than the source image's "
-            f"{source_bytes // GIB} GB disk; it can only grow",
-            kind="OsDiskTooSmall",
-        )
+    if problem := os_disk_too_small(os_disk_size_gb, source_bytes):
+        raise PermanentError(problem, kind="OsDiskTooSmall")
     if size < needed:
         raise PermanentError(
             f"properties.vmProfile.osDiskSizeGB: {os_disk_size_gb} GB cannot hold the image's "
@@ -107,11 +104,10 @@ async def write_disk(root: Path, target: Path, *, generation: str, size: int) ->
         with raw.open("wb") as disk:
             disk.truncate(size)
         await run("sfdisk", "-q", str(raw), input=_partition_table(gen2, root_part).encode())
-        fstab = f"UUID={root_uuid} / ext4 rw,discard,errors=remount-ro,x-systemd.growfs 0 1\n"
+        fstab = root / "etc" / "fstab"
+        fstab.write_text(_fstab(fstab.read_text() if fstab.exists() else "", root_uuid, esp_id if gen2 else None))
         if gen2:
-            fstab += f"UUID={esp_id[:4]}-{esp_id[4:]} /boot/efi vfat umask=0077 0 0\n"
             (root / "boot" / "efi").mkdir(parents=True, exist_ok=True)
-        (root / "etc" / "fstab").write_text(fstab)
         await _make_root_filesystem(root, raw, root_part, root_uuid)
         with tempfile.TemporaryDirectory(dir=target.parent) as work:
             config = Path(work) / "grub.cfg"
@@ -125,6 +121,19 @@ async def write_disk(root: Path, target: Path, *, generation: str, size: int) ->
     finally:
         raw.unlink(missing_ok=True)
     return WrittenDisk(generation=generation, size_bytes=size, root_uuid=root_uuid, root=root_part)
+
+
+def _fstab(existing: str, root_uuid: str, esp_id: str | None) -> str:
+    """The disk's root (and ESP) by UUID, ahead of every other line the image's fstab had: what customizers
+    added stays, as it would on an Azure OS disk, so an entry that cannot mount fails the boot check."""
+    lines = [f"UUID={root_uuid} / ext4 rw,discard,errors=remount-ro,x-systemd.growfs 0 1"]
+    if esp_id is not None:
+        lines.append(f"UUID={esp_id[:4]}-{esp_id[4:]} /boot/efi vfat umask=0077 0 0")
+    for line in existing.splitlines():
+        fields = line.split()
+        if not (len(fields) > 1 and not fields[0].startswith("#") and fields[1] in ("/", "/boot/efi")):
+            lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def _partition_table(gen2: bool, root: Partition) -> str:

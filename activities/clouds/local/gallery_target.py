@@ -76,9 +76,9 @@ class GalleryTarget:
         """Claim the version, write its first replica in every pending region at once, then copy it to the region's
         other replicas. ``resume`` holds the version and the offset the upload reached."""
         accounts, build = self._accounts, request.build
-        ref, _ = await shared_image_target(request, galleries=self._galleries)
+        ref, definition = await shared_image_target(request, galleries=self._galleries)
         plan: dict[str, dict[str, Any]] = {}
-        for region, field in target_regions(target, index=request.index):
+        for region, field in target_regions(target, index=request.index, definition=definition):
             plan[region_key(region.name)] = {
                 "name": region.name,
                 "account": azurite.account_for_region(region.name, field=field),

@@ -36,6 +36,8 @@ MAPPING_FILE = "local-images.json"
 # Azure's Debian images have 30 GiB OS disks; a base's disk is as large (it is sparse until written).
 BASE_DISK_BYTES = 30 << 30
 DEFAULT_MAX_AGE = datetime.timedelta(days=int(os.environ.get("KILN_BASE_MAX_AGE_DAYS", "30")))
+# How many versions of a release are kept: older ones go when a new one is made, unless a VM still runs on one.
+DEFAULT_KEEP = int(os.environ.get("KILN_BASE_KEEP", "3"))
 
 _VERSION = re.compile(r"0\.(\d{8})\.(\d+)")
 # The subscription in the ids of local platform images, which only they use.
@@ -103,6 +105,8 @@ class ImageCache:
 
     Args:
         max_age: a base older than this is made again when ``latest`` is next resolved (None: never).
+        keep: how many versions of a release stay once a new one is made.
+        in_use: whether a VM runs on a base's root filesystem (its overlay's lower layer): such a base stays.
     """
 
     def __init__(
@@ -111,10 +115,14 @@ class ImageCache:
         *,
         builder: BaseBuilder = mmdebstrap_base,
         max_age: datetime.timedelta | None = DEFAULT_MAX_AGE,
+        keep: int = DEFAULT_KEEP,
+        in_use: Callable[[Path], bool] = lambda rootfs: False,
     ) -> None:
         self.root = root
         self._builder = builder
         self._max_age = max_age
+        self._keep = max(1, keep)
+        self._in_use = in_use
 
     def _suite_dir(self, offer: LocalOffer) -> Path:
         return self.root / "base" / offer.suite
@@ -144,10 +152,10 @@ class ImageCache:
                     kind="SourceImageNotFound",
                 )
             return self.base(offer, version)
-        if (fresh := self._fresh(offer)) is not None:
+        if (fresh := self.fresh(offer)) is not None:
             return fresh
         async with file_lock(self._suite_dir(offer).with_suffix(".lock")):
-            if (fresh := self._fresh(offer)) is not None:  # another worker made it while this one waited
+            if (fresh := self.fresh(offer)) is not None:  # another worker made it while this one waited
                 return fresh
             return await self._make_base(offer)
 
@@ -156,19 +164,26 @@ class ImageCache:
         async with file_lock(self._suite_dir(offer).with_suffix(".lock")):
             return await self._make_base(offer)
 
-    def _fresh(self, offer: LocalOffer) -> BaseImage | None:
-        """The newest kept base, unless there is none, it was made by an older recipe, or it is older than the
-        maximum age."""
+    def fresh(self, offer: LocalOffer) -> BaseImage | None:
+        """What ``latest`` pins to: the newest kept base, unless there is none, it was made by an older recipe, or
+        it is older than the maximum age (then ``latest`` makes a new one)."""
         versions = self.versions(offer)
         if not versions:
             return None
-        meta_file = self._suite_dir(offer) / versions[-1] / "image.json"
-        if json.loads(meta_file.read_text()).get("recipe") != RECIPE:
+        newest = self.base(offer, versions[-1])
+        if not self.current_recipe(newest):
             return None
-        age = time.time() - meta_file.stat().st_mtime
+        age = time.time() - self.made_at(newest).timestamp()
         if self._max_age is not None and age > self._max_age.total_seconds():
             return None
-        return self.base(offer, versions[-1])
+        return newest
+
+    def made_at(self, base: BaseImage) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp((base.rootfs.parent / "image.json").stat().st_mtime, datetime.UTC)
+
+    def current_recipe(self, base: BaseImage) -> bool:
+        """Whether ``base`` holds what a base made now would (see ``base_image.RECIPE``)."""
+        return json.loads((base.rootfs.parent / "image.json").read_text()).get("recipe") == RECIPE
 
     async def _make_base(self, offer: LocalOffer) -> BaseImage:
         folder = self._suite_dir(offer)
@@ -180,7 +195,18 @@ class ImageCache:
         meta = {"urn": offer.urn, "version": version, "recipe": RECIPE, "sizeBytes": BASE_DISK_BYTES}
         (staging / "image.json").write_text(json.dumps(meta))
         staging.rename(folder / version)  # appears whole or not at all
+        await self._prune(offer)
         return self.base(offer, version)
+
+    async def _prune(self, offer: LocalOffer) -> None:
+        """Remove the versions older than the newest ``keep``, but none that a VM runs on. A version is renamed
+        out of the list before it is deleted, so no build pins one half gone."""
+        folder = self._suite_dir(offer)
+        for version in self.versions(offer)[: -self._keep]:
+            if not self._in_use(folder / version / "rootfs"):
+                (folder / version).rename(folder / f".{version}.deleting")
+        for leaving in folder.glob(".*.deleting"):  # this one's, and what a worker that died meanwhile left
+            await asyncio.to_thread(shutil.rmtree, leaving, True)
 
     def _unpacked_folder(self, vhd: Path) -> Path:
         """Where ``vhd`` is unpacked; a VHD replaced at the same path gets a folder of its own."""

@@ -119,6 +119,10 @@ class LocalVms:
         folder = self.folder(name)
         return VmLayers(root=folder.upper if lower else folder.merged, lower=Path(lower) if lower else None)
 
+    def runs_on(self, image: Path) -> bool:
+        """Whether a VM has ``image`` as the lower layer of its overlay (so the image must stay)."""
+        return any(record.data.get("lower") == str(image) for record in self._store.list(kind=VM_KIND))
+
     async def create(self, build: BuildContext, spec: VmSpec, image: Path) -> BuildVm:
         """Boot a VM of ``image`` and wait until it is provisioned, or return the one a previous attempt of this
         create made (create-or-get).
