@@ -222,10 +222,11 @@ class LocalBuilds:
         processes = host_processes()
         mounts = Path("/proc/self/mounts").read_text()
         for vm in build.vms.values():
+            # By root, not PID namespace: a namespace's inode number is reused once it is gone.
             left += [
-                f"{vm.name}: process {pid} {command!r} in its PID namespace"
-                for pid, ns, command in processes
-                if vm.pid_namespace is not None and ns == vm.pid_namespace
+                f"{vm.name}: process {pid} {command!r} inside the VM"
+                for pid, root, command in processes
+                if root.startswith(f"{vm.folder}/")
             ]
             for pid, _, command in processes:
                 if str(vm.folder) in command or f"{vm.address}:" in command:
@@ -262,8 +263,8 @@ class LocalBuilds:
         return kept
 
 
-def host_processes() -> list[tuple[int, int, str]]:
-    """Every process that runs on the host: pid, PID namespace and command line. A zombie (killed, not yet reaped
+def host_processes() -> list[tuple[int, str, str]]:
+    """Every process that runs on the host: pid, root directory and command line. A zombie (killed, not yet reaped
     by whoever inherited it) runs no more and is left out."""
     found = []
     for entry in os.scandir("/proc"):
@@ -273,11 +274,11 @@ def host_processes() -> list[tuple[int, int, str]]:
             stat = Path(f"/proc/{entry.name}/stat").read_text()
             if stat[stat.rindex(")") + 2] in "ZX":
                 continue
-            namespace = os.stat(f"/proc/{entry.name}/ns/pid").st_ino
+            root = os.readlink(f"/proc/{entry.name}/root")
             command = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-        found.append((int(entry.name), namespace, command))
+        found.append((int(entry.name), root, command))
     return found
 
 

@@ -81,6 +81,7 @@ async def check_exports(build: Build, images: dict[str, Path], folder: Path) -> 
     assert not list(folder.glob("*.qcow2")) and not list(folder.glob(".*partial"))
 
 
+@pytest.mark.timeout(600)  # a build with a boot check, then four conversions of its ~2 GiB disks
 async def test_a_template_end_to_end(
     local_builds: LocalBuilds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
