@@ -64,7 +64,7 @@ def print_steps(status: BuildStatus, total: float, accel: str) -> float:
     for step in status.steps:
         seconds = (step.ended - step.started).total_seconds() if step.ended else float("nan")
         print(f"  {seconds:7.2f} s  {step.name}")
-    capture = next(s for s in status.steps if s.name == "capture" and s.ended)
+    capture = next(s for s in status.steps if s.name == "capture image" and s.ended)
     to_capture = (capture.ended - status.start_time).total_seconds() if status.start_time else float("nan")
     print(f"kiln, start to the end of capture (what Packer does): {to_capture:.1f} s")
     print(f"kiln, create build VM (create to SSH, cloud-init done): {step_seconds(status, 'create build VM'):.2f} s")
@@ -141,12 +141,12 @@ async def run_packer(template: dict, disk: Path, work: Path, accel: str) -> floa
         "net_device": "virtio-net",
         "disk_interface": "virtio",
         "machine_type": "q35",
-        "firmware": "/usr/share/ovmf/OVMF.fd",  # code and variables in one file, as -bios takes it
         "cd_files": [str(seed / "user-data"), str(seed / "meta-data")],
         "cd_label": "cidata",
         # Packer's own -netdev would forward SSH on every host address: this one binds a loopback address only.
         "qemuargs": [
             ["-cpu", CPU_MODELS[accel]],
+            ["-bios", "/usr/share/ovmf/OVMF.fd"],  # UEFI for the Gen2 disk (this Packer has no `firmware` key)
             ["-netdev", f"user,id=user.0,hostfwd=tcp:{address}:{{{{ .SSHHostPort }}}}-:22"],
             ["-serial", f"file:{work / 'console.log'}"],
         ],
