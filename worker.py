@@ -33,9 +33,13 @@ from activities.clouds.state import state_dir
 from activities.connection import ConnectError, connect
 from activities.guest import Guests
 from activities.janitor import JanitorActivities
+from activities.notify import deliver
+from activities.scheduled import request_run
 from workflows.build import ImageBuildWorkflow
+from workflows.image_template import ImageTemplateWorkflow
 from workflows.janitor import JanitorWorkflow
 from workflows.models import SEARCH_ATTRIBUTES
+from workflows.scheduled_run import ScheduledRunWorkflow
 
 DEV_PORT = 7233
 DEV_UI_PORT = 8233
@@ -59,8 +63,8 @@ async def run_worker(
     async with Worker(
         client,
         task_queue=task_queue,
-        workflows=[ImageBuildWorkflow, JanitorWorkflow],
-        activities=[*activities_for(cloud, guests), JanitorActivities().find_abandoned_builds],
+        workflows=[ImageBuildWorkflow, ImageTemplateWorkflow, ScheduledRunWorkflow, JanitorWorkflow],
+        activities=[*activities_for(cloud, guests), JanitorActivities().find_abandoned_builds, deliver, request_run],
         # Across every worker of the queue: ARM throttles per subscription, not per process.
         max_task_queue_activities_per_second=max_activities_per_second,
         graceful_shutdown_timeout=timedelta(seconds=20),

@@ -32,6 +32,7 @@ def activities_for(cloud: Cloud, guests: Guests | None = None) -> list[Callable[
     return [
         validate_template,
         source.resolve_source,
+        source.check_source,
         staging.create_staging,
         staging.stage_artifacts,
         staging.delete_staging,

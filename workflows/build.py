@@ -267,6 +267,7 @@ class ImageBuildWorkflow:
                 StagingActivities.stage_artifacts,
                 StageArtifactsRequest(build=context, staging=staging, artifacts=artifacts),
             )
+        self._status.staged_artifacts = staged
         staged_by_field = index_by_field(artifacts, staged)
 
         validation = props.validation

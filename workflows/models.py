@@ -239,6 +239,8 @@ class BuildStatus(CamelModel):
     resources: list[Resource] = []
     kept_on_abort: list[Resource] = []
     pending_cleanup: list[PendingUndo] = []
+    # Every scriptUri and sourceUri the build staged, with the sha256 of the bytes staged: the build's lineage.
+    staged_artifacts: list[StagedArtifact] = []
     # What AIB accepts only with a warning (say, a field an older apiVersion drops), each at its path.
     warnings: list[TemplateIssue] = []
 
