@@ -35,6 +35,16 @@ async def state_of(handle: WorkflowHandle) -> TemplateState:
     return await handle.query(ImageTemplateWorkflow.describe)
 
 
+async def runs_ended(handle: WorkflowHandle, count: int, timeout: float = 60) -> list[RunRecord]:
+    """Wait until the template has ``count`` runs, all ended; its runs."""
+    async with asyncio.timeout(timeout):
+        while True:
+            state = await state_of(handle)
+            if len(state.runs) >= count and all(r.finished for r in state.runs):
+                return state.runs
+            await asyncio.sleep(0.3)
+
+
 async def run_ended(handle: WorkflowHandle, number: int, timeout: float = 60) -> RunRecord:
     """Wait until run ``number`` of the template has ended; its record."""
     async with asyncio.timeout(timeout):
