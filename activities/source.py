@@ -20,7 +20,7 @@ class SourceActivities(CloudActivities):
     async def resolve_source(self, request: ResolveSourceRequest) -> ResolvedSource:
         # A first local build makes the base image here, which takes a while: keep the heartbeat going.
         async with heartbeating():
-            resolved = await self.cloud.resolve_source(request.build, request.template)
+            resolved = refuse_revoked(await self.cloud.resolve_source(request.build, request.template))
         if issues := self.guests.profile(resolved.os_type).template_issues(request.template):
             raise PermanentError(
                 "The template cannot be built on this source:\n" + "\n".join(f"{i.path}: {i.message}" for i in issues),
@@ -46,4 +46,18 @@ class SourceActivities(CloudActivities):
             cloud=self.cloud.name,
         )
         async with heartbeating():
-            return await self.cloud.resolve_source(build, template)
+            return refuse_revoked(await self.cloud.resolve_source(build, template))
+
+
+def refuse_revoked(source: ResolvedSource) -> ResolvedSource:
+    """A revoked version is never built from, whoever asks: a build, a trigger or a schedule.
+
+    Raises:
+        PermanentError: SourceRevoked, naming the version and why it was revoked.
+    """
+    if source.revoked:
+        raise PermanentError(
+            f"properties.source: {source.image_id} is revoked ({source.revoked}); build from another version",
+            kind="SourceRevoked",
+        )
+    return source
