@@ -37,6 +37,7 @@ from activities.notify import deliver
 from activities.scheduled import request_run
 from workflows.build import ImageBuildWorkflow
 from workflows.image_template import ImageTemplateWorkflow
+from workflows.images import RetentionWorkflow, RevokeImagesWorkflow
 from workflows.janitor import JanitorWorkflow
 from workflows.models import SEARCH_ATTRIBUTES
 from workflows.scheduled_run import ScheduledRunWorkflow
@@ -63,7 +64,14 @@ async def run_worker(
     async with Worker(
         client,
         task_queue=task_queue,
-        workflows=[ImageBuildWorkflow, ImageTemplateWorkflow, ScheduledRunWorkflow, JanitorWorkflow],
+        workflows=[
+            ImageBuildWorkflow,
+            ImageTemplateWorkflow,
+            ScheduledRunWorkflow,
+            RevokeImagesWorkflow,
+            RetentionWorkflow,
+            JanitorWorkflow,
+        ],
         activities=[*activities_for(cloud, guests), JanitorActivities().find_abandoned_builds, deliver, request_run],
         # Across every worker of the queue: ARM throttles per subscription, not per process.
         max_task_queue_activities_per_second=max_activities_per_second,

@@ -61,6 +61,7 @@ class RunRecord(CamelModel):
     start_time: datetime | None = None
     end_time: datetime | None = None
     source_exact_version: str = ""
+    source_image_id: str = ""
     log_uri: str = ""
     run_outputs: list[RunOutput] = []
     artifacts: list[ArtifactDigest] = []
@@ -93,6 +94,16 @@ class SourceTrigger(CamelModel):
     last_source_version: str = ""
 
 
+class Retirement(CamelModel):
+    """What became of an output version: revoked (excluded from latest, never built from), given an end-of-life
+    date, or deleted by retention."""
+
+    version_id: str
+    action: Literal["revoked", "end-of-life", "deleted"]
+    end_of_life: datetime | None = None
+    note: str = ""
+
+
 class Webhook(CamelModel):
     url: str
     format: WebhookFormat = "json"
@@ -107,6 +118,8 @@ class TemplateState(CamelModel):
     runs: list[RunRecord] = []
     trigger: SourceTrigger | None = None
     webhooks: list[Webhook] = []
+    # What became of this template's output versions since they were made, by version id.
+    retired: dict[str, Retirement] = {}
     # Whether autoRun was looked at: it builds once, when the template is created, not on each continue-as-new.
     auto_run_done: bool = False
     events_sent: int = 0
@@ -195,3 +208,61 @@ class NotificationEvent(CamelModel):
 class Delivery(CamelModel):
     event: NotificationEvent
     webhook: Webhook
+
+
+class OutputLineage(CamelModel):
+    """One output version and what it was made from."""
+
+    version_id: str
+    type: str
+    run_output_name: str
+    template: str
+    build: str
+    run: int
+    revision: int
+    source_image_id: str
+    source_exact_version: str
+    artifacts: list[ArtifactDigest] = []
+    made: datetime | None = None
+    retired: Retirement | None = None
+
+
+class TemplateLineage(CamelModel):
+    name: str
+    cloud: str
+    # The gallery version the current revision names as its source, when it pins one.
+    pinned_source: str = ""
+    # The version the template's last build was made from.
+    last_source: str = ""
+    outputs: list[OutputLineage] = []
+
+
+class RetireRequest(CamelModel):
+    version_id: str
+    action: Literal["revoked", "end-of-life", "deleted"]
+    end_of_life: datetime
+    note: str = ""
+    template: str = ""
+
+
+class RevokeRequest(CamelModel):
+    """Revoke these versions (a version and, with ``--descendants``, what was built from it)."""
+
+    versions: list[RetireRequest]
+
+
+class RetentionRequest(CamelModel):
+    """Keep template ``template``'s newest ``keep`` gallery versions, and any still used as a source by another
+    template; the rest are deleted (or, with ``action`` end-of-life, dated)."""
+
+    template: str
+    keep: int = Field(3, ge=1)
+    action: Literal["delete", "end-of-life"] = "delete"
+    dry_run: bool = False
+
+
+class RetentionReport(CamelModel):
+    kept: list[str] = []
+    in_use: list[str] = []
+    retired: list[str] = []
+    dry_run: bool = False

@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
         ArtifactDigest,
         Delivery,
         NotificationEvent,
+        Retirement,
         RunRecord,
         RunRequest,
         SourceCheckRequest,
@@ -210,6 +211,11 @@ class ImageTemplateWorkflow:
         if refusal := trigger_refusal(self._state.current.template):
             raise ValueError(refusal)
 
+    @workflow.signal
+    def record_retirement(self, retirement: Retirement) -> None:
+        """An output version of this template was revoked, dated or deleted: ``kiln images`` shows it so."""
+        self._state.retired[retirement.version_id] = retirement
+
     @workflow.update
     def delete_trigger(self) -> None:
         self._state.trigger = None
@@ -285,6 +291,7 @@ class ImageTemplateWorkflow:
         record.message = status.message
         record.end_time = status.end_time or workflow.now()
         record.source_exact_version = status.source_exact_version
+        record.source_image_id = status.source_image_id
         record.log_uri = status.log_uri
         record.run_outputs = status.run_outputs
         record.artifacts = [ArtifactDigest(source_uri=a.source_uri, sha256=a.sha256) for a in status.staged_artifacts]

@@ -96,3 +96,11 @@ NOTIFY_RETRY = RetryPolicy(
 # A schedule's run asks its template to build; the template answers at once (it starts or skips).
 REQUEST_RUN_TIMEOUT = timedelta(minutes=1)
 REQUEST_RUN_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=5)
+
+# -- output versions' lifecycle (revocation, retention)
+
+# One gallery version update or delete, or reading every template's lineage.
+LIFECYCLE_TIMEOUT = timedelta(minutes=30)
+LIFECYCLE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2), maximum_interval=timedelta(minutes=1), maximum_attempts=10
+)
