@@ -242,6 +242,43 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         p.add_argument("template")
 
+    p = command("images", golden.images_list, "output versions with their lineage; `kiln images revoke` retires one")
+    p.add_argument("--template", help="only this template's versions")
+    p.add_argument("--cloud", choices=sorted(CLOUDS), help="only this cloud's templates (default: every cloud)")
+    images_sub = p.add_subparsers(title="images commands", metavar="COMMAND")
+    p = images_sub.add_parser(
+        "revoke",
+        help="exclude a gallery version from latest with an end of life; no build starts from it",
+        parents=[connection],
+    )
+    p.set_defaults(handler=golden.images_revoke)
+    p.add_argument("version", help="the gallery image version id")
+    p.add_argument("--descendants", action="store_true", help="and every version built from it, at any depth")
+    p.add_argument("--reason", help="why (shown by kiln images and in a refused build's message)")
+    p.add_argument("--end-of-life", type=datetime.fromisoformat, help="ISO date (default: now)")
+    p.add_argument("--cloud", choices=sorted(CLOUDS), default="local", help="the cloud holding it (default: local)")
+
+    retention = sub.add_parser("retention", help="keep a template's newest N gallery versions, and those in use")
+    retention_sub = retention.add_subparsers(title="retention commands", required=True, metavar="COMMAND")
+    for name, handler, text in (
+        ("run", golden.retention_run, "apply retention once (--dry-run: only list what would go)"),
+        ("schedule", golden.retention_schedule, "apply retention on a cron schedule of its own"),
+    ):
+        p = retention_sub.add_parser(name, help=text, description=text, parents=[connection])
+        p.set_defaults(handler=handler)
+        p.add_argument("template")
+        p.add_argument("--keep", type=positive, required=True, help="how many of the newest versions to keep")
+        p.add_argument(
+            "--action",
+            choices=["delete", "end-of-life"],
+            default="delete",
+            help="what to do with the rest (default delete)",
+        )
+        p.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
+        if name == "schedule":
+            p.add_argument("--cron", required=True, metavar="EXPR", help="e.g. '0 4 * * *'")
+            p.add_argument("--timezone", default="UTC")
+
     p = command("resources", commands.resources, "what the local cloud has made, from its resource store")
     p.add_argument("--orphans", action="store_true", help="only temporary resources of builds no longer running")
     return root

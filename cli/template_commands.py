@@ -5,29 +5,40 @@ many times, on schedules and on new source versions. Each handler returns the ex
 from __future__ import annotations
 
 import argparse
+import uuid
 from datetime import UTC, datetime
 
 from rich.table import Table
 from rich.text import Text
 from temporalio.client import (
     Client,
+    Schedule,
     ScheduleActionExecutionStartWorkflow,
+    ScheduleActionStartWorkflow,
     ScheduleAlreadyRunningError,
     ScheduleBackfill,
     ScheduleDescription,
     ScheduleHandle,
     ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleState,
+    ScheduleUpdate,
     WorkflowExecutionStatus,
 )
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.clouds.registry import task_queue
 from activities.connection import connect
+from activities.images import read_lineage
 from cli.builds import EXIT_SUCCEEDED, UsageError, get_build
 from cli.commands import Io, print_issues, print_warnings, template_of, watch_to_end
 from cli.progress import STATE_STYLES
 from cli.templates import ENTITY_TYPE, create_template, default_condition, get_template, schedule_of, update
 from workflows.golden_models import (
+    RetentionRequest,
+    RetireRequest,
+    RevokeRequest,
     RunRecord,
     RunRequest,
     SourceTrigger,
@@ -37,6 +48,8 @@ from workflows.golden_models import (
     UpdateTemplateRequest,
     Webhook,
 )
+from workflows.images import RetentionWorkflow, RevokeImagesWorkflow
+from workflows.retention import descendants
 from workflows.template import TemplateError
 
 SKIP_STYLE = "dim"
@@ -362,4 +375,113 @@ async def schedule_delete(args: argparse.Namespace, io: Io) -> int:
     _, handle, _ = await schedule_handle(args)
     await handle.delete()
     io.out.print(f"schedule {args.name} deleted (a run under way finishes)")
+    return EXIT_SUCCEEDED
+
+
+# -- kiln images, kiln retention -------------------------------------------------------------------------------
+
+
+async def images_list(args: argparse.Namespace, io: Io) -> int:
+    lineage = await read_lineage(await client_of(args), task_queue=task_queue(args.cloud) if args.cloud else None)
+    # One block a version: ids are too long for a table's column.
+    shown = 0
+    for template in lineage:
+        if args.template and template.name != args.template:
+            continue
+        for output in sorted(template.outputs, key=lambda o: o.run, reverse=True):
+            shown += 1
+            retired = output.retired
+            headline = Text.assemble((output.version_id, "bold"), f"  ({output.type} {output.run_output_name})")
+            if retired:
+                note = f" ({retired.note})" if retired.note else ""
+                style = "red" if retired.action == "revoked" else "yellow"
+                headline.append(f"  {retired.action}{note}, end of life {when(retired.end_of_life)}", style=style)
+            io.out.print(headline, soft_wrap=True)
+            io.out.print(
+                f"  template {output.template} revision {output.revision}, build {output.build}, made {when(output.made)}",
+                soft_wrap=True,
+            )
+            io.out.print(f"  source {output.source_image_id} ({output.source_exact_version})", soft_wrap=True)
+            for artifact in output.artifacts:
+                io.out.print(f"  file {artifact.source_uri} sha256 {artifact.sha256}", soft_wrap=True)
+    if not shown:
+        io.out.print("no output versions yet")
+    return EXIT_SUCCEEDED
+
+
+async def images_revoke(args: argparse.Namespace, io: Io) -> int:
+    client = await client_of(args)
+    lineage = await read_lineage(client, task_queue=task_queue(args.cloud))
+    owners = {o.version_id.lower(): (t.name, t.cloud) for t in lineage for o in t.outputs}
+    chosen = [args.version, *(descendants(lineage, args.version) if args.descendants else [])]
+    if "/versions/" not in args.version.lower():
+        raise UsageError(
+            f"{args.version!r} is not a gallery image version id (.../images/<definition>/versions/<x.y.z>)"
+        )
+    end_of_life = args.end_of_life or datetime.now(UTC)
+    note = args.reason or f"revoked {datetime.now(UTC):%Y-%m-%d}"
+    request = RevokeRequest(
+        versions=[
+            RetireRequest(
+                version_id=version,
+                action="revoked",
+                end_of_life=end_of_life,
+                note=note if version == args.version else f"{note} (built from {args.version})",
+                template=owners.get(version.lower(), ("", args.cloud))[0],
+            )
+            for version in chosen
+        ]
+    )
+    revoked = await client.execute_workflow(
+        RevokeImagesWorkflow.run,
+        request,
+        id=f"kiln-revoke-{uuid.uuid4().hex[:8]}",
+        task_queue=task_queue(args.cloud),
+    )
+    for version in revoked:
+        io.out.print(Text.assemble("revoked ", (version, "bold"), f" (end of life {when(end_of_life)})"))
+    return EXIT_SUCCEEDED
+
+
+def retention_request(args: argparse.Namespace) -> RetentionRequest:
+    return RetentionRequest(template=args.template, keep=args.keep, action=args.action, dry_run=args.dry_run)
+
+
+async def retention_run(args: argparse.Namespace, io: Io) -> int:
+    client = await client_of(args)
+    _, state = await get_template(client, args.template)
+    report = await client.execute_workflow(
+        RetentionWorkflow.run,
+        retention_request(args),
+        id=f"kiln-retention-{args.template}-{uuid.uuid4().hex[:6]}",
+        task_queue=task_queue(state.cloud),
+    )
+    verb = "would go" if report.dry_run else ("deleted" if args.action == "delete" else "end of life now")
+    for label, versions, style in (
+        ("kept", report.kept, "green"),
+        ("in use", report.in_use, "yellow"),
+        (verb, report.retired, "red"),
+    ):
+        for version in versions:
+            io.out.print(Text.assemble((f"{label:>16}  ", style), version))
+    return EXIT_SUCCEEDED
+
+
+async def retention_schedule(args: argparse.Namespace, io: Io) -> int:
+    client = await client_of(args)
+    _, state = await get_template(client, args.template)
+    schedule_id = f"kiln-retention-{args.template}"
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            RetentionWorkflow.run, retention_request(args), id=schedule_id, task_queue=task_queue(state.cloud)
+        ),
+        spec=ScheduleSpec(cron_expressions=[args.cron], time_zone_name=args.timezone),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+        state=ScheduleState(note=f"retention of {args.template}: keep newest {args.keep}"),
+    )
+    try:
+        await client.create_schedule(schedule_id, schedule)
+    except ScheduleAlreadyRunningError:
+        await client.get_schedule_handle(schedule_id).update(lambda _: ScheduleUpdate(schedule=schedule))
+    io.out.print(f"schedule {schedule_id}: keeps the newest {args.keep} of {args.template} on '{args.cron}'")
     return EXIT_SUCCEEDED

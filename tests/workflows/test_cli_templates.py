@@ -46,6 +46,15 @@ async def test_a_template_is_created_run_shown_scheduled_and_deleted(
     out = capsys.readouterr().out
     assert "lastRunStatus Succeeded" in out and f"{name}-1" in out
 
+    out = await until_printed(capsys, f"{name}-1", "images", "--template", name, "--cloud", "local")
+    assert "configure.sh" in out  # a staged file, with its sha256
+    version = next(w for w in out.split() if "/versions/" in w)
+    assert await kiln("retention", "run", name, "--keep", "1", "--dry-run") == 0
+    assert f"kept  {version}" in capsys.readouterr().out
+    assert await kiln("images", "revoke", version, "--reason", "bad kernel") == 0
+    assert f"revoked {version}" in capsys.readouterr().out
+    out = await until_printed(capsys, "revoked (bad kernel)", "images", "--template", name, "--cloud", "local")
+
     schedule = unique("weekly")
     assert await kiln("schedule", "create", schedule, "--template", name, "--cron", "0 3 * * 0") == 0
     assert "when source-changed" in capsys.readouterr().out  # the default for a latest source
