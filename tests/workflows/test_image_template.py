@@ -8,6 +8,8 @@ import uuid
 from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
 
 from cli.builds import UsageError
 from cli.templates import create_template, update
@@ -29,6 +31,12 @@ async def new_template(harness: Harness, template: dict[str, Any] | None = None,
         task_queue=harness.task_queue,
         **options,
     )
+
+
+async def replays(handle: WorkflowHandle) -> None:
+    """The entity's history so far replays on this code: its handlers and background tasks are deterministic."""
+    replayer = Replayer(workflows=[ImageTemplateWorkflow], data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(await handle.fetch_history())
 
 
 async def state_of(handle: WorkflowHandle) -> TemplateState:
@@ -94,6 +102,7 @@ async def test_a_second_manual_run_while_one_builds_is_refused_and_cancel_stops_
     ended = await run_ended(handle, 1)
     assert ended.run_state == "Canceled"
     assert harness.cloud.alive() == []  # the build cleaned up as a cancelled build does
+    await replays(handle)
 
 
 async def test_update_makes_a_revision_the_next_run_builds_and_delete_ends_the_entity(harness: Harness) -> None:
@@ -141,3 +150,4 @@ async def test_the_entity_continues_as_new_with_its_history_intact(harness: Harn
     await handle.execute_update(ImageTemplateWorkflow.run_template, RunRequest())
     fourth = await run_ended(handle, 4)
     assert fourth.run_state == "Succeeded" and fourth.revision == 2
+    await replays(harness.client.get_workflow_handle(handle.id))

@@ -16,7 +16,7 @@ from temporalio.client import Client, ScheduleBackfill, ScheduleHandle, Schedule
 from cli.builds import UsageError
 from cli.templates import schedule_of, update
 from tests.workflows.harness import Harness
-from tests.workflows.test_image_template import new_template, runs_ended, state_of
+from tests.workflows.test_image_template import new_template, replays, runs_ended, state_of
 from workflows.golden_models import RunRecord, RunRequest, StartCondition, TriggerRequest, UpdateTemplateRequest
 from workflows.image_template import ImageTemplateWorkflow
 
@@ -129,6 +129,7 @@ async def test_a_trigger_builds_on_a_new_source_version_and_deactivates_after_re
     state = await state_of(entity)
     assert state.trigger.enabled and state.trigger.status.code == "Healthy"
     assert state.trigger.last_source_version == "3.0.0"
+    await replays(entity)
 
 
 async def test_a_trigger_is_refused_as_aib_refuses_it(harness: Harness) -> None:
