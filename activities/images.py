@@ -14,6 +14,8 @@ from workflows.golden_models import OutputLineage, RetireRequest, TemplateLineag
 
 ENTITY_QUERY = "WorkflowType = 'ImageTemplate' AND ExecutionStatus = 'Running'"
 QUERY_TIMEOUT = timedelta(seconds=5)
+# How a query to a task queue with no worker ends: at once (no poller seen), or at the timeout.
+UNANSWERED = (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED, RPCStatusCode.FAILED_PRECONDITION)
 
 
 def lineage_of(state: TemplateState) -> TemplateLineage:
@@ -49,11 +51,13 @@ def lineage_of(state: TemplateState) -> TemplateLineage:
     )
 
 
-async def read_lineage(client: Client, *, task_queue: str | None = None) -> list[TemplateLineage]:
-    """The lineage of every template (of one cloud's task queue, if given), from each one's entity. A queue with
-    no worker answers no query: after its first silence its templates are left out, not waited for."""
+async def read_templates(client: Client, *, task_queue: str | None = None) -> tuple[list[TemplateState], set[str]]:
+    """Every template (of one cloud's task queue, if given) as its entity holds it, and the task queues whose
+    templates could not be read. A queue with no worker answers no query: after its first silence its templates
+    are left out, not waited for."""
     query = ENTITY_QUERY + (f" AND TaskQueue = '{task_queue}'" if task_queue else "")
-    found, silent = [], set()
+    found: list[TemplateState] = []
+    silent: set[str] = set()
     async for execution in client.list_workflows(query):
         if execution.task_queue in silent:
             continue
@@ -62,12 +66,18 @@ async def read_lineage(client: Client, *, task_queue: str | None = None) -> list
                 "describe", result_type=TemplateState, rpc_timeout=QUERY_TIMEOUT
             )
         except RPCError as err:
-            if err.status not in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED):
+            if err.status not in UNANSWERED:
                 raise
             silent.add(execution.task_queue)
             continue
-        found.append(lineage_of(state))
-    return found
+        found.append(state)
+    return found, silent
+
+
+async def read_lineage(client: Client, *, task_queue: str | None = None) -> list[TemplateLineage]:
+    """The lineage of every template that answers (of one cloud's task queue, if given)."""
+    states, _ = await read_templates(client, task_queue=task_queue)
+    return [lineage_of(state) for state in states]
 
 
 @activity.defn

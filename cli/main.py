@@ -266,7 +266,15 @@ def parser() -> argparse.ArgumentParser:
     ):
         p = retention_sub.add_parser(name, help=text, description=text, parents=[connection])
         p.set_defaults(handler=handler)
-        p.add_argument("template")
+        p.add_argument("template", nargs="?", help="the template whose versions to judge")
+        p.add_argument(
+            "--image-definition",
+            metavar="ID",
+            help="judge a gallery image definition's versions instead, any template's",
+        )
+        p.add_argument(
+            "--cloud", choices=sorted(CLOUDS), default="local", help="with --image-definition (default local)"
+        )
         p.add_argument("--keep", type=positive, required=True, help="how many of the newest versions to keep")
         p.add_argument(
             "--action",

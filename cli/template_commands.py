@@ -30,11 +30,11 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.clouds.registry import task_queue
 from activities.connection import connect
-from activities.images import read_lineage
+from activities.images import read_lineage, read_templates
 from cli.builds import EXIT_SUCCEEDED, UsageError, get_build
 from cli.commands import Io, print_issues, print_warnings, template_of, watch_to_end
 from cli.progress import STATE_STYLES
-from cli.templates import ENTITY_TYPE, create_template, default_condition, get_template, schedule_of, update
+from cli.templates import create_template, default_condition, get_template, schedule_of, update
 from workflows.golden_models import (
     RetentionRequest,
     RetireRequest,
@@ -199,9 +199,8 @@ async def template_show(args: argparse.Namespace, io: Io) -> int:
 async def template_list(args: argparse.Namespace, io: Io) -> int:
     client = await client_of(args)
     table = Table("template", "cloud", "revision", "runs", "lastRunStatus", "trigger")
-    query = f"WorkflowType = '{ENTITY_TYPE}' AND ExecutionStatus = 'Running'"
-    async for execution in client.list_workflows(query):
-        state = await client.get_workflow_handle(execution.id).query("describe", result_type=TemplateState)
+    states, silent = await read_templates(client)
+    for state in states:
         last = state.last_run_status
         trigger = state.trigger
         table.add_row(
@@ -212,6 +211,8 @@ async def template_list(args: argparse.Namespace, io: Io) -> int:
             state_text(last.run_state) if last else Text(""),
             (trigger.status.code if trigger.enabled else "disabled") if trigger else "",
         )
+    for queue in sorted(silent):
+        io.err.print(Text(f"templates on task queue {queue} are not shown: no worker answered for it", style="yellow"))
     io.out.print(table if table.row_count else "no templates: make one with `kiln template create NAME FILE`")
     return EXIT_SUCCEEDED
 
@@ -443,18 +444,28 @@ async def images_revoke(args: argparse.Namespace, io: Io) -> int:
     return EXIT_SUCCEEDED
 
 
-def retention_request(args: argparse.Namespace) -> RetentionRequest:
-    return RetentionRequest(template=args.template, keep=args.keep, action=args.action, dry_run=args.dry_run)
+async def retention_of(args: argparse.Namespace) -> tuple[Client, RetentionRequest, str, str]:
+    """The request, the queue of the cloud it applies to, and a name for its runs."""
+    if bool(args.template) == bool(args.image_definition):
+        raise UsageError("name a TEMPLATE or give --image-definition, not both")
+    client = await client_of(args)
+    request = RetentionRequest(
+        template=args.template or "",
+        image_definition=args.image_definition or "",
+        keep=args.keep,
+        action=args.action,
+        dry_run=args.dry_run,
+    )
+    if args.template:
+        _, state = await get_template(client, args.template)
+        return client, request, task_queue(state.cloud), args.template
+    return client, request, task_queue(args.cloud), args.image_definition.rstrip("/").rsplit("/", 1)[-1]
 
 
 async def retention_run(args: argparse.Namespace, io: Io) -> int:
-    client = await client_of(args)
-    _, state = await get_template(client, args.template)
+    client, request, queue, label = await retention_of(args)
     report = await client.execute_workflow(
-        RetentionWorkflow.run,
-        retention_request(args),
-        id=f"kiln-retention-{args.template}-{uuid.uuid4().hex[:6]}",
-        task_queue=task_queue(state.cloud),
+        RetentionWorkflow.run, request, id=f"kiln-retention-{label}-{uuid.uuid4().hex[:6]}", task_queue=queue
     )
     verb = "would go" if report.dry_run else ("deleted" if args.action == "delete" else "end of life now")
     for label, versions, style in (
@@ -468,20 +479,17 @@ async def retention_run(args: argparse.Namespace, io: Io) -> int:
 
 
 async def retention_schedule(args: argparse.Namespace, io: Io) -> int:
-    client = await client_of(args)
-    _, state = await get_template(client, args.template)
-    schedule_id = f"kiln-retention-{args.template}"
+    client, request, queue, label = await retention_of(args)
+    schedule_id = f"kiln-retention-{label}"
     schedule = Schedule(
-        action=ScheduleActionStartWorkflow(
-            RetentionWorkflow.run, retention_request(args), id=schedule_id, task_queue=task_queue(state.cloud)
-        ),
+        action=ScheduleActionStartWorkflow(RetentionWorkflow.run, request, id=schedule_id, task_queue=queue),
         spec=ScheduleSpec(cron_expressions=[args.cron], time_zone_name=args.timezone),
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
-        state=ScheduleState(note=f"retention of {args.template}: keep newest {args.keep}"),
+        state=ScheduleState(note=f"retention of {label}: keep newest {args.keep}"),
     )
     try:
         await client.create_schedule(schedule_id, schedule)
     except ScheduleAlreadyRunningError:
         await client.get_schedule_handle(schedule_id).update(lambda _: ScheduleUpdate(schedule=schedule))
-    io.out.print(f"schedule {schedule_id}: keeps the newest {args.keep} of {args.template} on '{args.cron}'")
+    io.out.print(f"schedule {schedule_id}: keeps the newest {args.keep} of {label} on '{args.cron}'")
     return EXIT_SUCCEEDED

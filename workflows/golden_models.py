@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from workflows.camel import CamelModel
 from workflows.models import RunOutput
@@ -252,13 +252,21 @@ class RevokeRequest(CamelModel):
 
 
 class RetentionRequest(CamelModel):
-    """Keep template ``template``'s newest ``keep`` gallery versions, and any still used as a source by another
-    template; the rest are deleted (or, with ``action`` end-of-life, dated)."""
+    """Keep the newest ``keep`` gallery versions of template ``template`` (or of the gallery image definition
+    ``image_definition``, whichever templates made them), and any still used as a source by another template; the
+    rest are deleted (or, with ``action`` end-of-life, dated)."""
 
-    template: str
+    template: str = ""
+    image_definition: str = ""
     keep: int = Field(3, ge=1)
     action: Literal["delete", "end-of-life"] = "delete"
     dry_run: bool = False
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> RetentionRequest:
+        if bool(self.template) == bool(self.image_definition):
+            raise ValueError("name a template or a gallery image definition to apply retention to, not both")
+        return self
 
 
 class RetentionReport(CamelModel):

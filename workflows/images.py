@@ -56,6 +56,7 @@ class RetentionWorkflow:
             collect_lineage, start_to_close_timeout=LIFECYCLE_TIMEOUT, retry_policy=LIFECYCLE_RETRY
         )
         kept, in_use, going = retention_plan(lineage, request)
+        owners = {o.version_id: o.template for t in lineage for o in t.outputs}
         report = RetentionReport(kept=kept, in_use=in_use, retired=going, dry_run=request.dry_run)
         if request.dry_run:
             return report
@@ -67,7 +68,7 @@ class RetentionWorkflow:
                     action=action,
                     end_of_life=workflow.now(),
                     note=f"retention: keep newest {request.keep}",
-                    template=request.template,
+                    template=owners.get(version_id, ""),
                 )
             )
         return report

@@ -105,3 +105,15 @@ async def test_retention_keeps_exactly_the_newest_n_and_never_one_in_use(harness
     assert set(harness.cloud.gallery_versions()) & set(versions) == {versions[0], versions[2], versions[3]}
     again = await retention(dry_run=False)
     assert again.retired == [] and again.kept == [versions[3], versions[2]]
+    # By gallery image definition, whichever templates made its versions.
+    by_definition = await client.execute_workflow(
+        RetentionWorkflow.run,
+        RetentionRequest(image_definition=f"{SUB}/debian", keep=1, dry_run=True),
+        id=f"retention-{uuid.uuid4().hex[:6]}",
+        task_queue=harness.task_queue,
+    )
+    assert (by_definition.kept, by_definition.in_use, by_definition.retired) == (
+        [versions[3]],
+        [versions[0]],
+        [versions[2]],
+    )
