@@ -43,6 +43,19 @@ async def history_length(handle: WorkflowHandle) -> int:
     return (await handle.describe()).raw_description.workflow_execution_info.history_length
 
 
+async def dev_server(*, time_skipping: bool = False) -> WorkflowEnvironment:
+    """A dev server of the bench's own; with ``time_skipping``, one whose workflows' clocks can be moved on."""
+    options = dict(
+        dev_server_existing_path=temporal_cli(),
+        data_converter=pydantic_data_converter,
+        search_attributes=SEARCH_ATTRIBUTES,
+        dev_server_log_level="error",
+    )
+    if time_skipping:
+        return await WorkflowEnvironment.start_time_skipping_v2(dev_server_extra_args=TIME_SKIPPING, **options)
+    return await WorkflowEnvironment.start_local(**options)
+
+
 async def served(client: Client, directory: Path, queue: str) -> tuple[asyncio.Event, asyncio.Task[None]]:
     cloud = RecordingCloud(directory / "cloud.db")
     stop = asyncio.Event()
@@ -51,13 +64,7 @@ async def served(client: Client, directory: Path, queue: str) -> tuple[asyncio.E
 
 
 async def idle_week(directory: Path) -> None:
-    async with await WorkflowEnvironment.start_time_skipping_v2(
-        dev_server_existing_path=temporal_cli(),
-        dev_server_extra_args=TIME_SKIPPING,
-        data_converter=pydantic_data_converter,
-        search_attributes=SEARCH_ATTRIBUTES,
-        dev_server_log_level="error",
-    ) as env:
+    async with await dev_server(time_skipping=True) as env:
         queue = f"bench-{uuid.uuid4()}"
         stop, worker = await served(env.client, directory, queue)
         artifacts = directory / "artifacts"
@@ -87,12 +94,7 @@ async def idle_week(directory: Path) -> None:
 
 async def weekly_schedule(directory: Path) -> None:
     """A schedule's week is one run: what that run writes (its own workflow, and the entity's part)."""
-    async with await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_cli(),
-        data_converter=pydantic_data_converter,
-        search_attributes=SEARCH_ATTRIBUTES,
-        dev_server_log_level="error",
-    ) as env:
+    async with await dev_server() as env:
         queue = f"bench-{uuid.uuid4()}"
         stop, worker = await served(env.client, directory, queue)
         artifacts = directory / "artifacts-schedule"
@@ -138,12 +140,7 @@ def rss_mib(pid: int) -> float:
 
 
 async def idle_templates(directory: Path, count: int) -> None:
-    async with await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_cli(),
-        data_converter=pydantic_data_converter,
-        search_attributes=SEARCH_ATTRIBUTES,
-        dev_server_log_level="error",
-    ) as env:
+    async with await dev_server() as env:
         queue = f"bench-{uuid.uuid4()}"
         address = env.client.service_client.config.target_host
         worker = await asyncio.create_subprocess_exec(

@@ -12,7 +12,7 @@ import asyncio
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -155,14 +155,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cloud", choices=sorted(CLOUDS), default="local", help="whose builds (default: local)")
     p.add_argument("--every", type=duration, help="keep running on a schedule, e.g. 1h or 30m, instead of once")
 
-    templates = sub.add_parser("template", help="image templates kept as AIB keeps them, each run many times")
-    template_sub = templates.add_subparsers(title="template commands", required=True, metavar="COMMAND")
+    def group(name: str, text: str, subject: str) -> Callable[..., argparse.ArgumentParser]:
+        """A command with commands of its own (``kiln template create``), each naming a ``subject`` first."""
+        commands_of = sub.add_parser(name, help=text).add_subparsers(
+            title=f"{name} commands", required=True, metavar="COMMAND"
+        )
 
-    def template_command(name: str, handler: object, text: str) -> argparse.ArgumentParser:
-        p = template_sub.add_parser(name, help=text, description=text, parents=[connection])
-        p.set_defaults(handler=handler)
-        p.add_argument("name", help="the template's name")
-        return p
+        def add(verb: str, handler: object, text: str, *, named: bool = True) -> argparse.ArgumentParser:
+            p = commands_of.add_parser(verb, help=text, description=text, parents=[connection])
+            p.set_defaults(handler=handler)
+            if named:
+                p.add_argument("name", help=f"the {subject}'s name")
+            return p
+
+        return add
+
+    template_command = group("template", "image templates kept as AIB keeps them, each run many times", "template")
 
     def webhook_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--webhook", action="append", metavar="URL", help="POST each build's end and trigger event here")
@@ -186,17 +194,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive, default=20, help="show this many of the newest runs (default: 20)")
     p.add_argument("--json", action="store_true", help="print everything the template holds as JSON")
     template_command("delete", golden.template_delete, "delete the template (refused while it builds)")
-    p = template_sub.add_parser("list", help="every template", parents=[connection])
-    p.set_defaults(handler=golden.template_list)
+    template_command("list", golden.template_list, "every template", named=False)
 
-    schedules = sub.add_parser("schedule", help="rebuild a template on a cron schedule (Temporal Schedules)")
-    schedule_sub = schedules.add_subparsers(title="schedule commands", required=True, metavar="COMMAND")
-
-    def schedule_command(name: str, handler: object, text: str) -> argparse.ArgumentParser:
-        p = schedule_sub.add_parser(name, help=text, description=text, parents=[connection])
-        p.set_defaults(handler=handler)
-        p.add_argument("name", help="the schedule's name")
-        return p
+    schedule_command = group("schedule", "rebuild a template on a cron schedule (Temporal Schedules)", "schedule")
 
     p = schedule_command("create", golden.schedule_create, "run a template on a cron schedule; a run never overlaps")
     p.add_argument("--template", required=True, help="the template to run")
@@ -221,8 +221,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--start", required=True, type=datetime.fromisoformat, help="ISO time, e.g. 2026-11-01T00:00")
     p.add_argument("--end", required=True, type=datetime.fromisoformat, help="ISO time")
     schedule_command("delete", golden.schedule_delete, "delete the schedule")
-    p = schedule_sub.add_parser("list", help="every schedule", parents=[connection])
-    p.set_defaults(handler=golden.schedule_list)
+    schedule_command("list", golden.schedule_list, "every schedule", named=False)
 
     triggers = sub.add_parser("trigger", help="a template's SourceImage trigger: build when its latest source moves")
     trigger_sub = triggers.add_subparsers(title="trigger commands", required=True, metavar="COMMAND")

@@ -6,18 +6,15 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from temporalio.client import Client
 
-from activities.clouds.local.azurite import Azurite
 from activities.clouds.local.images import ImageCache, LocalOffer, find_offer
-from activities.clouds.local.records import ResourceStore
 from cli.templates import create_template, schedule_of
-from tests.local.builds import SOURCE, Build, LocalBuilds, serving, shell, template
+from tests.local.builds import SOURCE, Build, LocalBuilds, shell, template
+from tests.local.test_builds import local_builds  # noqa: F401  (the fixture)
 from tests.local.vms import host
 from workflows.build import ImageBuildWorkflow
 from workflows.golden_models import RunRecord
@@ -27,15 +24,6 @@ pytestmark = [
     pytest.mark.local,
     pytest.mark.skipif(os.geteuid() != 0, reason="local builds need root"),
 ]
-
-
-@pytest_asyncio.fixture
-async def local_builds(
-    client: Client, azurite: Azurite, state: Path, store: ResourceStore, tmp_path: Path
-) -> AsyncIterator[LocalBuilds]:
-    (tmp_path / "files").mkdir()
-    async with serving(client, azurite.endpoint, state, store, tmp_path / "files") as builds:
-        yield builds
 
 
 def private_bases(builds: LocalBuilds, folder: Path) -> ImageCache:
@@ -51,7 +39,9 @@ def private_bases(builds: LocalBuilds, folder: Path) -> ImageCache:
 
 
 async def test_a_scheduled_template_rebuilds_once_the_local_base_is_rebuilt(
-    local_builds: LocalBuilds, client: Client, tmp_path: Path
+    local_builds: LocalBuilds,  # noqa: F811
+    client: Client,
+    tmp_path: Path,
 ) -> None:
     offer = find_offer(SOURCE["offer"], SOURCE["sku"])
     assert offer is not None
