@@ -32,10 +32,15 @@ from activities.clouds.registry import CLOUDS, WorkerOptions
 from activities.clouds.state import state_dir
 from activities.connection import ConnectError, connect
 from activities.guest import Guests
-from activities.janitor import JanitorActivities
+from activities.janitor import JanitorActivities, schedule_janitor
+from activities.notify import deliver
+from activities.scheduled import request_run
 from workflows.build import ImageBuildWorkflow
+from workflows.image_template import ImageTemplateWorkflow
+from workflows.images import RetentionWorkflow, RevokeImagesWorkflow
 from workflows.janitor import JanitorWorkflow
 from workflows.models import SEARCH_ATTRIBUTES
+from workflows.scheduled_run import ScheduledRunWorkflow
 
 DEV_PORT = 7233
 DEV_UI_PORT = 8233
@@ -59,8 +64,15 @@ async def run_worker(
     async with Worker(
         client,
         task_queue=task_queue,
-        workflows=[ImageBuildWorkflow, JanitorWorkflow],
-        activities=[*activities_for(cloud, guests), JanitorActivities().find_abandoned_builds],
+        workflows=[
+            ImageBuildWorkflow,
+            ImageTemplateWorkflow,
+            ScheduledRunWorkflow,
+            RevokeImagesWorkflow,
+            RetentionWorkflow,
+            JanitorWorkflow,
+        ],
+        activities=[*activities_for(cloud, guests), JanitorActivities().find_abandoned_builds, deliver, request_run],
         # Across every worker of the queue: ARM throttles per subscription, not per process.
         max_task_queue_activities_per_second=max_activities_per_second,
         graceful_shutdown_timeout=timedelta(seconds=20),
@@ -137,6 +149,12 @@ async def main(argv: list[str] | None = None) -> None:
         help="local cloud: do not boot a captured image whose template has no validators (saves about a minute "
         "a build under TCG; images are still booted to run validators)",
     )
+    parser.add_argument(
+        "--janitor-every",
+        type=float,
+        metavar="HOURS",
+        help="keep the janitor on a schedule for this cloud, every HOURS (default: 1 with --dev; 0 turns it off)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("azure", "asyncssh"):  # every HTTP request and SSH channel otherwise
@@ -159,6 +177,13 @@ async def main(argv: list[str] | None = None) -> None:
             client = await connect(address=args.address, namespace=args.namespace)
         except ConnectError as err:
             raise SystemExit(str(err)) from None
+        janitor_every = args.janitor_every if args.janitor_every is not None else (1.0 if args.dev else 0.0)
+        if janitor_every > 0:
+            # What terminated builds left is found and deleted by tag, without anyone having to ask.
+            schedule_id = await schedule_janitor(
+                client, cloud=entry.name, task_queue=entry.task_queue, every=timedelta(hours=janitor_every)
+            )
+            log.info("the janitor runs every %g h (schedule %s)", janitor_every, schedule_id)
         cloud = await entry.make(WorkerOptions(boot_check=args.boot_check))
         services.push_async_callback(cloud.close)
         await run_worker(

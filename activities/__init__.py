@@ -12,6 +12,7 @@ from activities.customize import CustomizeActivities
 from activities.distribute import DistributeActivities
 from activities.generalize import GeneralizeActivities
 from activities.guest import Guests
+from activities.images import ImageActivities, collect_lineage
 from activities.source import SourceActivities
 from activities.staging import StagingActivities
 from activities.template import validate_template
@@ -29,9 +30,11 @@ def activities_for(cloud: Cloud, guests: Guests | None = None) -> list[Callable[
     generalize = GeneralizeActivities(cloud, guests)
     capture = CaptureActivities(cloud, guests)
     distribute = DistributeActivities(cloud, guests)
+    images = ImageActivities(cloud, guests)
     return [
         validate_template,
         source.resolve_source,
+        source.check_source,
         staging.create_staging,
         staging.stage_artifacts,
         staging.delete_staging,
@@ -43,4 +46,6 @@ def activities_for(cloud: Cloud, guests: Guests | None = None) -> list[Callable[
         capture.delete_image,
         distribute.distribute,
         distribute.delete_output,
+        images.retire_image_version,
+        collect_lineage,
     ]

@@ -6,7 +6,18 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 from temporalio import activity
-from temporalio.client import WorkflowExecution, WorkflowQueryFailedError
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+    WorkflowExecution,
+    WorkflowQueryFailedError,
+)
 from temporalio.service import RPCError, RPCStatusCode
 
 from workflows.models import AbandonedBuild, BuildStatus, JanitorRequest
@@ -61,3 +72,24 @@ class JanitorActivities:
             for execution, status in zip(executions, statuses, strict=True)
             if status is not None and status.pending_cleanup
         ]
+
+
+async def schedule_janitor(client: Client, *, cloud: str, task_queue: str, every: timedelta) -> str:
+    """Run the janitor for ``cloud``'s builds every ``every``; a schedule already there is brought up to date.
+
+    Returns:
+        The schedule's id (``kiln-janitor-<cloud>``).
+    """
+    schedule_id = f"kiln-janitor-{cloud}"
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            "KilnJanitor", JanitorRequest(task_queue=task_queue), id=schedule_id, task_queue=task_queue
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every)]),
+        policy=SchedulePolicy(catchup_window=every),
+    )
+    try:
+        await client.create_schedule(schedule_id, schedule)
+    except ScheduleAlreadyRunningError:
+        await client.get_schedule_handle(schedule_id).update(lambda _: ScheduleUpdate(schedule=schedule))
+    return schedule_id

@@ -8,8 +8,11 @@ from temporalio import activity
 
 from activities.clouds.aib.vm_sizes import os_disk_too_small
 from activities.clouds.base import PermanentError
+from activities.clouds.registry import cloud_of
 from activities.common import CloudActivities, heartbeating
-from workflows.models import ResolvedSource, ResolveSourceRequest
+from workflows.golden_models import SourceCheckRequest
+from workflows.models import BuildContext, ResolvedSource, ResolveSourceRequest
+from workflows.template import TemplateError, check_template
 
 
 class SourceActivities(CloudActivities):
@@ -17,7 +20,7 @@ class SourceActivities(CloudActivities):
     async def resolve_source(self, request: ResolveSourceRequest) -> ResolvedSource:
         # A first local build makes the base image here, which takes a while: keep the heartbeat going.
         async with heartbeating():
-            resolved = await self.cloud.resolve_source(request.build, request.template)
+            resolved = refuse_revoked(await self.cloud.resolve_source(request.build, request.template))
         if issues := self.guests.profile(resolved.os_type).template_issues(request.template):
             raise PermanentError(
                 "The template cannot be built on this source:\n" + "\n".join(f"{i.path}: {i.message}" for i in issues),
@@ -26,3 +29,35 @@ class SourceActivities(CloudActivities):
         if problem := os_disk_too_small(request.template.properties.vm_profile.os_disk_size_gb, resolved.size_bytes):
             raise PermanentError(problem, kind="OsDiskTooSmall")
         return resolved
+
+    @activity.defn
+    async def check_source(self, request: SourceCheckRequest) -> ResolvedSource:
+        """Resolve a template's source as its next build would, without building: what a SourceImage trigger and a
+        ``source-changed`` schedule compare with the version behind the last build."""
+        try:
+            checked = check_template(request.template, cloud=cloud_of(activity.info().task_queue))
+        except TemplateError as err:
+            raise PermanentError(str(err), kind="InvalidTemplate") from None
+        template = checked.template
+        build = BuildContext(
+            build_id=f"{request.name}-source-check",
+            template_name=request.name,
+            location=template.location,
+            cloud=self.cloud.name,
+        )
+        async with heartbeating():
+            return refuse_revoked(await self.cloud.resolve_source(build, template))
+
+
+def refuse_revoked(source: ResolvedSource) -> ResolvedSource:
+    """A revoked version is never built from, whoever asks: a build, a trigger or a schedule.
+
+    Raises:
+        PermanentError: SourceRevoked, naming the version and why it was revoked.
+    """
+    if source.revoked:
+        raise PermanentError(
+            f"properties.source: {source.image_id} is revoked ({source.revoked}); build from another version",
+            kind="SourceRevoked",
+        )
+    return source

@@ -360,16 +360,7 @@ async def export(args: argparse.Namespace, io: Io) -> int:
 
 async def janitor(args: argparse.Namespace, io: Io) -> int:
     """Run the janitor once and show what it cleaned, or (``--every``) keep it running on a schedule."""
-    from temporalio.client import (
-        Schedule,
-        ScheduleActionStartWorkflow,
-        ScheduleAlreadyRunningError,
-        ScheduleIntervalSpec,
-        SchedulePolicy,
-        ScheduleSpec,
-        ScheduleUpdate,
-    )
-
+    from activities.janitor import schedule_janitor
     from workflows.janitor import JanitorWorkflow
     from workflows.models import JanitorRequest
 
@@ -386,18 +377,7 @@ async def janitor(args: argparse.Namespace, io: Io) -> int:
         for line in report.failed:
             io.out.print(Text(f"  failed   {line}", style="red"))
         return EXIT_SUCCEEDED if not report.failed else EXIT_FAILED
-    schedule = Schedule(
-        action=ScheduleActionStartWorkflow(
-            JanitorWorkflow.run, request, id=f"kiln-janitor-{args.cloud}", task_queue=queue
-        ),
-        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=args.every)]),
-        policy=SchedulePolicy(catchup_window=args.every),
-    )
-    schedule_id = f"kiln-janitor-{args.cloud}"
-    try:
-        await client.create_schedule(schedule_id, schedule)
-    except ScheduleAlreadyRunningError:
-        await client.get_schedule_handle(schedule_id).update(lambda _: ScheduleUpdate(schedule=schedule))
+    schedule_id = await schedule_janitor(client, cloud=args.cloud, task_queue=queue, every=args.every)
     io.out.print(f"schedule {schedule_id}: the janitor runs every {args.every} on {queue}")
     return EXIT_SUCCEEDED
 

@@ -12,8 +12,8 @@ import asyncio
 import os
 import sys
 import traceback
-from collections.abc import Sequence
-from datetime import timedelta
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from rich.console import Console
@@ -23,6 +23,7 @@ from temporalio.service import RPCError
 from activities.clouds.registry import CLOUDS
 from activities.connection import ConnectError
 from cli import commands
+from cli import template_commands as golden
 from cli.builds import EXIT_BROKEN_PIPE, EXIT_CANCELED, EXIT_FAILED, EXIT_USAGE, UsageError
 from workflows.models import RunState
 
@@ -153,6 +154,137 @@ def parser() -> argparse.ArgumentParser:
     p = command("janitor", commands.janitor, "finish cleanups builds left (terminated, or an undo refused)")
     p.add_argument("--cloud", choices=sorted(CLOUDS), default="local", help="whose builds (default: local)")
     p.add_argument("--every", type=duration, help="keep running on a schedule, e.g. 1h or 30m, instead of once")
+
+    def group(name: str, text: str, subject: str) -> Callable[..., argparse.ArgumentParser]:
+        """A command with commands of its own (``kiln template create``), each naming a ``subject`` first."""
+        commands_of = sub.add_parser(name, help=text).add_subparsers(
+            title=f"{name} commands", required=True, metavar="COMMAND"
+        )
+
+        def add(verb: str, handler: object, text: str, *, named: bool = True) -> argparse.ArgumentParser:
+            p = commands_of.add_parser(verb, help=text, description=text, parents=[connection])
+            p.set_defaults(handler=handler)
+            if named:
+                p.add_argument("name", help=f"the {subject}'s name")
+            return p
+
+        return add
+
+    template_command = group("template", "image templates kept as AIB keeps them, each run many times", "template")
+
+    def webhook_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--webhook", action="append", metavar="URL", help="POST each build's end and trigger event here")
+        p.add_argument(
+            "--webhook-format",
+            choices=["json", "slack", "teams"],
+            default="json",
+            help="the body's shape (default json)",
+        )
+
+    p = template_command("create", golden.template_create, "store a template (autoRun Enabled builds it at once)")
+    template_arguments(p)
+    webhook_arguments(p)
+    p = template_command("update", golden.template_update, "store a new revision; the next run builds it")
+    template_arguments(p)
+    webhook_arguments(p)
+    p = template_command("run", golden.template_run, "build the template now, then show the build until it ends")
+    p.add_argument("--no-wait", action="store_true", help="start the build and return")
+    template_command("cancel", golden.template_cancel, "cancel the template's running build")
+    p = template_command("show", golden.template_show, "the template's lastRunStatus, trigger and runs")
+    p.add_argument("--limit", type=positive, default=20, help="show this many of the newest runs (default: 20)")
+    p.add_argument("--json", action="store_true", help="print everything the template holds as JSON")
+    template_command("delete", golden.template_delete, "delete the template (refused while it builds)")
+    template_command("list", golden.template_list, "every template", named=False)
+
+    schedule_command = group("schedule", "rebuild a template on a cron schedule (Temporal Schedules)", "schedule")
+
+    p = schedule_command("create", golden.schedule_create, "run a template on a cron schedule; a run never overlaps")
+    p.add_argument("--template", required=True, help="the template to run")
+    p.add_argument("--cron", required=True, metavar="EXPR", help="e.g. '0 3 * * 0' (Sundays 03:00)")
+    p.add_argument("--timezone", default="UTC", help="the cron's time zone, e.g. Europe/Amsterdam (default: UTC)")
+    p.add_argument("--jitter", type=duration, help="start each run up to this much later, e.g. 30m")
+    p.add_argument(
+        "--catchup-window", type=duration, help="runs missed while down, within this, still run (default 1h)"
+    )
+    p.add_argument(
+        "--when",
+        choices=["always", "source-changed"],
+        help="build every time, or only when the source or template changed (default: source-changed for a latest "
+        "source, else always)",
+    )
+    schedule_command("describe", golden.schedule_describe, "next runs and the last runs' results")
+    p = schedule_command("pause", golden.schedule_pause, "stop starting runs until unpaused")
+    p.add_argument("--note", help="why, shown by describe")
+    schedule_command("unpause", golden.schedule_unpause, "start runs again")
+    schedule_command("trigger", golden.schedule_trigger, "run now (skipped if the last run still builds)")
+    p = schedule_command("backfill", golden.schedule_backfill, "run what the schedule would have run in a past window")
+    p.add_argument("--start", required=True, type=datetime.fromisoformat, help="ISO time, e.g. 2026-11-01T00:00")
+    p.add_argument("--end", required=True, type=datetime.fromisoformat, help="ISO time")
+    schedule_command("delete", golden.schedule_delete, "delete the schedule")
+    schedule_command("list", golden.schedule_list, "every schedule", named=False)
+
+    triggers = sub.add_parser("trigger", help="a template's SourceImage trigger: build when its latest source moves")
+    trigger_sub = triggers.add_subparsers(title="trigger commands", required=True, metavar="COMMAND")
+    p = trigger_sub.add_parser("create", help="add the template's SourceImage trigger", parents=[connection])
+    p.set_defaults(handler=golden.trigger_create)
+    p.add_argument("template")
+    p.add_argument("--name", default="source", help="the trigger's name (default: source)")
+    p.add_argument("--interval", type=duration, default=timedelta(hours=1), help="how often to check (default 1h)")
+    p.add_argument(
+        "--failure-limit", type=positive, default=3, help="consecutive failed builds that deactivate it (default 3)"
+    )
+    for name, handler, text in (
+        ("show", golden.trigger_show, "the trigger's status (Healthy or Unhealthy), with its message and time"),
+        ("delete", golden.trigger_delete, "delete the trigger"),
+    ):
+        p = trigger_sub.add_parser(name, help=text, parents=[connection])
+        p.set_defaults(handler=handler)
+        p.add_argument("template")
+
+    p = command("images", golden.images_list, "output versions with their lineage; `kiln images revoke` retires one")
+    p.add_argument("--template", help="only this template's versions")
+    p.add_argument("--cloud", choices=sorted(CLOUDS), help="only this cloud's templates (default: every cloud)")
+    images_sub = p.add_subparsers(title="images commands", metavar="COMMAND")
+    p = images_sub.add_parser(
+        "revoke",
+        help="exclude a gallery version from latest with an end of life; no build starts from it",
+        parents=[connection],
+    )
+    p.set_defaults(handler=golden.images_revoke)
+    p.add_argument("version", help="the gallery image version id")
+    p.add_argument("--descendants", action="store_true", help="and every version built from it, at any depth")
+    p.add_argument("--reason", help="why (shown by kiln images and in a refused build's message)")
+    p.add_argument("--end-of-life", type=datetime.fromisoformat, help="ISO date (default: now)")
+    p.add_argument("--cloud", choices=sorted(CLOUDS), default="local", help="the cloud holding it (default: local)")
+
+    retention = sub.add_parser("retention", help="keep a template's newest N gallery versions, and those in use")
+    retention_sub = retention.add_subparsers(title="retention commands", required=True, metavar="COMMAND")
+    for name, handler, text in (
+        ("run", golden.retention_run, "apply retention once (--dry-run: only list what would go)"),
+        ("schedule", golden.retention_schedule, "apply retention on a cron schedule of its own"),
+    ):
+        p = retention_sub.add_parser(name, help=text, description=text, parents=[connection])
+        p.set_defaults(handler=handler)
+        p.add_argument("template", nargs="?", help="the template whose versions to judge")
+        p.add_argument(
+            "--image-definition",
+            metavar="ID",
+            help="judge a gallery image definition's versions instead, any template's",
+        )
+        p.add_argument(
+            "--cloud", choices=sorted(CLOUDS), default="local", help="with --image-definition (default local)"
+        )
+        p.add_argument("--keep", type=positive, required=True, help="how many of the newest versions to keep")
+        p.add_argument(
+            "--action",
+            choices=["delete", "end-of-life"],
+            default="delete",
+            help="what to do with the rest (default delete)",
+        )
+        p.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
+        if name == "schedule":
+            p.add_argument("--cron", required=True, metavar="EXPR", help="e.g. '0 4 * * *'")
+            p.add_argument("--timezone", default="UTC")
 
     p = command("resources", commands.resources, "what the local cloud has made, from its resource store")
     p.add_argument("--orphans", action="store_true", help="only temporary resources of builds no longer running")

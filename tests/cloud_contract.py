@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pytest
 
@@ -89,10 +90,24 @@ async def an_unknown_source_is_refused_before_anything_is_made(under_test: Cloud
     assert await under_test.leftovers(build) == []
 
 
+async def a_gallery_version_never_made_is_deleted_and_refuses_retirement(under_test: CloudUnderTest) -> None:
+    version = (
+        "/subscriptions/0000/resourceGroups/kilnContract/providers/Microsoft.Compute/galleries/none/images/none"
+        f"/versions/0.0.{uuid.uuid4().int % 1000}"
+    )
+    await under_test.cloud.delete_image_version(version)
+    with pytest.raises(PermanentError) as refused:
+        await under_test.cloud.retire_image_version(
+            version, end_of_life=datetime.now(UTC), exclude_from_latest=True, revoked="contract"
+        )
+    assert refused.value.type == "ImageVersionNotFound"
+
+
 CONTRACT = [
     staging_is_create_or_get_and_delete_twice,
     a_vm_and_its_capture_are_create_or_get_and_delete_twice,
     deleting_an_output_never_made_succeeds,
     an_unknown_source_is_refused_before_anything_is_made,
+    a_gallery_version_never_made_is_deleted_and_refuses_retirement,
 ]
 CONTRACT_IDS = [check.__name__ for check in CONTRACT]

@@ -250,6 +250,7 @@ class ImageBuildWorkflow:
             ResolveSourceRequest(build=context, template=template),
         )
         self._status.source_exact_version = source.exact_version
+        self._status.source_image_id = source.image_id
 
         self._undos.push(
             DELETE_STAGING, DeleteRequest(build=context, name="staging"), owner="staging", label="delete staging"
@@ -267,6 +268,7 @@ class ImageBuildWorkflow:
                 StagingActivities.stage_artifacts,
                 StageArtifactsRequest(build=context, staging=staging, artifacts=artifacts),
             )
+        self._status.staged_artifacts = staged
         staged_by_field = index_by_field(artifacts, staged)
 
         validation = props.validation

@@ -83,6 +83,8 @@ class ResolvedSource(CamelModel):
     os_type: Literal["Linux", "Windows"] = "Linux"
     hyper_v_generation: Literal["V1", "V2"] = "V2"
     size_bytes: int = 0
+    # Why the version was revoked (``kiln images revoke``); a build refuses a revoked source.
+    revoked: str = ""
 
 
 class Staging(CamelModel):
@@ -233,12 +235,15 @@ class BuildStatus(CamelModel):
     deadline: datetime | None = None
     exact_staging_resource_group: str = ""
     source_exact_version: str = ""
+    source_image_id: str = ""
     log_uri: str = ""
     run_outputs: list[RunOutput] = []
     steps: list[StepRecord] = []
     resources: list[Resource] = []
     kept_on_abort: list[Resource] = []
     pending_cleanup: list[PendingUndo] = []
+    # Every scriptUri and sourceUri the build staged, with the sha256 of the bytes staged: the build's lineage.
+    staged_artifacts: list[StagedArtifact] = []
     # What AIB accepts only with a warning (say, a field an older apiVersion drops), each at its path.
     warnings: list[TemplateIssue] = []
 

@@ -81,3 +81,26 @@ JANITOR_UNDO = UndoPolicy(
     # Nothing is built after it, so a cancel need not wait for a delete (running one again is harmless).
     cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL,
 )
+
+# -- the image template entity
+
+# Resolving a source is one cloud read (a first local base may be made in it, as a first build makes it).
+SOURCE_CHECK_TIMEOUT = timedelta(minutes=30)
+# A source that cannot be resolved now is the next interval's to try; the trigger says so meanwhile.
+SOURCE_CHECK_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_attempts=3)
+# A webhook down for a while still hears of the event, later; one down for a day does not hold the entity.
+NOTIFY_TIMEOUT = timedelta(hours=24)
+NOTIFY_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(minutes=10)
+)
+# A schedule's run asks its template to build; the template answers at once (it starts or skips).
+REQUEST_RUN_TIMEOUT = timedelta(minutes=1)
+REQUEST_RUN_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=5)
+
+# -- output versions' lifecycle (revocation, retention)
+
+# One gallery version update or delete, or reading every template's lineage.
+LIFECYCLE_TIMEOUT = timedelta(minutes=30)
+LIFECYCLE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2), maximum_interval=timedelta(minutes=1), maximum_attempts=10
+)

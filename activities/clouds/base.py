@@ -10,6 +10,7 @@ Rules every implementation keeps (the saga depends on them):
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, Protocol
 
 from temporalio.exceptions import ApplicationError
@@ -141,6 +142,19 @@ class Cloud(Protocol):
     async def delete_output(self, build: BuildContext, target: Distributor, index: int) -> None:
         """Remove what an unfinished distribution left (a half-replicated version, a partial VHD), and only what
         this build wrote. Succeeds when nothing is there."""
+
+    async def retire_image_version(
+        self, version_id: str, *, end_of_life: datetime, exclude_from_latest: bool, revoked: str = ""
+    ) -> None:
+        """Give a gallery image version an end-of-life date and, if asked, take it out of what ``latest`` resolves
+        to. ``revoked`` (why it was revoked) marks it so that ``resolve_source`` refuses to build from it.
+
+        Raises:
+            PermanentError: ImageVersionNotFound, there is no such version.
+        """
+
+    async def delete_image_version(self, version_id: str) -> None:
+        """Delete a gallery image version and its replicas. Succeeds when already gone."""
 
     async def close(self) -> None:
         """Release the cloud's clients and connections when the worker stops."""

@@ -7,6 +7,7 @@ injected: conflicts while deleting, throttling with Retry-After, quota and permi
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 import pytest
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
@@ -25,6 +26,7 @@ from tests.arm_emulator import ArmEmulator, GuestEndpoint, GuestSpec, PlatformIm
 from tests.azure.environment import (
     LOCATION,
     REGION2,
+    RG,
     SUB,
     Guests,
     kiln_resources,
@@ -669,3 +671,41 @@ async def test_a_copy_into_another_region_is_looked_at_every_15_s_backing_off_to
         await cloud.close()
     assert output.artifact_id == target.image_id
     assert pauses == [15.0, 22.5, 30.0, 30.0]
+
+
+async def test_a_revoked_gallery_version_leaves_latest_is_refused_and_is_deleted(
+    cloud: AzureCloud, arm: ArmEmulator
+) -> None:
+    gallery = await make_gallery(arm.base_url, "revokeGallery", LOCATION, ("base",))
+    owner = owner_clients(arm.base_url)
+    try:
+        disk = {"osType": "Linux", "osState": "Generalized", "blobUri": "https://src.blob.core.windows.net/vhds/a.vhd"}
+        image = await (
+            await owner.compute.images.begin_create_or_update(
+                RG, "revokeSource", {"location": LOCATION, "properties": {"storageProfile": {"osDisk": disk}}}
+            )
+        ).result()
+        made = {"location": LOCATION, "properties": {"storageProfile": {"source": {"id": image.id}}}}
+        await (
+            await owner.compute.gallery_image_versions.begin_create_or_update(
+                RG, "revokeGallery", "base", "1.0.0", made
+            )
+        ).result()
+    finally:
+        await owner.close()
+    version_id = f"{gallery}/images/base/versions/1.0.0"
+    latest = template({"type": "SharedImageVersion", "imageVersionId": version_id.replace("1.0.0", "latest")})
+    pinned = template({"type": "SharedImageVersion", "imageVersionId": version_id})
+    assert (await cloud.resolve_source(build_context(), latest)).exact_version == "1.0.0"
+
+    end = datetime(2026, 12, 31, tzinfo=UTC)
+    await cloud.retire_image_version(version_id, end_of_life=end, exclude_from_latest=True, revoked="CVE-1")
+
+    assert (await cloud.resolve_source(build_context(), pinned)).revoked == "CVE-1"
+    with pytest.raises(PermanentError) as no_latest:  # the only version is excluded now
+        await cloud.resolve_source(build_context(), latest)
+    assert no_latest.value.type == "SourceImageNotFound"
+    await cloud.delete_image_version(version_id)
+    await cloud.delete_image_version(version_id)  # already gone: fine
+    with pytest.raises(PermanentError):
+        await cloud.resolve_source(build_context(), pinned)

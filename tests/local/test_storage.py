@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import random
@@ -557,6 +558,32 @@ async def test_exclude_from_latest(local_storage: LocalStorage, disk: Path, smal
         PermanentError, match=r"properties\.source\.imageVersionId: no version '9\.9\.9' .*versions: 1\.0\.0, 1\.0\.1"
     ):
         await local_storage.locate_image(f"{DEFINITION}/versions/9.9.9")
+
+
+async def test_a_revoked_version_leaves_latest_and_a_deleted_one_leaves_its_replicas(
+    local_storage: LocalStorage, small_disk: Path
+) -> None:
+    await make_definition(local_storage)
+    staging = await local_storage.create_staging(new_build())
+    for version in ("1.0.0", "1.0.1"):
+        await distribute(
+            local_storage, request_for(new_build(), staging, small_disk, shared(f"{DEFINITION}/versions/{version}"))
+        )
+    newest = f"{DEFINITION}/versions/1.0.1"
+    end = datetime.datetime(2026, 12, 31, tzinfo=datetime.UTC)
+
+    await local_storage.gallery.retire(newest, end_of_life=end.isoformat(), exclude_from_latest=True, revoked="CVE-1")
+
+    assert (await local_storage.locate_image(f"{DEFINITION}/versions/latest")).exact_version == "1.0.0"
+    assert (await local_storage.locate_image(newest)).revoked == "CVE-1"
+    record = local_storage.store.get(newest.lower())
+    assert record.data["endOfLifeDate"] == end.isoformat() and record.data["state"] == "Succeeded"
+
+    blobs = [url for entry in record.data["regions"].values() for url in entry["blobs"]]
+    await local_storage.gallery.delete_version(newest)
+    await local_storage.gallery.delete_version(newest)  # already gone: fine
+    assert local_storage.store.get(newest.lower()) is None
+    assert not any([await local_storage.accounts.blob_at(url).exists() for url in blobs])
 
 
 async def test_delete_output_removes_an_unfinished_distribution(

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import timedelta
 
 from temporalio.client import Client
 
+from activities.janitor import schedule_janitor
 from tests.workflows.harness import Harness
 from workflows.janitor import JanitorWorkflow
 from workflows.models import JanitorReport, JanitorRequest, RunState
@@ -88,3 +90,24 @@ async def test_janitor_leaves_finished_and_running_builds_alone(harness: Harness
     assert harness.cloud.alive() == alive_before
     await running.cancel()
     await harness.finish(running)
+
+
+async def test_the_janitor_schedule_a_worker_keeps_runs_the_janitor_and_is_kept_up_to_date(
+    harness: Harness, client: Client
+) -> None:
+    """What ``worker.py --dev`` (and ``--janitor-every``) sets up: asked twice, one schedule, at the newest interval."""
+    cloud = f"test-{uuid.uuid4().hex[:6]}"
+    schedule_id = await schedule_janitor(client, cloud=cloud, task_queue=harness.task_queue, every=timedelta(hours=2))
+    assert await schedule_janitor(client, cloud=cloud, task_queue=harness.task_queue, every=timedelta(hours=1)) == (
+        schedule_id
+    )
+    handle = client.get_schedule_handle(schedule_id)
+    description = await handle.describe()
+    assert description.schedule.spec.intervals[0].every == timedelta(hours=1)
+    await handle.trigger()
+    async with asyncio.timeout(30):
+        while not (description := await handle.describe()).info.recent_actions:
+            await asyncio.sleep(0.3)
+    run = client.get_workflow_handle(description.info.recent_actions[0].action.workflow_id, result_type=JanitorReport)
+    assert (await run.result()).failed == []
+    await handle.delete()

@@ -17,6 +17,8 @@ CREATED_BY = "kiln"
 TAG_TEMPLATE_NAME = "imageTemplateName"
 TAG_TEMPLATE_RESOURCE_GROUP = "imageTemplateResourceGroupName"
 TAG_ROLE = "kilnRole"
+# Set on a gallery image version `kiln images revoke` revoked: why, and when. No build starts from it.
+TAG_REVOKED = "kilnRevoked"
 ROLE_TEMPORARY = "temporary"
 ROLE_OUTPUT = "output"
 ROLE_LOG = "log"

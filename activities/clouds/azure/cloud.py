@@ -7,13 +7,14 @@ import logging
 import os
 import urllib.request
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
 
 from activities.clouds.aib.ids import COMPUTE, parse_platform_image_id, platform_image_id, resource_id
 from activities.clouds.aib.names import admin_user_of, staging_group
-from activities.clouds.aib.tags import ROLE_TEMPORARY, TAG_BUILD_ID, blob_metadata, build_tags
+from activities.clouds.aib.tags import ROLE_TEMPORARY, TAG_BUILD_ID, TAG_REVOKED, blob_metadata, build_tags
 from activities.clouds.aib.targets import check_source_security, check_targets
 from activities.clouds.aib.versions import version_key
 from activities.clouds.append_log import AppendLog
@@ -298,7 +299,49 @@ class AzureCloud:
             exact_version=version,
             os_type="Windows" if image.os_type == "Windows" else "Linux",
             hyper_v_generation="V2" if image.hyper_v_generation == "V2" else "V1",
+            revoked=(found.tags or {}).get(TAG_REVOKED, ""),
         )
+
+    # ---- gallery versions' lifecycle
+
+    def _version_ref(self, version_id: str) -> tuple[str, str, str, str]:
+        ref = resource_id(version_id, field="version")
+        if not ref.is_a(COMPUTE, "galleries", "images", "versions"):
+            raise PermanentError(f"{version_id} is not a gallery image version id", kind="ImageVersionNotFound")
+        gallery, definition, version = ref.path[1::2]
+        return ref.group, gallery, definition, version
+
+    async def retire_image_version(
+        self, version_id: str, *, end_of_life: datetime, exclude_from_latest: bool, revoked: str = ""
+    ) -> None:
+        group, gallery, definition, version = self._version_ref(version_id)
+        versions = self.arm.compute.gallery_image_versions
+        async with arm_call(
+            f"gallery image version {version_id}", needs="Microsoft.Compute/galleries/images/versions/write"
+        ):
+            try:
+                found = await versions.get(group, gallery, definition, version)
+            except ResourceNotFoundError as err:
+                raise PermanentError(f"{version_id} does not exist", kind="ImageVersionNotFound") from err
+            profile: dict[str, Any] = {"endOfLifeDate": end_of_life.isoformat()}
+            if exclude_from_latest:
+                profile["excludeFromLatest"] = True
+            tags = {**(found.tags or {}), **({TAG_REVOKED: revoked} if revoked else {})}
+            poller = await versions.begin_update(
+                group, gallery, definition, version, {"tags": tags, "properties": {"publishingProfile": profile}}
+            )
+            await poller.result()
+
+    async def delete_image_version(self, version_id: str) -> None:
+        group, gallery, definition, version = self._version_ref(version_id)
+        async with arm_call(
+            f"gallery image version {version_id}", needs="Microsoft.Compute/galleries/images/versions/delete"
+        ):
+            try:
+                poller = await self.arm.compute.gallery_image_versions.begin_delete(group, gallery, definition, version)
+                await poller.result()
+            except ResourceNotFoundError:
+                pass
 
     # ---- staging
 

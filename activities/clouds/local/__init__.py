@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,7 +108,18 @@ class LocalCloud:
             exact_version=image.exact_version,
             hyper_v_generation=image.hyper_v_generation,
             size_bytes=vhd_file(image.vhd_path).size_bytes,
+            revoked=image.revoked,
         )
+
+    async def retire_image_version(
+        self, version_id: str, *, end_of_life: datetime, exclude_from_latest: bool, revoked: str = ""
+    ) -> None:
+        await self._storage.gallery.retire(
+            version_id, end_of_life=end_of_life.isoformat(), exclude_from_latest=exclude_from_latest, revoked=revoked
+        )
+
+    async def delete_image_version(self, version_id: str) -> None:
+        await self._storage.gallery.delete_version(version_id)
 
     async def create_vm(self, build: BuildContext, staging: Staging, spec: VmSpec) -> BuildVm:
         """A build VM boots the image's root in a container; a validation VM boots the image's disk in QEMU

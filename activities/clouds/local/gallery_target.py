@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 from activities.clouds.aib.ids import GalleryRef, parse_gallery_id, region_key
+from activities.clouds.aib.tags import TAG_REVOKED
 from activities.clouds.aib.targets import ImageDefinition, shared_image_target, target_regions
 from activities.clouds.aib.versions import choose_version, version_key
 from activities.clouds.base import PermanentError, Progress
@@ -239,4 +240,30 @@ class GalleryTarget:
             )
         region = next(e for e in found.data["regions"].values() if e["status"] == COMPLETED)
         path = await image_vhd(self._accounts, region["blobs"][0])
-        return LocalImage(path, found.data["version"], found.data["hyperVGeneration"])
+        return LocalImage(path, found.data["version"], found.data["hyperVGeneration"], found.data.get(TAG_REVOKED, ""))
+
+    async def _version(self, version_id: str) -> ResourceRecord:
+        record = await self._accounts.db(self._accounts.store.get, record_key(version_id))
+        if record is None or record.kind != KIND_IMAGE_VERSION:
+            raise PermanentError(f"{version_id}: there is no such gallery image version", kind="ImageVersionNotFound")
+        return record
+
+    async def retire(self, version_id: str, *, end_of_life: str, exclude_from_latest: bool, revoked: str) -> None:
+        record = await self._version(version_id)
+        data: dict[str, Any] = {"endOfLifeDate": end_of_life}
+        if exclude_from_latest:
+            data["excludeFromLatest"] = True
+        if revoked:
+            data[TAG_REVOKED] = revoked
+        await self._accounts.db(self._accounts.store.update, record.id, data)
+
+    async def delete_version(self, version_id: str) -> None:
+        """Delete the version's replicas in every region, then its record."""
+        record = await self._accounts.db(self._accounts.store.get, record_key(version_id))
+        if record is None:
+            return
+        for entry in record.data.get("regions", {}).values():
+            for url in entry.get("blobs", []):
+                await self._accounts.delete_blob(url)
+                await self._accounts.db(self._accounts.store.forget, url)
+        await self._accounts.db(self._accounts.store.forget, record.id)

@@ -36,6 +36,7 @@ class LocalImage:
     vhd_path: Path
     exact_version: str
     hyper_v_generation: str
+    revoked: str = ""
 
 
 def output_data(request: DistributeRequest, **data: Any) -> dict[str, Any]:

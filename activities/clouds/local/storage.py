@@ -77,6 +77,11 @@ class LocalStorage(LocalStaging):
     async def delete_output(self, build: BuildContext, target: Distributor, index: int) -> None:
         await outputs.delete_output(self.accounts, build, target, index)
 
+    @property
+    def gallery(self) -> GalleryTarget:
+        """The gallery's versions, for their lifecycle (end of life, revocation, retention)."""
+        return self._gallery
+
     # ---- images as sources
 
     async def locate_image(self, image_id: str) -> LocalImage:
