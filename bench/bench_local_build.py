@@ -141,12 +141,14 @@ async def run_packer(template: dict, disk: Path, work: Path, accel: str) -> floa
         "net_device": "virtio-net",
         "disk_interface": "virtio",
         "machine_type": "q35",
-        "cd_files": [str(seed / "user-data"), str(seed / "meta-data")],
-        "cd_label": "cidata",
+        # The NoCloud seed over Packer's own HTTP server: the cloud kernel has no driver for Packer's SATA CD.
+        "http_directory": str(seed),
+        "http_bind_address": "127.0.0.1",
         # Packer's own -netdev would forward SSH on every host address: this one binds a loopback address only.
         "qemuargs": [
             ["-cpu", CPU_MODELS[accel]],
             ["-bios", "/usr/share/ovmf/OVMF.fd"],  # UEFI for the Gen2 disk (this Packer has no `firmware` key)
+            ["-smbios", "type=1,serial=ds=nocloud-net;s=http://{{ .HTTPIP }}:{{ .HTTPPort }}/"],
             ["-netdev", f"user,id=user.0,hostfwd=tcp:{address}:{{{{ .SSHHostPort }}}}-:22"],
             ["-serial", f"file:{work / 'console.log'}"],
         ],

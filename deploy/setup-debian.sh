@@ -36,7 +36,6 @@ REQUIRED=(
     "/usr/share/OVMF/OVMF_CODE_4M.fd  ovmf            local cloud: UEFI firmware for Gen2 boots"
     "/usr/sbin/sshd           openssh-server          tests: the SSH server of the Azure tests' guests"
     "packer                   packer                  bench: the same build by Packer's qemu builder, side by side"
-    "xorriso                  xorriso                 bench: Packer's cd_files (the NoCloud seed as a CD)"
 )
 
 # Prints the missing packages, one per line; with --check also the state of every program.
