@@ -1,0 +1,31 @@
+"""Fields kiln reads but does not build yet: a template that uses one is accepted, as AIB accepts it, with a
+warning that names the field and what the build does without it, so nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+from workflows.template.errors import TemplateIssue, format_path
+from workflows.template.image_template import ImageTemplate
+
+
+def not_built(template: ImageTemplate, path: tuple[str | int, ...] = ()) -> list[TemplateIssue]:
+    """A warning for each field of `template` that kiln does not build yet, at its path (under `path`)."""
+    props = template.properties
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    if props.additional_data_disks:
+        found.append(
+            (
+                ("properties", "additionalDataDisks"),
+                "kiln does not build data disks yet: the build VM gets none, and the image and its gallery "
+                "versions have no data disk images.",
+            )
+        )
+    workload = props.optimize.workload if props.optimize is not None else None
+    if workload is not None and workload.state == "Enabled":
+        found.append(
+            (
+                ("properties", "optimize", "workload"),
+                "kiln does not run workload optimization yet: the workload script is neither fetched nor run.",
+            )
+        )
+    return [TemplateIssue(path=format_path((*path, *loc)), message=message) for loc, message in found]
