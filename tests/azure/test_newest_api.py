@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
-from tests.azure.environment import AzureHarness, prepare, temporary
+from tests.azure.environment import LOCATION, REGION2, AzureHarness, prepare, temporary
 from workflows.models import RunState
 
 CHECK = b"#!/bin/sh\ntest -s /etc/motd && echo validated-by-file\n"
@@ -36,3 +36,35 @@ async def test_a_file_validator_puts_its_file_on_the_validation_vm(harness: Azur
     assert "validated-by-file" in log
     assert "validate 1/2: check script" in log
     assert temporary(harness.arm) == []
+
+
+def shallow_template(harness: AzureHarness, region: str) -> dict:
+    template = harness.corpus("q9trig_helloImageTemplate.json")
+    template["apiVersion"] = "2025-10-01"
+    target = template["properties"]["distribute"][0]
+    target["targetRegions"] = [{"name": region}]
+    target["replicationMode"] = "Shallow"
+    return template
+
+
+async def test_a_shallow_gallery_version_is_sent_as_shallow_and_is_there_without_replication(
+    harness: AzureHarness,
+) -> None:
+    await prepare(harness.arm.base_url)
+    harness.arm.faults.slow_replication(polls=None, regions=[LOCATION])  # a Full copy would never end
+    status = await harness.finish(await harness.start(shallow_template(harness, LOCATION), "shallow"))
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    [output] = status.run_outputs
+    assert output.replication == {LOCATION: "Completed"}
+    [version] = [r for r in harness.arm.resources() if r["id"] == output.artifact_id]
+    assert version["properties"]["publishingProfile"]["replicationMode"] == "Shallow"
+    assert temporary(harness.arm) == []
+
+
+async def test_a_shallow_gallery_version_elsewhere_is_refused_before_anything_is_made(harness: AzureHarness) -> None:
+    await prepare(harness.arm.base_url)
+    status = await harness.finish(await harness.start(shallow_template(harness, REGION2), "shallow-elsewhere"))
+    assert status.run_state == RunState.FAILED
+    assert f"targetRegions[0].name: '{REGION2}' is not the build's region" in status.message
+    assert [s.name for s in status.steps] == ["resolve source"]
+    assert not any(c.method == "PUT" and "/virtualMachines/" in c.path for c in harness.arm.calls)

@@ -167,3 +167,30 @@ async def test_a_gallery_target_must_fit_the_image() -> None:
     gen1 = SOURCE.model_copy(update={"hyper_v_generation": "V1"})
     with pytest.raises(PermanentError, match="generation V1, but the image definition .* is V2"):
         await check_targets(template, gen1, galleries=Galleries())
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ({"targetRegions": [{"name": "westus2"}]}, r"targetRegions\[0\]\.name: 'westus2' is not the build's region"),
+        ({"targetRegions": [{"name": "eastus", "replicaCount": 2}]}, r"targetRegions\[0\]\.replicaCount: .* one"),
+        (
+            {"replicationRegions": ["eastus", "westus2"], "targetRegions": None},
+            r"replicationRegions\[1\]\.name: 'westus2'",
+        ),
+    ],
+)
+async def test_a_shallow_gallery_target_is_only_in_the_build_s_region_with_one_replica(
+    target: dict, message: str
+) -> None:
+    shallow = {"galleryImageId": DEFINITION, "replicationMode": "Shallow", **target}
+    with pytest.raises(PermanentError, match=message):
+        await check_targets(with_target(shallow), SOURCE, galleries=Galleries())
+    full = {**shallow, "replicationMode": "Full"}
+    await check_targets(with_target(full), SOURCE, galleries=Galleries())
+
+
+async def test_a_shallow_gallery_target_in_the_build_s_region_is_taken() -> None:
+    for target in ({"targetRegions": [{"name": "East US"}]}, {"targetRegions": None}):
+        shallow = {"galleryImageId": DEFINITION, "replicationMode": "Shallow", **target}
+        await check_targets(with_target(shallow), SOURCE, galleries=Galleries())

@@ -13,6 +13,10 @@ one, only into a definition that takes it: Standard or TrustedLaunchSupported (a
 takes managed images; one of type TrustedLaunch does not: packer-plugin-azure#304). New Gen2 definitions are
 TrustedLaunchSupported unless made otherwise (Trusted Launch as default).
 
+Shallow replication (``replicationMode: Shallow``, API 2025-10-01) is the gallery's: the version refers to its source
+instead of copying it, so it is ready sooner, and so it exists only where its source is, the build's region, as one
+replica. A Shallow target that names another region, or more than one replica, is refused before the build.
+
 A gallery version is written in the build's region, where the captured image is, and that region is published to
 even when the target does not name it, as Packer and AIB do: ARM makes a version only from a source in its own
 region (MicrosoftDocs/azure-docs#28793) and only when its regions contain its own (hashicorp/packer#8895).
@@ -186,6 +190,26 @@ def publishing_regions(
     return regions
 
 
+def _check_shallow(
+    target: SharedImageDistributor, *, index: int, definition: ImageDefinition, build_location: str
+) -> None:
+    if target.replication_mode != "Shallow":
+        return
+    for region, field in target_regions(target, index=index, definition=definition):
+        if region_key(region.name) != region_key(build_location):
+            raise PermanentError(
+                f"{field}: '{region.name}' is not the build's region {build_location}; a Shallow version is only "
+                "where its source is (use replicationMode Full to replicate it)",
+                kind="BadSharedImageDistribute",
+            )
+        if region.replica_count != 1:
+            raise PermanentError(
+                f"{field.removesuffix('.name')}.replicaCount: a Shallow version has one replica, "
+                f"not {region.replica_count}",
+                kind="BadSharedImageDistribute",
+            )
+
+
 def _check_each_region_once(target: SharedImageDistributor, *, index: int) -> None:
     seen: dict[str, str] = {}
     for region, field in target_regions(target, index=index):
@@ -227,6 +251,7 @@ async def check_targets(
                 galleries=galleries,
             )
             _check_each_region_once(target, index=index)
+            _check_shallow(target, index=index, definition=definition, build_location=template.location)
             if check_region is not None:
                 for region, field in target_regions(target, index=index, definition=definition):
                     check_region(region.name, field=field)

@@ -272,6 +272,8 @@ class AzureDistribution:
                             "publishingProfile": {
                                 "targetRegions": regions,
                                 "excludeFromLatest": target.exclude_from_latest,
+                                # Omitted unless given: the gallery's default is Full.
+                                **({"replicationMode": target.replication_mode} if target.replication_mode else {}),
                             },
                             "storageProfile": {"source": {"id": request.image.id}},
                         },

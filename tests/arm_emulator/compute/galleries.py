@@ -9,6 +9,10 @@ regions must contain the version's own location (hashicorp/packer#8895), may nam
 (terraform-provider-azurerm#7751), and the source image must be in the version's region (MicrosoftDocs/azure-docs
 #28793).
 
+Replication mode: a Shallow version (publishingProfile.replicationMode) refers to its source instead of copying
+it, so it is there at once, with no replication to wait for; and so it may be only in its own region, one replica
+(400 InvalidParameter otherwise). Full, the default, copies to every target region.
+
 Security types: a Gen2 image definition made without a `SecurityType` feature is TrustedLaunchSupported, as Trusted
 Launch as default (TLaD) makes it. A version of a TrustedLaunchSupported definition is made only from a VHD, a
 managed image or another gallery version, not from a VM (packer-plugin-azure#304); one of a TrustedLaunch or
@@ -101,6 +105,18 @@ def _prepare_version(arm: ArmEmulator, res: Resource, existing: Resource | None)
         )
     publishing.setdefault("replicaCount", 1)
     publishing.setdefault("storageAccountType", "Standard_LRS")
+    mode = publishing.setdefault("replicationMode", "Full")
+    if mode not in ("Full", "Shallow"):
+        raise ArmError(400, "InvalidParameter", f"The value '{mode}' of parameter 'replicationMode' is not valid.")
+    if mode == "Shallow":
+        counts = [publishing["replicaCount"], *(r.get("regionalReplicaCount", 1) for r in publishing["targetRegions"])]
+        if regions != [location] or any(c != 1 for c in counts):
+            raise ArmError(
+                400,
+                "InvalidParameter",
+                f"Shallow replication is supported only in the image version's own region '{location}', with one "
+                f"replica; the publishing profile names {regions}.",
+            )
     publishing["publishedDate"] = now()
     profile.setdefault("osDiskImage", {"sizeInGB": 30, "hostCaching": "ReadWrite"})
 
@@ -109,9 +125,11 @@ def _replication_limit(arm: ArmEmulator, res: Resource) -> Callable[[], int | No
     """Records each target region's replication plan; the version's operation ends with the
     slowest region, and never while one of them is hung."""
     plans: dict[str, tuple[Callable[[], int | None], dict[str, str] | None]] = {}
-    polls = arm.operation_polls
+    # Shallow: nothing is copied, so the version is there on the first poll.
+    shallow = res.properties["publishingProfile"].get("replicationMode") == "Shallow"
+    polls = 0 if shallow else arm.operation_polls
     for region in res.properties["publishingProfile"]["targetRegions"]:
-        fault = arm.faults.replication_fault(region["name"])
+        fault = None if shallow else arm.faults.replication_fault(region["name"])
         error = None
         if fault is not None and fault.fail_code:
             error = {
