@@ -83,6 +83,9 @@ class ResolvedSource(CamelModel):
     os_type: Literal["Linux", "Windows"] = "Linux"
     hyper_v_generation: Literal["V1", "V2"] = "V2"
     size_bytes: int = 0
+    security_type: str = "Standard"
+    """The source's ``SecurityType`` feature (TrustedLaunchSupported, ConfidentialVMSupported...): the security
+    type a gallery target's image definition must match."""
 
 
 class Staging(CamelModel):

@@ -25,6 +25,7 @@ from tests.arm_emulator import ArmEmulator, GuestEndpoint, GuestSpec, PlatformIm
 from tests.azure.environment import (
     LOCATION,
     REGION2,
+    RG,
     SUB,
     Guests,
     kiln_resources,
@@ -187,6 +188,52 @@ async def test_a_gallery_target_that_takes_no_standard_image_is_refused_when_the
     assert (
         await cloud.resolve_source(build_context(), template(gen2, distribute=[target("default")]))
     ).hyper_v_generation == "V2"
+    assert kiln_resources(arm) == []
+
+
+@pytest.mark.parametrize(
+    ("source_security", "definition_security", "verdict"),
+    [
+        ("TrustedLaunchSupported", "TrustedLaunchSupported", None),
+        ("TrustedLaunchSupported", "Standard", "write to a definition of security type TrustedLaunchSupported"),
+        ("Standard", "TrustedLaunchSupported", None),
+        ("Standard", "Standard", None),
+        ("ConfidentialVMSupported", "ConfidentialVMSupported", "no confidential definition takes"),
+        ("ConfidentialVMSupported", "Standard", "no confidential definition takes"),
+    ],
+)
+async def test_source_and_gallery_definition_security_types_must_match(
+    cloud: AzureCloud, arm: ArmEmulator, source_security: str, definition_security: str, verdict: str | None
+) -> None:
+    """AIB: source and distribution security types match. A TrustedLaunchSupported source goes only into a
+    TrustedLaunchSupported definition, a confidential one into none kiln can write; refused before anything is made,
+    at the target's path. A ManagedImage target of any such source is a Standard image, and taken."""
+    arm.platform_images[("Contoso", "secure", "gen2")] = PlatformImage(
+        versions=["1.0.0"], hyper_v_generation="V2", features={"SecurityType": source_security}
+    )
+    features = [{"name": "SecurityType", "value": definition_security}]
+    gallery = await make_gallery(arm.base_url, "gal", LOCATION, ("golden",), generation="V2", features=features)
+    source = {"type": "PlatformImage", "publisher": "Contoso", "offer": "secure", "sku": "gen2", "version": "latest"}
+    shared = {
+        "type": "SharedImage",
+        "runOutputName": "golden",
+        "galleryImageId": f"{gallery}/images/golden",
+        "targetRegions": [{"name": LOCATION}],
+    }
+    if verdict is None:
+        resolved = await cloud.resolve_source(build_context(), template(source, distribute=[shared]))
+        assert resolved.security_type == source_security
+    else:
+        with pytest.raises(PermanentError, match=rf"distribute\[0\]\.galleryImageId: .* {verdict}") as caught:
+            await cloud.resolve_source(build_context(), template(source, distribute=[shared]))
+        assert f"does not match the source's, {source_security}" in caught.value.message
+    managed = {
+        "type": "ManagedImage",
+        "runOutputName": "managed",
+        "imageId": f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/images/golden",
+        "location": LOCATION,
+    }
+    assert (await cloud.resolve_source(build_context(), template(source, distribute=[managed]))).exact_version
     assert kiln_resources(arm) == []
 
 

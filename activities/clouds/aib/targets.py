@@ -7,11 +7,16 @@ are each named once (ARM refuses a version that names one twice: terraform-provi
 refused at resolve source, before it pays for anything, when a target breaks one. Each cloud brings the lookups
 (``Galleries``) and, where it has only some regions, a check of a region name.
 
-Security types (Trusted Launch): AIB takes a source of security type Standard, TrustedLaunchSupported or
-ConfidentialVMSupported, not one that runs only as TrustedLaunch or ConfidentialVM, and writes its image, a Standard
-one, only into a definition that takes it: Standard or TrustedLaunchSupported (a TrustedLaunchSupported definition
-takes managed images; one of type TrustedLaunch does not: packer-plugin-azure#304). New Gen2 definitions are
-TrustedLaunchSupported unless made otherwise (Trusted Launch as default).
+Security types (Trusted Launch, Confidential VM): AIB takes a source of security type Standard,
+TrustedLaunchSupported or ConfidentialVMSupported, not one that runs only as TrustedLaunch or ConfidentialVM
+(image-builder-overview), and the source's and the gallery definition's security types must match. kiln builds on a
+Standard VM and captures a managed image, which no TrustedLaunch or confidential definition takes (a
+TrustedLaunchSupported one does: packer-plugin-azure#304; no managed image is made from a TrustedLaunch VM:
+hashicorp/packer#13189). So a Standard source writes into a Standard or TrustedLaunchSupported definition (new Gen2
+definitions are TrustedLaunchSupported unless made otherwise: Trusted Launch as default), a TrustedLaunchSupported
+source only into a TrustedLaunchSupported one, and a ConfidentialVMSupported source into none: each combination
+refused before anything is made. The source's security type carries to the build VM only as far as that capture
+allows: the VM is Standard, and its image keeps the source's secure-boot-ready boot chain.
 
 Shallow replication (``replicationMode: Shallow``, API 2025-10-01) is the gallery's: the version refers to its source
 instead of copying it, so it is ready sooner, and so it exists only where its source is, the build's region, as one
@@ -34,7 +39,12 @@ from workflows.template import ImageTemplate, ManagedImageDistributor, SharedIma
 
 STANDARD = "Standard"
 _SOURCE_SECURITY_REFUSED = {"trustedlaunch", "confidentialvm"}
-_TARGET_SECURITY_TAKEN = {"standard", "trustedlaunchsupported"}
+# By the source's security type: the gallery definitions whose security type matches it and take kiln's image.
+_DEFINITIONS_MATCHING = {
+    "standard": {"standard", "trustedlaunchsupported"},
+    "trustedlaunchsupported": {"trustedlaunchsupported"},
+    "trustedlaunchandconfidentialvmsupported": {"trustedlaunchsupported"},
+}
 
 
 @dataclass(frozen=True)
@@ -109,11 +119,18 @@ async def shared_image_target(
         os_type=request.source.os_type,
         hyper_v_generation=request.image.hyper_v_generation,
         galleries=galleries,
+        source_security=request.source.security_type,
     )
 
 
 async def image_definition_for(
-    target: SharedImageDistributor, *, index: int, os_type: str, hyper_v_generation: str, galleries: Galleries
+    target: SharedImageDistributor,
+    *,
+    index: int,
+    os_type: str,
+    hyper_v_generation: str,
+    galleries: Galleries,
+    source_security: str = STANDARD,
 ) -> tuple[GalleryRef, ImageDefinition]:
     """The image definition ``properties.distribute[index]`` writes a version of, checked against an image of
     ``os_type`` and ``hyper_v_generation``.
@@ -155,13 +172,29 @@ async def image_definition_for(
             f"{field}: the image is {os_type}, the image definition {ref.image_id} is {definition.os_type}",
             kind="BadSharedImageDistribute",
         )
-    if definition.security_type.lower() not in _TARGET_SECURITY_TAKEN:
-        raise PermanentError(
-            f"{field}: the image definition {ref.image_id} is of security type {definition.security_type}, which "
-            "takes no Standard image; write to a definition of security type Standard or TrustedLaunchSupported",
-            kind="BadSharedImageDistribute",
-        )
+    check_security_match(source_security, definition, field=field, definition_id=ref.image_id)
     return ref, definition
+
+
+def check_security_match(source_security: str, definition: ImageDefinition, *, field: str, definition_id: str) -> None:
+    """Refuse a gallery definition whose security type does not match the source's, or takes no image kiln makes.
+
+    Raises:
+        PermanentError: ``BadSharedImageDistribute``, naming ``field``.
+    """
+    matching = _DEFINITIONS_MATCHING.get(source_security.lower(), set())
+    if definition.security_type.lower() in matching:
+        return
+    if not matching:
+        wanted = "none does: kiln builds on a Standard VM, whose image no confidential definition takes"
+    else:
+        names = {"standard": STANDARD, "trustedlaunchsupported": "TrustedLaunchSupported"}
+        wanted = f"write to a definition of security type {' or '.join(names[m] for m in sorted(matching))}"
+    raise PermanentError(
+        f"{field}: the image definition {definition_id} is of security type {definition.security_type}, which does "
+        f"not match the source's, {source_security}; {wanted}",
+        kind="BadSharedImageDistribute",
+    )
 
 
 def target_regions(
@@ -249,6 +282,7 @@ async def check_targets(
                 os_type=source.os_type,
                 hyper_v_generation=source.hyper_v_generation,
                 galleries=galleries,
+                source_security=source.security_type,
             )
             _check_each_region_once(target, index=index)
             _check_shallow(target, index=index, definition=definition, build_location=template.location)

@@ -230,7 +230,8 @@ class AzureCloud:
                 f"({image.plan.publisher}/{image.plan.product}/{image.plan.name}); give it in properties.source.planInfo",
                 kind="PlanInfoRequired",
             )
-        check_source_security(security_type(image.features), field="properties.source", image=label)
+        security = security_type(image.features)
+        check_source_security(security, field="properties.source", image=label)
         os_disk = image.os_disk_image
         return ResolvedSource(
             image_id=platform_image_id(
@@ -239,6 +240,7 @@ class AzureCloud:
             exact_version=version,
             os_type="Windows" if os_disk is not None and os_disk.operating_system == "Windows" else "Linux",
             hyper_v_generation="V2" if image.hyper_v_generation == "V2" else "V1",
+            security_type=security,
         )
 
     async def _resolve_managed(self, source: ManagedImageSource) -> ResolvedSource:
@@ -292,12 +294,14 @@ class AzureCloud:
                     f"{field}: {source.image_version_id} does not exist (or has no version that 'latest' can mean)",
                     kind="SourceImageNotFound",
                 ) from err
-        check_source_security(security_type(image.features), field=field, image=source.image_version_id)
+        security = security_type(image.features)
+        check_source_security(security, field=field, image=source.image_version_id)
         return ResolvedSource(
             image_id=found.id,
             exact_version=version,
             os_type="Windows" if image.os_type == "Windows" else "Linux",
             hyper_v_generation="V2" if image.hyper_v_generation == "V2" else "V1",
+            security_type=security,
         )
 
     # ---- staging
