@@ -326,6 +326,12 @@ class ImageBuildWorkflow:
         # The build VM is done with: free it now rather than at the end of distribution.
         await self._undo_now(vm.name)
 
+        # optimize.vmBoot: as AIB does, the image is booted once while Optimizing, so its first boot is done before
+        # it is published; on a cloud that boot-checks its images, that boot check is this boot.
+        if props.optimize is not None and props.optimize.vm_boot_enabled and not image.boot_check:
+            booted = await self._create_vm(context, staging, source, image.id, template, "optimization")
+            await self._undo_now(booted.name)
+
         # A cloud that boot-checks its images boots this one even with no validator to run in it.
         if (validation is not None and validation.in_vm_validations) or image.boot_check:
             await self._validate(context, staging, source, image.id, template, staged_by_field)

@@ -117,7 +117,7 @@ class VmSpec(CamelModel):
     """A VM to make: the build VM from the source, or the validation VM from the captured image."""
 
     name: str
-    purpose: Literal["build", "validation"]
+    purpose: Literal["build", "validation", "optimization"]
     image_id: str
     source: ResolvedSource
     vm_profile: VmProfile

@@ -68,3 +68,19 @@ async def test_a_shallow_gallery_version_elsewhere_is_refused_before_anything_is
     assert f"targetRegions[0].name: '{REGION2}' is not the build's region" in status.message
     assert [s.name for s in status.steps] == ["resolve source"]
     assert not any(c.method == "PUT" and "/virtualMachines/" in c.path for c in harness.arm.calls)
+
+
+async def test_vm_boot_optimization_boots_a_vm_of_the_captured_image_and_deletes_it(harness: AzureHarness) -> None:
+    await prepare(harness.arm.base_url)
+    template = harness.corpus("q0_helloImageTemplateLinux.json")
+    template["apiVersion"] = "2022-07-01"  # optimize is there from this version on
+    template["properties"]["optimize"] = {"vmBoot": {"state": "Enabled"}}
+    status = await harness.finish(await harness.start(template, "vmboot"))
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    puts = [c.path for c in harness.arm.calls if c.method == "PUT"]
+    booted = [i for i, p in enumerate(puts) if p.endswith(f"/virtualMachines/{status.build_id}-optimization")]
+    captured = [i for i, p in enumerate(puts) if p.endswith(f"/images/{status.build_id}-image")]
+    assert booted and captured and captured[0] < booted[0], "no VM was booted from the captured image"
+    names = [s.name for s in status.steps if s.kind == "build"]
+    assert names.index("create optimization VM") == names.index("capture image") + 1
+    assert temporary(harness.arm) == []

@@ -89,3 +89,14 @@ def test_the_warning_is_at_its_place_in_an_arm_template() -> None:
         "resources": [{"type": "Microsoft.Storage/storageAccounts", "name": "x"}, copy.deepcopy(body)],
     }
     assert [w.path for w in check_template(arm).warnings] == ["resources[1].properties.additionalDataDisks"]
+
+
+def test_vm_boot_optimization_of_an_image_over_2_tb_is_refused() -> None:
+    big = {"osDiskSizeGB": 4096}
+    issues = refusal(template(optimize={"vmBoot": {"state": "Enabled"}}, vmProfile=big))
+    assert issues == {
+        "properties.optimize.vmBoot.state": "VM boot optimization takes images of up to 2048 GB; "
+        "vmProfile.osDiskSizeGB is 4096."
+    }
+    assert check_template(template(optimize={"vmBoot": {"state": "Disabled"}}, vmProfile=big)).warnings == []
+    assert check_template(template(optimize={"vmBoot": {"state": "Enabled"}}, vmProfile={"osDiskSizeGB": 2048}))

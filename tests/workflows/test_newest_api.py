@@ -1,0 +1,31 @@
+"""AIB's optimize.vmBoot in the build saga, against the recording cloud: the image is booted once while the build
+is Optimizing, after capture and before validation and distribution, and that VM is gone afterwards."""
+
+from __future__ import annotations
+
+from tests.workflows.harness import Harness
+from workflows.models import RunState, RunSubState
+
+
+async def test_vm_boot_optimization_boots_the_captured_image_while_optimizing(harness: Harness) -> None:
+    template = harness.template(optimize={"vmBoot": {"state": "Enabled"}})
+    del template["properties"]["validate"]  # the only VM besides the build VM is then the optimization one
+    harness.cloud.inject("create_vm:validation", "slow", times=1)
+    handle = await harness.start(template)
+    during = await harness.wait_for_step(handle, "create optimization VM")
+    assert during.run_sub_state == RunSubState.OPTIMIZING
+    status = await harness.finish(handle)
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    names = [s.name for s in status.steps if s.kind == "build"]
+    at = names.index("create optimization VM")
+    assert names[at - 1] == "capture image" and names[at + 1].startswith("distribute")
+    image = harness.cloud.vm_image(f"{status.build_id}-optimization")
+    assert image is not None and image.endswith(f"{status.build_id}-image")  # made from the captured image
+    assert harness.cloud.alive() == []
+
+
+async def test_without_vm_boot_no_image_is_booted_to_optimize(harness: Harness) -> None:
+    template = harness.template(optimize={"vmBoot": {"state": "Disabled"}})
+    status = await harness.finish(await harness.start(template))
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    assert not any("optimization" in s.name for s in status.steps)
