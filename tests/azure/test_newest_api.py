@@ -84,3 +84,29 @@ async def test_vm_boot_optimization_boots_a_vm_of_the_captured_image_and_deletes
     names = [s.name for s in status.steps if s.kind == "build"]
     assert names.index("create optimization VM") == names.index("capture image") + 1
     assert temporary(harness.arm) == []
+
+
+async def test_the_workload_script_runs_checked_on_a_vm_of_the_captured_image(harness: AzureHarness) -> None:
+    await prepare(harness.arm.base_url)
+    workload = b'#!/bin/sh\necho "workload ran as $(id -un)"\n'
+    script = harness.artifacts / "workload.sh"
+    script.write_bytes(workload)
+    template = harness.corpus("q0_helloImageTemplateLinux.json")
+    template["apiVersion"] = "2025-10-01"
+    template["properties"]["optimize"] = {
+        "workload": {
+            "state": "Enabled",
+            "scriptUri": script.as_uri(),
+            "sha256Checksum": hashlib.sha256(workload).hexdigest().upper(),  # as Get-FileHash prints it
+        }
+    }
+    status = await harness.finish(await harness.start(template, "workload"))
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    assert status.warnings == []
+    log = await harness.log(status)
+    assert "Provisioning with shell: optimize workload" in log
+    assert "workload ran as " in log
+    assert log.index("optimize workload") > log.index("deprovision")  # on a VM made after capture
+    puts = [c.path for c in harness.arm.calls if c.method == "PUT"]
+    assert any(p.endswith(f"/virtualMachines/{status.build_id}-optimization") for p in puts)
+    assert temporary(harness.arm) == []

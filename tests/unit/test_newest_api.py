@@ -71,9 +71,13 @@ def test_what_kiln_does_not_build_yet_is_named_in_a_warning() -> None:
         optimize={"workload": {"state": "Enabled", "scriptUri": "https://example.org/w.sh"}},
     )
     warnings = {w.path: w.message for w in check_template(raw).warnings}
-    assert set(warnings) == {"properties.additionalDataDisks", "properties.optimize.workload"}
+    assert set(warnings) == {"properties.additionalDataDisks"}  # the workload is built
     assert "does not build data disks" in warnings["properties.additionalDataDisks"]
-    assert "workload script is neither fetched nor run" in warnings["properties.optimize.workload"]
+
+
+def test_an_enabled_workload_needs_its_script() -> None:
+    issues = refusal(template(optimize={"workload": {"state": "Enabled"}}))
+    assert issues == {"properties.optimize.workload.scriptUri": "'scriptUri' is needed when 'state' is Enabled."}
 
 
 def test_a_disabled_or_empty_new_field_needs_no_warning() -> None:

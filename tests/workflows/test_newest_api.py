@@ -1,7 +1,10 @@
-"""AIB's optimize.vmBoot in the build saga, against the recording cloud: the image is booted once while the build
-is Optimizing, after capture and before validation and distribution, and that VM is gone afterwards."""
+"""AIB's optimize in the build saga, against the recording cloud: the image is booted once while the build is
+Optimizing (vmBoot), after capture and before validation and distribution, the workload script runs on that VM,
+and the VM is gone afterwards."""
 
 from __future__ import annotations
+
+import hashlib
 
 from tests.workflows.harness import Harness
 from workflows.models import RunState, RunSubState
@@ -29,3 +32,34 @@ async def test_without_vm_boot_no_image_is_booted_to_optimize(harness: Harness) 
     status = await harness.finish(await harness.start(template))
     assert status.run_state == RunState.SUCCEEDED, status.message
     assert not any("optimization" in s.name for s in status.steps)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def workload_template(harness: Harness, data: bytes, checksum: str) -> dict:
+    script = harness.artifacts / "workload.sh"
+    script.write_bytes(data)
+    template = harness.template(
+        optimize={"workload": {"state": "Enabled", "scriptUri": script.as_uri(), "sha256Checksum": checksum}}
+    )
+    del template["properties"]["validate"]
+    return template
+
+
+async def test_the_workload_script_runs_on_a_vm_of_the_captured_image(harness: Harness) -> None:
+    data = b"#!/bin/sh\necho warming\n"
+    status = await harness.finish(await harness.start(workload_template(harness, data, sha256(data))))
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    names = [s.name for s in status.steps if s.kind == "build"]
+    assert names[names.index("capture image") + 1 :][:2] == ["create optimization VM", "optimize workload"]
+    assert harness.cloud.alive() == []
+
+
+async def test_a_workload_script_with_the_wrong_checksum_fails_before_any_vm(harness: Harness) -> None:
+    status = await harness.finish(await harness.start(workload_template(harness, b"echo x\n", "0" * 64)))
+    assert status.run_state == RunState.FAILED
+    assert "properties.optimize.workload.scriptUri" in status.message
+    assert not any(s.name.startswith("create") and "VM" in s.name for s in status.steps)
+    assert harness.cloud.alive() == []

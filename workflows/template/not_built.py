@@ -20,12 +20,4 @@ def not_built(template: ImageTemplate, path: tuple[str | int, ...] = ()) -> list
                 "versions have no data disk images.",
             )
         )
-    workload = props.optimize.workload if props.optimize is not None else None
-    if workload is not None and workload.state == "Enabled":
-        found.append(
-            (
-                ("properties", "optimize", "workload"),
-                "kiln does not run workload optimization yet: the workload script is neither fetched nor run.",
-            )
-        )
     return [TemplateIssue(path=format_path((*path, *loc)), message=message) for loc, message in found]

@@ -90,8 +90,13 @@ class OptimizeWorkload(AibModel):
     """Optimizes the image for a workload with a script."""
 
     state: Literal["Enabled", "Disabled"] = "Disabled"
-    script_uri: str | None = None
+    script_uri: str | None = Field(None, description="The workload script; needed when state is Enabled.")
     sha256_checksum: Sha256 = ""
+
+    @classmethod
+    def _rules(cls, data: dict) -> Iterator[InitErrorDetails]:
+        if input_field(data, "state") == "Enabled" and not given(input_field(data, "scriptUri")):
+            yield broken_rule("'scriptUri' is needed when 'state' is Enabled.", data, "scriptUri")
 
 
 class Optimize(AibModel):
