@@ -375,6 +375,10 @@ class ImageBuildWorkflow:
                     image_id=image_id,
                     source=source,
                     vm_profile=template.properties.vm_profile,
+                    # The image carries the data disks to the VMs made from it; only the build VM gets empty ones.
+                    data_disk_sizes_gb=[d.size_gb or 0 for d in template.properties.additional_data_disks]
+                    if purpose == "build"
+                    else [],
                 ),
             ),
         )

@@ -121,6 +121,8 @@ class VmSpec(CamelModel):
     image_id: str
     source: ResolvedSource
     vm_profile: VmProfile
+    data_disk_sizes_gb: list[int] = []
+    """additionalDataDisks: empty data disks of these sizes, at LUN 0, 1..., on the build VM only."""
 
 
 class BuildVm(CamelModel):
@@ -171,6 +173,8 @@ class CapturedImage(CamelModel):
     size_bytes: int = 0
     used_bytes: int = 0
     hyper_v_generation: Literal["V1", "V2"] = "V2"
+    data_disk_snapshots: list[str] = []
+    """The build VM's data disks as captured (snapshots, by LUN), which a managed image target is made from."""
     resources: list[Resource] = []
 
 

@@ -110,3 +110,42 @@ async def test_the_workload_script_runs_checked_on_a_vm_of_the_captured_image(ha
     puts = [c.path for c in harness.arm.calls if c.method == "PUT"]
     assert any(p.endswith(f"/virtualMachines/{status.build_id}-optimization") for p in puts)
     assert temporary(harness.arm) == []
+
+
+async def test_data_disks_are_attached_to_the_build_vm_and_captured_into_every_image(harness: AzureHarness) -> None:
+    """additionalDataDisks: empty disks on the build VM, snapshotted at capture; a managed image target has them
+    at their LUNs, and a gallery version as dataDiskImages of their size. Their snapshots go with the build."""
+    await prepare(harness.arm.base_url)
+    template = harness.corpus("q0_helloImageTemplateLinux.json")
+    gallery = harness.corpus("q9trig_helloImageTemplate.json")["properties"]["distribute"][0]
+    gallery["targetRegions"] = [{"name": LOCATION}]
+    gallery["runOutputName"] = "gallery"
+    template["apiVersion"] = "2025-10-01"
+    template["properties"]["distribute"].append(gallery)
+    template["properties"]["additionalDataDisks"] = [{"sizeGB": 8}, {"sizeGB": 16}]
+    status = await harness.finish(await harness.start(template, "data-disks"))
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    managed_id = template["properties"]["distribute"][0]["imageId"].lower()
+    [managed] = [r for r in harness.arm.resources() if r["id"].lower() == managed_id]
+    disks = managed["properties"]["storageProfile"]["dataDisks"]
+    assert [(d["lun"], d["snapshot"]["id"].rsplit("/", 1)[1]) for d in disks] == [
+        (0, f"{status.build_id}-image-data0"),
+        (1, f"{status.build_id}-image-data1"),
+    ]
+    version_id = next(o.artifact_id for o in status.run_outputs if o.type == "SharedImage")
+    [version] = [r for r in harness.arm.resources() if r["id"] == version_id]
+    images = version["properties"]["storageProfile"]["dataDiskImages"]
+    assert [(d["lun"], d["sizeInGB"]) for d in images] == [(0, 8), (1, 16)]
+    assert temporary(harness.arm) == []
+    assert not any(r["type"] == "Microsoft.Compute/disks" for r in harness.arm.resources())
+
+
+async def test_a_data_disk_without_a_size_is_refused_before_anything_is_made(harness: AzureHarness) -> None:
+    await prepare(harness.arm.base_url)
+    template = harness.corpus("q0_helloImageTemplateLinux.json")
+    template["apiVersion"] = "2025-10-01"
+    template["properties"]["additionalDataDisks"] = [{"sizeGB": 8}, {}]
+    status = await harness.finish(await harness.start(template, "data-disk-size"))
+    assert status.run_state == RunState.FAILED
+    assert "properties.additionalDataDisks[1].sizeGB: an empty data disk needs a size" in status.message
+    assert [s.name for s in status.steps] == ["resolve source"]

@@ -132,7 +132,7 @@ def check_template(
         name = raw.get("name") if isinstance(raw, dict) and isinstance(raw.get("name"), str) else None
     version = api_version_of(body)
     template, lenient_warnings = _judged(body, version, path)
-    warnings += lenient_warnings + not_built(template, path)
+    warnings += lenient_warnings + not_built(template, path, cloud=cloud)
     if cloud == "azure" and template.identity is None and not is_before(version, IDENTITY_REQUIRED_FROM):
         warnings.append(
             TemplateIssue(

@@ -117,7 +117,12 @@ class AzureDistribution:
                                         "osType": request.source.os_type,
                                         "osState": "Generalized",
                                         "snapshot": {"id": source},
-                                    }
+                                    },
+                                    # resolve_source refuses data disks with a target in another region.
+                                    "dataDisks": [
+                                        {"lun": lun, "snapshot": {"id": snapshot}}
+                                        for lun, snapshot in enumerate(request.image.data_disk_snapshots)
+                                    ],
                                 },
                             },
                         },

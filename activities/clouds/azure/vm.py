@@ -237,6 +237,7 @@ class AzureVms:
         generation: str,
         vm_size: str,
         os_disk_size_gb: int,
+        data_disk_sizes_gb: list[int],
         identities: list[str],
         admin_user: str,
         ssh_public_key: str | None,
@@ -270,7 +271,21 @@ class AzureVms:
             "tags": tags,
             "properties": {
                 "hardwareProfile": {"vmSize": size},
-                "storageProfile": {"imageReference": image_reference, "osDisk": os_disk},
+                "storageProfile": {
+                    "imageReference": image_reference,
+                    "osDisk": os_disk,
+                    "dataDisks": [
+                        {
+                            "lun": lun,
+                            "name": parts.data_disk(lun),
+                            "createOption": "Empty",
+                            "diskSizeGB": size,
+                            "deleteOption": "Delete",
+                            "managedDisk": {"storageAccountType": "StandardSSD_LRS"},
+                        }
+                        for lun, size in enumerate(data_disk_sizes_gb)
+                    ],
+                },
                 "osProfile": os_profile,
                 "networkProfile": {
                     "networkInterfaces": [{"id": nic_id, "properties": {"primary": True, "deleteOption": "Delete"}}]

@@ -119,6 +119,13 @@ def _prepare_version(arm: ArmEmulator, res: Resource, existing: Resource | None)
             )
     publishing["publishedDate"] = now()
     profile.setdefault("osDiskImage", {"sizeInGB": 30, "hostCaching": "ReadWrite"})
+    # A version of a managed image has that image's data disks, each at its LUN.
+    image = next((src for src in sources if src.type == IMAGES), None)
+    if image is not None and "dataDiskImages" not in profile:
+        profile["dataDiskImages"] = [
+            {"lun": d["lun"], "sizeInGB": d.get("diskSizeGB") or 30, "hostCaching": d.get("caching", "None")}
+            for d in (image.properties.get("storageProfile") or {}).get("dataDisks") or []
+        ]
 
 
 def _replication_limit(arm: ArmEmulator, res: Resource) -> Callable[[], int | None]:
