@@ -379,6 +379,7 @@ class ImageBuildWorkflow:
                     data_disk_sizes_gb=[d.size_gb or 0 for d in template.properties.additional_data_disks]
                     if purpose == "build"
                     else [],
+                    security_type=source.build_security_type if purpose == "build" else "Standard",
                 ),
             ),
         )

@@ -86,6 +86,8 @@ class ResolvedSource(CamelModel):
     security_type: str = "Standard"
     """The source's ``SecurityType`` feature (TrustedLaunchSupported, ConfidentialVMSupported...): the security
     type a gallery target's image definition must match."""
+    build_security_type: Literal["Standard", "TrustedLaunch"] = "Standard"
+    """The build VM's, as the targets need it (``aib.targets.build_security``)."""
 
 
 class Staging(CamelModel):
@@ -123,6 +125,8 @@ class VmSpec(CamelModel):
     vm_profile: VmProfile
     data_disk_sizes_gb: list[int] = []
     """additionalDataDisks: empty data disks of these sizes, at LUN 0, 1..., on the build VM only."""
+    security_type: Literal["Standard", "TrustedLaunch"] = "Standard"
+    """TrustedLaunch: secure boot and vTPM on, where the cloud has them (``ResolvedSource.build_security_type``)."""
 
 
 class BuildVm(CamelModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
-from tests.azure.environment import LOCATION, REGION2, AzureHarness, prepare, temporary
+from tests.azure.environment import LOCATION, REGION2, AzureHarness, make_gallery, prepare, temporary
 from workflows.models import RunState
 
 CHECK = b"#!/bin/sh\ntest -s /etc/motd && echo validated-by-file\n"
@@ -148,4 +148,65 @@ async def test_a_data_disk_without_a_size_is_refused_before_anything_is_made(har
     status = await harness.finish(await harness.start(template, "data-disk-size"))
     assert status.run_state == RunState.FAILED
     assert "properties.additionalDataDisks[1].sizeGB: an empty data disk needs a size" in status.message
+    assert [s.name for s in status.steps] == ["resolve source"]
+
+
+async def trusted_target(harness: AzureHarness, template: dict) -> None:
+    """Point the template's gallery target at a TrustedLaunch image definition."""
+    features = [{"name": "SecurityType", "value": "TrustedLaunch"}]
+    gallery = await make_gallery(
+        harness.arm.base_url, "tlgallery", LOCATION, ("trusted",), generation="V2", features=features
+    )
+    template["properties"]["distribute"][0]["galleryImageId"] = f"{gallery}/images/trusted"
+
+
+async def build_vm_security_profile(harness: AzureHarness, handle: object) -> dict:
+    during = await harness.wait_for_step(handle, "customize")  # type: ignore[arg-type]
+    [vm] = [r for r in harness.arm.resources() if r["id"].endswith(f"/virtualMachines/{during.build_id}-build")]
+    return vm["properties"]["securityProfile"]
+
+
+async def test_a_trusted_launch_definition_is_built_on_a_trusted_launch_vm(harness: AzureHarness) -> None:
+    """A TrustedLaunchSupported Gen2 source into a TrustedLaunch gallery definition: the build VM has secure boot and
+    vTPM on, and the version is made of its disk's snapshot (Azure makes no managed image of a TrustedLaunch VM,
+    and the definition takes none)."""
+    await prepare(harness.arm.base_url, generation="V2")
+    template = harness.corpus("q1_helloImageTemplateforSIG.json")  # Ubuntu 20.04 Gen2: TrustedLaunchSupported
+    await trusted_target(harness, template)
+    handle = await harness.start(template, "trusted")
+    assert await build_vm_security_profile(harness, handle) == {
+        "securityType": "TrustedLaunch",
+        "uefiSettings": {"secureBootEnabled": True, "vTpmEnabled": True},
+    }
+    status = await harness.finish(handle)
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    [output] = status.run_outputs
+    [version] = [r for r in harness.arm.resources() if r["id"] == output.artifact_id]
+    source = version["properties"]["storageProfile"]["osDiskImage"]["source"]["id"]
+    assert source.endswith(f"/snapshots/{status.build_id}-image-osdisk")
+    assert not any(c.method == "PUT" and f"/images/{status.build_id}-image" in c.path for c in harness.arm.calls)
+    assert temporary(harness.arm) == []
+
+
+async def test_a_trusted_launch_supported_definition_is_built_on_a_standard_vm(harness: AzureHarness) -> None:
+    """Into a TrustedLaunchSupported definition (a Gen2 one's default), which takes a managed image and no disk
+    snapshot, the build VM is Standard (secure boot and vTPM off)."""
+    await prepare(harness.arm.base_url, generation="V2")
+    handle = await harness.start(harness.corpus("q1_helloImageTemplateforSIG.json"), "standard")
+    assert await build_vm_security_profile(harness, handle) == {"securityType": "Standard"}
+    status = await harness.finish(handle)
+    assert status.run_state == RunState.SUCCEEDED, status.message
+
+
+async def test_a_trusted_launch_definition_with_a_validator_is_refused_before_anything_is_made(
+    harness: AzureHarness,
+) -> None:
+    await prepare(harness.arm.base_url, generation="V2")
+    template = harness.corpus("q1_helloImageTemplateforSIG.json")
+    await trusted_target(harness, template)
+    template["apiVersion"] = "2022-07-01"
+    template["properties"]["validate"] = {"inVMValidations": [{"type": "Shell", "inline": ["true"]}]}
+    status = await harness.finish(await harness.start(template, "trusted-validated"))
+    assert status.run_state == RunState.FAILED
+    assert "properties.validate: validation needs a managed image of the build" in status.message
     assert [s.name for s in status.steps] == ["resolve source"]

@@ -12,6 +12,7 @@ import pytest
 from workflows.template import TemplateError, check_template
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "templates"
+MANAGED = "/subscriptions/0000/resourceGroups/images/providers/Microsoft.Compute/images/golden"
 FILE_VALIDATOR = {"type": "File", "name": "check", "sourceUri": "https://example.org/c.sh", "destination": "/tmp/c.sh"}
 
 

@@ -9,14 +9,15 @@ refused at resolve source, before it pays for anything, when a target breaks one
 
 Security types (Trusted Launch, Confidential VM): AIB takes a source of security type Standard,
 TrustedLaunchSupported or ConfidentialVMSupported, not one that runs only as TrustedLaunch or ConfidentialVM
-(image-builder-overview), and the source's and the gallery definition's security types must match. kiln builds on a
-Standard VM and captures a managed image, which no TrustedLaunch or confidential definition takes (a
-TrustedLaunchSupported one does: packer-plugin-azure#304; no managed image is made from a TrustedLaunch VM:
-hashicorp/packer#13189). So a Standard source writes into a Standard or TrustedLaunchSupported definition (new Gen2
-definitions are TrustedLaunchSupported unless made otherwise: Trusted Launch as default), a TrustedLaunchSupported
-source only into a TrustedLaunchSupported one, and a ConfidentialVMSupported source into none: each combination
-refused before anything is made. The source's security type carries to the build VM only as far as that capture
-allows: the VM is Standard, and its image keeps the source's secure-boot-ready boot chain.
+(image-builder-overview), and the source's and the gallery definition's security types must match. kiln builds a
+Standard image on a Standard VM, captured as a managed image, which a TrustedLaunchSupported definition takes
+(packer-plugin-azure#304) and no TrustedLaunch or confidential one does. For a TrustedLaunch definition it builds on
+a TrustedLaunch VM (secure boot and vTPM on) and makes the version of its disks' snapshots (``build_security``):
+Azure makes no managed image of that VM (hashicorp/packer#13189), and a TrustedLaunchSupported definition takes no
+snapshot. So a Standard source writes into a Standard or TrustedLaunchSupported definition (new Gen2 definitions are
+TrustedLaunchSupported unless made otherwise: Trusted Launch as default), a TrustedLaunchSupported source into a
+TrustedLaunchSupported or a TrustedLaunch one, and a ConfidentialVMSupported source into none: each combination
+refused before anything is made.
 
 Shallow replication (``replicationMode: Shallow``, API 2025-10-01) is the gallery's: the version refers to its source
 instead of copying it, so it is ready sooner, and so it exists only where its source is, the build's region, as one
@@ -42,9 +43,10 @@ _SOURCE_SECURITY_REFUSED = {"trustedlaunch", "confidentialvm"}
 # By the source's security type: the gallery definitions whose security type matches it and take kiln's image.
 _DEFINITIONS_MATCHING = {
     "standard": {"standard", "trustedlaunchsupported"},
-    "trustedlaunchsupported": {"trustedlaunchsupported"},
-    "trustedlaunchandconfidentialvmsupported": {"trustedlaunchsupported"},
+    "trustedlaunchsupported": {"trustedlaunchsupported", "trustedlaunch"},
+    "trustedlaunchandconfidentialvmsupported": {"trustedlaunchsupported", "trustedlaunch"},
 }
+TRUSTED_LAUNCH = "TrustedLaunch"
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,11 @@ def check_security_match(source_security: str, definition: ImageDefinition, *, f
     if not matching:
         wanted = "none does: kiln builds on a Standard VM, whose image no confidential definition takes"
     else:
-        names = {"standard": STANDARD, "trustedlaunchsupported": "TrustedLaunchSupported"}
+        names = {
+            "standard": STANDARD,
+            "trustedlaunchsupported": "TrustedLaunchSupported",
+            "trustedlaunch": TRUSTED_LAUNCH,
+        }
         wanted = f"write to a definition of security type {' or '.join(names[m] for m in sorted(matching))}"
     raise PermanentError(
         f"{field}: the image definition {definition_id} is of security type {definition.security_type}, which does "
@@ -261,15 +267,20 @@ async def check_targets(
     *,
     galleries: Galleries,
     check_region: RegionCheck | None = None,
-) -> None:
-    """Refuse, before a build makes anything, a target it could not write at its end.
+) -> str:
+    """Refuse, before a build makes anything, a target it could not write at its end; and say which security type
+    the build VM must have for its image to go into every target.
 
     Args:
         template: the template whose ``properties.distribute`` is checked.
         source: the resolved source: a gallery target's definition must fit its OS type and generation.
         galleries: the cloud's lookups of galleries and image definitions.
         check_region: the cloud's check of a region name, where it has only some regions.
+
+    Returns:
+        ``TrustedLaunch`` when a target is a TrustedLaunch definition (``build_security``), else ``Standard``.
     """
+    definitions: list[tuple[int, ImageDefinition]] = []
     for index, target in enumerate(template.properties.distribute):
         if isinstance(target, ManagedImageDistributor):
             managed_image_target(target, index=index)
@@ -284,8 +295,59 @@ async def check_targets(
                 galleries=galleries,
                 source_security=source.security_type,
             )
+            definitions.append((index, definition))
             _check_each_region_once(target, index=index)
             _check_shallow(target, index=index, definition=definition, build_location=template.location)
             if check_region is not None:
                 for region, field in target_regions(target, index=index, definition=definition):
                     check_region(region.name, field=field)
+    return build_security(template, definitions)
+
+
+def build_security(template: ImageTemplate, definitions: list[tuple[int, ImageDefinition]]) -> str:
+    """The build VM's security type. A TrustedLaunch definition takes only a Trusted Launch image, from the disks of
+    a TrustedLaunch VM (secure boot and vTPM on); Azure makes no managed image of such a VM, and a
+    TrustedLaunchSupported definition takes no disk snapshot (only VHDs, managed images and gallery versions:
+    packer-plugin-azure#304). So with a TrustedLaunch definition among the targets the build VM is TrustedLaunch,
+    every gallery target must be one, and nothing may need a managed image of the build: no ManagedImage target, no
+    validator, no vmBoot or workload (each needs a VM made from the image). Otherwise Standard.
+
+    Raises:
+        PermanentError: ``BadSharedImageDistribute`` at the target or field that breaks this.
+    """
+    trusted = [index for index, d in definitions if d.security_type.lower() == TRUSTED_LAUNCH.lower()]
+    if not trusted:
+        return STANDARD
+    why = (
+        f"properties.distribute[{trusted[0]}] is a TrustedLaunch image definition, whose image is a TrustedLaunch VM's"
+    )
+    for index, definition in definitions:
+        if index not in trusted:
+            raise PermanentError(
+                f"properties.distribute[{index}].galleryImageId: the definition is {definition.security_type}, "
+                f"which takes no image of a TrustedLaunch VM's disks; {why}",
+                kind="BadSharedImageDistribute",
+            )
+    props = template.properties
+    needs: list[tuple[str, str]] = [
+        (f"properties.distribute[{i}]", "a ManagedImage target")
+        for i, t in enumerate(props.distribute)
+        if isinstance(t, ManagedImageDistributor)
+    ]
+    if props.validation is not None and (props.validation.in_vm_validations or props.validation.source_validation_only):
+        needs.append(("properties.validate", "validation"))
+    if props.optimize is not None and props.optimize.vm_boot_enabled:
+        needs.append(("properties.optimize.vmBoot", "vmBoot"))
+    if (
+        props.optimize is not None
+        and props.optimize.workload is not None
+        and props.optimize.workload.state == "Enabled"
+    ):
+        needs.append(("properties.optimize.workload", "a workload"))
+    if needs:
+        field, what = needs[0]
+        raise PermanentError(
+            f"{field}: {what} needs a managed image of the build, which Azure makes of no TrustedLaunch VM; {why}",
+            kind="BadSharedImageDistribute",
+        )
+    return TRUSTED_LAUNCH

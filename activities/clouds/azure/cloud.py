@@ -75,6 +75,12 @@ def _default_endpoint(vm_id: str, address: str, port: int) -> tuple[str, int]:
     return address, port
 
 
+def _trusted_launch(resource: Any) -> bool:
+    """Whether a VM, or a snapshot of its disk, is of security type TrustedLaunch."""
+    profile = resource.security_profile
+    return profile is not None and (profile.security_type or "").lower() == "trustedlaunch"
+
+
 def _account_key(credential: Any) -> str | None:
     """A storage emulator's account key, when that is what the blob clients sign with (``{"account_key": ...}``)."""
     return credential.get("account_key") if isinstance(credential, dict) else None
@@ -205,9 +211,9 @@ class AzureCloud:
         else:
             assert isinstance(source, SharedImageVersionSource)
             resolved = await self._resolve_gallery(source)
-        await check_targets(template, resolved, galleries=self.galleries)
+        build_security = await check_targets(template, resolved, galleries=self.galleries)
         self._check_data_disks(template)
-        return resolved
+        return resolved.model_copy(update={"build_security_type": build_security})
 
     @staticmethod
     def _check_data_disks(template: ImageTemplate) -> None:
@@ -468,6 +474,7 @@ class AzureCloud:
             vm_size=spec.vm_profile.vm_size,
             os_disk_size_gb=spec.vm_profile.os_disk_size_gb,
             data_disk_sizes_gb=spec.data_disk_sizes_gb,
+            security_type=spec.security_type,
             identities=spec.vm_profile.user_assigned_identities,
             admin_user=user,
             ssh_public_key=None if windows else public_line(client_key),
@@ -517,25 +524,16 @@ class AzureCloud:
     async def capture_image(
         self, build: BuildContext, staging: Staging, vm: BuildVm, spec: CaptureSpec
     ) -> CapturedImage:
-        """Deallocate and generalize the VM, then snapshot its OS disk (and each data disk) and make a managed image
-        of it, which holds the data disks too. The image makes validation VMs and gallery versions; the snapshots are
-        what a VHD is exported from and ManagedImage targets are made of.
-        A retry after success finds them all and returns them."""
+        """Deallocate and generalize the VM, then snapshot its OS disk (and each data disk) and, of a Standard VM,
+        make a managed image, which holds the data disks too. The image makes validation VMs and gallery versions;
+        the snapshots are what a VHD is exported from and ManagedImage targets are made of. A TrustedLaunch VM gets
+        no managed image (Azure makes none of it): its snapshots make the gallery versions, and nothing else needs
+        one (``aib.targets.build_security``). A retry after success finds them all and returns them."""
         group = staging_group(build, subscription=self.subscription_id).name
         compute = self.arm.compute
-        tags = build_tags(build, role=ROLE_TEMPORARY)
         snap_name = snapshot_name(spec.name)
-        try:
-            image = await compute.images.get(group, spec.name)
-            snapshot = await compute.snapshots.get(group, snap_name)
-            data = [
-                await compute.snapshots.get(group, data_snapshot_name(spec.name, d.lun))
-                for d in (image.storage_profile.data_disks or [] if image.storage_profile else [])
-            ]
-            if all(r.provisioning_state == "Succeeded" for r in (image, snapshot, *data)):
-                return self._captured(image, snapshot, data)
-        except ResourceNotFoundError:
-            pass
+        if (before := await self._captured_before(group, spec.name)) is not None:
+            return before
         try:
             machine = await compute.virtual_machines.get(group, vm.name)
         except ResourceNotFoundError as err:
@@ -561,6 +559,8 @@ class AzureCloud:
             await self._snapshot(build, group, data_snapshot_name(spec.name, d.lun), d.managed_disk.id)
             for d in machine.storage_profile.data_disks or []
         ]
+        if _trusted_launch(machine):
+            return self._captured(None, snapshot, data)
         async with arm_call(f"image {spec.name}", needs="Microsoft.Compute/images/write"):
             image = await lro(
                 compute.images.begin_create_or_update(
@@ -568,12 +568,35 @@ class AzureCloud:
                     spec.name,
                     {
                         "location": build.location,
-                        "tags": tags,
+                        "tags": build_tags(build, role=ROLE_TEMPORARY),
                         "properties": {"sourceVirtualMachine": {"id": machine.id}, "hyperVGeneration": generation},
                     },
                 )
             )
         return self._captured(image, snapshot, data)
+
+    async def _captured_before(self, group: str, name: str) -> CapturedImage | None:
+        """What an earlier try of this capture finished, if it finished: the snapshots, and the managed image unless
+        the OS disk's snapshot is of a TrustedLaunch VM."""
+        compute = self.arm.compute
+        try:
+            snapshot = await compute.snapshots.get(group, snapshot_name(name))
+            image = None if _trusted_launch(snapshot) else await compute.images.get(group, name)
+        except ResourceNotFoundError:
+            return None
+        data = await self._data_snapshots(group, name)
+        if all(r.provisioning_state == "Succeeded" for r in (snapshot, *data, *([image] if image else []))):
+            return self._captured(image, snapshot, data)
+        return None
+
+    async def _data_snapshots(self, group: str, name: str) -> list[Any]:
+        """The data disk snapshots of capture ``name``, by LUN (kiln's data disks are at LUN 0, 1...)."""
+        found = []
+        while True:
+            try:
+                found.append(await self.arm.compute.snapshots.get(group, data_snapshot_name(name, len(found))))
+            except ResourceNotFoundError:
+                return found
 
     async def _snapshot(
         self,
@@ -614,17 +637,19 @@ class AzureCloud:
             )
 
     @staticmethod
-    def _captured(image: Any, snapshot: Any, data: list[Any]) -> CapturedImage:
+    def _captured(image: Any | None, snapshot: Any, data: list[Any]) -> CapturedImage:
         size_gb = snapshot.disk_size_gb or 0
+        made = image if image is not None else snapshot
         return CapturedImage(
-            id=image.id,
+            # The managed image, or (of a TrustedLaunch VM) the OS disk's snapshot, which gallery versions take.
+            id=made.id,
             # The OS-disk snapshot: what a VHD output is exported from.
             uri=snapshot.id,
             size_bytes=size_gb << 30,
-            hyper_v_generation="V2" if image.hyper_v_generation == "V2" else "V1",
+            hyper_v_generation="V2" if made.hyper_v_generation == "V2" else "V1",
             data_disk_snapshots=[d.id for d in data],
             resources=[
-                Resource(id=image.id, kind="image"),
+                *([Resource(id=image.id, kind="image")] if image is not None else []),
                 Resource(id=snapshot.id, kind="snapshot"),
                 *(Resource(id=d.id, kind="snapshot") for d in data),
             ],
@@ -633,17 +658,11 @@ class AzureCloud:
     async def delete_image(self, build: BuildContext, name: str) -> None:
         group = staging_group(build, subscription=self.subscription_id).name
         compute = self.arm.compute
-        try:
-            image = await compute.images.get(group, name)
-            luns = [d.lun for d in (image.storage_profile.data_disks or [] if image.storage_profile else [])]
-        except ResourceNotFoundError:
-            luns = []  # what a retry no longer finds this way, the staging group's cleanup finds by its tags
-        for lun in luns:
-            data = data_snapshot_name(name, lun)
+        for data in await self._data_snapshots(group, name):
             await self.vms.delete(
-                f"snapshot {data}",
+                f"snapshot {data.name}",
                 "Microsoft.Compute/snapshots",
-                lambda data=data: compute.snapshots.begin_delete(group, data),
+                lambda data=data: compute.snapshots.begin_delete(group, data.name),
             )
         await self.vms.delete(
             f"image {name}", "Microsoft.Compute/images", lambda: compute.images.begin_delete(group, name)

@@ -125,6 +125,12 @@ def _prepare(arm: ArmEmulator, res: Resource, existing: Resource | None) -> None
                     "osType": os_disk["osType"],
                     "diskSizeGB": os_disk.get("diskSizeGB", 30),
                     "creationData": {"createOption": "FromImage", "imageReference": image},
+                    # The OS disk of a Trusted Launch VM is one: its snapshots, and what is made of them, are too.
+                    **(
+                        {"securityProfile": {"securityType": security_type(res)}}
+                        if security_type(res) != "Standard"
+                        else {}
+                    ),
                     "provisioningState": "Succeeded",
                     "timeCreated": now(),
                 },
