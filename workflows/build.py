@@ -71,6 +71,8 @@ with workflow.unsafe.imports_passed_through():
         guest_request,
         index_by_field,
         source_label,
+        workload_of,
+        workload_request,
     )
     from workflows.policies import (
         BUILD_UNDO,
@@ -328,6 +330,22 @@ class ImageBuildWorkflow:
         # The build VM is done with: free it now rather than at the end of distribution.
         await self._undo_now(vm.name)
 
+        # optimize: as AIB does, while Optimizing the image is booted once (vmBoot), so its first boot is done before
+        # it is published, and the workload script runs on it; on a cloud that boot-checks its images, that boot
+        # check is vmBoot's boot.
+        workload = workload_of(template, source)
+        vm_boot = props.optimize is not None and props.optimize.vm_boot_enabled and not image.boot_check
+        if workload is not None or vm_boot:
+            booted = await self._create_vm(context, staging, source, image.id, template, "optimization")
+            if workload is not None:
+                request = workload_request(
+                    context, staging, booted, template=template, step=workload, staged_by_field=staged_by_field
+                )
+                await self._step(
+                    request.label, CustomizeActivities.run_customizer, request, timeout=props.build_timeout
+                )
+            await self._undo_now(booted.name)
+
         # A cloud that boot-checks its images boots this one even with no validator to run in it.
         if (validation is not None and validation.in_vm_validations) or image.boot_check:
             await self._validate(context, staging, source, image.id, template, staged_by_field)
@@ -359,6 +377,11 @@ class ImageBuildWorkflow:
                     image_id=image_id,
                     source=source,
                     vm_profile=template.properties.vm_profile,
+                    # The image carries the data disks to the VMs made from it; only the build VM gets empty ones.
+                    data_disk_sizes_gb=[d.size_gb or 0 for d in template.properties.additional_data_disks]
+                    if purpose == "build"
+                    else [],
+                    security_type=source.build_security_type if purpose == "build" else "Standard",
                 ),
             ),
         )

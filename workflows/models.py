@@ -85,6 +85,11 @@ class ResolvedSource(CamelModel):
     size_bytes: int = 0
     # Why the version was revoked (``kiln images revoke``); a build refuses a revoked source.
     revoked: str = ""
+    security_type: str = "Standard"
+    """The source's ``SecurityType`` feature (TrustedLaunchSupported, ConfidentialVMSupported...): the security
+    type a gallery target's image definition must match."""
+    build_security_type: Literal["Standard", "TrustedLaunch"] = "Standard"
+    """The build VM's, as the targets need it (``aib.targets.build_security``)."""
 
 
 class Staging(CamelModel):
@@ -116,10 +121,14 @@ class VmSpec(CamelModel):
     """A VM to make: the build VM from the source, or the validation VM from the captured image."""
 
     name: str
-    purpose: Literal["build", "validation"]
+    purpose: Literal["build", "validation", "optimization"]
     image_id: str
     source: ResolvedSource
     vm_profile: VmProfile
+    data_disk_sizes_gb: list[int] = []
+    """additionalDataDisks: empty data disks of these sizes, at LUN 0, 1..., on the build VM only."""
+    security_type: Literal["Standard", "TrustedLaunch"] = "Standard"
+    """TrustedLaunch: secure boot and vTPM on, where the cloud has them (``ResolvedSource.build_security_type``)."""
 
 
 class BuildVm(CamelModel):
@@ -170,6 +179,8 @@ class CapturedImage(CamelModel):
     size_bytes: int = 0
     used_bytes: int = 0
     hyper_v_generation: Literal["V1", "V2"] = "V2"
+    data_disk_snapshots: list[str] = []
+    """The build VM's data disks as captured (snapshots, by LUN), which a managed image target is made from."""
     resources: list[Resource] = []
 
 

@@ -15,6 +15,7 @@ from workflows.models import (
     BuildContext,
     BuildVm,
     GuestScriptRequest,
+    ResolvedSource,
     StagedArtifact,
     Staging,
 )
@@ -69,8 +70,31 @@ def guest_steps(template: ImageTemplate) -> list[tuple[str, Any]]:
     return steps
 
 
+WORKLOAD_FIELD = "properties.optimize.workload"
+
+
+def workload_of(template: ImageTemplate, source: ResolvedSource) -> ShellCustomizer | PowerShellCustomizer | None:
+    """optimize.workload, when Enabled, as the script step it runs as on the source's OS: a Shell script on Linux,
+    a PowerShell one (elevated, as AIB runs its own steps) on Windows."""
+    optimize = template.properties.optimize
+    workload = optimize.workload if optimize is not None else None
+    if workload is None or workload.state != "Enabled" or not workload.script_uri:
+        return None
+    if source.os_type == "Windows":
+        return PowerShellCustomizer(
+            type="PowerShell",
+            name="workload",
+            script_uri=workload.script_uri,
+            sha256_checksum=workload.sha256_checksum,
+            run_elevated=True,
+        )
+    return ShellCustomizer(
+        type="Shell", name="workload", script_uri=workload.script_uri, sha256_checksum=workload.sha256_checksum
+    )
+
+
 def artifacts_of(template: ImageTemplate) -> list[Artifact]:
-    """Every scriptUri and sourceUri of the customizers and validators, in order."""
+    """Every scriptUri and sourceUri of the customizers and validators, in order, then the workload script."""
     artifacts = []
     for path, step in guest_steps(template):
         if isinstance(step, ShellCustomizer | PowerShellCustomizer) and step.script_uri:
@@ -81,6 +105,14 @@ def artifacts_of(template: ImageTemplate) -> list[Artifact]:
             artifacts.append(
                 Artifact(source_uri=step.source_uri, sha256=step.sha256_checksum, field=f"{path}.sourceUri")
             )
+    optimize = template.properties.optimize
+    workload = optimize.workload if optimize is not None else None
+    if workload is not None and workload.state == "Enabled" and workload.script_uri:
+        artifacts.append(
+            Artifact(
+                source_uri=workload.script_uri, sha256=workload.sha256_checksum, field=f"{WORKLOAD_FIELD}.scriptUri"
+            )
+        )
     return artifacts
 
 
@@ -119,6 +151,28 @@ def guest_request(
         step=step,
         staged=staged_for(f"{path}[{index}]", staged_by_field),
         log_name="validation.log" if verb == "validate" else "customization.log",
+    )
+
+
+def workload_request(
+    context: BuildContext,
+    staging: Staging,
+    vm: BuildVm,
+    *,
+    template: ImageTemplate,
+    step: ShellCustomizer | PowerShellCustomizer,
+    staged_by_field: dict[str, StagedArtifact],
+) -> GuestScriptRequest:
+    """The request that runs the workload script on the optimization VM, into customization.log after the
+    customizers and the deprovision step (its index follows theirs, so its run is its own)."""
+    return GuestScriptRequest(
+        build=context,
+        staging=staging,
+        vm=vm,
+        index=len(template.properties.customize) + 1,
+        label="optimize workload",
+        step=step,
+        staged=staged_for(WORKLOAD_FIELD, staged_by_field),
     )
 
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from temporalio.client import Client
 
 from activities.clouds.azure import AzureCloud
 from activities.clouds.local import azurite as local_azurite
 from tests.arm_emulator import ArmEmulator
-from tests.azure.environment import Guests, guests_supported, make_arm, make_cloud
+from tests.azure.environment import AzureHarness, Guests, guests_supported, make_arm, make_cloud
 
 
 @pytest.fixture
@@ -42,3 +44,16 @@ async def cloud(arm: ArmEmulator, blob_account: str) -> AsyncIterator[AzureCloud
     made = make_cloud(arm.base_url, blob_account, secret=os.urandom(32))
     yield made
     await made.close()
+
+
+@pytest_asyncio.fixture
+async def harness(
+    client: Client, arm: ArmEmulator, blob_account: str, guests: Guests, tmp_path: Path
+) -> AsyncIterator[AzureHarness]:
+    guests.attach(arm)
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    harness = AzureHarness(client, arm, blob_account, os.urandom(32), f"kiln-azure-test-{uuid.uuid4()}", artifacts, [])
+    harness.start_worker()
+    yield harness
+    await harness.stop_workers()

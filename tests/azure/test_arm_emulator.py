@@ -883,6 +883,33 @@ def test_gallery_version_region_rules(arm: ArmEmulator, az: Clients) -> None:
     assert not any(r["type"].endswith("/versions") for r in arm.resources())
 
 
+def test_a_shallow_gallery_version_is_there_at_once_in_its_own_region_only(arm: ArmEmulator, az: Clients) -> None:
+    """Shallow replication refers to the source instead of copying it: no replication to wait for, even where a
+    Full copy is slow, and so only the version's own region, one replica."""
+    image_id = make_gallery_image(az)  # in eastus
+    arm.faults.slow_replication(polls=None, regions=["westus2"])
+    arm.operation_polls = 50  # a Full version would still be copying long after this test ends
+    versions = az.compute.gallery_image_versions
+    body = gallery_version_body(image_id)
+    profile = body["properties"]["publishingProfile"]
+    profile["replicationMode"] = "Shallow"
+    with pytest.raises(HttpResponseError, match="Shallow replication is supported only in the image version's own"):
+        versions.begin_create_or_update("rg1", "gal", "def", "1.0.0", body)
+    profile["targetRegions"] = [{"name": "eastus", "regionalReplicaCount": 2}]
+    with pytest.raises(HttpResponseError, match="one replica"):
+        versions.begin_create_or_update("rg1", "gal", "def", "1.0.0", body)
+    profile["targetRegions"] = [{"name": "eastus", "regionalReplicaCount": 1}]
+    made = versions.begin_create_or_update("rg1", "gal", "def", "1.0.0", body).result(timeout=10)
+    assert made.provisioning_state == "Succeeded"
+    assert made.publishing_profile.replication_mode == "Shallow"
+    assert versions.get("rg1", "gal", "def", "1.0.0").publishing_profile.replication_mode == "Shallow"
+    body["properties"]["publishingProfile"] = {"targetRegions": [{"name": "eastus"}]}
+    full = versions.begin_create_or_update("rg1", "gal", "def", "2.0.0", body)
+    assert versions.get("rg1", "gal", "def", "2.0.0").publishing_profile.replication_mode == "Full"  # the default
+    assert versions.get("rg1", "gal", "def", "2.0.0").provisioning_state == "Creating"
+    assert not full.done()
+
+
 def test_gallery_version_regional_replication_failure(arm: ArmEmulator, az: Clients) -> None:
     image_id = make_gallery_image(az)
     arm.faults.slow_replication(

@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
-from temporalio.client import Client
 
 from activities.clouds.azure import AzureCloud
-from tests.arm_emulator import ArmEmulator
 from tests.azure.environment import (
     LOCATION,
     REGION2,
     RG,
     SUB,
     AzureHarness,
-    Guests,
     make_gallery,
     prepare,
     temporary,
@@ -31,20 +25,6 @@ from tests.azure_live.recording import Recorder, read
 from tests.fixtures import script_semantics
 from tests.workflows.harness import retried_activities
 from workflows.models import RunState
-
-
-@pytest_asyncio.fixture
-async def harness(
-    client: Client, arm: ArmEmulator, blob_account: str, guests: Guests, tmp_path: Path
-) -> AsyncIterator[AzureHarness]:
-    guests.attach(arm)
-    artifacts = tmp_path / "artifacts"
-    artifacts.mkdir()
-    harness = AzureHarness(client, arm, blob_account, os.urandom(32), f"kiln-azure-test-{uuid.uuid4()}", artifacts, [])
-    harness.start_worker()
-    yield harness
-    await harness.stop_workers()
-
 
 CORPUS_BUILDS = [
     ("q0_helloImageTemplateLinux.json", "V1"),

@@ -156,15 +156,16 @@ async def test_a_gallery_target_naming_a_region_twice_is_refused_when_the_source
     assert kiln_resources(arm) == []
 
 
-@pytest.mark.parametrize("security", ["TrustedLaunch", "ConfidentialVM"])
-async def test_a_gallery_target_that_takes_no_standard_image_is_refused_when_the_source_is_resolved(
-    cloud: AzureCloud, arm: ArmEmulator, security: str
+async def test_a_gallery_target_that_takes_no_image_kiln_can_make_is_refused_when_the_source_is_resolved(
+    cloud: AzureCloud, arm: ArmEmulator
 ) -> None:
-    """kiln writes a managed image of a Standard VM, which a TrustedLaunch or confidential definition does not take:
-    refused before anything is made, instead of after the build at distribution. A Gen2 definition made without a
-    security type is TrustedLaunchSupported (Trusted Launch as default), and that one takes it."""
-    features = [{"name": "SecurityType", "value": security}]
+    """A confidential definition takes no managed image, and a TrustedLaunch one takes only a TrustedLaunch VM's disk
+    snapshots, which a TrustedLaunchSupported definition (a Gen2 one's default) does not take: one build cannot write
+    both. Refused before anything is made, instead of after the build at distribution."""
+    features = [{"name": "SecurityType", "value": "ConfidentialVM"}]
     gallery = await make_gallery(arm.base_url, "gal", LOCATION, ("strict",), generation="V2", features=features)
+    features = [{"name": "SecurityType", "value": "TrustedLaunch"}]
+    await make_gallery(arm.base_url, "gal", LOCATION, ("trusted",), generation="V2", features=features)
     await make_gallery(arm.base_url, "gal", LOCATION, ("default",), generation="V2")
     gen2 = {
         "type": "PlatformImage",
@@ -183,12 +184,67 @@ async def test_a_gallery_target_that_takes_no_standard_image_is_refused_when_the
         }
 
     with pytest.raises(
-        PermanentError, match=rf"distribute\[1\]\.galleryImageId: .*/strict is of security type {security}"
+        PermanentError, match=r"distribute\[1\]\.galleryImageId: .*/strict is of security type ConfidentialVM"
     ):
         await cloud.resolve_source(build_context(), template(gen2, distribute=[target("default"), target("strict")]))
+    with pytest.raises(
+        PermanentError, match=r"distribute\[0\]\.galleryImageId: the definition is TrustedLaunchSupported"
+    ):
+        await cloud.resolve_source(build_context(), template(gen2, distribute=[target("default"), target("trusted")]))
     assert (
         await cloud.resolve_source(build_context(), template(gen2, distribute=[target("default")]))
     ).hyper_v_generation == "V2"
+    assert kiln_resources(arm) == []
+
+
+@pytest.mark.parametrize(
+    ("source_security", "definition_security", "verdict"),
+    [
+        ("TrustedLaunchSupported", "TrustedLaunchSupported", None),
+        ("TrustedLaunchSupported", "TrustedLaunch", None),
+        ("TrustedLaunchSupported", "Standard", "write to a definition of security type TrustedLaunch or"),
+        ("Standard", "TrustedLaunchSupported", None),
+        ("Standard", "Standard", None),
+        ("ConfidentialVMSupported", "ConfidentialVMSupported", "no confidential definition takes"),
+        ("ConfidentialVMSupported", "Standard", "no confidential definition takes"),
+    ],
+)
+async def test_source_and_gallery_definition_security_types_must_match(
+    cloud: AzureCloud, arm: ArmEmulator, source_security: str, definition_security: str, verdict: str | None
+) -> None:
+    """AIB: source and distribution security types match. A TrustedLaunchSupported source goes only into a
+    TrustedLaunchSupported definition, a confidential one into none kiln can write; refused before anything is made,
+    at the target's path. A ManagedImage target of any such source is a Standard image, and taken."""
+    arm.platform_images[("Contoso", "secure", "gen2")] = PlatformImage(
+        versions=["1.0.0"], hyper_v_generation="V2", features={"SecurityType": source_security}
+    )
+    features = [{"name": "SecurityType", "value": definition_security}]
+    gallery = await make_gallery(arm.base_url, "gal", LOCATION, ("golden",), generation="V2", features=features)
+    source = {"type": "PlatformImage", "publisher": "Contoso", "offer": "secure", "sku": "gen2", "version": "latest"}
+    shared = {
+        "type": "SharedImage",
+        "runOutputName": "golden",
+        "galleryImageId": f"{gallery}/images/golden",
+        "targetRegions": [{"name": LOCATION}],
+    }
+    if verdict is None:
+        resolved = await cloud.resolve_source(build_context(), template(source, distribute=[shared]))
+        assert resolved.security_type == source_security
+        # Only a TrustedLaunch definition needs a TrustedLaunch build VM (and takes only its disks' snapshots).
+        assert resolved.build_security_type == (
+            "TrustedLaunch" if definition_security == "TrustedLaunch" else "Standard"
+        )
+    else:
+        with pytest.raises(PermanentError, match=rf"distribute\[0\]\.galleryImageId: .* {verdict}") as caught:
+            await cloud.resolve_source(build_context(), template(source, distribute=[shared]))
+        assert f"does not match the source's, {source_security}" in caught.value.message
+    managed = {
+        "type": "ManagedImage",
+        "runOutputName": "managed",
+        "imageId": f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/images/golden",
+        "location": LOCATION,
+    }
+    assert (await cloud.resolve_source(build_context(), template(source, distribute=[managed]))).exact_version
     assert kiln_resources(arm) == []
 
 

@@ -459,6 +459,22 @@ async def test_a_target_without_regions_replicates_to_its_definitions_region(
     assert output.replication == {"eastus": "Completed"}
 
 
+async def test_a_shallow_version_is_one_replica_in_the_build_s_region(
+    local_storage: LocalStorage, small_disk: Path
+) -> None:
+    await make_definition(local_storage)
+    build = new_build()
+    staging = await local_storage.create_staging(build)
+    target = shared(replication_mode="Shallow", target_regions=[TargetRegion(name=build.location)])
+    output = await distribute(local_storage, request_for(build, staging, small_disk, target))
+    assert output.replication == {build.location: "Completed"}
+    [version] = local_storage.store.list(build_id=build.build_id, kind=KIND_IMAGE_VERSION)
+    assert version.data["replicationMode"] == "Shallow"
+    [region] = version.data["regions"].values()
+    assert len(region["blobs"]) == 1
+    assert await blob_bytes(local_storage, region["blobs"][0]) == small_disk.read_bytes()
+
+
 async def test_a_resumed_replication_skips_completed_regions(
     local_storage: LocalStorage,
     disk: Path,

@@ -167,3 +167,89 @@ async def test_a_gallery_target_must_fit_the_image() -> None:
     gen1 = SOURCE.model_copy(update={"hyper_v_generation": "V1"})
     with pytest.raises(PermanentError, match="generation V1, but the image definition .* is V2"):
         await check_targets(template, gen1, galleries=Galleries())
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ({"targetRegions": [{"name": "westus2"}]}, r"targetRegions\[0\]\.name: 'westus2' is not the build's region"),
+        ({"targetRegions": [{"name": "eastus", "replicaCount": 2}]}, r"targetRegions\[0\]\.replicaCount: .* one"),
+        (
+            {"replicationRegions": ["eastus", "westus2"], "targetRegions": None},
+            r"replicationRegions\[1\]\.name: 'westus2'",
+        ),
+    ],
+)
+async def test_a_shallow_gallery_target_is_only_in_the_build_s_region_with_one_replica(
+    target: dict, message: str
+) -> None:
+    shallow = {"galleryImageId": DEFINITION, "replicationMode": "Shallow", **target}
+    with pytest.raises(PermanentError, match=message):
+        await check_targets(with_target(shallow), SOURCE, galleries=Galleries())
+    full = {**shallow, "replicationMode": "Full"}
+    await check_targets(with_target(full), SOURCE, galleries=Galleries())
+
+
+async def test_a_shallow_gallery_target_in_the_build_s_region_is_taken() -> None:
+    for target in ({"targetRegions": [{"name": "East US"}]}, {"targetRegions": None}):
+        shallow = {"galleryImageId": DEFINITION, "replicationMode": "Shallow", **target}
+        await check_targets(with_target(shallow), SOURCE, galleries=Galleries())
+
+
+class SecureGalleries(Galleries):
+    """Beside 'debian' (TrustedLaunchSupported), 'trusted', a TrustedLaunch definition."""
+
+    async def image_definition(self, ref: object) -> ImageDefinition | None:
+        security = {"debian": "TrustedLaunchSupported", "trusted": "TrustedLaunch"}.get(getattr(ref, "image", ""))
+        if security is None:
+            return None
+        return ImageDefinition(os_type="Linux", hyper_v_generation="V2", location="eastus", security_type=security)
+
+
+TRUSTED_SOURCE = SOURCE.model_copy(update={"security_type": "TrustedLaunchSupported"})
+
+
+def trusted_template(**properties: object) -> object:
+    source = {"type": "PlatformImage", "publisher": "Debian", "offer": "debian-12", "sku": "12-gen2", "version": "1"}
+    target = {"type": "SharedImage", "runOutputName": "out", "galleryImageId": f"{COMPUTE}/galleries/g/images/trusted"}
+    body = {"location": "eastus", "properties": {"source": source, "distribute": [target], **properties}}
+    return parse_template(body)
+
+
+async def test_a_trusted_launch_definition_asks_for_a_trusted_launch_build_vm() -> None:
+    assert await check_targets(trusted_template(), TRUSTED_SOURCE, galleries=SecureGalleries()) == "TrustedLaunch"
+    supported = with_target({"galleryImageId": DEFINITION})
+    assert await check_targets(supported, TRUSTED_SOURCE, galleries=SecureGalleries()) == "Standard"
+    with pytest.raises(PermanentError, match="does not match the source's, Standard"):
+        await check_targets(trusted_template(), SOURCE, galleries=SecureGalleries())
+
+
+@pytest.mark.parametrize(
+    ("properties", "field"),
+    [
+        ({"validate": {"inVMValidations": [{"type": "Shell", "inline": ["true"]}]}}, "properties.validate"),
+        ({"optimize": {"vmBoot": {"state": "Enabled"}}}, "properties.optimize.vmBoot"),
+        (
+            {"optimize": {"workload": {"state": "Enabled", "scriptUri": "https://x/w.sh"}}},
+            "properties.optimize.workload",
+        ),
+    ],
+)
+async def test_what_needs_a_managed_image_cannot_go_with_a_trusted_launch_definition(
+    properties: dict, field: str
+) -> None:
+    with pytest.raises(PermanentError, match=rf": {field}: .* needs a managed image of the build"):
+        await check_targets(trusted_template(**properties), TRUSTED_SOURCE, galleries=SecureGalleries())
+
+
+async def test_a_trusted_launch_definition_cannot_share_a_build_with_a_managed_image_or_a_supported_one() -> None:
+    trusted = trusted_template().properties.distribute[0]  # type: ignore[attr-defined]
+    managed = {"type": "ManagedImage", "runOutputName": "m", "imageId": f"{COMPUTE}/images/i", "location": "eastus"}
+    supported = {"type": "SharedImage", "runOutputName": "s", "galleryImageId": DEFINITION}
+    for other, message in (
+        (managed, r": properties\.distribute\[1\]: a ManagedImage target needs a managed image"),
+        (supported, r"distribute\[1\]\.galleryImageId: the definition is TrustedLaunchSupported"),
+    ):
+        template = trusted_template(distribute=[trusted.model_dump(by_alias=True, exclude_none=True), other])
+        with pytest.raises(PermanentError, match=message):
+            await check_targets(template, TRUSTED_SOURCE, galleries=SecureGalleries())

@@ -58,7 +58,7 @@ def test_every_corpus_template_is_accepted_without_a_warning(path: Path) -> None
     assert checked.template.location in (raw.get("location"), "westus2")
 
 
-@pytest.mark.parametrize("name", ["good_every_field.json", "good_windows.json", "good_arm_expressions.json"])
+@pytest.mark.parametrize("name", ["good_windows.json", "good_arm_expressions.json"])
 def test_kiln_s_own_templates_are_accepted_without_a_warning(name: str) -> None:
     parameters = {"imageTemplateName": "debian", "identityId": "/subscriptions/0000/x"}
     assert check_template(fixture(name), parameters=parameters).warnings == []
@@ -124,7 +124,7 @@ def test_a_template_without_api_version_is_read_as_the_newest() -> None:
     template = fixture("good_every_field.json")
     del template["apiVersion"]
     checked = check_template(template)
-    assert checked.warnings == []
+    assert [w.path for w in checked.warnings] == ["properties.additionalDataDisks"]  # accepted; not built yet
     assert checked.template.properties.additional_data_disks[0].size_gb == 32
 
 
@@ -337,6 +337,7 @@ def test_before_2022_07_01_a_gallery_target_needs_replication_regions() -> None:
 def test_a_template_without_identity_is_accepted_with_a_warning_on_azure_only() -> None:
     template = every_field()
     del template["identity"]
+    del template["properties"]["additionalDataDisks"]  # not built yet: a warning of its own
     assert warnings_of(template, cloud="local") == {}
     assert warnings_of(template, cloud="azure") == {
         "identity": "Missing field 'identity': AIB requires one from API version 2020-02-14 on and refuses the "
@@ -371,7 +372,8 @@ def test_the_schema_describes_the_newest_api_and_when_each_field_came() -> None:
         assert f"From API version {since}." in defs["TemplateProperties"]["properties"][field]["description"]
     assert {"vmBoot", "workload"} == set(defs["Optimize"]["properties"])
     validators = defs["Validation"]["properties"]["inVMValidations"]["items"]["oneOf"]
-    assert {ref["$ref"].rsplit("/", 1)[-1] for ref in validators} >= {"FileCustomizer"}
+    assert {ref["$ref"].rsplit("/", 1)[-1] for ref in validators} >= {"FileValidator"}
+    assert defs["FileValidator"]["description"].endswith("From API version 2022-07-01.")
 
 
 def test_the_schema_accepts_every_field_of_the_newest_api() -> None:

@@ -6,7 +6,8 @@ message under the kinds below, which errors.py words as AIB does.
 
 Validated with an `ApiContext` (pydantic's validation context), a model also checks its fields against the
 template's API version: a field that version does not have is an unknown field (`Since`), and one it requires
-is missing (`RequiredBefore`). Whether an unknown field is then refused or dropped is the caller's decision
+is missing (`RequiredBefore`); a model (a step type) that version does not have, set by its `since`, is refused at
+its `type`, as AIB refuses a type its discriminator does not know. Whether an unknown field is then refused or dropped is the caller's decision
 (see loading.py): it depends on the version too.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import (
     BaseModel,
@@ -81,7 +82,12 @@ def _json_title(name: str, info: Any) -> str:
 
 
 def _version_notes(schema: dict[str, Any], model: type[BaseModel]) -> None:
-    """Say in each field's JSON schema description from which API version it is there, or until which required."""
+    """Say in each field's JSON schema description from which API version it is there, or until which required;
+    and in the model's own, from which version a model with a `since` is."""
+    since = getattr(model, "since", None)
+    if since is not None:
+        note = version_note([since])
+        schema["description"] = f"{schema['description']} {note}" if schema.get("description") else note
     for name, info in model.model_fields.items():
         note = version_note(info.metadata)
         field = schema.get("properties", {}).get(info.alias or name)
@@ -95,6 +101,9 @@ class AibModel(CamelModel):
     model_config = ConfigDict(
         extra="forbid", strict=True, field_title_generator=_json_title, json_schema_extra=_version_notes
     )
+
+    since: ClassVar[Since | None] = None
+    """A model (a `type` of a step) that AIB's API has only from this version on."""
 
     @model_validator(mode="wrap")
     @classmethod
@@ -120,7 +129,14 @@ class AibModel(CamelModel):
 
     @classmethod
     def _version_rules(cls, data: dict, api_version: str) -> Iterator[InitErrorDetails]:
-        """The fields of `data` that API `api_version` does not have, and those it requires but are not given."""
+        """The fields of `data` that API `api_version` does not have, and those it requires but are not given; or
+        the model itself (its `type`), when that version does not have it."""
+        if cls.since is not None and is_before(api_version, cls.since.version):
+            message = (
+                f"Type '{input_field(data, 'type')}' is not one API version {api_version} has here: "
+                f"it came in {cls.since.version}."
+            )
+            yield broken_rule(message, data, "type")
         for name, info in cls.model_fields.items():
             alias = info.alias or name
             since = marker(info.metadata, Since)

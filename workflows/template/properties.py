@@ -90,8 +90,13 @@ class OptimizeWorkload(AibModel):
     """Optimizes the image for a workload with a script."""
 
     state: Literal["Enabled", "Disabled"] = "Disabled"
-    script_uri: str | None = None
+    script_uri: str | None = Field(None, description="The workload script; needed when state is Enabled.")
     sha256_checksum: Sha256 = ""
+
+    @classmethod
+    def _rules(cls, data: dict) -> Iterator[InitErrorDetails]:
+        if input_field(data, "state") == "Enabled" and not given(input_field(data, "scriptUri")):
+            yield broken_rule("'scriptUri' is needed when 'state' is Enabled.", data, "scriptUri")
 
 
 class Optimize(AibModel):
@@ -99,6 +104,11 @@ class Optimize(AibModel):
 
     vm_boot: VmBoot | None = Field(None, description="Optimize the captured image for faster VM boot.")
     workload: Annotated[OptimizeWorkload | None, Since("2025-10-01")] = None
+
+    @property
+    def vm_boot_enabled(self) -> bool:
+        """Whether the image is optimized for boot (vmBoot Enabled)."""
+        return self.vm_boot is not None and self.vm_boot.state == "Enabled"
 
 
 class AutoRun(AibModel):
@@ -130,6 +140,23 @@ class LastRunStatus(AibModel):
     run_state: str | None = None
     run_sub_state: str | None = None
     message: str | None = None
+
+
+# VM boot optimization takes images up to 2 TB (learn.microsoft.com, vm-boot-optimization).
+VM_BOOT_MAX_GB = 2048
+
+
+def _vm_boot_rules(data: dict) -> Iterator[InitErrorDetails]:
+    vm_boot = input_field(input_field(data, "optimize"), "vmBoot")
+    size = input_field(input_field(data, "vmProfile"), "osDiskSizeGB")
+    if input_field(vm_boot, "state") == "Enabled" and isinstance(size, int) and size > VM_BOOT_MAX_GB:
+        yield broken_rule(
+            f"VM boot optimization takes images of up to {VM_BOOT_MAX_GB} GB; vmProfile.osDiskSizeGB is {size}.",
+            data,
+            "optimize",
+            "vmBoot",
+            "state",
+        )
 
 
 class TemplateProperties(AibModel):
@@ -168,6 +195,7 @@ class TemplateProperties(AibModel):
 
     @classmethod
     def _rules(cls, data: dict) -> Iterator[InitErrorDetails]:
+        yield from _vm_boot_rules(data)
         targets = input_field(data, "distribute")
         first: dict[str, int] = {}
         for index, target in enumerate(targets if isinstance(targets, list) else []):

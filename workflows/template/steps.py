@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 from pydantic_core import InitErrorDetails
 
+from workflows.template.api_versions import Since
 from workflows.template.base import AibModel, broken_rule, given, input_field
 from workflows.template.formats import DEFAULT_RESTART_TIMEOUT, NonEmpty, RestartTimeout, Sha256
 
@@ -88,7 +89,15 @@ Customizer = Annotated[
     ShellCustomizer | PowerShellCustomizer | FileCustomizer | WindowsRestartCustomizer | WindowsUpdateCustomizer,
     Field(discriminator="type"),
 ]
-Validator = Annotated[ShellCustomizer | PowerShellCustomizer | FileCustomizer, Field(discriminator="type")]
+
+
+class FileValidator(FileCustomizer):
+    """Downloads one file to `destination` on the validation VM (whose parent directory must exist)."""
+
+    since = Since("2022-07-01")
+
+
+Validator = Annotated[ShellCustomizer | PowerShellCustomizer | FileValidator, Field(discriminator="type")]
 
 
 class Validation(AibModel):

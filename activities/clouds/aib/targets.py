@@ -7,11 +7,21 @@ are each named once (ARM refuses a version that names one twice: terraform-provi
 refused at resolve source, before it pays for anything, when a target breaks one. Each cloud brings the lookups
 (``Galleries``) and, where it has only some regions, a check of a region name.
 
-Security types (Trusted Launch): AIB takes a source of security type Standard, TrustedLaunchSupported or
-ConfidentialVMSupported, not one that runs only as TrustedLaunch or ConfidentialVM, and writes its image, a Standard
-one, only into a definition that takes it: Standard or TrustedLaunchSupported (a TrustedLaunchSupported definition
-takes managed images; one of type TrustedLaunch does not: packer-plugin-azure#304). New Gen2 definitions are
-TrustedLaunchSupported unless made otherwise (Trusted Launch as default).
+Security types (Trusted Launch, Confidential VM): AIB takes a source of security type Standard,
+TrustedLaunchSupported or ConfidentialVMSupported, not one that runs only as TrustedLaunch or ConfidentialVM
+(image-builder-overview), and the source's and the gallery definition's security types must match. kiln builds a
+Standard image on a Standard VM, captured as a managed image, which a TrustedLaunchSupported definition takes
+(packer-plugin-azure#304) and no TrustedLaunch or confidential one does. For a TrustedLaunch definition it builds on
+a TrustedLaunch VM (secure boot and vTPM on) and makes the version of its disks' snapshots (``build_security``):
+Azure makes no managed image of that VM (hashicorp/packer#13189), and a TrustedLaunchSupported definition takes no
+snapshot. So a Standard source writes into a Standard or TrustedLaunchSupported definition (new Gen2 definitions are
+TrustedLaunchSupported unless made otherwise: Trusted Launch as default), a TrustedLaunchSupported source into a
+TrustedLaunchSupported or a TrustedLaunch one, and a ConfidentialVMSupported source into none: each combination
+refused before anything is made.
+
+Shallow replication (``replicationMode: Shallow``, API 2025-10-01) is the gallery's: the version refers to its source
+instead of copying it, so it is ready sooner, and so it exists only where its source is, the build's region, as one
+replica. A Shallow target that names another region, or more than one replica, is refused before the build.
 
 A gallery version is written in the build's region, where the captured image is, and that region is published to
 even when the target does not name it, as Packer and AIB do: ARM makes a version only from a source in its own
@@ -30,7 +40,13 @@ from workflows.template import ImageTemplate, ManagedImageDistributor, SharedIma
 
 STANDARD = "Standard"
 _SOURCE_SECURITY_REFUSED = {"trustedlaunch", "confidentialvm"}
-_TARGET_SECURITY_TAKEN = {"standard", "trustedlaunchsupported"}
+# By the source's security type: the gallery definitions whose security type matches it and take kiln's image.
+_DEFINITIONS_MATCHING = {
+    "standard": {"standard", "trustedlaunchsupported"},
+    "trustedlaunchsupported": {"trustedlaunchsupported", "trustedlaunch"},
+    "trustedlaunchandconfidentialvmsupported": {"trustedlaunchsupported", "trustedlaunch"},
+}
+TRUSTED_LAUNCH = "TrustedLaunch"
 
 
 @dataclass(frozen=True)
@@ -105,11 +121,18 @@ async def shared_image_target(
         os_type=request.source.os_type,
         hyper_v_generation=request.image.hyper_v_generation,
         galleries=galleries,
+        source_security=request.source.security_type,
     )
 
 
 async def image_definition_for(
-    target: SharedImageDistributor, *, index: int, os_type: str, hyper_v_generation: str, galleries: Galleries
+    target: SharedImageDistributor,
+    *,
+    index: int,
+    os_type: str,
+    hyper_v_generation: str,
+    galleries: Galleries,
+    source_security: str = STANDARD,
 ) -> tuple[GalleryRef, ImageDefinition]:
     """The image definition ``properties.distribute[index]`` writes a version of, checked against an image of
     ``os_type`` and ``hyper_v_generation``.
@@ -151,13 +174,33 @@ async def image_definition_for(
             f"{field}: the image is {os_type}, the image definition {ref.image_id} is {definition.os_type}",
             kind="BadSharedImageDistribute",
         )
-    if definition.security_type.lower() not in _TARGET_SECURITY_TAKEN:
-        raise PermanentError(
-            f"{field}: the image definition {ref.image_id} is of security type {definition.security_type}, which "
-            "takes no Standard image; write to a definition of security type Standard or TrustedLaunchSupported",
-            kind="BadSharedImageDistribute",
-        )
+    check_security_match(source_security, definition, field=field, definition_id=ref.image_id)
     return ref, definition
+
+
+def check_security_match(source_security: str, definition: ImageDefinition, *, field: str, definition_id: str) -> None:
+    """Refuse a gallery definition whose security type does not match the source's, or takes no image kiln makes.
+
+    Raises:
+        PermanentError: ``BadSharedImageDistribute``, naming ``field``.
+    """
+    matching = _DEFINITIONS_MATCHING.get(source_security.lower(), set())
+    if definition.security_type.lower() in matching:
+        return
+    if not matching:
+        wanted = "none does: kiln builds on a Standard VM, whose image no confidential definition takes"
+    else:
+        names = {
+            "standard": STANDARD,
+            "trustedlaunchsupported": "TrustedLaunchSupported",
+            "trustedlaunch": TRUSTED_LAUNCH,
+        }
+        wanted = f"write to a definition of security type {' or '.join(names[m] for m in sorted(matching))}"
+    raise PermanentError(
+        f"{field}: the image definition {definition_id} is of security type {definition.security_type}, which does "
+        f"not match the source's, {source_security}; {wanted}",
+        kind="BadSharedImageDistribute",
+    )
 
 
 def target_regions(
@@ -186,6 +229,26 @@ def publishing_regions(
     return regions
 
 
+def _check_shallow(
+    target: SharedImageDistributor, *, index: int, definition: ImageDefinition, build_location: str
+) -> None:
+    if target.replication_mode != "Shallow":
+        return
+    for region, field in target_regions(target, index=index, definition=definition):
+        if region_key(region.name) != region_key(build_location):
+            raise PermanentError(
+                f"{field}: '{region.name}' is not the build's region {build_location}; a Shallow version is only "
+                "where its source is (use replicationMode Full to replicate it)",
+                kind="BadSharedImageDistribute",
+            )
+        if region.replica_count != 1:
+            raise PermanentError(
+                f"{field.removesuffix('.name')}.replicaCount: a Shallow version has one replica, "
+                f"not {region.replica_count}",
+                kind="BadSharedImageDistribute",
+            )
+
+
 def _check_each_region_once(target: SharedImageDistributor, *, index: int) -> None:
     seen: dict[str, str] = {}
     for region, field in target_regions(target, index=index):
@@ -204,15 +267,20 @@ async def check_targets(
     *,
     galleries: Galleries,
     check_region: RegionCheck | None = None,
-) -> None:
-    """Refuse, before a build makes anything, a target it could not write at its end.
+) -> str:
+    """Refuse, before a build makes anything, a target it could not write at its end; and say which security type
+    the build VM must have for its image to go into every target.
 
     Args:
         template: the template whose ``properties.distribute`` is checked.
         source: the resolved source: a gallery target's definition must fit its OS type and generation.
         galleries: the cloud's lookups of galleries and image definitions.
         check_region: the cloud's check of a region name, where it has only some regions.
+
+    Returns:
+        ``TrustedLaunch`` when a target is a TrustedLaunch definition (``build_security``), else ``Standard``.
     """
+    definitions: list[tuple[int, ImageDefinition]] = []
     for index, target in enumerate(template.properties.distribute):
         if isinstance(target, ManagedImageDistributor):
             managed_image_target(target, index=index)
@@ -225,8 +293,61 @@ async def check_targets(
                 os_type=source.os_type,
                 hyper_v_generation=source.hyper_v_generation,
                 galleries=galleries,
+                source_security=source.security_type,
             )
+            definitions.append((index, definition))
             _check_each_region_once(target, index=index)
+            _check_shallow(target, index=index, definition=definition, build_location=template.location)
             if check_region is not None:
                 for region, field in target_regions(target, index=index, definition=definition):
                     check_region(region.name, field=field)
+    return build_security(template, definitions)
+
+
+def build_security(template: ImageTemplate, definitions: list[tuple[int, ImageDefinition]]) -> str:
+    """The build VM's security type. A TrustedLaunch definition takes only a Trusted Launch image, from the disks of
+    a TrustedLaunch VM (secure boot and vTPM on); Azure makes no managed image of such a VM, and a
+    TrustedLaunchSupported definition takes no disk snapshot (only VHDs, managed images and gallery versions:
+    packer-plugin-azure#304). So with a TrustedLaunch definition among the targets the build VM is TrustedLaunch,
+    every gallery target must be one, and nothing may need a managed image of the build: no ManagedImage target, no
+    validator, no vmBoot or workload (each needs a VM made from the image). Otherwise Standard.
+
+    Raises:
+        PermanentError: ``BadSharedImageDistribute`` at the target or field that breaks this.
+    """
+    trusted = [index for index, d in definitions if d.security_type.lower() == TRUSTED_LAUNCH.lower()]
+    if not trusted:
+        return STANDARD
+    why = (
+        f"properties.distribute[{trusted[0]}] is a TrustedLaunch image definition, whose image is a TrustedLaunch VM's"
+    )
+    for index, definition in definitions:
+        if index not in trusted:
+            raise PermanentError(
+                f"properties.distribute[{index}].galleryImageId: the definition is {definition.security_type}, "
+                f"which takes no image of a TrustedLaunch VM's disks; {why}",
+                kind="BadSharedImageDistribute",
+            )
+    props = template.properties
+    needs: list[tuple[str, str]] = [
+        (f"properties.distribute[{i}]", "a ManagedImage target")
+        for i, t in enumerate(props.distribute)
+        if isinstance(t, ManagedImageDistributor)
+    ]
+    if props.validation is not None and (props.validation.in_vm_validations or props.validation.source_validation_only):
+        needs.append(("properties.validate", "validation"))
+    if props.optimize is not None and props.optimize.vm_boot_enabled:
+        needs.append(("properties.optimize.vmBoot", "vmBoot"))
+    if (
+        props.optimize is not None
+        and props.optimize.workload is not None
+        and props.optimize.workload.state == "Enabled"
+    ):
+        needs.append(("properties.optimize.workload", "a workload"))
+    if needs:
+        field, what = needs[0]
+        raise PermanentError(
+            f"{field}: {what} needs a managed image of the build, which Azure makes of no TrustedLaunch VM; {why}",
+            kind="BadSharedImageDistribute",
+        )
+    return TRUSTED_LAUNCH

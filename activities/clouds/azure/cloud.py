@@ -12,7 +12,7 @@ from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
 
-from activities.clouds.aib.ids import COMPUTE, parse_platform_image_id, platform_image_id, resource_id
+from activities.clouds.aib.ids import COMPUTE, parse_platform_image_id, platform_image_id, region_key, resource_id
 from activities.clouds.aib.names import admin_user_of, staging_group
 from activities.clouds.aib.tags import ROLE_TEMPORARY, TAG_BUILD_ID, TAG_REVOKED, blob_metadata, build_tags
 from activities.clouds.aib.targets import check_source_security, check_targets
@@ -29,6 +29,7 @@ from activities.clouds.azure.names import (
     STAGING_CONTAINER,
     TAG_GENERATION,
     VmParts,
+    data_snapshot_name,
     snapshot_name,
     storage_account_name,
 )
@@ -60,6 +61,7 @@ from workflows.models import (
 from workflows.template import (
     Distributor,
     ImageTemplate,
+    ManagedImageDistributor,
     ManagedImageSource,
     PlatformImageSource,
     SharedImageVersionSource,
@@ -72,6 +74,12 @@ EGRESS_LOOKUP = "https://api.ipify.org"
 
 def _default_endpoint(vm_id: str, address: str, port: int) -> tuple[str, int]:
     return address, port
+
+
+def _trusted_launch(resource: Any) -> bool:
+    """Whether a VM, or a snapshot of its disk, is of security type TrustedLaunch."""
+    profile = resource.security_profile
+    return profile is not None and (profile.security_type or "").lower() == "trustedlaunch"
 
 
 def _account_key(credential: Any) -> str | None:
@@ -204,8 +212,29 @@ class AzureCloud:
         else:
             assert isinstance(source, SharedImageVersionSource)
             resolved = await self._resolve_gallery(source)
-        await check_targets(template, resolved, galleries=self.galleries)
-        return resolved
+        build_security = await check_targets(template, resolved, galleries=self.galleries)
+        self._check_data_disks(template)
+        return resolved.model_copy(update={"build_security_type": build_security})
+
+    @staticmethod
+    def _check_data_disks(template: ImageTemplate) -> None:
+        """additionalDataDisks are empty disks of their size, and are captured into a managed image target only in
+        the build's region (the copy to another region is of the OS disk's snapshot alone)."""
+        disks = template.properties.additional_data_disks
+        for lun, disk in enumerate(disks):
+            if not disk.size_gb:
+                raise PermanentError(
+                    f"properties.additionalDataDisks[{lun}].sizeGB: an empty data disk needs a size of 1 GB or more",
+                    kind="BadDataDisk",
+                )
+        for index, target in enumerate(template.properties.distribute):
+            if disks and isinstance(target, ManagedImageDistributor):
+                if region_key(target.location) != region_key(template.location):
+                    raise PermanentError(
+                        f"properties.distribute[{index}].location: kiln does not yet copy data disks to another "
+                        f"region; a ManagedImage target with additionalDataDisks must be in {template.location}",
+                        kind="BadDataDisk",
+                    )
 
     async def _resolve_platform(self, build: BuildContext, source: PlatformImageSource) -> ResolvedSource:
         images = self.arm.compute.virtual_machine_images
@@ -231,7 +260,8 @@ class AzureCloud:
                 f"({image.plan.publisher}/{image.plan.product}/{image.plan.name}); give it in properties.source.planInfo",
                 kind="PlanInfoRequired",
             )
-        check_source_security(security_type(image.features), field="properties.source", image=label)
+        security = security_type(image.features)
+        check_source_security(security, field="properties.source", image=label)
         os_disk = image.os_disk_image
         return ResolvedSource(
             image_id=platform_image_id(
@@ -240,6 +270,7 @@ class AzureCloud:
             exact_version=version,
             os_type="Windows" if os_disk is not None and os_disk.operating_system == "Windows" else "Linux",
             hyper_v_generation="V2" if image.hyper_v_generation == "V2" else "V1",
+            security_type=security,
         )
 
     async def _resolve_managed(self, source: ManagedImageSource) -> ResolvedSource:
@@ -293,13 +324,15 @@ class AzureCloud:
                     f"{field}: {source.image_version_id} does not exist (or has no version that 'latest' can mean)",
                     kind="SourceImageNotFound",
                 ) from err
-        check_source_security(security_type(image.features), field=field, image=source.image_version_id)
+        security = security_type(image.features)
+        check_source_security(security, field=field, image=source.image_version_id)
         return ResolvedSource(
             image_id=found.id,
             exact_version=version,
             os_type="Windows" if image.os_type == "Windows" else "Linux",
             hyper_v_generation="V2" if image.hyper_v_generation == "V2" else "V1",
             revoked=(found.tags or {}).get(TAG_REVOKED, ""),
+            security_type=security,
         )
 
     # ---- gallery versions' lifecycle
@@ -483,6 +516,8 @@ class AzureCloud:
             generation=source.hyper_v_generation,
             vm_size=spec.vm_profile.vm_size,
             os_disk_size_gb=spec.vm_profile.os_disk_size_gb,
+            data_disk_sizes_gb=spec.data_disk_sizes_gb,
+            security_type=spec.security_type,
             identities=spec.vm_profile.user_assigned_identities,
             admin_user=user,
             ssh_public_key=None if windows else public_line(client_key),
@@ -499,6 +534,9 @@ class AzureCloud:
         resources.append(Resource(id=vm.id, kind="virtualMachine", owner=spec.name))
         if os_disk:
             resources.append(Resource(id=os_disk, kind="disk", owner=spec.name))
+        for data in vm.storage_profile.data_disks or [] if vm.storage_profile else []:
+            if data.managed_disk is not None and data.managed_disk.id:
+                resources.append(Resource(id=data.managed_disk.id, kind="disk", owner=spec.name))
         return BuildVm(
             name=spec.name,
             host=host,
@@ -529,20 +567,16 @@ class AzureCloud:
     async def capture_image(
         self, build: BuildContext, staging: Staging, vm: BuildVm, spec: CaptureSpec
     ) -> CapturedImage:
-        """Deallocate and generalize the VM, then snapshot its OS disk and make a managed image of it. The image
-        makes validation VMs, gallery versions and managed images; the snapshot is what a VHD is exported from.
-        A retry after success finds both and returns them."""
+        """Deallocate and generalize the VM, then snapshot its OS disk (and each data disk) and, of a Standard VM,
+        make a managed image, which holds the data disks too. The image makes validation VMs and gallery versions;
+        the snapshots are what a VHD is exported from and ManagedImage targets are made of. A TrustedLaunch VM gets
+        no managed image (Azure makes none of it): its snapshots make the gallery versions, and nothing else needs
+        one (``aib.targets.build_security``). A retry after success finds them all and returns them."""
         group = staging_group(build, subscription=self.subscription_id).name
         compute = self.arm.compute
-        tags = build_tags(build, role=ROLE_TEMPORARY)
         snap_name = snapshot_name(spec.name)
-        try:
-            image = await compute.images.get(group, spec.name)
-            snapshot = await compute.snapshots.get(group, snap_name)
-            if image.provisioning_state == "Succeeded" and snapshot.provisioning_state == "Succeeded":
-                return self._captured(image, snapshot)
-        except ResourceNotFoundError:
-            pass
+        if (before := await self._captured_before(group, spec.name)) is not None:
+            return before
         try:
             machine = await compute.virtual_machines.get(group, vm.name)
         except ResourceNotFoundError as err:
@@ -556,31 +590,20 @@ class AzureCloud:
         ):
             await lro(compute.virtual_machines.begin_deallocate(group, vm.name))
             await compute.virtual_machines.generalize(group, vm.name)
-        # Copying the disk is authorized on the disk too (a linked check): beginGetAccess on it.
-        async with arm_call(
-            f"snapshot {snap_name}",
-            needs="Microsoft.Compute/snapshots/write, and Microsoft.Compute/disks/beginGetAccess/action on the "
-            "build VM's OS disk",
-        ):
-            snapshot = await lro(
-                compute.snapshots.begin_create_or_update(
-                    group,
-                    snap_name,
-                    {
-                        "location": build.location,
-                        "tags": tags,
-                        "sku": {"name": "Standard_LRS"},
-                        "properties": {
-                            "creationData": {"createOption": "Copy", "sourceResourceId": os_disk.managed_disk.id},
-                            # Only an incremental snapshot can be copied to another region (CopyStart), which
-                            # a ManagedImage target elsewhere needs.
-                            "incremental": True,
-                            "osType": os_disk.os_type or vm.os_type,
-                            "hyperVGeneration": generation,
-                        },
-                    },
-                )
-            )
+        snapshot = await self._snapshot(
+            build,
+            group,
+            snap_name,
+            os_disk.managed_disk.id,
+            os_type=os_disk.os_type or vm.os_type,
+            generation=generation,
+        )
+        data = [
+            await self._snapshot(build, group, data_snapshot_name(spec.name, d.lun), d.managed_disk.id)
+            for d in machine.storage_profile.data_disks or []
+        ]
+        if _trusted_launch(machine):
+            return self._captured(None, snapshot, data)
         async with arm_call(f"image {spec.name}", needs="Microsoft.Compute/images/write"):
             image = await lro(
                 compute.images.begin_create_or_update(
@@ -588,28 +611,102 @@ class AzureCloud:
                     spec.name,
                     {
                         "location": build.location,
-                        "tags": tags,
+                        "tags": build_tags(build, role=ROLE_TEMPORARY),
                         "properties": {"sourceVirtualMachine": {"id": machine.id}, "hyperVGeneration": generation},
                     },
                 )
             )
-        return self._captured(image, snapshot)
+        return self._captured(image, snapshot, data)
+
+    async def _captured_before(self, group: str, name: str) -> CapturedImage | None:
+        """What an earlier try of this capture finished, if it finished: the snapshots, and the managed image unless
+        the OS disk's snapshot is of a TrustedLaunch VM."""
+        compute = self.arm.compute
+        try:
+            snapshot = await compute.snapshots.get(group, snapshot_name(name))
+            image = None if _trusted_launch(snapshot) else await compute.images.get(group, name)
+        except ResourceNotFoundError:
+            return None
+        data = await self._data_snapshots(group, name)
+        if all(r.provisioning_state == "Succeeded" for r in (snapshot, *data, *([image] if image else []))):
+            return self._captured(image, snapshot, data)
+        return None
+
+    async def _data_snapshots(self, group: str, name: str) -> list[Any]:
+        """The data disk snapshots of capture ``name``, by LUN (kiln's data disks are at LUN 0, 1...)."""
+        found = []
+        while True:
+            try:
+                found.append(await self.arm.compute.snapshots.get(group, data_snapshot_name(name, len(found))))
+            except ResourceNotFoundError:
+                return found
+
+    async def _snapshot(
+        self,
+        build: BuildContext,
+        group: str,
+        name: str,
+        disk_id: str,
+        *,
+        os_type: str | None = None,
+        generation: str | None = None,
+    ) -> Any:
+        """An incremental snapshot of a disk of the build VM (its OS disk with ``os_type`` and ``generation``)."""
+        properties: dict[str, Any] = {
+            "creationData": {"createOption": "Copy", "sourceResourceId": disk_id},
+            # Only an incremental snapshot can be copied to another region (CopyStart), which a ManagedImage
+            # target elsewhere needs.
+            "incremental": True,
+        }
+        if os_type is not None:
+            properties.update(osType=os_type, hyperVGeneration=generation)
+        # Copying the disk is authorized on the disk too (a linked check): beginGetAccess on it.
+        async with arm_call(
+            f"snapshot {name}",
+            needs="Microsoft.Compute/snapshots/write, and Microsoft.Compute/disks/beginGetAccess/action on the "
+            "build VM's disks",
+        ):
+            return await lro(
+                self.arm.compute.snapshots.begin_create_or_update(
+                    group,
+                    name,
+                    {
+                        "location": build.location,
+                        "tags": build_tags(build, role=ROLE_TEMPORARY),
+                        "sku": {"name": "Standard_LRS"},
+                        "properties": properties,
+                    },
+                )
+            )
 
     @staticmethod
-    def _captured(image: Any, snapshot: Any) -> CapturedImage:
+    def _captured(image: Any | None, snapshot: Any, data: list[Any]) -> CapturedImage:
         size_gb = snapshot.disk_size_gb or 0
+        made = image if image is not None else snapshot
         return CapturedImage(
-            id=image.id,
+            # The managed image, or (of a TrustedLaunch VM) the OS disk's snapshot, which gallery versions take.
+            id=made.id,
             # The OS-disk snapshot: what a VHD output is exported from.
             uri=snapshot.id,
             size_bytes=size_gb << 30,
-            hyper_v_generation="V2" if image.hyper_v_generation == "V2" else "V1",
-            resources=[Resource(id=image.id, kind="image"), Resource(id=snapshot.id, kind="snapshot")],
+            hyper_v_generation="V2" if made.hyper_v_generation == "V2" else "V1",
+            data_disk_snapshots=[d.id for d in data],
+            resources=[
+                *([Resource(id=image.id, kind="image")] if image is not None else []),
+                Resource(id=snapshot.id, kind="snapshot"),
+                *(Resource(id=d.id, kind="snapshot") for d in data),
+            ],
         )
 
     async def delete_image(self, build: BuildContext, name: str) -> None:
         group = staging_group(build, subscription=self.subscription_id).name
         compute = self.arm.compute
+        for data in await self._data_snapshots(group, name):
+            await self.vms.delete(
+                f"snapshot {data.name}",
+                "Microsoft.Compute/snapshots",
+                lambda data=data: compute.snapshots.begin_delete(group, data.name),
+            )
         await self.vms.delete(
             f"image {name}", "Microsoft.Compute/images", lambda: compute.images.begin_delete(group, name)
         )

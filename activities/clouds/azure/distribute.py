@@ -15,7 +15,14 @@ from typing import Any
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.mgmt.compute.models import GalleryImageVersion
 
-from activities.clouds.aib.ids import GalleryRef, parse_gallery_id, parse_managed_image_id, region_key, resource_id
+from activities.clouds.aib.ids import (
+    COMPUTE,
+    GalleryRef,
+    parse_gallery_id,
+    parse_managed_image_id,
+    region_key,
+    resource_id,
+)
 from activities.clouds.aib.names import staging_group
 from activities.clouds.aib.tags import (
     ROLE_OUTPUT,
@@ -47,6 +54,18 @@ def output_tags(request: DistributeRequest) -> dict[str, str]:
         **request.target.artifact_tags,
         **build_tags(request.build, role=ROLE_OUTPUT),
         TAG_OUTPUT_INDEX: str(request.index),
+    }
+
+
+def _version_sources(request: DistributeRequest) -> dict[str, Any]:
+    """Where a gallery version's disks come from: the captured managed image (its data disks with it), or, of a
+    TrustedLaunch build VM, which has no managed image, the OS and data disk snapshots."""
+    image = request.image
+    if not resource_id(image.id, field="the captured image").is_a(COMPUTE, "snapshots"):
+        return {"source": {"id": image.id}}
+    return {
+        "osDiskImage": {"source": {"id": image.id}},
+        "dataDiskImages": [{"lun": lun, "source": {"id": s}} for lun, s in enumerate(image.data_disk_snapshots)],
     }
 
 
@@ -117,7 +136,12 @@ class AzureDistribution:
                                         "osType": request.source.os_type,
                                         "osState": "Generalized",
                                         "snapshot": {"id": source},
-                                    }
+                                    },
+                                    # resolve_source refuses data disks with a target in another region.
+                                    "dataDisks": [
+                                        {"lun": lun, "snapshot": {"id": snapshot}}
+                                        for lun, snapshot in enumerate(request.image.data_disk_snapshots)
+                                    ],
                                 },
                             },
                         },
@@ -272,8 +296,10 @@ class AzureDistribution:
                             "publishingProfile": {
                                 "targetRegions": regions,
                                 "excludeFromLatest": target.exclude_from_latest,
+                                # Omitted unless given: the gallery's default is Full.
+                                **({"replicationMode": target.replication_mode} if target.replication_mode else {}),
                             },
-                            "storageProfile": {"source": {"id": request.image.id}},
+                            "storageProfile": _version_sources(request),
                         },
                     },
                 )

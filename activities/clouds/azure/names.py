@@ -57,9 +57,16 @@ class VmParts:
     def os_disk(self) -> str:
         return f"{self.vm}-osdisk"
 
+    def data_disk(self, lun: int) -> str:
+        return f"{self.vm}-data{lun}"
+
 
 def snapshot_name(image_name: str) -> str:
     return f"{image_name}-osdisk"
+
+
+def data_snapshot_name(image_name: str, lun: int) -> str:
+    return f"{image_name}-data{lun}"
 
 
 def snapshot_copy_name(build_id: str, index: int) -> str:

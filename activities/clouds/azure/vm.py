@@ -237,6 +237,8 @@ class AzureVms:
         generation: str,
         vm_size: str,
         os_disk_size_gb: int,
+        data_disk_sizes_gb: list[int],
+        security_type: str,
         identities: list[str],
         admin_user: str,
         ssh_public_key: str | None,
@@ -270,7 +272,21 @@ class AzureVms:
             "tags": tags,
             "properties": {
                 "hardwareProfile": {"vmSize": size},
-                "storageProfile": {"imageReference": image_reference, "osDisk": os_disk},
+                "storageProfile": {
+                    "imageReference": image_reference,
+                    "osDisk": os_disk,
+                    "dataDisks": [
+                        {
+                            "lun": lun,
+                            "name": parts.data_disk(lun),
+                            "createOption": "Empty",
+                            "diskSizeGB": size,
+                            "deleteOption": "Delete",
+                            "managedDisk": {"storageAccountType": "StandardSSD_LRS"},
+                        }
+                        for lun, size in enumerate(data_disk_sizes_gb)
+                    ],
+                },
                 "osProfile": os_profile,
                 "networkProfile": {
                     "networkInterfaces": [{"id": nic_id, "properties": {"primary": True, "deleteOption": "Delete"}}]
@@ -279,9 +295,15 @@ class AzureVms:
                 "diagnosticsProfile": {"bootDiagnostics": {"enabled": True}},
             },
         }
-        if generation == "V2":
+        if generation == "V2" and security_type == "TrustedLaunch":
+            body["properties"]["securityProfile"] = {
+                "securityType": "TrustedLaunch",
+                "uefiSettings": {"secureBootEnabled": True, "vTpmEnabled": True},
+            }
+        elif generation == "V2":
             # Azure makes a Gen2 VM TrustedLaunch unless told otherwise (Trusted Launch as default), and no managed
-            # image can be made from a TrustedLaunch VM (hashicorp/packer#13189): capture needs a Standard one.
+            # image can be made from a TrustedLaunch VM (hashicorp/packer#13189): a build that needs one asks
+            # for a Standard VM (aib.targets.build_security).
             body["properties"]["securityProfile"] = {"securityType": "Standard"}
         if plan:
             body["plan"] = plan

@@ -122,9 +122,9 @@ class LocalCloud:
         await self._storage.gallery.delete_version(version_id)
 
     async def create_vm(self, build: BuildContext, staging: Staging, spec: VmSpec) -> BuildVm:
-        """A build VM boots the image's root in a container; a validation VM boots the image's disk in QEMU
-        (only a source validated as it is, a base with no disk yet, is a container too)."""
-        if spec.purpose == "validation" and (disk := await self._disk_of(spec.image_id)) is not None:
+        """A build VM boots the image's root in a container; a validation VM, and optimize.vmBoot's boot, boot the
+        image's disk in QEMU (only a source validated as it is, a base with no disk yet, is a container too)."""
+        if spec.purpose in ("validation", "optimization") and (disk := await self._disk_of(spec.image_id)) is not None:
             return await self._boot(build, staging, spec, disk)
         return await self.vms.create(build, spec, await self._rootfs_of(spec.image_id))
 

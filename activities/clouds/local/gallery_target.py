@@ -4,6 +4,10 @@ Each target region has its own storage account; a version's replicas there are p
 the captured VHD (the file read once for every region at the same time), the others server-side copies of it within
 the region's account. The version is a record, claimed atomically before anything is written, so two builds never
 number the same version; a region counts as done only while its replicas are there in full, so a retry skips it.
+
+A Shallow version (``replicationMode``) is, as in a gallery, one replica in the build's region (``aib.targets``
+refuses any other): that replica is written as a Full version's first one is, since the captured disk a gallery
+would refer to goes with the build's cleanup; the record says which mode it was made with.
 """
 
 from __future__ import annotations
@@ -175,6 +179,7 @@ class GalleryTarget:
             state=CREATING,
             regions=regions,
             excludeFromLatest=target.exclude_from_latest,
+            replicationMode=target.replication_mode or "Full",
             osType=request.source.os_type,
             hyperVGeneration=request.image.hyper_v_generation,
             sizeBytes=request.image.size_bytes,

@@ -87,6 +87,8 @@ def _prepare_snapshot(arm: ArmEmulator, res: Resource, existing: Resource | None
             res.state["copy_of"] = _disk_of(source[0])
     res.properties.setdefault("diskSizeGB", source[0].properties.get("diskSizeGB"))
     res.properties.setdefault("osType", source[0].properties.get("osType"))
+    if source[0].properties.get("securityProfile"):
+        res.properties.setdefault("securityProfile", source[0].properties["securityProfile"])
     res.properties.setdefault("timeCreated", now())
 
 

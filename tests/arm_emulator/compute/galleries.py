@@ -9,10 +9,16 @@ regions must contain the version's own location (hashicorp/packer#8895), may nam
 (terraform-provider-azurerm#7751), and the source image must be in the version's region (MicrosoftDocs/azure-docs
 #28793).
 
+Replication mode: a Shallow version (publishingProfile.replicationMode) refers to its source instead of copying
+it, so it is there at once, with no replication to wait for; and so it may be only in its own region, one replica
+(400 InvalidParameter otherwise). Full, the default, copies to every target region.
+
 Security types: a Gen2 image definition made without a `SecurityType` feature is TrustedLaunchSupported, as Trusted
 Launch as default (TLaD) makes it. A version of a TrustedLaunchSupported definition is made only from a VHD, a
 managed image or another gallery version, not from a VM (packer-plugin-azure#304); one of a TrustedLaunch or
-confidential definition not from a managed image, which is never of that security type (the emulator's wording).
+confidential definition not from a managed image, which is never of that security type (the emulator's wording). A
+snapshot of a TrustedLaunch VM's disk is TrustedLaunch too, and goes only into a TrustedLaunch definition; a
+TrustedLaunchSupported one takes no snapshot.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from ..operations import Operation
 from ..protocol import ArmError, now, region_name
 from ..provider import ResourceType
 from ..store import Resource
-from .names import GALLERIES, IMAGE_DEFINITIONS, IMAGE_VERSIONS, IMAGES, VIRTUAL_MACHINES
+from .names import GALLERIES, IMAGE_DEFINITIONS, IMAGE_VERSIONS, IMAGES, SNAPSHOTS, VIRTUAL_MACHINES
 
 if TYPE_CHECKING:
     from ..server import ArmEmulator
@@ -52,13 +58,21 @@ def _check_security_type(arm: ArmEmulator, version: Resource, sources: list[Reso
     definition = arm.store.find(version.id.rsplit("/versions/", 1)[0])
     wanted = definition_security_type(definition) if definition is not None else "Standard"
     for source in sources:
-        if wanted == "TrustedLaunchSupported" and source.type == VIRTUAL_MACHINES:
+        made_as = ((source.properties.get("securityProfile") or {}).get("securityType")) or "Standard"
+        if wanted == "TrustedLaunchSupported" and source.type in (VIRTUAL_MACHINES, SNAPSHOTS):
             raise ArmError(
                 400,
                 "InvalidParameter",
                 f"The security type 'TrustedLaunchSupported' is not supported for the source id '{source.id}'. "
                 "Currently only Vhd Blob, User Image and Gallery Image Version sources are supported for "
                 "'TrustedLaunchSupported' images.",
+            )
+        if source.type == SNAPSHOTS and made_as != wanted and "TrustedLaunch" in (made_as, wanted):
+            raise ArmError(
+                400,
+                "InvalidParameter",
+                f"The source '{source.id}' is of security type {made_as}, the image definition of {wanted}: they "
+                "must match.",
             )
         if wanted in ("TrustedLaunch", "ConfidentialVM", "ConfidentialVmSupported") and source.type == IMAGES:
             raise ArmError(
@@ -101,17 +115,44 @@ def _prepare_version(arm: ArmEmulator, res: Resource, existing: Resource | None)
         )
     publishing.setdefault("replicaCount", 1)
     publishing.setdefault("storageAccountType", "Standard_LRS")
+    mode = publishing.setdefault("replicationMode", "Full")
+    if mode not in ("Full", "Shallow"):
+        raise ArmError(400, "InvalidParameter", f"The value '{mode}' of parameter 'replicationMode' is not valid.")
+    if mode == "Shallow":
+        counts = [publishing["replicaCount"], *(r.get("regionalReplicaCount", 1) for r in publishing["targetRegions"])]
+        if regions != [location] or any(c != 1 for c in counts):
+            raise ArmError(
+                400,
+                "InvalidParameter",
+                f"Shallow replication is supported only in the image version's own region '{location}', with one "
+                f"replica; the publishing profile names {regions}.",
+            )
     publishing["publishedDate"] = now()
+    # A version of snapshots names them as its disk images' sources; each is of its snapshot's size.
+    for disk in [profile.get("osDiskImage") or {}, *(profile.get("dataDiskImages") or [])]:
+        snapshot = arm.store.find((disk.get("source") or {}).get("id", ""))
+        if snapshot is not None:
+            disk.setdefault("sizeInGB", snapshot.properties.get("diskSizeGB") or 30)
+            disk.setdefault("hostCaching", "ReadWrite" if disk is profile.get("osDiskImage") else "None")
     profile.setdefault("osDiskImage", {"sizeInGB": 30, "hostCaching": "ReadWrite"})
+    # A version of a managed image has that image's data disks, each at its LUN.
+    image = next((src for src in sources if src.type == IMAGES), None)
+    if image is not None and "dataDiskImages" not in profile:
+        profile["dataDiskImages"] = [
+            {"lun": d["lun"], "sizeInGB": d.get("diskSizeGB") or 30, "hostCaching": d.get("caching", "None")}
+            for d in (image.properties.get("storageProfile") or {}).get("dataDisks") or []
+        ]
 
 
 def _replication_limit(arm: ArmEmulator, res: Resource) -> Callable[[], int | None]:
     """Records each target region's replication plan; the version's operation ends with the
     slowest region, and never while one of them is hung."""
     plans: dict[str, tuple[Callable[[], int | None], dict[str, str] | None]] = {}
-    polls = arm.operation_polls
+    # Shallow: nothing is copied, so the version is there on the first poll.
+    shallow = res.properties["publishingProfile"].get("replicationMode") == "Shallow"
+    polls = 0 if shallow else arm.operation_polls
     for region in res.properties["publishingProfile"]["targetRegions"]:
-        fault = arm.faults.replication_fault(region["name"])
+        fault = None if shallow else arm.faults.replication_fault(region["name"])
         error = None
         if fault is not None and fault.fail_code:
             error = {

@@ -50,7 +50,17 @@ def _prepare(arm: ArmEmulator, res: Resource, existing: Resource | None) -> None
                 "storageAccountType": os_disk["managedDisk"].get("storageAccountType", "Standard_LRS"),
                 "diskSizeGB": 30,
             },
-            "dataDisks": [],
+            # An image of a VM captures its data disks too, each at its LUN.
+            "dataDisks": [
+                {
+                    "lun": d["lun"],
+                    "managedDisk": {"id": d["managedDisk"]["id"]},
+                    "caching": d.get("caching", "None"),
+                    "diskSizeGB": d.get("diskSizeGB"),
+                    "storageAccountType": d["managedDisk"].get("storageAccountType", "Standard_LRS"),
+                }
+                for d in vm.properties["storageProfile"].get("dataDisks") or []
+            ],
             "zoneResilient": False,
         }
     elif not (res.properties.get("storageProfile") or {}).get("osDisk"):

@@ -1,6 +1,8 @@
 """Virtual machines, their power states and actions, their guests, and managed run commands.
 
-A VM's PUT creates its OS disk (unless attached), and its parts with deleteOption Delete go with it. Power
+A VM's PUT creates its OS disk (unless attached) and its data disks (`storageProfile.dataDisks`: Empty ones of
+their `diskSizeGB`, or FromImage ones from the data disks of the managed image it is made from, made for it when it
+names none), and its parts with deleteOption Delete go with it. Power
 actions (start, powerOff, deallocate, restart), runCommand and capture answer 202 with both LRO headers;
 generalize is a synchronous 200, allowed only on a stopped or deallocated VM.
 
@@ -123,12 +125,56 @@ def _prepare(arm: ArmEmulator, res: Resource, existing: Resource | None) -> None
                     "osType": os_disk["osType"],
                     "diskSizeGB": os_disk.get("diskSizeGB", 30),
                     "creationData": {"createOption": "FromImage", "imageReference": image},
+                    # The OS disk of a Trusted Launch VM is one: its snapshots, and what is made of them, are too.
+                    **(
+                        {"securityProfile": {"securityType": security_type(res)}}
+                        if security_type(res) != "Standard"
+                        else {}
+                    ),
                     "provisioningState": "Succeeded",
                     "timeCreated": now(),
                 },
             )
         )
+    _make_data_disks(arm, res, image)
     res.state.update(power="starting", generalized=False, os_type=os_disk["osType"], computer_name=computer or res.name)
+
+
+def _make_data_disks(arm: ArmEmulator, vm: Resource, image: dict[str, Any]) -> None:
+    storage = vm.properties["storageProfile"]
+    source = arm.store.find(image["id"]) if image.get("id") else None
+    from_image = (source.properties.get("storageProfile") or {}).get("dataDisks") or [] if source is not None else []
+    if not storage.get("dataDisks") and from_image:
+        storage["dataDisks"] = [{"lun": d["lun"], "createOption": "FromImage"} for d in from_image]
+    sizes = {d["lun"]: d.get("diskSizeGB", 30) for d in from_image}
+    for data in storage.get("dataDisks") or []:
+        option = data.get("createOption")
+        if option not in ("Empty", "FromImage"):
+            raise ArmError(400, "InvalidParameter", f"Data disk createOption '{option}' is not supported here.")
+        if option == "Empty" and not data.get("diskSizeGB"):
+            raise ArmError(400, "InvalidParameter", "An empty data disk needs 'diskSizeGB'.")
+        if option == "FromImage" and data["lun"] not in sizes:
+            raise ArmError(400, "InvalidParameter", f"The image has no data disk at LUN {data['lun']}.")
+        data.setdefault("name", f"{vm.name}_DataDisk_{data['lun']}_{uuid.uuid4().hex}")
+        data.setdefault("caching", "None")
+        data.setdefault("deleteOption", "Detach")
+        managed = data.setdefault("managedDisk", {})
+        managed.setdefault("storageAccountType", "Standard_LRS")
+        managed["id"] = f"{'/'.join(vm.id.split('/')[:5])}/providers/Microsoft.Compute/disks/{data['name']}"
+        data["diskSizeGB"] = data.get("diskSizeGB") or sizes[data["lun"]]
+        arm.store.add(
+            Resource(
+                managed["id"],
+                DISKS,
+                {"location": vm.envelope["location"], "tags": {}, "sku": {"name": managed["storageAccountType"]}},
+                {
+                    "diskSizeGB": data["diskSizeGB"],
+                    "creationData": {"createOption": option},
+                    "provisioningState": "Succeeded",
+                    "timeCreated": now(),
+                },
+            )
+        )
 
 
 _SECURITY_TYPES = ("Standard", "TrustedLaunch", "ConfidentialVM")
@@ -227,8 +273,9 @@ def _finish_boot(arm: ArmEmulator, vm: Resource) -> None:
 
 def _parts_deleted_with(arm: ArmEmulator, vm: Resource) -> list[str]:
     """Parts created with deleteOption Delete go with the VM, as in ARM; NICs only if the VM ever took them."""
-    os_disk = vm.properties.get("storageProfile", {}).get("osDisk", {})
-    doomed = [os_disk.get("managedDisk", {}).get("id")] if os_disk.get("deleteOption") == "Delete" else []
+    storage = vm.properties.get("storageProfile", {})
+    disks = [storage.get("osDisk", {}), *(storage.get("dataDisks") or [])]
+    doomed = [d.get("managedDisk", {}).get("id") for d in disks if d.get("deleteOption") == "Delete"]
     if vm.state.get("nics_taken", True):
         doomed += [
             nic.get("id")
