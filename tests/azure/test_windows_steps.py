@@ -236,6 +236,49 @@ async def test_a_restart_command_that_does_not_restart_fails_the_step(
     assert vm.machine.boots == 1
 
 
+@pytest.mark.parametrize(
+    ("code", "settings", "restart_command"),
+    [
+        (1115, MachineSettings(shutdown_seconds=50), None),  # still going down when kiln asks
+        (1717, MachineSettings(shutdown_seconds=50, going_down_code=1717), None),  # shutdown's RPC already gone
+        (1190, MachineSettings(), 'shutdown /r /f /t 30 /c "in a while"'),  # the command only scheduled it
+    ],
+    ids=["1115", "1717", "1190"],
+)
+async def test_a_shutdown_under_way_is_waited_for_whichever_code_says_so(
+    windows_vm: Callable[..., Awaitable[WindowsVm]],
+    code: int,
+    settings: MachineSettings,
+    restart_command: str | None,
+) -> None:
+    """Packer's test shutdown (``shutdown /r /t 60``) answers 1115, 1190 or 1717 while a shutdown is under way:
+    each is waited out, saying so, never taken for a machine that is not going down."""
+    vm = await windows_vm(settings)
+    step = WindowsRestartCustomizer(
+        type="WindowsRestart", **({"restart_command": restart_command} if restart_command else {})
+    )
+    await customize(vm, step)
+    assert vm.machine.boots == 2
+    _, *tests = vm.machine.shutdown_codes  # the restart command's own, then kiln's test shutdowns
+    under_way = [c for c in tests if c in (1115, 1190, 1717)]
+    assert code in under_way and 0 not in tests  # no test shutdown was ever scheduled (and aborted)
+    log = await vm.log()
+    assert log.count("restart 1: Reboot already in progress, waiting...") == len(under_way)
+    assert "restart 1: the machine is back after" in log
+
+
+async def test_a_restart_timeout_left_a_placeholder_fails_naming_the_field_before_any_restart(
+    windows_vm: Callable[..., Awaitable[WindowsVm]],
+) -> None:
+    """A documentation template's ``<placeholder>`` passes the template check; the step refuses it for good."""
+    vm = await windows_vm()
+    with pytest.raises(PermanentError) as refused:
+        await customize(vm, WindowsRestartCustomizer(type="WindowsRestart", restart_timeout="<timeout>"))
+    assert refused.value.type == "InvalidTemplate"
+    assert "customize 2/9: WindowsRestart: Field 'restartTimeout' has a bad value: '<timeout>'" in refused.value.message
+    assert vm.machine.shutdown_codes == [] and vm.machine.boots == 1
+
+
 def windows_update(**fields: Any) -> WindowsUpdateCustomizer:
     return WindowsUpdateCustomizer(type="WindowsUpdate", **fields)
 
