@@ -182,6 +182,27 @@ async def test_run_elevated_and_run_as_system(windows_vm: Callable[..., Awaitabl
     assert "nt authority\\system" in system
 
 
+@pytest.mark.parametrize("as_system", [False, True], ids=["elevated", "system"])
+async def test_valid_exit_codes_judge_an_elevated_run_by_its_task_result(
+    windows_vm: Callable[..., Awaitable[WindowsVm]], as_system: bool
+) -> None:
+    """An elevated script runs in a scheduled task: its exit code comes back as the task's result and is judged
+    as a plain run's would be."""
+    vm = await windows_vm()
+    how = {"run_elevated": True, "run_as_system": as_system}
+    step = powershell("Write-Host installed, restart wanted", "exit 3010", valid_exit_codes=[0, 3010], **how)
+    result = await customize(vm, step)
+    assert result.exit_code == 3010
+    with pytest.raises(PermanentError) as failed:
+        await customize(vm, powershell("Write-Host agent refused", "exit 1603", name="agent", **how), index=2)
+    assert failed.value.type == "CustomizerFailed"
+    assert "customize 3/9: agent failed with exit code 1603" in failed.value.message
+    assert "agent refused" in failed.value.message
+    log = await vm.log()
+    assert "==> azure-arm: customize 2/9: script: exit code 3010" in log
+    assert {run.identity.logon for run in vm.machine.runs.values()} == {"service" if as_system else "batch"}
+
+
 async def test_a_script_longer_than_8000_characters_runs_whole(windows_vm: Callable[..., Awaitable[WindowsVm]]) -> None:
     vm = await windows_vm()
     script = "".join(f"Write-Output 'configuring setting number {n:04d} of the golden image'\r\n" for n in range(150))
@@ -333,6 +354,19 @@ async def test_a_machine_that_keeps_asking_for_restarts_fails_the_step_naming_th
     assert "asked for a restart 4 times, more than the 3 kiln allows one step" in looped.value.message
     assert "updates still pending: KB5900004 Security Update 4 (KB5900004)" in looped.value.message
     assert vm.machine.boots == 4
+
+
+async def test_a_step_may_restart_the_machine_10_times_by_default(
+    windows_vm: Callable[..., Awaitable[WindowsVm]],
+) -> None:
+    vm = await windows_vm(
+        MachineSettings(endless_updates=True, shutdown_seconds=1, reboot_seconds=2, install_seconds=2)
+    )
+    with pytest.raises(PermanentError) as looped:
+        await customize(vm, windows_update())
+    assert looped.value.type == "RestartLoop"
+    assert "asked for a restart 11 times, more than the 10 kiln allows one step" in looped.value.message
+    assert vm.machine.boots == 11
 
 
 async def test_a_retried_update_step_carries_on_with_the_round_it_was_in(
