@@ -9,9 +9,9 @@ scheduled task: a batch logon, which needs the admin's password) or SYSTEM.
 
 What it models of a machine: a file system fed by uploads; a boot time that changes with each boot; ``shutdown``
 as shutdown.exe answers (1115 while going down, or 1717 once its RPC interface is gone; 1190 when one is
-scheduled; 1116 when there is none to abort); a
-restart in which its endpoint goes away for ``reboot_seconds`` and comes back; Windows Update with a queue of
-updates that need restarts (``tests.wsman.updates``); sysprep's image states. Its clock is scripted: a script's
+scheduled; 1116 when there is none to abort); a restart in which its endpoint goes away for ``reboot_seconds``
+and comes back; Windows Update with a queue of updates that need restarts (``tests.wsman.updates``); sysprep's
+image states. Its clock is scripted: a script's
 ``Start-Sleep -s 5`` lasts ``5 * time_scale`` real seconds, and so does everything the settings time.
 """
 
