@@ -11,8 +11,8 @@ What it models of a machine: a file system fed by uploads; a boot time that chan
 as shutdown.exe answers (1115 while going down, or 1717 once its RPC interface is gone; 1190 when one is
 scheduled; 1116 when there is none to abort); a restart in which its endpoint goes away for ``reboot_seconds``
 and comes back; Windows Update with a queue of updates that need restarts (``tests.wsman.updates``); sysprep's
-image states. Its clock is scripted: a script's
-``Start-Sleep -s 5`` lasts ``5 * time_scale`` real seconds, and so does everything the settings time.
+image states. Its clock is scripted: a script's ``Start-Sleep -s 5`` lasts ``5 * time_scale`` real seconds, and
+so does everything the settings time.
 """
 
 from __future__ import annotations

@@ -104,15 +104,15 @@ _DURATION_FORM = (
 )
 
 
-def duration_seconds(text: str, *, field: str = "restartTimeout") -> float:
-    """A Go duration, as Packer's windows-restart provisioner parses restartTimeout (``5m``, ``1h30m``, ``90s``),
-    in seconds.
+def duration_seconds(text: str) -> float:
+    """A restartTimeout in seconds: a Go duration, as Packer's windows-restart provisioner parses it (``5m``,
+    ``1h30m``, ``90s``).
 
     Raises:
-        ValueError: ``text`` is not a duration; the message names ``field`` and the allowed form.
+        ValueError: ``text`` is not a duration; the message names the field and the allowed form.
     """
     if not re.fullmatch(f"(?:{_GO_DURATION_PART})+", text):
-        raise ValueError(f"Field '{field}' has a bad value: '{text}'. {_DURATION_FORM}")
+        raise ValueError(f"Field 'restartTimeout' has a bad value: '{text}'. {_DURATION_FORM}")
     return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in re.findall(_GO_DURATION_PART, text))
 
 
