@@ -260,8 +260,8 @@ async def test_a_restart_command_that_does_not_restart_fails_the_step(
 @pytest.mark.parametrize(
     ("code", "settings", "restart_command"),
     [
-        (1115, MachineSettings(shutdown_seconds=50), None),  # still going down when kiln asks
-        (1717, MachineSettings(shutdown_seconds=50, going_down_code=1717), None),  # shutdown's RPC already gone
+        (1115, MachineSettings(shutdown_seconds=100), None),  # still going down when kiln asks
+        (1717, MachineSettings(shutdown_seconds=100, going_down_code=1717), None),  # shutdown's RPC already gone
         (1190, MachineSettings(), 'shutdown /r /f /t 30 /c "in a while"'),  # the command only scheduled it
     ],
     ids=["1115", "1717", "1190"],
