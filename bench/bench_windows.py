@@ -147,7 +147,8 @@ async def main(builds: int, pause: float) -> None:
                     scratch / "artifacts",
                     [],
                 )
-                await prepare(harness.start_worker(os_profiles(pause=pause)))
+                harness.start_worker(os_profiles(pause=pause))
+                await prepare(arm.base_url)
                 await sequential(harness, guests, builds, pause)
                 await harness.stop_workers()
         finally:

@@ -190,11 +190,23 @@ class WindowsProfile:
     @classmethod
     def from_environment(cls) -> WindowsProfile:
         """The profile as the worker's environment configures it: ``KILN_WINRM_INSECURE=1`` and
-        ``KILN_WINDOWS_MAX_RESTARTS``."""
-        return cls(
-            WinRmTransport(insecure=os.environ.get("KILN_WINRM_INSECURE") == "1"),
-            max_restarts=int(os.environ.get("KILN_WINDOWS_MAX_RESTARTS") or MAX_RESTARTS),
-        )
+        ``KILN_WINDOWS_MAX_RESTARTS`` (default 10).
+
+        Raises:
+            ValueError: either is set to what it cannot be, naming the variable.
+        """
+        insecure = os.environ.get("KILN_WINRM_INSECURE", "")
+        if insecure not in ("", "0", "1"):
+            raise ValueError(
+                f"KILN_WINRM_INSECURE must be 1 (accept a WinRM certificate kiln could not pin) or 0, not '{insecure}'"
+            )
+        restarts = os.environ.get("KILN_WINDOWS_MAX_RESTARTS", "")
+        if restarts and not (restarts.isdigit() and int(restarts) >= 1):
+            raise ValueError(
+                f"KILN_WINDOWS_MAX_RESTARTS must be a whole number of restarts, 1 or more (default {MAX_RESTARTS}), "
+                f"not '{restarts}'"
+            )
+        return cls(WinRmTransport(insecure=insecure == "1"), max_restarts=int(restarts or MAX_RESTARTS))
 
     def template_issues(self, template: ImageTemplate) -> list[TemplateIssue]:
         # A File customizer may write to any existing path on Windows.

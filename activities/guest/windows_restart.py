@@ -17,7 +17,6 @@ same restart instead of starting another.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,7 @@ from activities.events import event_line
 from activities.guest.winrm import WinRmError
 from workflows.models import GuestScriptRequest, GuestScriptResult
 from workflows.template import WindowsRestartCustomizer
+from workflows.template.formats import duration_seconds
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -44,8 +44,6 @@ RESTART_TEST = 'shutdown /r /f /t 60 /c "packer restart test"'
 ABORT_TEST = "shutdown /a"
 STARTED = (0, 1115, 1190)
 UNDER_WAY = (1115, 1190, 1717)
-_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 @dataclass(frozen=True)
@@ -58,11 +56,6 @@ class RestartTiming:
     retry_every: float = 2.0
 
 
-def duration_seconds(text: str) -> float:
-    """A Go duration, as Packer parses restartTimeout (``5m``, ``1h30m``, ``90s``), in seconds."""
-    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _GO_DURATION.findall(text))
-
-
 async def run_restart(
     request: GuestScriptRequest, guest: WindowsSession, log: LogSink, *, timing: RestartTiming
 ) -> GuestScriptResult:
@@ -71,6 +64,10 @@ async def run_restart(
     assert isinstance(step, WindowsRestartCustomizer)
     resumed = activity.info().heartbeat_details
     progress = dict(resumed[0]) if resumed else {}
+    try:
+        timeout = duration_seconds(step.restart_timeout)
+    except ValueError as err:  # a documentation template's <placeholder>, which the template check lets through
+        raise PermanentError(f"{request.label}: {err}", kind="InvalidTemplate") from None
     if not resumed:
         await log.append(build_log.step_header(request.label, build_log.PROVISIONERS[step.type]))
     async with heartbeating(progress) as heartbeat:
@@ -81,7 +78,7 @@ async def run_restart(
             number=1,
             command=step.restart_command or DEFAULT_RESTART_COMMAND,
             check_command=step.restart_check_command,
-            timeout=duration_seconds(step.restart_timeout),
+            timeout=timeout,
             timing=timing,
             progress=progress,
             heartbeat=heartbeat,

@@ -182,6 +182,27 @@ async def test_run_elevated_and_run_as_system(windows_vm: Callable[..., Awaitabl
     assert "nt authority\\system" in system
 
 
+@pytest.mark.parametrize("as_system", [False, True], ids=["elevated", "system"])
+async def test_valid_exit_codes_judge_an_elevated_run_by_its_task_result(
+    windows_vm: Callable[..., Awaitable[WindowsVm]], as_system: bool
+) -> None:
+    """An elevated script runs in a scheduled task: its exit code comes back as the task's result and is judged
+    as a plain run's would be."""
+    vm = await windows_vm()
+    how = {"run_elevated": True, "run_as_system": as_system}
+    step = powershell("Write-Host installed, restart wanted", "exit 3010", valid_exit_codes=[0, 3010], **how)
+    result = await customize(vm, step)
+    assert result.exit_code == 3010
+    with pytest.raises(PermanentError) as failed:
+        await customize(vm, powershell("Write-Host agent refused", "exit 1603", name="agent", **how), index=2)
+    assert failed.value.type == "CustomizerFailed"
+    assert "customize 3/9: agent failed with exit code 1603" in failed.value.message
+    assert "agent refused" in failed.value.message
+    log = await vm.log()
+    assert "==> azure-arm: customize 2/9: script: exit code 3010" in log
+    assert {run.identity.logon for run in vm.machine.runs.values()} == {"service" if as_system else "batch"}
+
+
 async def test_a_script_longer_than_8000_characters_runs_whole(windows_vm: Callable[..., Awaitable[WindowsVm]]) -> None:
     vm = await windows_vm()
     script = "".join(f"Write-Output 'configuring setting number {n:04d} of the golden image'\r\n" for n in range(150))
@@ -234,6 +255,49 @@ async def test_a_restart_command_that_does_not_restart_fails_the_step(
     with pytest.raises(PermanentError, match="it never went down: 'echo pretending' did not restart it"):
         await customize(vm, step)
     assert vm.machine.boots == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "settings", "restart_command"),
+    [
+        (1115, MachineSettings(shutdown_seconds=100), None),  # still going down when kiln asks
+        (1717, MachineSettings(shutdown_seconds=100, going_down_code=1717), None),  # shutdown's RPC already gone
+        (1190, MachineSettings(), 'shutdown /r /f /t 30 /c "in a while"'),  # the command only scheduled it
+    ],
+    ids=["1115", "1717", "1190"],
+)
+async def test_a_shutdown_under_way_is_waited_for_whichever_code_says_so(
+    windows_vm: Callable[..., Awaitable[WindowsVm]],
+    code: int,
+    settings: MachineSettings,
+    restart_command: str | None,
+) -> None:
+    """Packer's test shutdown (``shutdown /r /t 60``) answers 1115, 1190 or 1717 while a shutdown is under way:
+    each is waited out, saying so, never taken for a machine that is not going down."""
+    vm = await windows_vm(settings)
+    step = WindowsRestartCustomizer(
+        type="WindowsRestart", **({"restart_command": restart_command} if restart_command else {})
+    )
+    await customize(vm, step)
+    assert vm.machine.boots == 2
+    _, *tests = vm.machine.shutdown_codes  # the restart command's own, then kiln's test shutdowns
+    under_way = [c for c in tests if c in (1115, 1190, 1717)]
+    assert code in under_way and 0 not in tests  # no test shutdown was ever scheduled (and aborted)
+    log = await vm.log()
+    assert log.count("restart 1: Reboot already in progress, waiting...") == len(under_way)
+    assert "restart 1: the machine is back after" in log
+
+
+async def test_a_restart_timeout_left_a_placeholder_fails_naming_the_field_before_any_restart(
+    windows_vm: Callable[..., Awaitable[WindowsVm]],
+) -> None:
+    """A documentation template's ``<placeholder>`` passes the template check; the step refuses it for good."""
+    vm = await windows_vm()
+    with pytest.raises(PermanentError) as refused:
+        await customize(vm, WindowsRestartCustomizer(type="WindowsRestart", restart_timeout="<timeout>"))
+    assert refused.value.type == "InvalidTemplate"
+    assert "customize 2/9: WindowsRestart: Field 'restartTimeout' has a bad value: '<timeout>'" in refused.value.message
+    assert vm.machine.shutdown_codes == [] and vm.machine.boots == 1
 
 
 def windows_update(**fields: Any) -> WindowsUpdateCustomizer:
@@ -290,6 +354,19 @@ async def test_a_machine_that_keeps_asking_for_restarts_fails_the_step_naming_th
     assert "asked for a restart 4 times, more than the 3 kiln allows one step" in looped.value.message
     assert "updates still pending: KB5900004 Security Update 4 (KB5900004)" in looped.value.message
     assert vm.machine.boots == 4
+
+
+async def test_a_step_may_restart_the_machine_10_times_by_default(
+    windows_vm: Callable[..., Awaitable[WindowsVm]],
+) -> None:
+    vm = await windows_vm(
+        MachineSettings(endless_updates=True, shutdown_seconds=1, reboot_seconds=2, install_seconds=2)
+    )
+    with pytest.raises(PermanentError) as looped:
+        await customize(vm, windows_update())
+    assert looped.value.type == "RestartLoop"
+    assert "asked for a restart 11 times, more than the 10 kiln allows one step" in looped.value.message
+    assert vm.machine.boots == 11
 
 
 async def test_a_retried_update_step_carries_on_with_the_round_it_was_in(

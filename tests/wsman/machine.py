@@ -8,10 +8,11 @@ whose effects it models rather than interpreting their PowerShell; and the scrip
 scheduled task: a batch logon, which needs the admin's password) or SYSTEM.
 
 What it models of a machine: a file system fed by uploads; a boot time that changes with each boot; ``shutdown``
-as shutdown.exe answers (1115 while going down, 1190 when one is scheduled, 1116 when there is none to abort); a
-restart in which its endpoint goes away for ``reboot_seconds`` and comes back; Windows Update with a queue of
-updates that need restarts (``tests.wsman.updates``); sysprep's image states. Its clock is scripted: a script's
-``Start-Sleep -s 5`` lasts ``5 * time_scale`` real seconds, and so does everything the settings time.
+as shutdown.exe answers (1115 while going down, or 1717 once its RPC interface is gone; 1190 when one is
+scheduled; 1116 when there is none to abort); a restart in which its endpoint goes away for ``reboot_seconds``
+and comes back; Windows Update with a queue of updates that need restarts (``tests.wsman.updates``); sysprep's
+image states. Its clock is scripted: a script's ``Start-Sleep -s 5`` lasts ``5 * time_scale`` real seconds, and
+so does everything the settings time.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class Identity:
         return f"BUILTIN\\Administrators\r\n{logon[self.logon]}\r\nMandatory Label\\{level}"
 
 
+# What shutdown.exe prints with the codes it answers while the machine goes down.
+GOING_DOWN_MESSAGES = {1115: "A system shutdown is in progress.", 1717: "The interface is unknown."}
+
+
 @dataclass
 class MachineSettings:
     """How the machine behaves; every duration is in scripted seconds (times ``time_scale`` in real ones)."""
@@ -67,6 +72,9 @@ class MachineSettings:
     # From `shutdown /r /t 0` to the listener going away, and how long the machine then stays away.
     shutdown_seconds: float = 5.0
     reboot_seconds: float = 20.0
+    # What shutdown.exe answers while the machine goes down: 1115 (ERROR_SHUTDOWN_IN_PROGRESS), or 1717
+    # (RPC_S_UNKNOWN_IF) on a machine whose shutdown already stopped the RPC interface shutdown.exe talks to.
+    going_down_code: int = 1115
     # One update round's download and install.
     install_seconds: float = 20.0
     # How long generalize takes once Sysprep.exe started; stuck: it never reaches the generalized state.
@@ -169,6 +177,8 @@ class WindowsMachine:
         # Every command line the machine ran, PowerShell decoded; and every detached run by its folder.
         self.commands: list[str] = []
         self.longest_command_line = 0
+        # The exit code of every shutdown.exe run, in order.
+        self.shutdown_codes: list[int] = []
         # Real seconds the machine spent in its scripted time (scripts' sleeps, restarts): its own, not kiln's.
         self.scripted_seconds = 0.0
         self.runs: dict[str, Run] = {}
@@ -322,7 +332,9 @@ class WindowsMachine:
             process.write("stdout", (found.group(1) or "ECHO is on.") + "\r\n")
             return 0
         if found := re.match(r"(?is)^shutdown(?:\.exe)?\s*(.*)$", text):
-            return self._shutdown(process, found.group(1))
+            code = self._shutdown(process, found.group(1))
+            self.shutdown_codes.append(code)
+            return code
         process.write(
             "stderr",
             f"'{text.split()[0]}' is not recognized as an internal or external command,\r\noperable program or batch file.\r\n",
@@ -509,7 +521,8 @@ class WindowsMachine:
             if "r" not in flags:
                 return self._refuse(process, f"this test machine only restarts, not: shutdown {arguments}", 1)
             if self.power not in ("running", "scheduled"):
-                return self._refuse(process, "A system shutdown is in progress.(1115)", 1115)
+                code = self.settings.going_down_code
+                return self._refuse(process, f"{GOING_DOWN_MESSAGES[code]}({code})", code)
             if self.power == "scheduled":
                 return self._refuse(process, "A system shutdown has already been scheduled.(1190)", 1190)
             if delay == 0:

@@ -97,16 +97,37 @@ ResourceGroupId = Annotated[
     ),
 ]
 DEFAULT_RESTART_TIMEOUT = "5m"
-# A Go duration, as Packer's windows-restart provisioner parses restartTimeout; "" means the default, as AIB has it.
-RestartTimeout = Annotated[
-    str,
-    _format(
-        r"(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+",
-        "It must be a duration of magnitude and unit, such as 5m, 30m or 2h, or empty for the default (5m).",
-        allow_empty=True,
-    ),
-    AfterValidator(lambda value: value or DEFAULT_RESTART_TIMEOUT),
-]
+_GO_DURATION_PART = r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)"
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_FORM = (
+    "It must be a duration of magnitude and unit, such as 5m, 30m, 1h30m or 2h, or empty for the default (5m)."
+)
+
+
+def duration_seconds(text: str) -> float:
+    """A restartTimeout in seconds: a Go duration, as Packer's windows-restart provisioner parses it (``5m``,
+    ``1h30m``, ``90s``).
+
+    Raises:
+        ValueError: ``text`` is not a duration; the message names the field and the allowed form.
+    """
+    if not re.fullmatch(f"(?:{_GO_DURATION_PART})+", text):
+        raise ValueError(f"Field 'restartTimeout' has a bad value: '{text}'. {_DURATION_FORM}")
+    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in re.findall(_GO_DURATION_PART, text))
+
+
+def _restart_timeout(value: str) -> str:
+    if value == "":  # as AIB has it: the default
+        return DEFAULT_RESTART_TIMEOUT
+    if not _PLACEHOLDER.fullmatch(value):
+        try:
+            duration_seconds(value)
+        except ValueError:
+            raise bad_value(_DURATION_FORM) from None
+    return value
+
+
+RestartTimeout = Annotated[str, AfterValidator(_restart_timeout)]
 
 
 def _api_version(value: str) -> str:
