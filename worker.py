@@ -32,7 +32,7 @@ from activities.clouds.registry import CLOUDS, WorkerOptions
 from activities.clouds.state import state_dir
 from activities.connection import ConnectError, connect
 from activities.guest import Guests
-from activities.janitor import JanitorActivities, schedule_janitor
+from activities.janitor import janitor_activities, schedule_janitor
 from activities.notify import deliver
 from activities.scheduled import request_run
 from workflows.build import ImageBuildWorkflow
@@ -72,7 +72,7 @@ async def run_worker(
             RetentionWorkflow,
             JanitorWorkflow,
         ],
-        activities=[*activities_for(cloud, guests), JanitorActivities().find_abandoned_builds, deliver, request_run],
+        activities=[*activities_for(cloud, guests), *janitor_activities(), deliver, request_run],
         # Across every worker of the queue: ARM throttles per subscription, not per process.
         max_task_queue_activities_per_second=max_activities_per_second,
         graceful_shutdown_timeout=timedelta(seconds=20),

@@ -13,6 +13,7 @@ from activities.distribute import DistributeActivities
 from activities.generalize import GeneralizeActivities
 from activities.guest import Guests
 from activities.images import ImageActivities, collect_lineage
+from activities.janitor import SweepActivities
 from activities.source import SourceActivities
 from activities.staging import StagingActivities
 from activities.template import validate_template
@@ -31,6 +32,7 @@ def activities_for(cloud: Cloud, guests: Guests | None = None) -> list[Callable[
     capture = CaptureActivities(cloud, guests)
     distribute = DistributeActivities(cloud, guests)
     images = ImageActivities(cloud, guests)
+    sweep = SweepActivities(cloud, guests)
     return [
         validate_template,
         source.resolve_source,
@@ -48,4 +50,5 @@ def activities_for(cloud: Cloud, guests: Guests | None = None) -> list[Callable[
         distribute.delete_output,
         images.retire_image_version,
         collect_lineage,
+        sweep.delete_tagged,
     ]

@@ -1,9 +1,12 @@
-"""The janitor's look-up: builds that closed without running their cleanup, and what is left of it."""
+"""The janitor's look-ups: builds that closed without running their cleanup, and what is left of it; every
+closed build, for the sweep of what still carries its build id."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from temporalio import activity
 from temporalio.client import (
@@ -20,7 +23,9 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from workflows.models import AbandonedBuild, BuildStatus, JanitorRequest
+from activities.common import CloudActivities, heartbeating
+from workflows.models import AbandonedBuild, BuildStatus, ClosedBuild, JanitorRequest
+from workflows.plan import build_id_of
 
 QUERY_TIMEOUT = timedelta(seconds=10)
 # Each query replays a build's history on a worker: a few at a time, not hundreds.
@@ -34,11 +39,7 @@ class JanitorActivities:
         (terminated, or timed out by a workflow timeout), or an undo failed for good (say, a permission that was
         missing then). Every closed build is asked, since only its status tells the second kind apart."""
         client = activity.client()
-        since = (datetime.now(UTC) - timedelta(hours=request.lookback_hours)).isoformat()
-        query = f"WorkflowType = 'ImageBuild' AND ExecutionStatus != 'Running' AND CloseTime > '{since}'"
-        if request.task_queue:
-            query += f" AND TaskQueue = '{request.task_queue}'"
-        executions = [execution async for execution in client.list_workflows(query)]
+        executions = [execution async for execution in client.list_workflows(_closed_builds_query(request))]
         # A queue with no worker answers no query; after the first one times out, its builds wait for a later run.
         unanswered: set[str] = set()
         limit = asyncio.Semaphore(CONCURRENT_QUERIES)
@@ -72,6 +73,43 @@ class JanitorActivities:
             for execution, status in zip(executions, statuses, strict=True)
             if status is not None and status.pending_cleanup
         ]
+
+    @activity.defn
+    async def find_closed_builds(self, request: JanitorRequest) -> list[ClosedBuild]:
+        """Every build that closed within the lookback, by its listing alone: its build id is its resources'
+        tag, so the sweep by tag needs nothing from its status."""
+        return [
+            ClosedBuild(
+                workflow_id=execution.id,
+                task_queue=execution.task_queue,
+                build_id=build_id_of(execution.id, execution.run_id),
+            )
+            async for execution in activity.client().list_workflows(_closed_builds_query(request))
+        ]
+
+
+def janitor_activities() -> list[Callable[..., Any]]:
+    """The janitor's look-ups, for a worker to run beside its cloud's activities."""
+    janitor = JanitorActivities()
+    return [janitor.find_abandoned_builds, janitor.find_closed_builds]
+
+
+class SweepActivities(CloudActivities):
+    """The janitor's sweep by tag, on each cloud's worker: it runs on the closed build's own task queue."""
+
+    @activity.defn
+    async def delete_tagged(self, build: ClosedBuild) -> list[str]:
+        async with heartbeating():
+            return await self.cloud.delete_tagged(build.build_id)
+
+
+def _closed_builds_query(request: JanitorRequest) -> str:
+    """The visibility query of the builds that closed within the request's lookback (on its queue, if given)."""
+    since = (datetime.now(UTC) - timedelta(hours=request.lookback_hours)).isoformat()
+    query = f"WorkflowType = 'ImageBuild' AND ExecutionStatus != 'Running' AND CloseTime > '{since}'"
+    if request.task_queue:
+        query += f" AND TaskQueue = '{request.task_queue}'"
+    return query
 
 
 async def schedule_janitor(client: Client, *, cloud: str, task_queue: str, every: timedelta) -> str:

@@ -374,6 +374,8 @@ async def janitor(args: argparse.Namespace, io: Io) -> int:
         io.out.print(f"looked at {len(report.builds)} abandoned build(s) on {queue}")
         for line in report.cleaned:
             io.out.print(Text(f"  cleaned  {line}", style="green"))
+        for line in report.swept:
+            io.out.print(Text(f"  deleted  {line} (by its build-id tag)", style="green"))
         for line in report.failed:
             io.out.print(Text(f"  failed   {line}", style="red"))
         return EXIT_SUCCEEDED if not report.failed else EXIT_FAILED

@@ -103,11 +103,25 @@ async def a_gallery_version_never_made_is_deleted_and_refuses_retirement(under_t
     assert refused.value.type == "ImageVersionNotFound"
 
 
+async def the_sweep_by_tag_deletes_what_no_undo_ran_for_and_keeps_the_log(under_test: CloudUnderTest) -> None:
+    """A build that closed with its staging made and no undo run (terminated before it recorded one)."""
+    cloud, build = under_test.cloud, under_test.build()
+    staging = await cloud.create_staging(build)
+    await cloud.stage_artifact(build, staging, Artifact(source_uri="file:///s.sh", field="f"), b"echo hi\n")
+    log = await cloud.open_log(build, staging, "customization.log")
+    await log.append(b"kept\n")
+    assert await cloud.delete_tagged(build.build_id) != []
+    assert await under_test.leftovers(build) == []
+    assert await log.read() == b"kept\n"
+    assert await cloud.delete_tagged(build.build_id) == []
+
+
 CONTRACT = [
     staging_is_create_or_get_and_delete_twice,
     a_vm_and_its_capture_are_create_or_get_and_delete_twice,
     deleting_an_output_never_made_succeeds,
     an_unknown_source_is_refused_before_anything_is_made,
     a_gallery_version_never_made_is_deleted_and_refuses_retirement,
+    the_sweep_by_tag_deletes_what_no_undo_ran_for_and_keeps_the_log,
 ]
 CONTRACT_IDS = [check.__name__ for check in CONTRACT]

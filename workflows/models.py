@@ -337,7 +337,17 @@ class AbandonedBuild(CamelModel):
     pending_cleanup: list[PendingUndo]
 
 
+class ClosedBuild(CamelModel):
+    """A build whose workflow is no longer running, for the janitor's sweep by tag on its own task queue."""
+
+    workflow_id: str
+    task_queue: str
+    build_id: str
+
+
 class JanitorReport(CamelModel):
     builds: list[str] = []
     cleaned: list[str] = []
     failed: list[str] = []
+    # What the sweep by tag deleted, as ``<workflow id>: <resource id>``.
+    swept: list[str] = []

@@ -156,5 +156,15 @@ class Cloud(Protocol):
     async def delete_image_version(self, version_id: str) -> None:
         """Delete a gallery image version and its replicas. Succeeds when already gone."""
 
+    async def delete_tagged(self, build_id: str) -> list[str]:
+        """Delete what still carries build ``build_id``'s tag and is temporary, with the same deletes the undos
+        use: the janitor's sweep of a closed build, for what no undo names (a create whose undo was never
+        recorded, or whose build was terminated before it could be). Outputs and logs (``kilnRole``) are the
+        user's and stay. Called only for builds whose workflow is closed. Succeeds when nothing is left.
+
+        Returns:
+            The ids of what was deleted.
+        """
+
     async def close(self) -> None:
         """Release the cloud's clients and connections when the worker stops."""

@@ -14,7 +14,7 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
 from activities.clouds.aib.ids import platform_image_id
 from activities.clouds.aib.names import staging_group_name
-from activities.clouds.aib.tags import ROLE_TEMPORARY, blob_metadata, build_tags
+from activities.clouds.aib.tags import ROLE_OUTPUT, ROLE_TEMPORARY, blob_metadata, build_tags
 from activities.clouds.azure import AzureCloud
 from activities.clouds.azure.names import storage_account_name
 from activities.clouds.azure.storage import ensure_container
@@ -491,6 +491,36 @@ async def test_what_an_undo_missed_is_deleted_though_the_lagging_listing_does_no
     assert len(kiln_resources(arm, build.build_id)) == 5  # the staging account and the VM's network
     await cloud.delete_staging(build)
     assert kiln_resources(arm, build.build_id) == []
+
+
+async def test_the_sweep_by_tag_deletes_a_closed_builds_temporaries_and_keeps_its_outputs(
+    cloud: AzureCloud, arm: ArmEmulator
+) -> None:
+    """The janitor's sweep of a closed build finds its staging group by the build-id tag alone: what no undo names
+    (a VM network made, never recorded) goes with it, while the build's output and another build's staging stay."""
+    closed, other = build_context(), build_context(build_id=f"other-{time.monotonic_ns() % 10**8:08d}")
+    await cloud.create_staging(closed)
+    await cloud.create_staging(other)
+    group = staging_group_name(closed)
+    await cloud.vms.create_network(
+        group, _parts(closed), location=LOCATION, tags=build_tags(closed, role=ROLE_TEMPORARY), subnet_id=None
+    )
+    owner = owner_clients(arm.base_url)
+    try:
+        await owner.resource.resource_groups.create_or_update("aibImageRG", {"location": LOCATION})
+        await owner.network.public_ip_addresses.begin_create_or_update(
+            "aibImageRG", "output", {"location": LOCATION, "tags": build_tags(closed, role=ROLE_OUTPUT)}
+        )
+    finally:
+        await owner.close()
+    others_before = kiln_resources(arm, other.build_id)
+
+    deleted = await cloud.delete_tagged(closed.build_id)
+
+    assert [d.rsplit("/", 1)[-1] for d in deleted] == [group]
+    assert [r["name"] for r in kiln_resources(arm, closed.build_id)] == ["output"]
+    assert kiln_resources(arm, other.build_id) == others_before
+    assert await cloud.delete_tagged(closed.build_id) == []
 
 
 async def test_the_live_suites_leftover_check_reports_what_a_build_left(cloud: AzureCloud, arm: ArmEmulator) -> None:

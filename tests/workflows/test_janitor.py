@@ -12,7 +12,7 @@ from temporalio.client import Client
 from activities.janitor import schedule_janitor
 from tests.workflows.harness import Harness
 from workflows.janitor import JanitorWorkflow
-from workflows.models import JanitorReport, JanitorRequest, RunState
+from workflows.models import BuildStatus, JanitorReport, JanitorRequest, RunState
 
 
 async def run_janitor(client: Client, harness: Harness, build_id: str) -> JanitorReport:
@@ -111,3 +111,32 @@ async def test_the_janitor_schedule_a_worker_keeps_runs_the_janitor_and_is_kept_
     run = client.get_workflow_handle(description.info.recent_actions[0].action.workflow_id, result_type=JanitorReport)
     assert (await run.result()).failed == []
     await handle.delete()
+
+
+async def test_janitor_deletes_by_tag_what_no_undo_names_and_keeps_outputs_and_running_builds(
+    harness: Harness, client: Client
+) -> None:
+    """A terminated build made a disk whose undo it never recorded, and an output that is the user's; a running
+    build has a disk of its own. The sweep deletes the first alone."""
+    harness.cloud.inject("customize", "hang")
+    closed = await harness.start(harness.template())
+    await harness.wait_for_step(closed, "customize")
+    running = await harness.start(harness.template())
+    await harness.wait_for_step(running, "customize")
+    await closed.terminate("operator pulled the plug")
+    closed_id = (await closed.query("status", result_type=BuildStatus)).build_id
+    running_id = (await running.query("status", result_type=BuildStatus)).build_id
+    harness.cloud.leave(closed_id, "disk", f"{closed_id}-unrecorded")
+    harness.cloud.leave(closed_id, "managedImage", f"{closed_id}-output", output=True)
+    harness.cloud.leave(running_id, "disk", f"{running_id}-unrecorded")
+    running_before = harness.cloud.alive(include_outputs=True, build_id=running_id)
+
+    report = await run_janitor(client, harness, closed.id)
+
+    assert f"{closed.id}: {closed_id}-unrecorded" in report.swept
+    assert harness.cloud.alive(include_outputs=True, build_id=closed_id) == [("managedImage", f"{closed_id}-output")]
+    assert harness.cloud.alive(include_outputs=True, build_id=running_id) == running_before
+    assert ("disk", f"{running_id}-unrecorded") in running_before
+    assert report.failed == []
+    await running.cancel()
+    await harness.finish(running)

@@ -450,22 +450,35 @@ class AzureCloud:
     async def delete_staging(self, build: BuildContext) -> None:
         """Delete the staging group when kiln made it, else only kiln's resources in it. When the logs live in the
         staging account (no log account configured), that account and so its group are kept."""
-        group = staging_group(build, subscription=self.subscription_id)
+        await self._delete_staging_group(staging_group(build, subscription=self.subscription_id).name, build.build_id)
+
+    async def delete_tagged(self, build_id: str) -> list[str]:
+        """Everything temporary a build makes lives in its staging group (outputs and logs live elsewhere, or in
+        the staging account, which is then kept), so the sweep deletes in each group that carries the build's id
+        what ``delete_staging`` deletes. A stagingResourceGroup the template gave carries no build id and is not
+        found by tag: the build's own undos, and the janitor's run of them, are what clean it."""
+        tagged = self.arm.resource.resource_groups.list(
+            filter=f"tagName eq '{TAG_BUILD_ID}' and tagValue eq '{build_id}'"
+        )
+        return [deleted async for group in tagged for deleted in await self._delete_staging_group(group.name, build_id)]
+
+    async def _delete_staging_group(self, name: str, build_id: str) -> list[str]:
+        """Delete build ``build_id``'s staging group ``name`` as ``delete_staging`` does; the ids deleted."""
         groups = self.arm.resource.resource_groups
         try:
-            existing = await groups.get(group.name)
+            existing = await groups.get(name)
         except ResourceNotFoundError:
-            return
+            return []
         logs_here = self._log_account_url is None
-        if (existing.tags or {}).get(TAG_BUILD_ID) == build.build_id and not logs_here:
+        if (existing.tags or {}).get(TAG_BUILD_ID) == build_id and not logs_here:
             await self.vms.delete(
-                f"staging resource group {group.name}",
+                f"staging resource group {name}",
                 "Microsoft.Resources/subscriptions/resourceGroups",
-                lambda: groups.begin_delete(group.name),
+                lambda: groups.begin_delete(name),
             )
-            return
+            return [existing.id]
         # Whatever the saga's own undos did not get (a half-made create whose undo was lost).
-        await self.inventory.delete_build(group.name, build.build_id, keep_storage=logs_here)
+        return await self.inventory.delete_build(name, build_id, keep_storage=logs_here)
 
     async def stage_artifact(
         self, build: BuildContext, staging: Staging, artifact: Artifact, data: bytes

@@ -16,7 +16,7 @@ from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
 
-from activities.clouds.aib.tags import TAG_BUILD_ID
+from activities.clouds.aib.tags import ROLE_LOG, ROLE_OUTPUT, ROLE_TEMPORARY, TAG_BUILD_ID, TAG_ROLE
 from activities.clouds.azure.clients import ArmClients
 from activities.clouds.azure.names import VmParts
 from activities.clouds.azure.vm import AzureVms
@@ -87,6 +87,11 @@ def _of_build(resource: Any, build_id: str) -> bool:
     return (resource.tags or {}).get(TAG_BUILD_ID) == build_id
 
 
+def _kept(resource: Any) -> bool:
+    """An output or a log: the user's, and never a leftover."""
+    return (resource.tags or {}).get(TAG_ROLE, ROLE_TEMPORARY) in (ROLE_OUTPUT, ROLE_LOG)
+
+
 class Inventory:
     """The resources of a staging group, by the listings of each type kiln makes there."""
 
@@ -121,14 +126,21 @@ class Inventory:
         ]
         return mine + rest
 
-    async def delete_build(self, group: str, build_id: str, *, keep_storage: bool) -> None:
+    async def delete_build(self, group: str, build_id: str, *, keep_storage: bool) -> list[str]:
         """Delete what build ``build_id`` left in ``group`` (a half-made create whose undo was lost): each VM with
-        everything made for it first, then the rest in dependency order; its storage account unless kept."""
+        everything made for it first, then the rest in dependency order; its storage account unless kept. An
+        output or a log is never deleted here.
+
+        Returns:
+            The ids of what was there to delete.
+        """
         listed = await self._listed(group)
+        deleted: list[str] = []
         for kind, resources in listed:
             for res in resources:
-                if not _of_build(res, build_id) or (keep_storage and kind.arm_type == _STORAGE):
+                if not _of_build(res, build_id) or _kept(res) or (keep_storage and kind.arm_type == _STORAGE):
                     continue
+                deleted.append(res.id)
                 if kind.arm_type == "Microsoft.Compute/virtualMachines":
                     await self._vms.delete_vm_parts(group, VmParts(res.name))
                 else:
@@ -137,3 +149,4 @@ class Inventory:
                         kind.arm_type,
                         lambda kind=kind, name=res.name: kind.delete(self._arm, group, name),
                     )
+        return deleted

@@ -150,6 +150,21 @@ class LocalCloud:
         await self.qemu.delete(name)
         await self.vms.delete(name)
 
+    async def delete_tagged(self, build_id: str) -> list[str]:
+        """The build's temporary records, each gone through the delete its undo uses: VMs (their overlay, QEMU and
+        address records with them) and captured images by name, then the staging (group, container, blobs)."""
+        records = [r for r in await asyncio.to_thread(self._store.list, build_id=build_id) if r.role == ROLE_TEMPORARY]
+        build = BuildContext(build_id=build_id, template_name="", location="", cloud=self.name)
+        deletes = ((vm_id(""), self.delete_vm), (qemu_id(""), self.delete_vm), (capture_id(""), self.delete_image))
+        for record in records:
+            for prefix, delete in deletes:
+                if record.id.startswith(prefix):
+                    await delete(build, record.id.removeprefix(prefix))
+        if records:
+            await self.delete_staging(build)
+        left = {r.id for r in await asyncio.to_thread(self._store.list, build_id=build_id)}
+        return [r.id for r in records if r.id not in left]
+
     async def capture_image(
         self, build: BuildContext, staging: Staging, vm: BuildVm, spec: CaptureSpec
     ) -> CapturedImage:
