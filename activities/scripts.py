@@ -58,6 +58,14 @@ async def open_guest(
     return guest, log
 
 
+def run_id_of(request: GuestScriptRequest, part: str = "") -> str:
+    """The run id of one script of a step in the guest: the same on every attempt, on every worker."""
+    run_id = f"{request.build.build_id}-{request.log_name.removesuffix('.log')}-{request.index}"
+    if part:
+        run_id += "-" + "".join(c if c.isalnum() else "-" for c in part)
+    return run_id
+
+
 def part_label(request: GuestScriptRequest, part: str) -> str:
     """The label of one script of a step: the step's own, or for a step of several scripts, the part's."""
     return f"{request.label}: {part}" if part else request.label
@@ -100,9 +108,7 @@ async def follow_script(
     """
     started = time.monotonic()
     label = part_label(request, part)
-    run_id = f"{request.build.build_id}-{request.log_name.removesuffix('.log')}-{request.index}"
-    if part:
-        run_id += "-" + "".join(c if c.isalnum() else "-" for c in part)
+    run_id = run_id_of(request, part)
     # A retry reads on from what the log already holds of this run: heartbeat details would lag behind it.
     logged = None
     if activity.info().attempt > 1:

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import time
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,7 +187,8 @@ class QemuVms:
     async def _kill(self, name: str, folder: QemuFolder) -> None:
         await asyncio.to_thread(cgroups.kill_all, name)
         if (pid := live_pid(folder.pid)) is not None:  # where the machine gave it no cgroups
-            os.kill(pid, signal.SIGKILL)
+            with suppress(ProcessLookupError):  # it may end between the look and the kill
+                os.kill(pid, signal.SIGKILL)
 
     def _prepare(self, build: BuildContext, folder: QemuFolder, data: dict) -> None:
         """The VM's folder: its NoCloud seed disk, and for UEFI a copy of the firmware's variable store."""

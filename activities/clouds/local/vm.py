@@ -26,6 +26,7 @@ import signal
 import subprocess
 import time
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from activities.clouds.local.overlays import VmLayers, overlay_works
 from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.sizes import limits_for
 from activities.guest.keys import derive_key, private_openssh, public_line
+from activities.guest.ssh import Completed, ShellSession
 from workflows.models import BuildContext, BuildVm, Resource, VmSpec
 
 VM_KIND = "vm"
@@ -203,7 +205,8 @@ class LocalVms:
         folder = self.folder(name)
         nspawn = live_pid(folder.nspawn_pid)
         if nspawn is not None:
-            os.kill(nspawn, signal.SIGTERM)  # nspawn asks the container's systemd to power off
+            with suppress(ProcessLookupError):  # it may end between the look and the kill
+                os.kill(nspawn, signal.SIGTERM)  # nspawn asks the container's systemd to power off
             deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
             while self._running(folder) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -221,6 +224,14 @@ class LocalVms:
             if _pid_namespace(child) not in (None, _pid_namespace(nspawn)):
                 return child
         raise PermanentError(f"local VM {name} is not running", kind="VmNotRunning")
+
+    def session(self, name: str) -> NamespaceSession:
+        """A root session in the VM through its own namespaces: no login, so it works after deprovision.
+
+        Raises:
+            PermanentError: the VM is not running.
+        """
+        return NamespaceSession(self.leader(name))
 
     async def _kill(self, name: str, folder: VmFolder) -> None:
         """End every process of the VM: its PID 1 first (which ends all of the guest's), then all its cgroups list
@@ -337,6 +348,22 @@ class LocalVms:
             else f"did not start {waiting_for} within {BOOT_TIMEOUT_SECONDS:.0f}s"
         )
         raise RuntimeError(f"VM {name} {why}; its console's last lines:\n" + "\n".join(tail))
+
+
+class NamespaceSession(ShellSession):
+    """Commands run as root in a local VM by entering the namespaces of its PID 1 from the host."""
+
+    def __init__(self, leader: int) -> None:
+        super().__init__("root")
+        self._leader = leader
+
+    async def command(self, command: str, *, stdin: bytes | None) -> Completed:
+        process = await asyncio.create_subprocess_exec(
+            "nsenter", "-t", str(self._leader), "-a", "sh", "-c", command,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await process.communicate(stdin or b"")
+        return Completed(process.returncode if process.returncode is not None else -1, stdout, stderr)
 
 
 def claim_address(store: ResourceStore, build: BuildContext, name: str, tags: dict[str, str]) -> str:
