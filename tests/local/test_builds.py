@@ -241,6 +241,32 @@ async def test_a_worker_killed_mid_customizer(local_builds: LocalBuilds) -> None
     assert log.count("slow: started") == 1 and log.count("once\n") == 1 and log.count("slow: done") == 1, log
 
 
+async def test_a_worker_killed_mid_deprovision(local_builds: LocalBuilds) -> None:
+    """SIGKILL the worker while AIB's deprovision runs (it deletes the admin user and the host keys the worker
+    logged in with) and start another: the new worker follows the run through the VM's own namespaces, and the
+    build succeeds, generalized, leaving nothing temporary."""
+    queue = f"{local_builds.task_queue}-process"
+    override = shell(
+        "slow deprovision",
+        "printf '%s\\n' 'echo \"deprovision: started\"' 'sleep 4' "
+        "'waagent -force -deprovision+user && export HISTSIZE=0 && sync' > /tmp/DeprovisioningScript.sh",
+    )
+    endpoint = local_builds.storage.endpoint
+    async with worker_process(local_builds.client, local_builds.state, endpoint, queue) as first:
+        build = await local_builds.start(template([override]), prefix="deprov", task_queue=queue)
+        await local_builds.wait_for_log(build, "deprovision: started")
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+    async with worker_process(local_builds.client, local_builds.state, endpoint, queue):
+        status = await local_builds.finish(build)
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    vhd = await download_vhd(status.run_outputs[0].artifact_uri, local_builds.files.folder / "deprov.vhd")
+    assert debugfs(vhd, "ls -l /etc/ssh").count("ssh_host_") == 0  # generalized: no host keys
+    await assert_clean(local_builds, build, kept={"log", "output"})
+    log = await local_builds.log(status)
+    assert log.count("deprovision: started") == 1 and "deprovision: exit code 0" in log, log
+
+
 async def test_three_builds_at_once_do_not_collide(local_builds: LocalBuilds, tmp_path: Path) -> None:
     tokens = [f"token-{i}" for i in range(3)]
     builds = [
