@@ -22,6 +22,7 @@ from activities import build_log
 from activities.clouds.base import Cloud, LogSink, PermanentError
 from activities.common import Heartbeat, heartbeating
 from activities.guest.base import POLL_EVERY
+from activities.handover import worker_stopping
 from workflows.models import GuestScriptRequest, GuestScriptResult, StagedArtifact
 
 if TYPE_CHECKING:
@@ -145,8 +146,10 @@ async def follow_script(
                     )
                 await asyncio.sleep(poll_every)
         except asyncio.CancelledError:
-            # The build was cancelled or timed out: stop the script in the guest before the VM is deleted.
-            await asyncio.shield(stop_script(guest, log, run_id, label, framer, why="the build was cancelled"))
+            # The build was cancelled or timed out: stop the script in the guest before the VM is deleted. A worker
+            # that stops leaves it running, for the worker that takes the step over.
+            if not worker_stopping():
+                await asyncio.shield(stop_script(guest, log, run_id, label, framer, why="the build was cancelled"))
             raise
     ended = build_log.step_end(label, provisioner, progress.exit_code, valid_exit_codes or [0])
     await log.append(line_end(framer) + ended)
