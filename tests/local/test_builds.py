@@ -12,16 +12,11 @@ import hashlib
 import json
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
-from temporalio.client import Client
 
-from activities.clouds.local.azurite import Azurite
 from activities.clouds.local.gallery_target import GALLERY_CONTAINER
-from activities.clouds.local.records import ResourceStore
 from cli.builds import EXIT_USAGE
 from cli.main import main
 from tests.fixtures import script_semantics
@@ -32,7 +27,6 @@ from tests.local.builds import (
     debugfs,
     download_vhd,
     region_blobs,
-    serving,
     shell,
     template,
     worker_process,
@@ -49,16 +43,6 @@ pytestmark = [
 RELEASE = b"NAME=kiln golden\nVERSION=1\n"
 CONFIGURE = b"#!/bin/sh\nset -e\necho 'configure: writing /etc/kiln-configured'\necho configured | sudo tee /etc/kiln-configured\n"
 LONG_STEP = shell("long", "echo 'long: started'", "sleep 120", "echo 'long: never'")
-
-
-@pytest_asyncio.fixture
-async def local_builds(
-    client: Client, azurite: Azurite, state: Path, store: ResourceStore, tmp_path: Path
-) -> AsyncIterator[LocalBuilds]:
-    """A worker on the local cloud (the session's state folder and Azurite) on a fresh task queue."""
-    (tmp_path / "files").mkdir()
-    async with serving(client, azurite.endpoint, state, store, tmp_path / "files") as builds:
-        yield builds
 
 
 async def assert_clean(builds: LocalBuilds, build: Build, *, kept: set[str]) -> None:
