@@ -109,8 +109,9 @@ async def drive(builds: LocalBuilds, planned: Planned, timeout: float) -> None:
         await asyncio.sleep(0.5)
 
 
-async def finished(planned: Planned) -> None:
-    """Wait for the build to end and keep its final status (asked again while no worker answers)."""
+async def finished(builds: LocalBuilds, planned: Planned, folder: Path) -> None:
+    """Wait for the build to end (asking again while no worker answers), then check it at once: what it left is
+    looked for before later builds reuse its addresses or its namespaces' numbers."""
     while True:
         with suppress(Exception):
             await planned.build.handle.result()
@@ -119,8 +120,12 @@ async def finished(planned: Planned) -> None:
             planned.status = status
             if planned.build.watcher is not None:
                 planned.build.watcher.cancel()
-            return
+            break
         await asyncio.sleep(0.5)
+    try:
+        await check(builds, planned, folder)
+    except Exception as err:  # one build's check that cannot run is that build's problem, not the soak's end
+        planned.problems.append(f"could not be checked: {type(err).__name__}: {err}")
 
 
 async def start_worker(
@@ -246,11 +251,9 @@ async def soak(
                 all_planned.append(Planned(kind, build, token))
             async with asyncio.timeout(timeout):
                 await asyncio.gather(*(drive(builds, p, timeout) for p in all_planned))
-                await asyncio.gather(*(finished(p) for p in all_planned))
+                await asyncio.gather(*(finished(builds, p, folder) for p in all_planned))
         finally:
             done.set()
             await disruption
     seconds = time.monotonic() - started
-    for planned in all_planned:
-        await check(builds, planned, folder)
     return SoakResult(all_planned, seconds, chaos.kills, chaos.stops)

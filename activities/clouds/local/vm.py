@@ -34,10 +34,10 @@ from activities.clouds.aib.names import admin_user_of
 from activities.clouds.aib.tags import ROLE_TEMPORARY, kiln_tags
 from activities.clouds.base import PermanentError
 from activities.clouds.local import cgroups
-from activities.clouds.local.host import file_lock, require_programs, ssh_answers
+from activities.clouds.local.host import file_lock, require_programs, ssh_answers, to_the_end
 from activities.clouds.local.overlays import VmLayers, overlay_works
 from activities.clouds.local.records import ResourceStore
-from activities.clouds.local.sizes import limits_for
+from activities.clouds.local.sizes import VmLimits, limits_for
 from activities.guest.keys import derive_key, private_openssh, public_line
 from activities.guest.ssh import Completed, ShellSession
 from workflows.models import BuildContext, BuildVm, Resource, VmSpec
@@ -178,9 +178,7 @@ class LocalVms:
             else:
                 data = record.data  # an earlier attempt recorded it, and perhaps made part of it
                 await self._kill(name, folder)  # whatever of it still runs without answering
-            await asyncio.to_thread(self._prepare, build, folder, image, data)
-            groups = await asyncio.to_thread(cgroups.make_cgroups, name, limits)
-            await self._boot(name, folder, data, groups)
+            await to_the_end(self._launch(build, name, folder, image, data, limits))
             await self._ready(name, folder, data)
             return self._build_vm(name, data)
 
@@ -302,6 +300,14 @@ class LocalVms:
         folder.resolved.write_text("[Resolve]\nDNS=10.0.2.3\n")
         for path in (folder.in_namespaces, folder.network_ready, folder.slirp_socket):
             path.unlink(missing_ok=True)
+
+    async def _launch(
+        self, build: BuildContext, name: str, folder: VmFolder, image: Path, data: dict, limits: VmLimits
+    ) -> None:
+        """Lay out the VM's folder and cgroups and start its supervisor: all of it, or (the worker dying) none."""
+        await asyncio.to_thread(self._prepare, build, folder, image, data)
+        groups = await asyncio.to_thread(cgroups.make_cgroups, name, limits)
+        await self._boot(name, folder, data, groups)
 
     async def _boot(self, name: str, folder: VmFolder, data: dict, groups: list[Path]) -> None:
         folder.inner.write_text(_inner_script(name, folder, data))
