@@ -1,4 +1,5 @@
-"""A chaos soak of real local builds: many at once, a random mix of outcomes, workers killed and stopped meanwhile.
+"""A chaos soak of real local builds: many, several at a time, a random mix of outcomes, workers killed and stopped
+meanwhile.
 
 Each build is meant to end one way: Succeeded (its customizer writes a token the image must hold), Failed in a
 customizer, Canceled mid-script, or Failed at its deadline mid-script. While they run, the worker serving them is
@@ -228,30 +229,37 @@ async def soak(
     builds: LocalBuilds,
     *,
     count: int,
+    at_once: int,
     kills: int,
     seed: int,
     folder: Path,
     timeout: float,
     every: tuple[float, float] = (8, 30),
 ) -> SoakResult:
-    """Run ``count`` builds at once through ``kills`` worker kills, one every ``every`` seconds (a random pick
-    in that range), and check each one."""
+    """Run ``count`` builds, ``at_once`` of them at a time (a new one starts as one ends), through ``kills``
+    worker kills one every ``every`` seconds (a random pick in that range), and check each one as it ends."""
     rng = random.Random(seed)
     queue = f"{builds.task_queue}-chaos-{uuid.uuid4().hex[:6]}"
     chaos = Chaos()
     done = asyncio.Event()
     started = time.monotonic()
+    slots = asyncio.Semaphore(at_once)
     all_planned: list[Planned] = []
+
+    async def one(kind: str) -> None:
+        async with slots:
+            token = f"chaos-{uuid.uuid4().hex[:12]}"
+            build = await builds.start(template_for(kind, token, rng), prefix=f"chaos-{kind}", task_queue=queue)
+            planned = Planned(kind, build, token)
+            all_planned.append(planned)
+            await drive(builds, planned, timeout)
+            await finished(builds, planned, folder)
+
     async with AsyncExitStack() as stack:
         disruption = asyncio.create_task(disrupt(builds, queue, chaos, kills, done, rng, stack, every))
         try:
-            for kind in plan(count, rng):
-                token = f"chaos-{uuid.uuid4().hex[:12]}"
-                build = await builds.start(template_for(kind, token, rng), prefix=f"chaos-{kind}", task_queue=queue)
-                all_planned.append(Planned(kind, build, token))
             async with asyncio.timeout(timeout):
-                await asyncio.gather(*(drive(builds, p, timeout) for p in all_planned))
-                await asyncio.gather(*(finished(builds, p, folder) for p in all_planned))
+                await asyncio.gather(*(one(kind) for kind in plan(count, rng)))
         finally:
             done.set()
             await disruption
