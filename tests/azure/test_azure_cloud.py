@@ -39,9 +39,11 @@ from workflows.models import (
     Artifact,
     BuildContext,
     BuildStatus,
+    BuildVm,
     CapturedImage,
     DistributeRequest,
     ResolvedSource,
+    Staging,
     VmSpec,
 )
 from workflows.template import ManagedImageDistributor, VhdDistributor, VmProfile, parse_template
@@ -600,11 +602,8 @@ async def test_vm_create_twice_connect_and_delete_twice(cloud: AzureCloud, arm: 
     assert kiln_resources(arm) == []
 
 
-async def test_a_vm_whose_address_is_already_gone_is_still_deleted(
-    cloud: AzureCloud, arm: ArmEmulator, guests: Guests
-) -> None:
-    """A worker that died after the guest's loopback address was removed, before its record was forgotten: the
-    next delete finds the address gone and succeeds, instead of failing (and being retried) forever."""
+async def linux_build_vm(cloud: AzureCloud, arm: ArmEmulator, guests: Guests) -> tuple[BuildContext, Staging, BuildVm]:
+    """A build's staging and its Linux build VM, a real SSH guest behind the emulator's VM."""
     arm.guest_factory = guests.boot
     arm.run_command = guests.run_command
     build = build_context()
@@ -612,7 +611,15 @@ async def test_a_vm_whose_address_is_already_gone_is_still_deleted(
     source = await cloud.resolve_source(build, template())
     spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source,
                   vm_profile=VmProfile())  # fmt: skip
-    vm = await cloud.create_vm(build, staging, spec)
+    return build, staging, await cloud.create_vm(build, staging, spec)
+
+
+async def test_a_vm_whose_address_is_already_gone_is_still_deleted(
+    cloud: AzureCloud, arm: ArmEmulator, guests: Guests
+) -> None:
+    """A worker that died after the guest's loopback address was removed, before its record was forgotten: the
+    next delete finds the address gone and succeeds, instead of failing (and being retried) forever."""
+    build, staging, vm = await linux_build_vm(cloud, arm, guests)
     await run("ip", "addr", "del", f"{vm.host}/32", "dev", "lo")
     await cloud.delete_vm(build, vm.name)
     await cloud.delete_staging(build)

@@ -15,23 +15,15 @@ from activities.generalize import GeneralizeActivities
 from activities.scripts import run_id_of
 from tests.arm_emulator import ArmEmulator
 from tests.azure.environment import Guests, kiln_resources
-from tests.azure.test_azure_cloud import build_context, template
+from tests.azure.test_azure_cloud import linux_build_vm
 from tests.fixtures import GUESTS, connect, deprovision_script
-from workflows.models import GuestScriptRequest, VmSpec
-from workflows.template import VmProfile
+from workflows.models import GuestScriptRequest
 
 
 async def test_a_deprovision_whose_worker_died_is_finished_through_run_command(
     cloud: AzureCloud, arm: ArmEmulator, guests: Guests
 ) -> None:
-    arm.guest_factory = guests.boot
-    arm.run_command = guests.run_command
-    build = build_context()
-    staging = await cloud.create_staging(build)
-    source = await cloud.resolve_source(build, template())
-    spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source,
-                  vm_profile=VmProfile())  # fmt: skip
-    vm = await cloud.create_vm(build, staging, spec)
+    build, staging, vm = await linux_build_vm(cloud, arm, guests)
     request = GuestScriptRequest(build=build, staging=staging, vm=vm, index=3, label="deprovision")
     try:
         # The first attempt: it starts the deprovision and dies; the run goes on without it.
