@@ -32,6 +32,7 @@ from activities.clouds.registry import CLOUDS, WorkerOptions
 from activities.clouds.state import state_dir
 from activities.connection import ConnectError, connect
 from activities.guest import Guests
+from activities.handover import HandOverOnShutdown
 from activities.janitor import janitor_activities, schedule_janitor
 from activities.notify import deliver
 from activities.scheduled import request_run
@@ -43,6 +44,7 @@ from workflows.models import SEARCH_ATTRIBUTES
 from workflows.scheduled_run import ScheduledRunWorkflow
 
 DEV_PORT = 7233
+GRACEFUL_SHUTDOWN_SECONDS = 5
 DEV_UI_PORT = 8233
 log = logging.getLogger("kiln.worker")
 
@@ -56,7 +58,8 @@ async def run_worker(
     stop: asyncio.Event,
     max_activities_per_second: float | None = None,
 ) -> None:
-    """Serve builds on ``task_queue`` until ``stop`` is set, then let running activities finish or hand over.
+    """Serve builds on ``task_queue`` until ``stop`` is set, then let running activities finish within
+    ``GRACEFUL_SHUTDOWN_SECONDS`` or hand them over to another worker.
 
     ``guests`` are the OS profiles that reach the cloud's VMs: the real ones (SSH, WinRM) unless a test double of
     a cloud brings its own.
@@ -75,7 +78,9 @@ async def run_worker(
         activities=[*activities_for(cloud, guests), *janitor_activities(), deliver, request_run],
         # Across every worker of the queue: ARM throttles per subscription, not per process.
         max_task_queue_activities_per_second=max_activities_per_second,
-        graceful_shutdown_timeout=timedelta(seconds=20),
+        # A step still running this long after a stop is handed over to another worker (activities/handover.py).
+        graceful_shutdown_timeout=timedelta(seconds=GRACEFUL_SHUTDOWN_SECONDS),
+        interceptors=[HandOverOnShutdown()],
         # A cancel reaches a running activity only with a heartbeat's answer: send them often enough that a
         # cancelled build stops its script within seconds, not at 0.8 x the heartbeat timeout.
         max_heartbeat_throttle_interval=timedelta(seconds=2),

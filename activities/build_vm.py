@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from temporalio import activity
 
-from activities.common import CloudActivities, heartbeating
+from activities.common import CloudActivities, heartbeating, undoing
 from workflows.models import BuildVm, CreateVmRequest, DeleteRequest
 
 
@@ -16,5 +16,5 @@ class BuildVmActivities(CloudActivities):
 
     @activity.defn
     async def delete_vm(self, request: DeleteRequest) -> None:
-        async with heartbeating():
+        async with undoing():
             await self.cloud.delete_vm(request.build, request.name)

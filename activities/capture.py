@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from temporalio import activity
 
-from activities.common import CloudActivities, heartbeating
+from activities.common import CloudActivities, heartbeating, undoing
 from workflows.models import CapturedImage, CaptureRequest, DeleteRequest
 
 
@@ -16,5 +16,5 @@ class CaptureActivities(CloudActivities):
 
     @activity.defn
     async def delete_image(self, request: DeleteRequest) -> None:
-        async with heartbeating():
+        async with undoing():
             await self.cloud.delete_image(request.build, request.name)

@@ -1,20 +1,28 @@
-"""What every activity shares: the cloud it works on and a heartbeat while a long call runs."""
+"""What every activity shares: the cloud it works on, a heartbeat while a long call runs, and how an undo tells
+a failure that retrying may fix from one it never will."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
-from activities.clouds.base import Cloud
+from activities.clouds.base import Cloud, PermanentError
 
 if TYPE_CHECKING:
     from activities.guest import Guests
 
 HEARTBEAT_EVERY = 2.0
+# An undo that fails with the very same error this many times in a row is stuck: what it meets is no passing
+# fault, and trying it forever would keep its build Running for good. With the undos' backoff (2 s doubling to a
+# minute) eight attempts span about three minutes. KILN_CLEANUP_STUCK_AFTER changes it.
+CLEANUP_STUCK_AFTER = 8
+CLEANUP_STUCK = "CleanupStuck"
 
 
 class CloudActivities:
@@ -59,3 +67,27 @@ async def heartbeating(*details: Any) -> AsyncIterator[Heartbeat]:
         yield heartbeat
     finally:
         task.cancel()
+
+
+@asynccontextmanager
+async def undoing() -> AsyncIterator[None]:
+    """Heartbeat while an undo runs, and count how many attempts in a row failed with the same error (in the
+    heartbeat details, which the next attempt gets back, on whichever worker). At ``CLEANUP_STUCK_AFTER`` the
+    undo stops being retried: it fails as ``CleanupStuck``, which the build reports and leaves for the janitor.
+    A different error starts the count again."""
+    details = activity.info().heartbeat_details
+    streak: dict[str, Any] = details[0] if details and isinstance(details[0], dict) else {}
+    try:
+        async with heartbeating(streak):  # a worker that dies mid-attempt keeps the count as it was
+            yield
+    except PermanentError:
+        raise
+    except Exception as err:
+        failure = f"{type(err).__name__}: {err}"[:2000]
+        times = streak.get("times", 0) + 1 if streak.get("failure") == failure else 1
+        if times >= int(os.environ.get("KILN_CLEANUP_STUCK_AFTER", CLEANUP_STUCK_AFTER)):
+            raise ApplicationError(
+                f"failed the same way {times} times in a row: {failure}", type=CLEANUP_STUCK, non_retryable=True
+            ) from err
+        activity.heartbeat({"failure": failure, "times": times})
+        raise

@@ -10,7 +10,7 @@ from typing import Any
 
 from temporalio import activity
 
-from activities.common import CloudActivities, heartbeating
+from activities.common import CloudActivities, heartbeating, undoing
 from workflows.models import DeleteOutputRequest, DistributeRequest, RunOutput
 
 
@@ -31,5 +31,5 @@ class DistributeActivities(CloudActivities):
 
     @activity.defn
     async def delete_output(self, request: DeleteOutputRequest) -> None:
-        async with heartbeating():
+        async with undoing():
             await self.cloud.delete_output(request.build, request.target, request.index)

@@ -22,6 +22,7 @@ from activities import build_log
 from activities.clouds.base import Cloud, LogSink, PermanentError
 from activities.common import Heartbeat, heartbeating
 from activities.guest.base import POLL_EVERY
+from activities.handover import worker_stopping
 from workflows.models import GuestScriptRequest, GuestScriptResult, StagedArtifact
 
 if TYPE_CHECKING:
@@ -56,6 +57,14 @@ async def open_guest(
         guest = await stack.enter_async_context(session)
         log = await cloud.open_log(request.build, request.staging, request.log_name)
     return guest, log
+
+
+def run_id_of(request: GuestScriptRequest, part: str = "") -> str:
+    """The run id of one script of a step in the guest: the same on every attempt, on every worker."""
+    run_id = f"{request.build.build_id}-{request.log_name.removesuffix('.log')}-{request.index}"
+    if part:
+        run_id += "-" + "".join(c if c.isalnum() else "-" for c in part)
+    return run_id
 
 
 def part_label(request: GuestScriptRequest, part: str) -> str:
@@ -100,9 +109,7 @@ async def follow_script(
     """
     started = time.monotonic()
     label = part_label(request, part)
-    run_id = f"{request.build.build_id}-{request.log_name.removesuffix('.log')}-{request.index}"
-    if part:
-        run_id += "-" + "".join(c if c.isalnum() else "-" for c in part)
+    run_id = run_id_of(request, part)
     # A retry reads on from what the log already holds of this run: heartbeat details would lag behind it.
     logged = None
     if activity.info().attempt > 1:
@@ -139,8 +146,10 @@ async def follow_script(
                     )
                 await asyncio.sleep(poll_every)
         except asyncio.CancelledError:
-            # The build was cancelled or timed out: stop the script in the guest before the VM is deleted.
-            await asyncio.shield(stop_script(guest, log, run_id, label, framer, why="the build was cancelled"))
+            # The build was cancelled or timed out: stop the script in the guest before the VM is deleted. A worker
+            # that stops leaves it running, for the worker that takes the step over.
+            if not worker_stopping():
+                await asyncio.shield(stop_script(guest, log, run_id, label, framer, why="the build was cancelled"))
             raise
     ended = build_log.step_end(label, provisioner, progress.exit_code, valid_exit_codes or [0])
     await log.append(line_end(framer) + ended)

@@ -12,7 +12,7 @@ from pathlib import Path
 from temporalio import activity
 
 from activities.clouds.base import PermanentError
-from activities.common import CloudActivities, heartbeating
+from activities.common import CloudActivities, heartbeating, undoing
 from workflows.models import BuildContext, DeleteRequest, StageArtifactsRequest, StagedArtifact, Staging
 
 MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
@@ -26,7 +26,7 @@ class StagingActivities(CloudActivities):
 
     @activity.defn
     async def delete_staging(self, request: DeleteRequest) -> None:
-        async with heartbeating():
+        async with undoing():
             await self.cloud.delete_staging(request.build)
 
     @activity.defn

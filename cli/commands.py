@@ -34,7 +34,7 @@ from cli.builds import (
 )
 from cli.logs import read_log, sibling_log
 from cli.progress import CUSTOMIZATION_LOG, POLL_SECONDS, STATE_STYLES, VALIDATION_LOG, follow, summary
-from workflows.models import BUILD_ID, CLOUD, RUN_STATE, SOURCE_IMAGE, TEMPLATE_NAME, RunState
+from workflows.models import BUILD_ID, CLEANUP_LEFT, CLOUD, RUN_STATE, SOURCE_IMAGE, TEMPLATE_NAME, RunState
 from workflows.template import DeploymentContext, TemplateError, TemplateIssue, template_json_schema
 
 
@@ -147,7 +147,7 @@ async def list_builds(args: argparse.Namespace, io: Io) -> int:
             # A terminated build never got to update its state attribute.
             query += " AND ExecutionStatus = 'Running'"
     client = await connect(address=args.address, namespace=args.namespace)
-    table = Table("name", "state", "cloud", "template", "source", "started")
+    table = Table("name", "state", "cloud", "template", "source", "started", "cleanup left")
     async for execution in client.list_workflows(query, limit=args.limit):
         attributes = execution.typed_search_attributes
         state = run_state_of(execution)
@@ -158,6 +158,7 @@ async def list_builds(args: argparse.Namespace, io: Io) -> int:
             Text(attributes.get(TEMPLATE_NAME) or ""),
             Text(attributes.get(SOURCE_IMAGE) or ""),
             execution.start_time.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            Text(attributes.get(CLEANUP_LEFT) or "", style="red"),
         )
     if table.row_count:
         io.out.print(table)

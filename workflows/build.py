@@ -35,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.deadline import Deadline
     from workflows.models import (
         BUILD_ID,
+        CLEANUP_LEFT,
         CLOUD,
         RUN_STATE,
         SOURCE_IMAGE,
@@ -539,7 +540,10 @@ class ImageBuildWorkflow:
     def _finish(self, state: RunState, message: str) -> None:
         """End the status as ``state``; the message ends with what the cleanup left, if it left anything."""
         self._set_state(state)
-        self._status.message = messages.with_cleanup_notes(message, self._undos.left())
+        left = self._undos.left()
+        if left:
+            workflow.upsert_search_attributes([CLEANUP_LEFT.value_set("; ".join(left))])
+        self._status.message = messages.with_cleanup_notes(message, left)
         self._status.end_time = workflow.now()
         workflow.set_current_details(f"**{state}** {self._status.message}")
 

@@ -33,7 +33,9 @@ CLOUD = SearchAttributeKey.for_keyword("KilnCloud")
 SOURCE_IMAGE = SearchAttributeKey.for_keyword("KilnSourceImage")
 # Every resource a build makes is tagged with this id; the janitor finds a build's workflow by it.
 BUILD_ID = SearchAttributeKey.for_keyword("KilnBuildId")
-SEARCH_ATTRIBUTES = [TEMPLATE_NAME, RUN_STATE, CLOUD, SOURCE_IMAGE, BUILD_ID]
+# The cleanup steps a finished build left for the janitor (they failed for good, or the same way again and again).
+CLEANUP_LEFT = SearchAttributeKey.for_keyword("KilnCleanupLeft")
+SEARCH_ATTRIBUTES = [TEMPLATE_NAME, RUN_STATE, CLOUD, SOURCE_IMAGE, BUILD_ID, CLEANUP_LEFT]
 
 
 class RunState(StrEnum):

@@ -28,7 +28,9 @@ DEPROVISION_TIMEOUT = timedelta(hours=1)
 # Capture reads the whole OS disk and writes it as an image.
 CAPTURE_TIMEOUT = timedelta(hours=2)
 # A worker that died mid-step is noticed within seconds and its step retried elsewhere, not at STEP_TIMEOUT.
-STEP_HEARTBEAT = timedelta(seconds=15)
+# Every step heartbeats every 2 s, even while one guest poll or cloud call is slow, and the worker sends them at
+# least that often: 8 s is four heartbeats missed.
+STEP_HEARTBEAT = timedelta(seconds=8)
 # Transient cloud errors (a 500, throttling) cost retries with backoff; a non-retryable error fails the step at once.
 STEP_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2), maximum_interval=timedelta(minutes=1), maximum_attempts=8

@@ -10,8 +10,9 @@ Rules every implementation keeps (the saga depends on them):
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from temporalio.exceptions import ApplicationError
 
@@ -29,6 +30,9 @@ from workflows.models import (
     VmSpec,
 )
 from workflows.template import Distributor, ImageTemplate
+
+if TYPE_CHECKING:
+    from activities.guest.base import GuestSession
 
 # How a distribution records a resume point (its heartbeat details); a retry gets the last one back as ``resume``.
 Progress = Callable[[dict[str, Any]], None]
@@ -118,6 +122,15 @@ class Cloud(Protocol):
 
     async def delete_vm(self, build: BuildContext, name: str) -> None:
         """Delete a VM and every part made for it (disk, NIC, address, overlay...). Succeeds when already gone."""
+
+    def agent_session(self, build: BuildContext, vm: BuildVm) -> AbstractAsyncContextManager[GuestSession]:
+        """A root session into a running Linux build VM through the cloud's own way in (its namespaces on this
+        machine, Run Command on Azure), not its network login: how a worker that takes over a deprovision reads
+        how the deprovision went, once it has deleted the admin user and the host keys a login needs.
+
+        Raises:
+            PermanentError: ``NoAgentSession`` for a VM the cloud has no such way into.
+        """
 
     async def capture_image(
         self, build: BuildContext, staging: Staging, vm: BuildVm, spec: CaptureSpec

@@ -4,7 +4,8 @@ Scripts run detached in the guest (``setsid``), writing their output and then th
 ``/var/lib/kiln-guest/runs/<run id>/``. So a dropped connection or a dead worker does not end a script, and
 whoever connects next reads on from any offset. The run files belong to root but are readable by everyone:
 the deprovision step deletes the very user the session logged in as, and the open session must still be able
-to read how it ended.
+to read how it ended. A worker that takes over a deprovision cannot log in again (the user and the host keys
+are gone): it reads the same run files through the cloud's own way into the VM, a ``ShellSession`` as root.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shlex
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import asyncssh
 
@@ -103,22 +105,38 @@ def run_dir(run_id: str) -> str:
     return f"{RUNS_DIR}/{run_id}"
 
 
-class SshSession:
-    """``GuestSession`` on one asyncssh connection, logged in as ``username`` (root work goes through sudo)."""
+@dataclass(frozen=True)
+class Completed:
+    """How one shell command in the guest ended."""
 
-    def __init__(self, connection: asyncssh.SSHClientConnection, username: str) -> None:
-        self._connection = connection
+    exit_status: int
+    stdout: bytes
+    stderr: bytes
+
+
+class ShellSession:
+    """``GuestSession`` for a Linux guest, over any way of running one shell command in it: an SSH login as
+    the admin user (root work through sudo), or the cloud's own way in as root (``username`` root), which a
+    deprovision that deleted the admin user and the host keys leaves working."""
+
+    # Output bytes one poll reads.
+    poll_chunk_bytes = POLL_CHUNK_BYTES
+
+    def __init__(self, username: str) -> None:
         self._username = username
 
+    async def command(self, command: str, *, stdin: bytes | None) -> Completed:
+        """Run ``command`` (a line for ``sh -c``) in the guest as ``username``."""
+        raise NotImplementedError
+
     async def upload(self, data: bytes, destination: str, *, mode: int = 0o644) -> None:
-        async with self._connection.start_sftp_client() as sftp:
-            async with sftp.open(destination, "wb") as remote:
-                await remote.write(data)
-            await sftp.chmod(destination, mode)
+        script = 'cat > "$1" && chmod "$2" "$1"'
+        result = await self._run(script, destination, f"{mode:o}", stdin=data, as_root=True)
+        if result.exit_status != 0:
+            raise RuntimeError(f"could not write {destination} in the guest: {_text(result.stderr)}")
 
     async def path_exists(self, path: str) -> bool:
-        result = await self._connection.run(f"test -e {shlex.quote(path)}", check=False)
-        return result.exit_status == 0
+        return (await self._run('test -e "$1"', path)).exit_status == 0
 
     async def start_script(
         self,
@@ -137,14 +155,14 @@ class SshSession:
             raise RuntimeError(f"could not start {run_id} in the guest: {_text(result.stderr)}")
 
     async def poll_script(self, run_id: str, offset: int) -> ScriptProgress:
-        result = await self._run(_POLL, run_dir(run_id), str(offset), str(POLL_CHUNK_BYTES))
+        result = await self._run(_POLL, run_dir(run_id), str(offset), str(self.poll_chunk_bytes))
         if result.exit_status != 0:
             raise RuntimeError(f"could not read {run_id} in the guest: {_text(result.stderr)}")
-        status, _, output = bytes(result.stdout).partition(b"\n")
+        status, _, output = result.stdout.partition(b"\n")
         if status == b"missing":
             raise PermanentError(f"the guest has no script run {run_id}: it was never started there", kind="ScriptLost")
         # A full chunk may not be the end of the output: report the exit code only once all of it is read.
-        ended = status != b"-" and len(output) < POLL_CHUNK_BYTES
+        ended = status != b"-" and len(output) < self.poll_chunk_bytes
         return ScriptProgress(output=output, exit_code=int(status) if ended else None)
 
     async def kill_script(self, run_id: str) -> None:
@@ -152,13 +170,30 @@ class SshSession:
         if result.exit_status != 0:
             raise RuntimeError(f"could not stop {run_id} in the guest: {_text(result.stderr)}")
 
-    async def _run(
-        self, script: str, *args: str, stdin: bytes | None = None, as_root: bool = False
-    ) -> asyncssh.SSHCompletedProcess:
+    async def _run(self, script: str, *args: str, stdin: bytes | None = None, as_root: bool = False) -> Completed:
         command = " ".join(["sh", "-c", shlex.quote(script), "sh", *map(shlex.quote, args)])
         if as_root and self._username != "root":
             command = f"sudo -n {command}"
-        return await self._connection.run(command, input=stdin, encoding=None, check=False)
+        return await self.command(command, stdin=stdin)
+
+
+class SshSession(ShellSession):
+    """``GuestSession`` on one asyncssh connection, logged in as ``username``."""
+
+    def __init__(self, connection: asyncssh.SSHClientConnection, username: str) -> None:
+        super().__init__(username)
+        self._connection = connection
+
+    async def command(self, command: str, *, stdin: bytes | None) -> Completed:
+        result = await self._connection.run(command, input=stdin, encoding=None, check=False)
+        status = -1 if result.exit_status is None else result.exit_status  # None: ended by a signal
+        return Completed(status, bytes(result.stdout or b""), bytes(result.stderr or b""))
+
+    async def upload(self, data: bytes, destination: str, *, mode: int = 0o644) -> None:
+        async with self._connection.start_sftp_client() as sftp:
+            async with sftp.open(destination, "wb") as remote:
+                await remote.write(data)
+            await sftp.chmod(destination, mode)
 
 
 def _text(data: bytes | str | None) -> str:

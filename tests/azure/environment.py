@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import json
 import os
+import subprocess
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from tests.arm_emulator import (
     Role,
     client_kwargs,
 )
+from tests.azure import guest_vms
 from tests.azure.guest_vms import GuestVms, _Layer
 from tests.fixtures import CORPUS
 from tests.services import free_loopback_address
@@ -239,6 +241,7 @@ class Guests:
         self.vms = AzureLikeVms(state=state, store=ResourceStore(state / "guests.db"), secret=secret)
         self.host_keys: dict[str, str] = {}
         self.booted: list[str] = []
+        self.linux: dict[str, str] = {}  # the guest of each Linux VM, by the VM's vmId
         self.windows: Callable[[GuestSpec], MachineSettings] = lambda spec: MachineSettings()
         self.machines: dict[str, WindowsMachine] = {}
         self._by_vm_id: dict[str, WindowsMachine] = {}
@@ -257,6 +260,7 @@ class Guests:
         vm_spec = VmSpec(name=name, purpose="build", image_id="guest", source=source, vm_profile=VmProfile())
         vm = asyncio.run(self.vms.create(build, vm_spec, Path("/")))
         self.host_keys[spec.vm_id.lower()] = vm.host_key
+        self.linux[spec.vm_id.lower()] = name
         self.booted.append(name)
         return GuestEndpoint(host=vm.host, port=22, close=lambda: asyncio.run(self.vms.delete(name)))
 
@@ -285,7 +289,20 @@ class Guests:
             and "WSMan:\\localhost\\Listener" in script
         ):
             return f"{machine.enable_winrm()}\n", ""
-        return "", f"the test guest runs only the host key query and the WinRM listener setup, not: {script}"
+        guest = self.linux.get(vm_id.lower())
+        if guest is not None and body.get("commandId") == "RunShellScript":
+            return self._run_shell_script(guest, script)
+        return "", f"the test guest runs only shell scripts and the WinRM listener setup, not: {script}"
+
+    def _run_shell_script(self, guest: str, script: str) -> tuple[str, str]:
+        """As the VM agent runs it: as root, in the guest (its namespaces, entered from PID 1's)."""
+        running = guest_vms.running(self.vms.folder(guest))
+        if running is None:
+            return "", "the VM agent is not running"
+        done = subprocess.run(
+            ["nsenter", "-t", str(running[0]), "-a", "sh", "-c", script], capture_output=True, timeout=60, check=False
+        )
+        return done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
 
     def close(self) -> None:
         """Deletes every guest still up (deleting one twice is fine)."""

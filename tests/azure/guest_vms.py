@@ -133,7 +133,7 @@ class GuestVms:
         folder = self.folder(name)
         async with file_lock(self._vms / f"{name}.lock"):
             record = await asyncio.to_thread(self._store.get, vm_id(name))
-            if record is not None and _running(folder) is not None:
+            if record is not None and running(folder) is not None:
                 return self._build_vm(name, record.data)
             require_programs(BOOT_PROGRAMS, needed_by=f"booting VM {name}")
             if not (base / GUEST_SSHD).exists():
@@ -193,9 +193,9 @@ class GuestVms:
     async def stop(self, name: str) -> None:
         """End every process of the VM by killing its PID 1, and wait until none is left."""
         folder = self.folder(name)
-        running = _running(folder)
-        if running is not None:
-            pid, namespace = running
+        leader = running(folder)
+        if leader is not None:
+            pid, namespace = leader
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -304,7 +304,7 @@ class GuestVms:
             await launcher.wait()
         deadline = time.monotonic() + BOOT_TIMEOUT_SECONDS
         while not await _ssh_ready(data["address"]):
-            if time.monotonic() > deadline or (folder.pid_file.exists() and _running(folder) is None):
+            if time.monotonic() > deadline or (folder.pid_file.exists() and running(folder) is None):
                 tail = folder.console.read_text(errors="replace").splitlines()[-20:]
                 raise RuntimeError(f"VM {name} did not start sshd on {data['address']}:{SSH_PORT}:\n" + "\n".join(tail))
             await asyncio.sleep(0.01)
@@ -460,7 +460,7 @@ exec /usr/sbin/sshd -D -e -o ListenAddress={data["address"]}:{SSH_PORT} -o HostK
 """
 
 
-def _running(folder: VmFolder) -> tuple[int, int] | None:
+def running(folder: VmFolder) -> tuple[int, int] | None:
     """PID 1 of the VM and its PID namespace, if it still runs. The start time in the pid file tells the VM's
     process from an unrelated one that got the same pid later."""
     try:
@@ -517,8 +517,11 @@ async def _add_address(address: str) -> None:
 
 
 async def _delete_address(address: str) -> None:
+    """Take the address off the loopback device; done when it is not there (a worker that died after removing it
+    and before forgetting its record leaves just that). iproute2 words that case differently from one version to
+    the next, so the device itself is asked."""
     try:
         await run("ip", "addr", "del", f"{address}/32", "dev", "lo")
-    except CommandFailed as err:
-        if "Cannot assign requested address" not in err.stderr:
+    except CommandFailed:
+        if address in await asyncio.to_thread(_loopback_addresses):
             raise

@@ -21,6 +21,7 @@ from activities.clouds.azure.storage import ensure_container
 from activities.clouds.azure.vm import IN_USE_WAIT
 from activities.clouds.azure.waits import Backoff
 from activities.clouds.base import PermanentError
+from activities.clouds.local.host import run
 from activities.guest.keys import windows_password
 from tests.arm_emulator import ArmEmulator, GuestEndpoint, GuestSpec, PlatformImage
 from tests.azure.environment import (
@@ -40,9 +41,11 @@ from workflows.models import (
     Artifact,
     BuildContext,
     BuildStatus,
+    BuildVm,
     CapturedImage,
     DistributeRequest,
     ResolvedSource,
+    Staging,
     VmSpec,
 )
 from workflows.template import ManagedImageDistributor, VhdDistributor, VmProfile, parse_template
@@ -685,6 +688,32 @@ async def test_vm_create_twice_connect_and_delete_twice(cloud: AzureCloud, arm: 
     await cloud.delete_vm(build, vm.name)
     await cloud.delete_staging(build)
     assert kiln_resources(arm) == []
+
+
+async def linux_build_vm(cloud: AzureCloud, arm: ArmEmulator, guests: Guests) -> tuple[BuildContext, Staging, BuildVm]:
+    """A build's staging and its Linux build VM, a real SSH guest behind the emulator's VM."""
+    arm.guest_factory = guests.boot
+    arm.run_command = guests.run_command
+    build = build_context()
+    staging = await cloud.create_staging(build)
+    source = await cloud.resolve_source(build, template())
+    spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source,
+                  vm_profile=VmProfile())  # fmt: skip
+    return build, staging, await cloud.create_vm(build, staging, spec)
+
+
+async def test_a_vm_whose_address_is_already_gone_is_still_deleted(
+    cloud: AzureCloud, arm: ArmEmulator, guests: Guests
+) -> None:
+    """A worker that died after the guest's loopback address was removed, before its record was forgotten: the
+    next delete finds the address gone and succeeds, instead of failing (and being retried) forever."""
+    build, staging, vm = await linux_build_vm(cloud, arm, guests)
+    await run("ip", "addr", "del", f"{vm.host}/32", "dev", "lo")
+    await cloud.delete_vm(build, vm.name)
+    await cloud.delete_staging(build)
+    assert kiln_resources(arm) == []
+    assert not guests.vms.folder(guests.booted[-1]).path.exists(), "the guest behind the VM was left running"
+    assert vm.host not in (await run("ip", "-o", "-4", "addr", "show", "dev", "lo")).decode()
 
 
 async def test_an_unfinished_vhd_is_deleted_only_if_the_build_wrote_it(cloud: AzureCloud, blob_account: str) -> None:

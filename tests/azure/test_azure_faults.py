@@ -58,6 +58,8 @@ USER_GROUP_ID = f"/subscriptions/{SUB}/resourceGroups/{USER_GROUP}"
 # A guest script shows it is running by this line of output (its source says $((6*7)), so only output matches).
 RUNNING = "step running: 42"
 SAY_RUNNING = 'echo "step running: $((6*7))"'
+# AIB's deprovision, as a deprovisioning script written by a customizer ends with it.
+AIB_DEPROVISION_COMMAND = "/usr/sbin/waagent -force -deprovision+user && export HISTSIZE=0 && sync"
 # How long a held ARM or blob request waits before it is answered: longer than a scenario needs to act on it.
 HOLD = 30.0
 VERSIONS = r"/skus/18\.04-LTS/versions"
@@ -257,8 +259,10 @@ def template(h: AzureHarness, *, step: Step | None = None, script: str = "", sta
         },
         {"type": "Shell", "name": "work", "inline": [script if guest == "customize" else "echo working"]},
     ]
-    if guest == "deprovision":  # AIB runs this file instead of its own deprovision command
-        write = f"printf '%s\\n' {shlex.quote(script)} > /tmp/DeprovisioningScript.sh"
+    if guest == "deprovision":
+        # AIB runs this file instead of its own deprovision command; it ends with that command, which deletes the
+        # admin user, so a worker that takes the step over cannot log in again.
+        write = f"printf '%s\\n' {shlex.quote(script)} {shlex.quote(AIB_DEPROVISION_COMMAND)} > /tmp/DeprovisioningScript.sh"
         customize.append({"type": "Shell", "name": "deprovisioning script", "inline": [write]})
     compute = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute"
     properties: dict[str, Any] = {

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from temporalio.client import Client
 
 from activities.clouds.local import LocalCloud
+from activities.clouds.local.azurite import Azurite
 from activities.clouds.local.records import ResourceStore
+from tests.local.builds import LocalBuilds, serving
 from tests.local.vms import STAGING, TEST_HOME, ImagesOnlyStorage, MakeVm, debian_template, new_build
 from workflows.models import BuildContext, BuildVm, ResolvedSource, VmSpec
 
@@ -79,3 +82,13 @@ async def make_vm(cloud: LocalCloud, debian: ResolvedSource) -> AsyncIterator[Ma
     yield make
     for build, name in made:
         await cloud.delete_vm(build, name)
+
+
+@pytest_asyncio.fixture
+async def local_builds(
+    client: Client, azurite: Azurite, state: Path, store: ResourceStore, tmp_path: Path
+) -> AsyncIterator[LocalBuilds]:
+    """A worker on the local cloud (the session's state folder and Azurite) on a fresh task queue."""
+    (tmp_path / "files").mkdir()
+    async with serving(client, azurite.endpoint, state, store, tmp_path / "files") as builds:
+        yield builds

@@ -12,16 +12,11 @@ import hashlib
 import json
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
-from temporalio.client import Client
 
-from activities.clouds.local.azurite import Azurite
 from activities.clouds.local.gallery_target import GALLERY_CONTAINER
-from activities.clouds.local.records import ResourceStore
 from cli.builds import EXIT_USAGE
 from cli.main import main
 from tests.fixtures import script_semantics
@@ -32,7 +27,6 @@ from tests.local.builds import (
     debugfs,
     download_vhd,
     region_blobs,
-    serving,
     shell,
     template,
     worker_process,
@@ -49,16 +43,6 @@ pytestmark = [
 RELEASE = b"NAME=kiln golden\nVERSION=1\n"
 CONFIGURE = b"#!/bin/sh\nset -e\necho 'configure: writing /etc/kiln-configured'\necho configured | sudo tee /etc/kiln-configured\n"
 LONG_STEP = shell("long", "echo 'long: started'", "sleep 120", "echo 'long: never'")
-
-
-@pytest_asyncio.fixture
-async def local_builds(
-    client: Client, azurite: Azurite, state: Path, store: ResourceStore, tmp_path: Path
-) -> AsyncIterator[LocalBuilds]:
-    """A worker on the local cloud (the session's state folder and Azurite) on a fresh task queue."""
-    (tmp_path / "files").mkdir()
-    async with serving(client, azurite.endpoint, state, store, tmp_path / "files") as builds:
-        yield builds
 
 
 async def assert_clean(builds: LocalBuilds, build: Build, *, kept: set[str]) -> None:
@@ -240,6 +224,32 @@ async def test_a_worker_killed_mid_customizer(local_builds: LocalBuilds) -> None
     await assert_clean(local_builds, build, kept={"log", "output"})
     log = await local_builds.log(status)
     assert log.count("slow: started") == 1 and log.count("once\n") == 1 and log.count("slow: done") == 1, log
+
+
+async def test_a_worker_killed_mid_deprovision(local_builds: LocalBuilds) -> None:
+    """SIGKILL the worker while AIB's deprovision runs (it deletes the admin user and the host keys the worker
+    logged in with) and start another: the new worker follows the run through the VM's own namespaces, and the
+    build succeeds, generalized, leaving nothing temporary."""
+    queue = f"{local_builds.task_queue}-process"
+    override = shell(
+        "slow deprovision",
+        "printf '%s\\n' 'echo \"deprovision: started\"' 'sleep 4' "
+        "'waagent -force -deprovision+user && export HISTSIZE=0 && sync' > /tmp/DeprovisioningScript.sh",
+    )
+    endpoint = local_builds.storage.endpoint
+    async with worker_process(local_builds.client, local_builds.state, endpoint, queue) as first:
+        build = await local_builds.start(template([override]), prefix="deprov", task_queue=queue)
+        await local_builds.wait_for_log(build, "deprovision: started")
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+    async with worker_process(local_builds.client, local_builds.state, endpoint, queue):
+        status = await local_builds.finish(build)
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    vhd = await download_vhd(status.run_outputs[0].artifact_uri, local_builds.files.folder / "deprov.vhd")
+    assert debugfs(vhd, "ls -l /etc/ssh").count("ssh_host_") == 0  # generalized: no host keys
+    await assert_clean(local_builds, build, kept={"log", "output"})
+    log = await local_builds.log(status)
+    assert log.count("deprovision: started") == 1 and "deprovision: exit code 0" in log, log
 
 
 async def test_three_builds_at_once_do_not_collide(local_builds: LocalBuilds, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest_asyncio
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from tests.fixtures.recording_cloud import RecordingCloud
@@ -143,6 +143,20 @@ async def retried_activities(handle: WorkflowHandle[Any, Any]) -> set[str]:
             if attributes.attempt > 1:
                 retried.add(types[attributes.scheduled_event_id])
     return retried
+
+
+async def attempt_running(handle: WorkflowHandle[Any, Any], activity_type: str, attempt: int) -> None:
+    """Wait until an attempt ``attempt`` (or a later one) of the build's ``activity_type`` step is running."""
+    while True:
+        description = await handle.describe()
+        for pending in description.raw_description.pending_activities:
+            if (
+                pending.activity_type.name == activity_type
+                and pending.attempt >= attempt
+                and pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+            ):
+                return
+        await asyncio.sleep(0.05)
 
 
 def unserved(client: Client, directory: Path) -> Harness:

@@ -7,6 +7,7 @@ spent waiting on retries, heartbeat timeouts and cancels overlaps. A failure nam
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,11 +21,13 @@ from activities import build_log
 from tests.fixtures.recording_cloud import RecordingCloud, script_output
 from tests.workflows.harness import (
     Harness,
+    attempt_running,
     check_all,
     retried_activities,
     serving,
     unserved,
 )
+from worker import GRACEFUL_SHUTDOWN_SECONDS
 from workflows.models import BuildStatus, RunState
 from workflows.policies import STEP_RETRY
 
@@ -207,6 +210,28 @@ async def test_a_build_resumes_on_a_new_worker_when_its_worker_dies_at_any_step(
             assert_whole_output_logged(h, status, step)
 
     await check_all({step.point: scenario(step) for step in STEPS})
+
+
+async def test_a_stopped_worker_hands_its_running_step_over_at_once(client: Client, tmp_path: Path) -> None:
+    """SIGTERM (systemd stopping the worker) during a long customizer: the worker leaves the script running in
+    the guest and fails the step as handed over, so another worker takes it over at once, not when a heartbeat
+    times out."""
+    h = unserved(client, tmp_path)
+    h.cloud.inject("customize", "hang", times=1)
+    async with worker_process(h, tmp_path / "worker.log") as first:
+        handle = await h.start(h.template())
+        await h.wait_for_fault("customize")
+        async with worker_process(h, tmp_path / "worker-2.log"):
+            await attempt_running(handle, "run_customizer", 1)
+            first.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(GRACEFUL_SHUTDOWN_SECONDS + 5):
+                await first.wait()
+                await attempt_running(handle, "run_customizer", 2)
+            assert h.cloud.scripts_killed() == [], "the stopping worker stopped the script"
+            await handle.cancel()
+            status = await h.finish(handle)
+    assert status.run_state == RunState.CANCELED
+    assert h.cloud.alive(include_outputs=True) == []
 
 
 def assert_whole_output_logged(harness: Harness, status: BuildStatus, step: Step) -> None:

@@ -7,9 +7,11 @@ import asyncio
 import uuid
 from datetime import timedelta
 
+import pytest
 from temporalio.client import Client
 
 from activities.janitor import schedule_janitor
+from cli.main import main
 from tests.workflows.harness import Harness
 from workflows.janitor import JanitorWorkflow
 from workflows.models import BuildStatus, JanitorReport, JanitorRequest, RunState
@@ -68,6 +70,41 @@ async def test_janitor_finishes_a_cleanup_that_failed_for_good(harness: Harness,
 
     assert report.failed == []
     assert report.cleaned == [f"{handle.id}: delete build VM"]
+    assert harness.cloud.alive() == []
+
+
+async def test_a_cleanup_failing_the_same_way_again_and_again_is_reported_and_left_for_the_janitor(
+    harness: Harness, client: Client, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The staging delete keeps meeting the same retryable error (no passing fault: say, a lock nobody will
+    release): after KILN_CLEANUP_STUCK_AFTER attempts in a row it is no longer retried, the build ends in its true
+    state instead of staying Running, `kiln list` shows what it left, and the janitor deletes it later."""
+    monkeypatch.setenv("KILN_CLEANUP_STUCK_AFTER", "3")
+    harness.cloud.inject("delete_staging", "transient")
+    handle = await harness.start(harness.template())
+    async with asyncio.timeout(60):
+        status = await harness.finish(handle)
+    assert harness.cloud.faults_taken("delete_staging") == 3
+    assert status.run_state == RunState.SUCCEEDED
+    assert status.message == (
+        "Cleanup left resources behind, for `kiln janitor` to retry: cleanup: delete staging: failed the same way "
+        "3 times in a row: InjectedTransientError: injected transient failure at delete_staging"
+    )
+    assert [u.label for u in status.pending_cleanup] == ["delete staging"]
+
+    monkeypatch.setenv("TEMPORAL_ADDRESS", client.service_client.config.target_host)
+    monkeypatch.setenv("COLUMNS", "300")
+    async with asyncio.timeout(30):  # the build list is eventually consistent
+        while True:
+            assert await asyncio.to_thread(main, ["list", "--limit", "100"]) == 0
+            row = next((line for line in capsys.readouterr().out.splitlines() if handle.id in line), "")
+            if "cleanup: delete staging" in row:
+                break
+            await asyncio.sleep(0.5)
+
+    harness.cloud.clear_faults()
+    report = await run_janitor(client, harness, handle.id)
+    assert report.cleaned == [f"{handle.id}: delete staging"]
     assert harness.cloud.alive() == []
 
 

@@ -6,7 +6,8 @@ import asyncio
 import logging
 import os
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
@@ -33,6 +34,7 @@ from activities.clouds.azure.names import (
     snapshot_name,
     storage_account_name,
 )
+from activities.clouds.azure.run_command import RunCommandSession
 from activities.clouds.azure.vm import (
     IN_USE_WAIT,
     SSH_PORT,
@@ -574,6 +576,14 @@ class AzureCloud:
 
     async def delete_vm(self, build: BuildContext, name: str) -> None:
         await self.vms.delete_vm_parts(staging_group(build, subscription=self.subscription_id).name, VmParts(name))
+
+    @asynccontextmanager
+    async def agent_session(self, build: BuildContext, vm: BuildVm) -> AsyncIterator[RunCommandSession]:
+        if vm.os_type != "Linux":
+            raise PermanentError(
+                f"VM {vm.name} is no Linux VM Run Command takes shell scripts on", kind="NoAgentSession"
+            )
+        yield RunCommandSession(self.arm, staging_group(build, subscription=self.subscription_id).name, vm.name)
 
     # ---- capture
 

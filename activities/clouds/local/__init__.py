@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +24,7 @@ from activities.clouds.local.host import file_lock
 from activities.clouds.local.images import ImageCache, platform_image_version, resolve_platform_image
 from activities.clouds.local.qemu import BootFailed, QemuVms, console_tail, qemu_id
 from activities.clouds.local.records import ResourceStore
-from activities.clouds.local.vm import LocalVms, vm_id
+from activities.clouds.local.vm import LocalVms, NamespaceSession, vm_id
 from activities.clouds.state import state_dir, worker_secret
 from workflows.models import (
     Artifact,
@@ -164,6 +166,12 @@ class LocalCloud:
             await self.delete_staging(build)
         left = {r.id for r in await asyncio.to_thread(self._store.list, build_id=build_id)}
         return [r.id for r in records if r.id not in left]
+
+    @asynccontextmanager
+    async def agent_session(self, build: BuildContext, vm: BuildVm) -> AsyncIterator[NamespaceSession]:
+        if await asyncio.to_thread(self._store.get, vm_id(vm.name)) is None:  # a validation VM boots in QEMU
+            raise PermanentError(f"VM {vm.name} is no container kiln can enter", kind="NoAgentSession")
+        yield self.vms.session(vm.name)
 
     async def capture_image(
         self, build: BuildContext, staging: Staging, vm: BuildVm, spec: CaptureSpec

@@ -6,11 +6,14 @@ import asyncio
 import fcntl
 import os
 import shutil
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
+from typing import TypeVar
 
 from activities.clouds.base import PermanentError
+
+T = TypeVar("T")
 
 LOCK_POLL_SECONDS = 0.05
 
@@ -95,3 +98,16 @@ async def file_lock(path: Path) -> AsyncIterator[None]:
                 return
         finally:
             os.close(fd)
+
+
+async def to_the_end(work: Awaitable[T]) -> T:
+    """Run ``work`` to its end even if the caller is cancelled meanwhile (a build cancelled, a worker handing its
+    step over); the cancel is raised once it has ended. A VM half launched when its lock is let go could be
+    launched a second time by the attempt that takes over."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with suppress(Exception):
+            await task
+        raise

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import time
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,9 @@ from activities.clouds.aib.names import admin_user_of
 from activities.clouds.aib.tags import ROLE_TEMPORARY, kiln_tags
 from activities.clouds.base import PermanentError
 from activities.clouds.local import cgroups
-from activities.clouds.local.host import file_lock, require_programs, ssh_answers
+from activities.clouds.local.host import file_lock, require_programs, ssh_answers, to_the_end
 from activities.clouds.local.records import ResourceStore
-from activities.clouds.local.sizes import limits_for
+from activities.clouds.local.sizes import VmLimits, limits_for
 from activities.clouds.local.vm import (
     ADDRESS_KIND,
     SSH_PORT,
@@ -162,9 +163,7 @@ class QemuVms:
                         self._store.record, qemu_id(name), kind=QEMU_KIND, build_id=build.build_id, tags=tags, data=data
                     )
                 await asyncio.to_thread(cgroups.kill_all, name)  # what of an earlier attempt still runs
-                await asyncio.to_thread(self._prepare, build, folder, data)
-                groups = await asyncio.to_thread(cgroups.make_cgroups, name, limits)
-                await self._launch(folder, data, groups, limits.cpus, min(limits.memory_bytes, MEMORY_CAP_BYTES))
+                await to_the_end(self._start(build, name, folder, data, limits))
             else:
                 data = record.data
             seconds = await self._wait_for_ssh(name, folder, data)
@@ -183,10 +182,17 @@ class QemuVms:
             await asyncio.to_thread(self._store.forget, qemu_id(name))
             (self._vms / f"{name}.lock").unlink(missing_ok=True)
 
+    async def _start(self, build: BuildContext, name: str, folder: QemuFolder, data: dict, limits: VmLimits) -> None:
+        """The VM's seed, firmware variables and cgroups, then QEMU itself: all of it, or (the worker dying) none."""
+        await asyncio.to_thread(self._prepare, build, folder, data)
+        groups = await asyncio.to_thread(cgroups.make_cgroups, name, limits)
+        await self._launch(folder, data, groups, limits.cpus, min(limits.memory_bytes, MEMORY_CAP_BYTES))
+
     async def _kill(self, name: str, folder: QemuFolder) -> None:
         await asyncio.to_thread(cgroups.kill_all, name)
         if (pid := live_pid(folder.pid)) is not None:  # where the machine gave it no cgroups
-            os.kill(pid, signal.SIGKILL)
+            with suppress(ProcessLookupError):  # it may end between the look and the kill
+                os.kill(pid, signal.SIGKILL)
 
     def _prepare(self, build: BuildContext, folder: QemuFolder, data: dict) -> None:
         """The VM's folder: its NoCloud seed disk, and for UEFI a copy of the firmware's variable store."""

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import time
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +34,12 @@ from activities.clouds.aib.names import admin_user_of
 from activities.clouds.aib.tags import ROLE_TEMPORARY, kiln_tags
 from activities.clouds.base import PermanentError
 from activities.clouds.local import cgroups
-from activities.clouds.local.host import file_lock, require_programs, ssh_answers
+from activities.clouds.local.host import file_lock, require_programs, ssh_answers, to_the_end
 from activities.clouds.local.overlays import VmLayers, overlay_works
 from activities.clouds.local.records import ResourceStore
-from activities.clouds.local.sizes import limits_for
+from activities.clouds.local.sizes import VmLimits, limits_for
 from activities.guest.keys import derive_key, private_openssh, public_line
+from activities.guest.ssh import Completed, ShellSession
 from workflows.models import BuildContext, BuildVm, Resource, VmSpec
 
 VM_KIND = "vm"
@@ -176,9 +178,7 @@ class LocalVms:
             else:
                 data = record.data  # an earlier attempt recorded it, and perhaps made part of it
                 await self._kill(name, folder)  # whatever of it still runs without answering
-            await asyncio.to_thread(self._prepare, build, folder, image, data)
-            groups = await asyncio.to_thread(cgroups.make_cgroups, name, limits)
-            await self._boot(name, folder, data, groups)
+            await to_the_end(self._launch(build, name, folder, image, data, limits))
             await self._ready(name, folder, data)
             return self._build_vm(name, data)
 
@@ -203,7 +203,8 @@ class LocalVms:
         folder = self.folder(name)
         nspawn = live_pid(folder.nspawn_pid)
         if nspawn is not None:
-            os.kill(nspawn, signal.SIGTERM)  # nspawn asks the container's systemd to power off
+            with suppress(ProcessLookupError):  # it may end between the look and the kill
+                os.kill(nspawn, signal.SIGTERM)  # nspawn asks the container's systemd to power off
             deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
             while self._running(folder) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -221,6 +222,14 @@ class LocalVms:
             if _pid_namespace(child) not in (None, _pid_namespace(nspawn)):
                 return child
         raise PermanentError(f"local VM {name} is not running", kind="VmNotRunning")
+
+    def session(self, name: str) -> NamespaceSession:
+        """A root session in the VM through its own namespaces: no login, so it works after deprovision.
+
+        Raises:
+            PermanentError: the VM is not running.
+        """
+        return NamespaceSession(self.leader(name))
 
     async def _kill(self, name: str, folder: VmFolder) -> None:
         """End every process of the VM: its PID 1 first (which ends all of the guest's), then all its cgroups list
@@ -292,6 +301,14 @@ class LocalVms:
         for path in (folder.in_namespaces, folder.network_ready, folder.slirp_socket):
             path.unlink(missing_ok=True)
 
+    async def _launch(
+        self, build: BuildContext, name: str, folder: VmFolder, image: Path, data: dict, limits: VmLimits
+    ) -> None:
+        """Lay out the VM's folder and cgroups and start its supervisor: all of it, or (the worker dying) none."""
+        await asyncio.to_thread(self._prepare, build, folder, image, data)
+        groups = await asyncio.to_thread(cgroups.make_cgroups, name, limits)
+        await self._boot(name, folder, data, groups)
+
     async def _boot(self, name: str, folder: VmFolder, data: dict, groups: list[Path]) -> None:
         folder.inner.write_text(_inner_script(name, folder, data))
         folder.supervisor.write_text(_supervisor_script(folder, groups))
@@ -337,6 +354,22 @@ class LocalVms:
             else f"did not start {waiting_for} within {BOOT_TIMEOUT_SECONDS:.0f}s"
         )
         raise RuntimeError(f"VM {name} {why}; its console's last lines:\n" + "\n".join(tail))
+
+
+class NamespaceSession(ShellSession):
+    """Commands run as root in a local VM by entering the namespaces of its PID 1 from the host."""
+
+    def __init__(self, leader: int) -> None:
+        super().__init__("root")
+        self._leader = leader
+
+    async def command(self, command: str, *, stdin: bytes | None) -> Completed:
+        process = await asyncio.create_subprocess_exec(
+            "nsenter", "-t", str(self._leader), "-a", "sh", "-c", command,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await process.communicate(stdin or b"")
+        return Completed(process.returncode if process.returncode is not None else -1, stdout, stderr)
 
 
 def claim_address(store: ResourceStore, build: BuildContext, name: str, tags: dict[str, str]) -> str:

@@ -1,0 +1,77 @@
+"""The chaos soak: N real local builds through worker kills, each checked for its true end and for leftovers.
+
+    python bench/chaos.py [--builds 50] [--at-once 4] [--kills N] [--seed S]
+
+The soak of ``tests/local/chaos.py``: a random mix of builds meant to succeed, fail in a customizer, be
+cancelled and time out, ``--at-once`` at a time (the machine's CPUs bound how many VMs boot in time), while the
+worker is SIGKILLed at random moments (every 8-30 s, ``--kills`` times, a quarter of the builds by default) and
+a second worker joins and is stopped. One table of every build is printed; the exit code is 1 if any build ended otherwise than meant, lost
+its customization or left anything on the machine.
+
+Runs as root on the state folder the local tests use ($KILN_TEST_HOME, else /var/tmp/kiln-test). Temporal (a
+dev server) and Azurite are started for the run and stopped after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rich.console import Console
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from activities.clouds.local.azurite import start_azurite
+from activities.clouds.local.records import ResourceStore
+from tests.local.builds import serving
+from tests.local.chaos import soak, table
+from tests.local.vms import TEST_HOME
+from tests.services import free_port, temporal_cli
+from workflows.models import SEARCH_ATTRIBUTES
+
+
+async def main(builds: int, at_once: int, kills: int, seed: int) -> int:
+    TEST_HOME.mkdir(parents=True, exist_ok=True)
+    console = Console(width=220)
+    console.print(f"seed {seed}")
+    with tempfile.TemporaryDirectory(prefix="kiln-chaos-", dir="/var/tmp") as scratch:
+        work = Path(scratch)
+        (work / "files").mkdir()
+        azurite = await start_azurite(location=work / "azurite", port=free_port())
+        try:
+            async with (
+                await WorkflowEnvironment.start_local(
+                    dev_server_existing_path=temporal_cli(),
+                    data_converter=pydantic_data_converter,
+                    search_attributes=SEARCH_ATTRIBUTES,
+                    ui=False,
+                    dev_server_log_level="error",
+                ) as env,
+                serving(
+                    env.client, azurite.endpoint, TEST_HOME, ResourceStore(TEST_HOME / "resources.db"), work / "files"
+                ) as local,
+            ):
+                result = await soak(
+                    local, count=builds, at_once=at_once, kills=kills, seed=seed, folder=work, timeout=6 * 3600
+                )
+        finally:
+            await azurite.stop()
+    console.print(table([result]))
+    return 1 if result.mismatches else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--builds", type=int, default=50, help="local builds in all (default 50)")
+    parser.add_argument("--at-once", type=int, default=4, help="builds running at the same time (default 4)")
+    parser.add_argument("--kills", type=int, help="worker SIGKILLs in all (default a quarter of the builds)")
+    parser.add_argument("--seed", type=int, default=random.randrange(1 << 32))
+    arguments = parser.parse_args()
+    kills = arguments.kills if arguments.kills is not None else max(1, arguments.builds // 4)
+    sys.exit(asyncio.run(main(arguments.builds, arguments.at_once, kills, arguments.seed)))
