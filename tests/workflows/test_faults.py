@@ -72,9 +72,14 @@ def outputs(harness: Harness) -> list[tuple[str, str]]:
 
 
 def all_outputs(status: BuildStatus) -> list[tuple[str, str]]:
-    """What the harness's template distributes when every target succeeds."""
-    names = {"ManagedImage": "managed", "SharedImage": "gallery", "VHD": "vhd"}
-    return sorted((kind, f"{status.build_id}/{name}") for kind, name in names.items())
+    """What the harness's template distributes when every target succeeds: an image and a VHD named by the build,
+    and a new version of the gallery's image definition, each as its run output reports it."""
+    reported = {output.type: output.artifact_id for output in status.run_outputs}
+    assert len(status.run_outputs) == 3
+    assert reported["ManagedImage"] == f"{status.build_id}/managed"
+    assert reported["VHD"] == f"{status.build_id}/vhd"
+    assert "/galleries/kiln/images/debian/versions/" in reported["SharedImage"]
+    return sorted(reported.items())
 
 
 def assert_nothing_left(harness: Harness, status: BuildStatus) -> None:
@@ -122,7 +127,8 @@ async def test_a_fatal_failure_at_any_step_fails_the_build_and_leaves_nothing(cl
             assert_nothing_left(h, status)
             if step.point == "distribute":  # the failed targets had made partial outputs: removed
                 deleted = {id for op, id in h.cloud.events() if op == "delete"}
-                assert {id for _, id in all_outputs(status)} <= deleted
+                assert {f"{status.build_id}/managed", f"{status.build_id}/vhd"} <= deleted
+                assert any("/galleries/kiln/images/debian/versions/" in id for id in deleted)  # the claimed version
 
     await check_all({step.point: scenario(step) for step in STEPS})
 

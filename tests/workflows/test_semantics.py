@@ -28,7 +28,10 @@ def deleted(harness: Harness) -> set[str]:
 
 
 def output_ids(status: BuildStatus, *names: str) -> set[str]:
-    return {f"{status.build_id}/{name}" for name in names}
+    """The artifact of each named output: as its run output reports it (a gallery target's is the version it
+    claimed), else the name the recording cloud gives it from the build."""
+    reported = {o.run_output_name: o.artifact_id for o in status.run_outputs if o.artifact_id}
+    return {reported.get(name, f"{status.build_id}/{name}") for name in names}
 
 
 def assert_kept(harness: Harness, status: BuildStatus, vm: str) -> None:
