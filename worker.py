@@ -137,6 +137,12 @@ async def main(argv: list[str] | None = None) -> None:
         help="local cloud: do not boot a captured image whose template has no validators (saves about a minute "
         "a build under TCG; images are still booted to run validators)",
     )
+    parser.add_argument(
+        "--allow-any-source",
+        action="store_true",
+        help="azure: without KILN_EGRESS_IP, let build VMs admit SSH and WinRM from any address (by default such "
+        "builds are refused before anything is made)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("azure", "asyncssh"):  # every HTTP request and SSH channel otherwise
@@ -159,7 +165,7 @@ async def main(argv: list[str] | None = None) -> None:
             client = await connect(address=args.address, namespace=args.namespace)
         except ConnectError as err:
             raise SystemExit(str(err)) from None
-        cloud = await entry.make(WorkerOptions(boot_check=args.boot_check))
+        cloud = await entry.make(WorkerOptions(boot_check=args.boot_check, allow_any_source=args.allow_any_source))
         services.push_async_callback(cloud.close)
         await run_worker(
             client,
