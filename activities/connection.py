@@ -22,6 +22,8 @@ from temporalio.converter import DataConverter, DefaultFailureConverterWithEncod
 from temporalio.envconfig import ClientConfigProfile
 from temporalio.runtime import Runtime
 
+from activities.codec import CodecKeyError, codec_from_environment
+
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "default"
 
@@ -62,6 +64,10 @@ async def connect(
         ConnectError: the settings are unreadable (a bad config file, a missing TLS file) or the server did not
             answer; the message names the address and how to start a local server.
     """
+    try:
+        codec = codec or codec_from_environment()
+    except CodecKeyError as err:
+        raise ConnectError(f"cannot read the payload keys: {err}") from err
     try:
         config = ClientConfigProfile.load().to_client_connect_config()
     except (RuntimeError, OSError, ValueError) as err:  # the bridge's ConfigError is a RuntimeError

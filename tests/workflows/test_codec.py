@@ -40,10 +40,16 @@ def codec(*entries: str) -> EncryptionCodec:
 
 
 @pytest_asyncio.fixture
-async def sealed(client: Client, tmp_path: Path) -> AsyncIterator[tuple[Harness, EncryptionCodec]]:
-    """A worker and a client that both seal payloads with one key (as every process of a deployment must)."""
-    keys = codec(new_key_entry("2026-12"))
-    sealed_client = await connect(address=client.service_client.config.target_host, codec=keys)
+async def sealed(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Harness, EncryptionCodec]]:
+    """A worker and a client that both seal payloads with the key in KILN_CODEC_KEYS, as every process of a
+    deployment does."""
+    entry = new_key_entry("2026-12")
+    monkeypatch.setenv("KILN_CODEC_KEYS", entry)
+    sealed_client = await connect(address=client.service_client.config.target_host)
+    monkeypatch.delenv("KILN_CODEC_KEYS")
+    keys = codec(entry)
     async with serving(sealed_client, tmp_path / "sealed") as harness:
         yield harness, keys
 
