@@ -68,7 +68,7 @@ class UndoStack:
         metrics: BuildMetrics | None = None,
     ) -> None:
         self._status = status
-        self._metrics = metrics or BuildMetrics()
+        self._metrics = metrics  # None: made on first use, inside the workflow
         self._policy = policy
         self._task_queue = task_queue
         self._prefix = prefix
@@ -157,6 +157,7 @@ class UndoStack:
             return False
         record.outcome, record.ended = "succeeded", workflow.now()
         deleted = [r for r in self._status.resources if r.owner == undo.owner]
+        self._metrics = self._metrics or BuildMetrics()
         self._metrics.deleted((r.kind for r in deleted), self._status.cloud)
         self._status.resources = [r for r in self._status.resources if r.owner != undo.owner]
         return True
