@@ -58,8 +58,10 @@ class WorkerTuning:
 
     # Activities running at once: each build runs one step at a time (a few while distributing).
     max_concurrent_activities: int = 200
-    # Workflow tasks at once: each is milliseconds of CPU, so a few keep two cores busy.
-    max_concurrent_workflow_tasks: int = 50
+    # Workflow tasks at once. They are CPU work under one interpreter lock: more at once only makes each one wait
+    # longer, and one not answered within 10 s times out and runs again (bench_scale.py: 50 at once timed out
+    # one task in two builds under load, 4 one in twenty). Tasks left unpolled wait for any worker instead.
+    max_concurrent_workflow_tasks: int = 4
     # Builds kept in memory between their tasks (the sticky cache); one evicted replays its history next time.
     max_cached_workflows: int = 1000
     # Activity starts per second across every worker of the queue: ARM throttles per subscription. None: no cap.

@@ -537,5 +537,7 @@ async def settle(task: asyncio.Task[Any]) -> None:
     while not task.done():
         try:
             await asyncio.shield(task)
+        except GeneratorExit:
+            raise  # the workflow is being evicted from the worker's cache: unwind, it replays elsewhere
         except BaseException:
             pass  # the task's own outcome is read by the caller
