@@ -83,8 +83,10 @@ async def task_timeouts(handle: WorkflowHandle) -> Counter[str]:
     kinds: Counter[str] = Counter()
     async for event in handle.fetch_history_events():
         if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
-            kind = event.workflow_task_timed_out_event_attributes.timeout_type
-            kinds[TimeoutType.Name(kind).removeprefix("TIMEOUT_TYPE_")] += 1
+            attributes = event.workflow_task_timed_out_event_attributes
+            kind = TimeoutType.Name(attributes.timeout_type).removeprefix("TIMEOUT_TYPE_")
+            # The first task validates the template in a local activity; the others only decide the next step.
+            kinds[f"{kind} ({'first task' if attributes.scheduled_event_id == 2 else 'later task'})"] += 1
     return kinds
 
 
