@@ -159,24 +159,15 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--namespace", help="Temporal namespace (default TEMPORAL_NAMESPACE or default)")
     tuning = parser.add_argument_group("tuning", "what one worker process takes on at once")
     defaults = WorkerTuning()
-    tuning.add_argument(
-        "--max-concurrent-activities",
-        type=int,
-        default=defaults.max_concurrent_activities,
-        help=f"activities running at once in this process (default: {defaults.max_concurrent_activities})",
-    )
-    tuning.add_argument(
-        "--max-concurrent-workflow-tasks",
-        type=int,
-        default=defaults.max_concurrent_workflow_tasks,
-        help=f"workflow tasks at once in this process (default: {defaults.max_concurrent_workflow_tasks})",
-    )
-    tuning.add_argument(
-        "--max-cached-workflows",
-        type=int,
-        default=defaults.max_cached_workflows,
-        help=f"builds kept in memory between tasks, the sticky cache (default: {defaults.max_cached_workflows})",
-    )
+    for field, text in (
+        ("max_concurrent_activities", "activities running at once in this process"),
+        ("max_concurrent_workflow_tasks", "workflow tasks at once in this process"),
+        ("max_cached_workflows", "builds kept in memory between tasks, the sticky cache"),
+    ):
+        default = getattr(defaults, field)
+        tuning.add_argument(
+            f"--{field.replace('_', '-')}", type=int, default=default, help=f"{text} (default: {default})"
+        )
     tuning.add_argument(
         "--max-activities-per-second",
         type=float,
