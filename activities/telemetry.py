@@ -126,6 +126,9 @@ def configure_logging(log_format: str) -> None:
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonLines())
+        # The build and step are fields of each line: not appended to the message as well.
+        workflow.logger.workflow_info_on_message = False
+        activity.logger.activity_info_on_message = False
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
