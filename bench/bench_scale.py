@@ -103,7 +103,7 @@ def arm_rates(harness: AzureHarness, first: int, start: float, end: float) -> No
         print(f"    {kind:8} {kinds[kind]:6}  {kinds[kind] / wall:6.1f}/s   (ARM refills {refill}/s a subscription)")
 
 
-async def run(count: int, workers: int, tuning: WorkerTuning, *, db_on_disk: bool) -> None:
+async def run(count: int, workers: int, tuning: WorkerTuning, *, db_on_disk: bool, give_up_after: float) -> None:
     with (
         tempfile.TemporaryDirectory(prefix="kiln-bench-scale-") as scratch_dir,
         tempfile.TemporaryDirectory(prefix="kiln-bench-scale-", dir=None if db_on_disk else "/dev/shm") as db_dir,
@@ -157,19 +157,39 @@ async def run(count: int, workers: int, tuning: WorkerTuning, *, db_on_disk: boo
             handles = await asyncio.gather(*(start(i) for i in range(count)))
             last_start = time.time()
 
-            async def end(handle: WorkflowHandle) -> tuple[BuildStatus, float]:
-                status = await finish(handle)
-                return status, time.time()
+            ended: list[tuple[BuildStatus, float]] = []
 
-            ended = await asyncio.gather(*(end(h) for h in handles))
-            last_end = max(at for _, at in ended)
+            async def end(handle: WorkflowHandle) -> None:
+                status = await finish(handle)
+                ended.append((status, time.time()))
+
+            async def progress() -> None:
+                while True:
+                    await asyncio.sleep(60)
+                    print(
+                        f"    {time.time() - clock:5.0f} s: {len(ended)} ended, {len(arm.calls) - first_call} ARM calls"
+                    )
+
+            reporter = asyncio.create_task(progress())
+            waits = [asyncio.create_task(end(h)) for h in handles]
+            _, unfinished = await asyncio.wait(waits, timeout=give_up_after)
+            reporter.cancel()
+            for wait in unfinished:
+                wait.cancel()
+            if unfinished:
+                print(f"  gave up after {give_up_after:.0f} s with {len(unfinished)} builds still running")
+            last_end = max((at for _, at in ended), default=time.time())
             server_cpu = cpu_seconds(server.pid) - server_cpu
             peaks = {child.pid: memory_kib(child.pid, "VmHWM") for child in children}
 
             states = Counter(str(status.run_state) for status, _ in ended)
-            timeouts = sum(await asyncio.gather(*(task_timeouts(h) for h in handles)), Counter())
+            timeouts = sum(
+                await asyncio.gather(*(task_timeouts(h) for h in handles[:: max(1, count // 200)])), Counter()
+            )
             print(f"  outcomes: {dict(states)}")
-            print(f"  workflow task timeouts: {sum(timeouts.values())} {dict(timeouts)}")
+            print(
+                f"  workflow task timeouts (in every {max(1, count // 200)}th build's history): {sum(timeouts.values())} {dict(timeouts)}"
+            )
             print(f"  dev server errors logged: {server_log.read_text().count('level=ERROR')}")
             for pid in idle:
                 print(f"  worker {pid}: RSS idle {idle[pid] / 1024:.1f} MiB, peak (VmHWM) {peaks[pid] / 1024:.1f} MiB")
@@ -207,6 +227,7 @@ if __name__ == "__main__":
     parser.add_argument("--max-concurrent-workflow-tasks", type=int, default=defaults.max_concurrent_workflow_tasks)
     parser.add_argument("--max-concurrent-activities", type=int, default=defaults.max_concurrent_activities)
     parser.add_argument("--max-cached-workflows", type=int, default=defaults.max_cached_workflows)
+    parser.add_argument("--give-up-after", type=float, default=3600, help="seconds to wait for the builds to end")
     parser.add_argument("--db-on-disk", action="store_true", help="the dev server's SQLite file on disk, not tmpfs")
     args = parser.parse_args()
     tuning = WorkerTuning(
@@ -214,5 +235,5 @@ if __name__ == "__main__":
         max_concurrent_activities=args.max_concurrent_activities,
         max_cached_workflows=args.max_cached_workflows,
     )
-    asyncio.run(run(args.builds, args.workers, tuning, db_on_disk=args.db_on_disk))
+    asyncio.run(run(args.builds, args.workers, tuning, db_on_disk=args.db_on_disk, give_up_after=args.give_up_after))
     os._exit(0)  # the Temporal client's native threads may abort a normal interpreter exit (sdk-python#300)
