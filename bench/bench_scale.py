@@ -137,9 +137,10 @@ async def run(count: int, workers: int, tuning: WorkerTuning, *, db_on_disk: boo
                 child.start()
             limit = asyncio.Semaphore(STARTS_IN_FLIGHT)
 
-            async def start(index: int) -> WorkflowHandle:
+            async def start(index: int, template: dict | None = None) -> WorkflowHandle:
+                template = template or harness.corpus(TEMPLATE, imageName=f"scale{index}")
                 async with limit:
-                    return await harness.start(harness.corpus(TEMPLATE, imageName=f"scale{index}"), f"scale-{index}")
+                    return await harness.start(template, f"scale-{index}")
 
             # A few builds first, so each worker has imported and set up everything a build uses: what grows
             # after this is the builds' own.
@@ -153,8 +154,11 @@ async def run(count: int, workers: int, tuning: WorkerTuning, *, db_on_disk: boo
             print(f"{count} builds of {TEMPLATE} started at once; {workers} worker processes; one dev server")
             print(f"  worker tuning: {tuning}; dev server database on {'disk' if db_on_disk else 'tmpfs'}")
 
+            # Every template first: corpus() writes the templates' artifact files again, which a build staging
+            # them meanwhile would read half-written (13 of the first 1,000-build run failed so).
+            templates = [harness.corpus(TEMPLATE, imageName=f"scale{index}") for index in range(count)]
             clock = time.time()
-            handles = await asyncio.gather(*(start(i) for i in range(count)))
+            handles = await asyncio.gather(*(start(i, templates[i]) for i in range(count)))
             last_start = time.time()
 
             ended: list[tuple[BuildStatus, float]] = []
