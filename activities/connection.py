@@ -5,13 +5,24 @@ config file that the ``temporal`` CLI reads work here too: ``TEMPORAL_ADDRESS``,
 ``TEMPORAL_API_KEY``, ``TEMPORAL_TLS_CLIENT_CERT_PATH``/``_KEY_PATH``, ``TEMPORAL_TLS_SERVER_CA_CERT_PATH``,
 ``TEMPORAL_PROFILE`` and ``TEMPORAL_CONFIG_FILE`` (TOML profiles). That is all a Temporal cluster or Temporal
 Cloud needs; with nothing set, kiln talks to a dev server on ``localhost:7233``.
+
+Payloads are sealed with the keys of ``activities.codec`` when they are configured (``KILN_CODEC_KEYS`` or
+``KILN_CODEC_KEY_FILE``), and failures' messages and stack traces with them, so every client and worker of a
+deployment must be given the same keys.
 """
 
 from __future__ import annotations
 
-from temporalio.client import Client
+import dataclasses
+from collections.abc import Sequence
+
+from temporalio.client import Client, Interceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes, PayloadCodec
 from temporalio.envconfig import ClientConfigProfile
+from temporalio.runtime import Runtime
+
+from activities.codec import CodecKeyError, codec_from_environment
 
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "default"
@@ -21,17 +32,42 @@ class ConnectError(RuntimeError):
     """Temporal could not be reached, or its client settings could not be read. The message says which."""
 
 
-async def connect(*, address: str | None = None, namespace: str | None = None) -> Client:
+def data_converter(codec: PayloadCodec | None) -> DataConverter:
+    """kiln's converter: pydantic models as JSON, sealed by ``codec`` (failures too) when there is one."""
+    if codec is None:
+        return pydantic_data_converter
+    return dataclasses.replace(
+        pydantic_data_converter,
+        payload_codec=codec,
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
+
+
+async def connect(
+    *,
+    address: str | None = None,
+    namespace: str | None = None,
+    codec: PayloadCodec | None = None,
+    runtime: Runtime | None = None,
+    interceptors: Sequence[Interceptor] = (),
+) -> Client:
     """Connect to Temporal with kiln's data converter.
 
     Args:
         address: ``host:port``; overrides ``TEMPORAL_ADDRESS`` and the config file.
         namespace: overrides ``TEMPORAL_NAMESPACE`` and the config file.
+        codec: the payload codec; by default the one the environment's keys make (none without keys).
+        runtime: the SDK runtime (its telemetry: Prometheus metrics); by default the SDK's own.
+        interceptors: client interceptors, which the client's workers take too (tracing).
 
     Raises:
         ConnectError: the settings are unreadable (a bad config file, a missing TLS file) or the server did not
             answer; the message names the address and how to start a local server.
     """
+    try:
+        codec = codec or codec_from_environment()
+    except CodecKeyError as err:
+        raise ConnectError(f"cannot read the payload keys: {err}") from err
     try:
         config = ClientConfigProfile.load().to_client_connect_config()
     except (RuntimeError, OSError, ValueError) as err:  # the bridge's ConfigError is a RuntimeError
@@ -44,7 +80,9 @@ async def connect(*, address: str | None = None, namespace: str | None = None) -
     config.setdefault("namespace", DEFAULT_NAMESPACE)
     try:
         # Workflow inputs and results are pydantic models; every client of a build must use this converter.
-        return await Client.connect(**config, data_converter=pydantic_data_converter)
+        return await Client.connect(
+            **config, data_converter=data_converter(codec), runtime=runtime, interceptors=interceptors
+        )
     except RuntimeError as err:
         raise ConnectError(
             f"cannot connect to Temporal at {config['target_host']} (namespace {config['namespace']}): {err}\n"

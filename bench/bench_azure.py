@@ -112,7 +112,7 @@ from activities.clouds.local import azurite as local_azurite
 from tests.arm_emulator import Call
 from tests.azure.environment import AzureHarness, Guests, guests_supported, make_arm, make_cloud, prepare
 from tests.services import free_port, temporal_cli
-from worker import run_worker
+from worker import WorkerTuning, run_worker
 from workflows.models import SEARCH_ATTRIBUTES, BuildStatus, RunState
 
 TEMPLATE = "q0_helloImageTemplateLinux.json"
@@ -219,7 +219,9 @@ async def sequential(harness: AzureHarness, builds: int) -> None:
 # ---------------------------------------------------------------------------------------------- (c)
 
 
-def worker_process(target: str, task_queue: str, arm_url: str, blob_account: str, secret: bytes) -> None:
+def worker_process(
+    target: str, task_queue: str, arm_url: str, blob_account: str, secret: bytes, tuning: WorkerTuning | None = None
+) -> None:
     """One kiln worker on its own, as `python worker.py --cloud azure` would run, pointed at the emulator."""
 
     async def serve() -> None:
@@ -228,7 +230,7 @@ def worker_process(target: str, task_queue: str, arm_url: str, blob_account: str
         client = await Client.connect(target, data_converter=pydantic_data_converter)
         cloud = make_cloud(arm_url, blob_account, secret=secret)
         try:
-            await run_worker(client, cloud, task_queue=task_queue, stop=stop)
+            await run_worker(client, cloud, task_queue=task_queue, stop=stop, tuning=tuning or WorkerTuning())
         finally:
             await cloud.close()
 

@@ -406,3 +406,39 @@ async def deadline(args: argparse.Namespace, io: Io) -> int:
     assert status.deadline is not None
     io.out.print(f"build {args.name} now times out at {status.deadline.astimezone():%Y-%m-%d %H:%M:%S}")
     return EXIT_SUCCEEDED
+
+
+async def codec_server(args: argparse.Namespace, io: Io) -> int:
+    """Serve Temporal's remote codec protocol with this machine's payload keys, until interrupted."""
+    from activities.codec import CodecKeyError, EncryptionCodec, keys_from_environment
+    from cli.codec_server import DEV_UI_ORIGINS, start_codec_server
+
+    try:
+        keys = keys_from_environment()
+    except CodecKeyError as err:
+        raise UsageError(str(err)) from None
+    if not keys:
+        raise UsageError("no payload keys: set KILN_CODEC_KEYS or KILN_CODEC_KEY_FILE (`kiln codec-key` makes one)")
+    codec = EncryptionCodec(keys)
+    origins = args.ui_origin or DEV_UI_ORIGINS
+    try:
+        runner = await start_codec_server(codec, host=args.host, port=args.port, origins=origins)
+    except OSError as err:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
+    io.err.print(
+        f"codec server on http://{args.host}:{args.port} (sealing with key {codec.key_id!r}, "
+        f"{len(keys)} key(s)), for the Web UI at {', '.join(origins)}"
+    )
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+    return EXIT_SUCCEEDED
+
+
+async def codec_key(args: argparse.Namespace, io: Io) -> int:
+    """Print a new payload key entry, for KILN_CODEC_KEYS or a key file."""
+    from activities.codec import new_key_entry
+
+    io.out.print(new_key_entry(args.key_id), soft_wrap=True)
+    return EXIT_SUCCEEDED

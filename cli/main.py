@@ -288,6 +288,22 @@ def parser() -> argparse.ArgumentParser:
 
     p = command("resources", commands.resources, "what the local cloud has made, from its resource store")
     p.add_argument("--orphans", action="store_true", help="only temporary resources of builds no longer running")
+    p = command(
+        "codec-server", commands.codec_server, "decrypt payloads for the Web UI and the temporal CLI", remote=False
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=positive, default=8081, help="port to listen on (default: 8081)")
+    p.add_argument(
+        "--ui-origin",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="a Web UI address allowed to call it, e.g. http://127.0.0.1:8233 (repeatable; * for any; "
+        "default: the dev server's UI)",
+    )
+
+    p = command("codec-key", commands.codec_key, "print a new payload key entry (KEY_ID:BASE64_KEY)", remote=False)
+    p.add_argument("key_id", help="the key's id, stored beside each payload it seals (e.g. 2026-12)")
     return root
 
 

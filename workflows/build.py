@@ -33,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.template import validate_template
     from workflows import messages
     from workflows.deadline import Deadline
+    from workflows.metrics import BuildMetrics
     from workflows.models import (
         BUILD_ID,
         CLEANUP_LEFT,
@@ -110,7 +111,8 @@ class ImageBuildWorkflow:
 
     def __init__(self) -> None:
         self._status = BuildStatus()
-        self._undos = UndoStack(self._status, policy=BUILD_UNDO)
+        self._metrics = BuildMetrics()
+        self._undos = UndoStack(self._status, policy=BUILD_UNDO, metrics=self._metrics)
         self._deadline: Deadline | None = None
         self._abort_keeps: set[str] = set()
         self._finished_outputs: set[str] = set()
@@ -147,6 +149,7 @@ class ImageBuildWorkflow:
         self._status.template_name = info.workflow_id
         self._status.build_id = build_id_of(info.workflow_id, info.run_id)
         self._status.cloud = cloud_of(info.task_queue)
+        self._metrics.entered(RunState.RUNNING, self._status.cloud)
         parsed = await self._validated(template)
         workflow.upsert_search_attributes(
             [
@@ -506,12 +509,15 @@ class ImageBuildWorkflow:
             record.outcome = "canceled" if is_cancelled_exception(err) else "failed"
             record.message = "" if record.outcome == "canceled" else cause_of(err)
             record.ended = workflow.now()
+            self._metrics.step(name, record.outcome, record.ended - record.started, self._status.cloud)
             raise
         record.outcome, record.ended = "succeeded", workflow.now()
+        self._metrics.step(name, record.outcome, record.ended - record.started, self._status.cloud)
         return result
 
     def _track(self, owner: str, resources: list[Resource]) -> None:
         self._status.resources += [r.model_copy(update={"owner": owner}) for r in resources]
+        self._metrics.created((r.kind for r in resources), self._status.cloud)
 
     async def _undo_now(self, owner: str) -> None:
         """Run one undo early (the build VM once it is captured), and take it off the stack."""
@@ -535,6 +541,7 @@ class ImageBuildWorkflow:
 
     def _set_state(self, state: RunState) -> None:
         self._status.run_state = state
+        self._metrics.entered(state, self._status.cloud)
         workflow.upsert_search_attributes([RUN_STATE.value_set(state.value)])
 
     def _finish(self, state: RunState, message: str) -> None:
@@ -544,6 +551,7 @@ class ImageBuildWorkflow:
         if left:
             workflow.upsert_search_attributes([CLEANUP_LEFT.value_set("; ".join(left))])
         self._status.message = messages.with_cleanup_notes(message, left)
+        self._metrics.left(len(left), self._status.cloud)
         self._status.end_time = workflow.now()
         workflow.set_current_details(f"**{state}** {self._status.message}")
 
@@ -557,5 +565,7 @@ async def settle(task: asyncio.Task[Any]) -> None:
     while not task.done():
         try:
             await asyncio.shield(task)
+        except GeneratorExit:
+            raise  # the workflow is being evicted from the worker's cache: unwind, it replays elsewhere
         except BaseException:
             pass  # the task's own outcome is read by the caller

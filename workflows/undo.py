@@ -19,6 +19,7 @@ from activities.capture import CaptureActivities
 from activities.distribute import DistributeActivities
 from activities.staging import StagingActivities
 from workflows.camel import CamelModel
+from workflows.metrics import BuildMetrics
 from workflows.models import BuildStatus, DeleteOutputRequest, DeleteRequest, PendingUndo, StepRecord
 from workflows.plan import cause_of
 from workflows.policies import UndoPolicy
@@ -54,12 +55,20 @@ class UndoStack:
         policy: how each undo activity runs.
         task_queue: where the undo activities run; None for the workflow's own queue.
         prefix: what each undo step's name starts with, before the undo's label.
+        metrics: where the resources it deletes are counted; by default metrics of its own.
     """
 
     def __init__(
-        self, status: BuildStatus, *, policy: UndoPolicy, task_queue: str | None = None, prefix: str = "cleanup"
+        self,
+        status: BuildStatus,
+        *,
+        policy: UndoPolicy,
+        task_queue: str | None = None,
+        prefix: str = "cleanup",
+        metrics: BuildMetrics | None = None,
     ) -> None:
         self._status = status
+        self._metrics = metrics  # None: made on first use, inside the workflow
         self._policy = policy
         self._task_queue = task_queue
         self._prefix = prefix
@@ -147,5 +156,8 @@ class UndoStack:
             workflow.logger.warning("%s failed, left for the janitor: %s", undo.label, record.message)
             return False
         record.outcome, record.ended = "succeeded", workflow.now()
+        deleted = [r for r in self._status.resources if r.owner == undo.owner]
+        self._metrics = self._metrics or BuildMetrics()
+        self._metrics.deleted((r.kind for r in deleted), self._status.cloud)
         self._status.resources = [r for r in self._status.resources if r.owner != undo.owner]
         return True

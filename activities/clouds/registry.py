@@ -24,6 +24,7 @@ class WorkerOptions:
     """What a worker's command line says of its cloud (a cloud ignores what is not its own)."""
 
     boot_check: bool = True  # local: boot every captured image, validators or not
+    allow_any_source: bool = False  # azure: without KILN_EGRESS_IP, open the build VM's NSG to any source
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ async def _local_dev_services() -> AsyncIterator[None]:
 async def _make_azure(options: WorkerOptions) -> Cloud:
     from activities.clouds.azure import AzureCloud
 
-    return AzureCloud.from_environment()
+    return AzureCloud.from_environment(allow_any_source=options.allow_any_source)
 
 
 CLOUDS: dict[str, CloudEntry] = {

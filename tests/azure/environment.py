@@ -177,7 +177,7 @@ def make_cloud(arm_url: str, blob_account: str, *, secret: bytes, **options: Any
         client_options={**client_kwargs(arm_url), **options.pop("client_options", {})},
         blob_credential=local_azurite.credential(local_azurite.STAGING_ACCOUNT),
         secret=secret,
-        egress_ip="127.0.0.1",
+        egress_ip=options.pop("egress_ip", "127.0.0.1"),
         log_account=options.pop("log_account", blob_account),
         conflict_backoff=0.05,
         in_use_wait=IN_USE_WAIT,

@@ -306,6 +306,7 @@ class GuestVms:
         while not await _ssh_ready(data["address"]):
             if time.monotonic() > deadline or (folder.pid_file.exists() and running(folder) is None):
                 tail = folder.console.read_text(errors="replace").splitlines()[-20:]
+                await self.stop(name)  # a guest that starts late must not answer for a VM made again
                 raise RuntimeError(f"VM {name} did not start sshd on {data['address']}:{SSH_PORT}:\n" + "\n".join(tail))
             await asyncio.sleep(0.01)
 

@@ -111,6 +111,47 @@ async def test_resolve_unknown_image_is_permanent(cloud: AzureCloud) -> None:
         )
 
 
+async def test_a_build_vm_open_to_the_internet_is_refused_before_anything_is_made(
+    arm: ArmEmulator, blob_account: str
+) -> None:
+    """Closed by default: a worker that does not know its egress address refuses a build whose VM would get a
+    public IP, naming both ways out; a template's own subnet needs no NSG and builds."""
+    cloud = make_cloud(arm.base_url, blob_account, secret=b"s" * 32, egress_ip=None)
+    try:
+        with pytest.raises(PermanentError) as refused:
+            await cloud.resolve_source(build_context(), template())
+        assert refused.value.type == "InboundOpenToInternet"
+        assert "KILN_EGRESS_IP" in refused.value.message and "vnetConfig.subnetId" in refused.value.message
+        assert kiln_resources(arm) == []
+        subnet = f"/subscriptions/{SUB}/resourceGroups/net/providers/Microsoft.Network/virtualNetworks/v/subnets/s"
+        private = template(vmProfile={"vnetConfig": {"subnetId": subnet}})
+        assert (await cloud.resolve_source(build_context(), private)).exact_version
+    finally:
+        await cloud.close()
+
+
+async def test_a_worker_told_to_allow_any_source_opens_the_nsg_to_any_address(
+    arm: ArmEmulator, blob_account: str
+) -> None:
+    cloud = make_cloud(arm.base_url, blob_account, secret=b"s" * 32, egress_ip=None, allow_any_source=True)
+    try:
+        build = build_context()
+        await cloud.resolve_source(build, template())
+        await cloud.create_staging(build)
+        await cloud.vms.create_network(
+            staging_group_name(build),
+            _parts(build),
+            location=LOCATION,
+            tags={"kilnBuildId": build.build_id},
+            subnet_id=None,
+        )
+        nsg = next(r for r in kiln_resources(arm, build.build_id) if r["type"].endswith("networkSecurityGroups"))
+        assert {rule["properties"]["sourceAddressPrefix"] for rule in nsg["properties"]["securityRules"]} == {"*"}
+        await cloud.delete_staging(build)
+    finally:
+        await cloud.close()
+
+
 async def test_a_windows_source_resolves_with_its_os_type(cloud: AzureCloud) -> None:
     """The OS type decides how the build VM is made and reached (a password and WinRM, not an SSH key)."""
     windows = {

@@ -167,12 +167,20 @@ def unserved(client: Client, directory: Path) -> Harness:
 
 
 @asynccontextmanager
-async def serving(client: Client, directory: Path) -> AsyncIterator[Harness]:
-    """A recording cloud in ``directory``, served by an in-process worker on a task queue of its own."""
+async def serving(client: Client, directory: Path, **worker_options: Any) -> AsyncIterator[Harness]:
+    """A recording cloud in ``directory``, served by an in-process worker on a task queue of its own;
+    ``worker_options`` go to ``run_worker`` (``tuning``)."""
     harness = unserved(client, directory)
     stop = asyncio.Event()
     worker = asyncio.create_task(
-        run_worker(client, harness.cloud, guests=harness.cloud.guests(), task_queue=harness.task_queue, stop=stop)
+        run_worker(
+            client,
+            harness.cloud,
+            guests=harness.cloud.guests(),
+            task_queue=harness.task_queue,
+            stop=stop,
+            **worker_options,
+        )
     )
     try:
         yield harness

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -71,7 +69,7 @@ from workflows.template import (
 
 log = logging.getLogger("kiln.azure")
 
-EGRESS_LOOKUP = "https://api.ipify.org"
+ANY_SOURCE = "*"
 
 
 def _default_endpoint(vm_id: str, address: str, port: int) -> tuple[str, int]:
@@ -111,6 +109,7 @@ class AzureCloud:
         blob_credential: Any | None = None,
         secret: bytes,
         egress_ip: str | None = None,
+        allow_any_source: bool = False,
         log_account: str | None = None,
         guest_endpoint: Callable[[str, str, int], tuple[str, int]] | None = None,
         conflict_backoff: float = 3.0,
@@ -131,8 +130,9 @@ class AzureCloud:
         self._blob_credential = blob_credential
         self._credential = credential
         self.secret = secret
-        self._egress_ip = egress_ip
-        self._egress_lock = asyncio.Lock()
+        # Where the NSG admits SSH and WinRM from: the worker's egress address, or any source when the
+        # worker's operator said so; with neither, builds that need the NSG are refused at resolve source.
+        self._nsg_source = egress_ip or (ANY_SOURCE if allow_any_source else None)
         self._log_account_url = _account_url(log_account) if log_account else None
         self.vms = AzureVms(
             self.arm,
@@ -153,9 +153,11 @@ class AzureCloud:
         )
 
     @classmethod
-    def from_environment(cls, *, client_options: dict[str, Any] | None = None) -> AzureCloud:
-        """The cloud the environment describes (see the package docstring); ``client_options`` go to every
-        management client, as in the constructor."""
+    def from_environment(
+        cls, *, allow_any_source: bool = False, client_options: dict[str, Any] | None = None
+    ) -> AzureCloud:
+        """The cloud the environment describes (see the package docstring); ``allow_any_source`` and
+        ``client_options`` are as in the constructor."""
         from azure.identity.aio import DefaultAzureCredential
 
         from activities.clouds.state import worker_secret
@@ -173,6 +175,7 @@ class AzureCloud:
             arm_endpoint=endpoint,
             secret=bytes.fromhex(secret_hex) if secret_hex else worker_secret(),
             egress_ip=os.environ.get("KILN_EGRESS_IP") or None,
+            allow_any_source=allow_any_source,
             log_account=os.environ.get("KILN_LOG_ACCOUNT") or None,
             client_options=client_options,
         )
@@ -184,28 +187,28 @@ class AzureCloud:
             await self._credential.close()
 
     async def _egress_source(self) -> str:
-        """The NSG's source prefix: the worker's egress address, looked up once when not configured."""
-        async with self._egress_lock:
-            if self._egress_ip is None:
+        """The NSG's source prefix (resolve source refused the build if there is none)."""
+        assert self._nsg_source is not None, "resolve source admits no build without an NSG source"
+        return self._nsg_source
 
-                def lookup() -> str:
-                    with urllib.request.urlopen(EGRESS_LOOKUP, timeout=5) as response:
-                        return response.read().decode().strip()
-
-                try:
-                    self._egress_ip = await asyncio.to_thread(lookup)
-                except OSError as err:
-                    log.warning(
-                        "could not learn this worker's egress address (%s); build VMs admit SSH and "
-                        "WinRM from any source: set KILN_EGRESS_IP",
-                        err,
-                    )
-                    self._egress_ip = "*"
-            return self._egress_ip
+    def _check_inbound(self, template: ImageTemplate) -> None:
+        """A build VM with a public IP is reachable only from the worker's address: refuse the build, before
+        anything is made, when that address is unknown and the worker was not told to admit any source."""
+        vnet = template.properties.vm_profile.vnet_config
+        if self._nsg_source is not None or (vnet is not None and vnet.subnet_id):
+            return
+        raise PermanentError(
+            "properties.vmProfile.vnetConfig: the build VM would get a public IP whose SSH and WinRM ports are open "
+            "to the internet, since this worker does not know its own egress address. Either set KILN_EGRESS_IP on "
+            "the worker (its NSG then admits only that address), or give vmProfile.vnetConfig.subnetId, a subnet the "
+            "worker reaches privately. (A worker started with --allow-any-source admits any source.)",
+            kind="InboundOpenToInternet",
+        )
 
     # ---- source
 
     async def resolve_source(self, build: BuildContext, template: ImageTemplate) -> ResolvedSource:
+        self._check_inbound(template)
         source = template.properties.source
         if isinstance(source, PlatformImageSource):
             resolved = await self._resolve_platform(build, source)

@@ -12,7 +12,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ from activities.clouds.local.qemu import BootFailed, QemuVms, console_tail, qemu
 from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.vm import LocalVms, NamespaceSession, vm_id
 from activities.clouds.state import state_dir, worker_secret
+from activities.telemetry import record_boot_check
 from workflows.models import (
     Artifact,
     BuildContext,
@@ -143,6 +144,7 @@ class LocalCloud:
                 kind=failed.type or "BootFailed",
             ) from None
         accelerator = (await asyncio.to_thread(self._store.get, qemu_id(spec.name))).data["accelerator"]
+        record_boot_check(timedelta(seconds=seconds), accelerator=accelerator)
         await log.append(
             self.qemu.console(spec.name) + b"\n" + build_log.note(f"booted to SSH in {seconds:.1f} s ({accelerator})")
         )
