@@ -4,7 +4,7 @@ A bench that needs only this repository's emulators and Azurite runs whole here 
 load), so one whose wiring broke fails here, not at the next `make bench`; the figures it prints are not judged.
 The benches that take minutes however small they are asked to be are exempt, and only their start-up (imports and
 --help) is checked here: the local-cloud ones boot real build VMs (systemd-nspawn, QEMU), the golden-image one
-skips through weeks of schedules, the recovery one waits out heartbeat timeouts after killing workers.
+skips through weeks of schedules, the recovery one waits out heartbeat timeouts after killing workers, the scale one starts four workers.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ TINY = {
     "bench_windows": (["--builds", "1"], ["[Succeeded]", "(a) median over the builds", "(c) listener back"]),
     "bench_local_storage": (["--used-mib", "4", "--regions", "1"], ["VHD upload:", "replication to 1 regions"]),
 }
-ONLY_STARTED = {"bench_local_vm", "bench_local_build", "bench_golden", "bench_recovery"}
+ONLY_STARTED = {"bench_local_vm", "bench_local_build", "bench_golden", "bench_recovery", "bench_scale"}
 
 
 def run(bench: Path, *arguments: str, timeout: float) -> subprocess.CompletedProcess[str]:
