@@ -14,7 +14,6 @@ from temporalio.client import Client
 from activities.clouds.local.images import ImageCache, LocalOffer, find_offer
 from cli.templates import create_template, schedule_of
 from tests.local.builds import SOURCE, Build, LocalBuilds, shell, template
-from tests.local.test_builds import local_builds  # noqa: F401  (the fixture)
 from tests.local.vms import host
 from workflows.build import ImageBuildWorkflow
 from workflows.golden_models import RunRecord
