@@ -147,19 +147,28 @@ async def list_builds(args: argparse.Namespace, io: Io) -> int:
             # A terminated build never got to update its state attribute.
             query += " AND ExecutionStatus = 'Running'"
     client = await connect(address=args.address, namespace=args.namespace)
-    table = Table("name", "state", "cloud", "template", "source", "started", "cleanup left")
+    rows = []
     async for execution in client.list_workflows(query, limit=args.limit):
         attributes = execution.typed_search_attributes
         state = run_state_of(execution)
-        table.add_row(
-            Text(execution.id, style="bold"),
-            Text(state, style=STATE_STYLES.get(state, "")),
-            Text(attributes.get(CLOUD) or ""),
-            Text(attributes.get(TEMPLATE_NAME) or ""),
-            Text(attributes.get(SOURCE_IMAGE) or ""),
-            execution.start_time.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
-            Text(attributes.get(CLEANUP_LEFT) or "", style="red"),
+        rows.append(
+            [
+                Text(execution.id, style="bold"),
+                Text(state, style=STATE_STYLES.get(state, "")),
+                Text(attributes.get(CLOUD) or ""),
+                Text(attributes.get(TEMPLATE_NAME) or ""),
+                Text(attributes.get(SOURCE_IMAGE) or ""),
+                execution.start_time.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+                Text(attributes.get(CLEANUP_LEFT) or "", style="red"),
+            ]
         )
+    # The cleanup column only when a build has left something: the usual list keeps its width for the source.
+    with_cleanup = any(row[-1].plain for row in rows)
+    table = Table(
+        "name", "state", "cloud", "template", "source", "started", *(["cleanup left"] if with_cleanup else [])
+    )
+    for row in rows:
+        table.add_row(*(row if with_cleanup else row[:-1]))
     if table.row_count:
         io.out.print(table)
     else:
