@@ -106,14 +106,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 from activities.clouds.local import azurite as local_azurite
 from tests.arm_emulator import Call
 from tests.azure.environment import AzureHarness, Guests, guests_supported, make_arm, make_cloud, prepare
-from tests.services import free_port, temporal_cli
+from tests.services import free_port, start_dev_server
 from worker import WorkerTuning, run_worker
-from workflows.models import SEARCH_ATTRIBUTES, BuildStatus, RunState
+from workflows.models import BuildStatus, RunState
 
 TEMPLATE = "q0_helloImageTemplateLinux.json"
 POLL_MS = 1
@@ -325,13 +324,7 @@ async def main(builds: int, count: int, sleep: int) -> None:
             poll_ms=POLL_MS,
         )
         try:
-            async with await WorkflowEnvironment.start_local(
-                dev_server_existing_path=temporal_cli(),
-                data_converter=pydantic_data_converter,
-                search_attributes=SEARCH_ATTRIBUTES,
-                ui=False,
-                dev_server_log_level="error",
-            ) as env:
+            async with await start_dev_server() as env:
                 arm.start()
                 guests.attach(arm)
                 (scratch / "artifacts").mkdir()

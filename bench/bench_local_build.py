@@ -29,8 +29,6 @@ from urllib.parse import urlparse
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import asyncssh
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 from activities.clouds.local import LocalCloud
 from activities.clouds.local.azurite import start_azurite
@@ -43,8 +41,8 @@ from activities.guest.linux import AIB_DEPROVISION
 from tests.fixtures import connect, deprovision_script
 from tests.local.builds import serving
 from tests.local.vms import STAGING, TEST_HOME, new_build, run_to_end
-from tests.services import free_loopback_address, free_port, temporal_cli
-from workflows.models import SEARCH_ATTRIBUTES, BuildStatus, CaptureSpec, ResolvedSource, RunState, VmSpec
+from tests.services import free_loopback_address, free_port, start_dev_server
+from workflows.models import BuildStatus, CaptureSpec, ResolvedSource, RunState, VmSpec
 from workflows.template import parse_template
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -183,13 +181,7 @@ async def main(runs: int, with_packer: bool) -> None:
         azurite = await start_azurite(location=Path(scratch) / "azurite", port=free_port())
         try:
             async with (
-                await WorkflowEnvironment.start_local(
-                    dev_server_existing_path=temporal_cli(),
-                    data_converter=pydantic_data_converter,
-                    search_attributes=SEARCH_ATTRIBUTES,
-                    ui=False,
-                    dev_server_log_level="error",
-                ) as env,
+                await start_dev_server() as env,
                 serving(
                     env.client,
                     azurite.endpoint,

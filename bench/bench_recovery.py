@@ -26,14 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console
 from rich.table import Table
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 from tests.fixtures.recording_cloud import RecordingCloud
-from tests.services import temporal_cli
+from tests.services import start_dev_server
 from tests.workflows.harness import attempt_running, linux_template, wait_for_step
 from workflows.build import ImageBuildWorkflow
-from workflows.models import SEARCH_ATTRIBUTES
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -77,13 +74,7 @@ async def one_run(client: Client, folder: Path, how: signal.Signals) -> float:
 
 async def main(runs: int) -> None:
     with tempfile.TemporaryDirectory(prefix="kiln-bench-recovery-") as scratch:
-        async with await WorkflowEnvironment.start_local(
-            dev_server_existing_path=temporal_cli(),
-            data_converter=pydantic_data_converter,
-            search_attributes=SEARCH_ATTRIBUTES,
-            ui=False,
-            dev_server_log_level="error",
-        ) as env:
+        async with await start_dev_server() as env:
             figures: dict[str, list[float]] = {}
             for how in (signal.SIGKILL, signal.SIGTERM):
                 for run in range(runs):

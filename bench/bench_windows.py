@@ -62,15 +62,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 from activities.clouds.local import azurite as local_azurite
 from tests.azure.environment import AzureHarness, Guests, make_arm, os_profiles, prepare
-from tests.conftest import temporal_cli
-from tests.services import free_port
+from tests.services import free_port, start_dev_server
 from tests.wsman import MachineSettings, Update, WindowsMachine
-from workflows.models import SEARCH_ATTRIBUTES, BuildStatus
+from workflows.models import BuildStatus
 
 TEMPLATE = "q0_helloImageTemplateWin.json"
 UPDATES = [
@@ -128,13 +125,7 @@ async def main(builds: int, pause: float) -> None:
         guests.windows = lambda spec: MachineSettings(updates=[dataclasses.replace(u) for u in UPDATES])
         arm = make_arm(account, operation_polls=0, poll_ms=1)
         try:
-            async with await WorkflowEnvironment.start_local(
-                dev_server_existing_path=temporal_cli(),
-                data_converter=pydantic_data_converter,
-                search_attributes=SEARCH_ATTRIBUTES,
-                ui=False,
-                dev_server_log_level="error",
-            ) as env:
+            async with await start_dev_server() as env:
                 arm.start()
                 guests.attach(arm)
                 (scratch / "artifacts").mkdir()

