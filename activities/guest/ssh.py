@@ -29,6 +29,13 @@ RUNS_DIR = f"{GUEST_DIR}/runs"
 # How long a refused connection is retried: the guest's sshd may still be starting.
 CONNECT_RETRY_SECONDS = 20.0
 POLL_CHUNK_BYTES = 1 << 20
+# Every command kiln runs over a session is short (start, poll, stop a script). One that has not answered in this
+# long is stuck, not slow: the guest froze or the connection died without a word. Failing it lets the step's
+# retry re-attach; waiting on it would keep a build Running while the heartbeat says all is well.
+COMMAND_TIMEOUT_SECONDS = 120.0
+# A connection whose peer went away silently is found within about a minute.
+KEEPALIVE_SECONDS = 15
+KEEPALIVE_COUNT_MAX = 4
 KILL_GRACE_SECONDS = 5
 
 # Claims the run (mkdir is atomic, so a second start is a no-op) only once the whole script has arrived, and
@@ -185,7 +192,15 @@ class SshSession(ShellSession):
         self._connection = connection
 
     async def command(self, command: str, *, stdin: bytes | None) -> Completed:
-        result = await self._connection.run(command, input=stdin, encoding=None, check=False)
+        try:
+            # Around the whole call: a frozen sshd never answers the channel open, which run's own timeout omits.
+            async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
+                result = await self._connection.run(command, input=stdin, encoding=None, check=False)
+        except TimeoutError:
+            raise RuntimeError(
+                f"the guest did not answer a command within {COMMAND_TIMEOUT_SECONDS:g} s (frozen, or its connection "
+                "died); the step's retry connects again and re-attaches to its script"
+            ) from None
         status = -1 if result.exit_status is None else result.exit_status  # None: ended by a signal
         return Completed(status, bytes(result.stdout or b""), bytes(result.stderr or b""))
 
@@ -227,6 +242,8 @@ async def open_session(
                 agent_path=None,
                 config=None,
                 connect_timeout=30,
+                keepalive_interval=KEEPALIVE_SECONDS,
+                keepalive_count_max=KEEPALIVE_COUNT_MAX,
             )
             break
         except asyncssh.HostKeyNotVerifiable as err:

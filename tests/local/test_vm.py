@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from activities.clouds.local.host import ssh_answers
 from activities.clouds.local.records import ResourceStore
 from activities.guest.keys import derive_key, public_line
 from activities.guest.linux import AIB_DEPROVISION, KILN_DEPROVISION
+from activities.guest import ssh
 from activities.guest.ssh import open_session
 from tests.fixtures import connect, deprovision_script
 from tests.local.vms import STAGING, MakeVm, guest_run, new_build, run_to_end
@@ -99,6 +101,33 @@ async def test_kill_script_stops_its_process_group(cloud: LocalCloud, make_vm: M
     assert progress.exit_code is not None and progress.exit_code != 0
     assert b"never" not in progress.output
     assert "sleep 30" not in await guest_run(cloud, vm.name, "ps -eo args")
+
+
+async def test_a_frozen_guest_fails_the_command_instead_of_hanging(
+    cloud: LocalCloud, make_vm: MakeVm, monkeypatch: pytest.MonkeyPatch
+):
+    """A guest that stops answering (its sshd frozen here) fails the poll in bounded time; once it answers again,
+    a new connection re-attaches to the script, which ran on meanwhile."""
+    build, vm = await make_vm()
+    monkeypatch.setattr(ssh, "COMMAND_TIMEOUT_SECONDS", 2.0)
+    async with connect(cloud, build, vm) as guest:
+        await guest.start_script("frozen", "sleep 3; echo survived")
+        sshd = [  # the listener and this connection's session processes
+            pid
+            for pid in pid_namespace_members(cloud.vms.leader(vm.name))
+            if Path(f"/proc/{pid}/comm").read_text().startswith("sshd")
+        ]
+        for pid in sshd:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RuntimeError, match=r"did not answer a command within 2 s"):
+                await guest.poll_script("frozen", 0)
+        finally:
+            for pid in sshd:
+                os.kill(pid, signal.SIGCONT)
+    async with connect(cloud, build, vm) as guest:
+        output, exit_code = await run_to_end(guest, "frozen", "never started: the run id exists")
+    assert (output, exit_code) == (b"survived\n", 0)
 
 
 async def test_upload_and_path_exists(cloud: LocalCloud, make_vm: MakeVm):
