@@ -52,9 +52,10 @@ async def assert_clean(builds: LocalBuilds, build: Build, *, kept: set[str]) -> 
 
 
 async def check_exports(build: Build, images: dict[str, Path], folder: Path) -> None:
-    """``kiln export`` writes each output in each format with the same disk inside, and a bad ask fails clearly."""
+    """``kiln export`` writes a real build's outputs with the same disk inside, and a bad ask fails clearly (every
+    format is checked on a small disk in test_storage.py)."""
     name = build.handle.id
-    for output, disk_format in (("vhd", "qcow2"), ("vhd", "raw"), ("gallery", "vmdk"), ("gallery", "vhdx")):
+    for output, disk_format in (("vhd", "qcow2"), ("gallery", "vmdk")):
         path = folder / f"{output}.{disk_format}"
         assert await asyncio.to_thread(main, ["export", name, str(path), "--run-output", output]) == 0
         info = json.loads(await host("qemu-img", "info", "--output=json", str(path)))
@@ -65,7 +66,7 @@ async def check_exports(build: Build, images: dict[str, Path], folder: Path) -> 
     assert not list(folder.glob("*.qcow2")) and not list(folder.glob(".*partial"))
 
 
-@pytest.mark.timeout(600)  # a build with a boot check, then four conversions of its ~2 GiB disks
+@pytest.mark.timeout(600)  # a build with a boot check, then two conversions of its ~2 GiB disks
 async def test_a_template_end_to_end(
     local_builds: LocalBuilds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

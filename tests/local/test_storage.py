@@ -24,12 +24,14 @@ from activities.clouds.local import vhd_pages as vhd_pages_mod
 from activities.clouds.local.accounts import KIND_BLOB
 from activities.clouds.local.admin import KIND_IMAGE_VERSION, LocalAdmin, read_log
 from activities.clouds.local.azurite import Azurite, account_for_region, start_azurite
+from activities.clouds.local.export import FORMATS, export_output
 from activities.clouds.local.gallery_target import GalleryTarget
 from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.staging import KIND_CONTAINER, KIND_GROUP
 from activities.clouds.local.storage import LocalStorage
 from activities.clouds.local.vhd_pages import MERGE_GAP, nonzero_runs
 from tests.local.vhd_files import sent_pages, used_pages, write_vhd
+from tests.local.vms import host
 from tests.services import free_port
 from workflows.models import (
     Artifact,
@@ -339,6 +341,37 @@ async def test_vhd_to_a_given_uri(local_storage: LocalStorage, small_disk: Path)
                 VhdDistributor(type="VHD", run_output_name="v", uri="https://x.example/a/b.vhd"),
             ),
         )
+
+
+async def test_export_writes_each_format_with_the_same_disk_inside(
+    local_storage: LocalStorage, disk: Path, tmp_path: Path
+) -> None:
+    """A VHD output comes from its page blob, an image output from the image cache; each format holds the disk."""
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    build = new_build()
+    staging = await local_storage.create_staging(build)
+    target = ManagedImageDistributor(
+        type="ManagedImage", run_output_name="mi", image_id=f"{SUB}/providers/Microsoft.Compute/images/exported",
+        location="eastus",
+    )  # fmt: skip
+    outputs = [
+        await distribute(local_storage, request_for(build, staging, disk, VhdDistributor(type="VHD", run_output_name="v"))),
+        await distribute(local_storage, request_for(build, staging, disk, target, index=1)),
+    ]
+    for output in outputs:
+        for disk_format in FORMATS:
+            path = exports / f"{output.run_output_name}.{disk_format}"
+            seen: list[float] = []
+            await export_output(local_storage, output, path, disk_format, on_progress=seen.append)
+            assert seen and seen[-1] == 100.0
+            await host("qemu-img", "compare", "-q", "-f", "vpc", "-F", disk_format, str(disk), str(path))
+            path.unlink()
+    assert list(exports.iterdir()) == []  # no partial file and no fetched VHD left beside the exports
+    gone = outputs[0].model_copy(update={"artifact_uri": outputs[0].artifact_uri + ".gone"})
+    with pytest.raises(PermanentError, match=r"the VHD .*\.gone is gone"):
+        await export_output(local_storage, gone, exports / "x.raw", "raw")
+    assert list(exports.iterdir()) == []
 
 
 # ---- managed image
