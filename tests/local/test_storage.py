@@ -356,7 +356,9 @@ async def test_export_writes_each_format_with_the_same_disk_inside(
         location="eastus",
     )  # fmt: skip
     outputs = [
-        await distribute(local_storage, request_for(build, staging, disk, VhdDistributor(type="VHD", run_output_name="v"))),
+        await distribute(
+            local_storage, request_for(build, staging, disk, VhdDistributor(type="VHD", run_output_name="v"))
+        ),
         await distribute(local_storage, request_for(build, staging, disk, target, index=1)),
     ]
     for output in outputs:

@@ -17,9 +17,9 @@ from activities.clouds.base import PermanentError
 from activities.clouds.local import LocalCloud, cgroups
 from activities.clouds.local.host import ssh_answers
 from activities.clouds.local.records import ResourceStore
+from activities.guest import ssh
 from activities.guest.keys import derive_key, public_line
 from activities.guest.linux import AIB_DEPROVISION, KILN_DEPROVISION
-from activities.guest import ssh
 from activities.guest.ssh import open_session
 from tests.fixtures import connect, deprovision_script
 from tests.local.vms import STAGING, MakeVm, guest_run, new_build, run_to_end
