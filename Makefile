@@ -12,13 +12,14 @@ setup:
 demo: setup
 	@$(PY) examples/demo.py
 
-# The whole suite: unit, workflows (real Temporal dev server), local (real builds), azure (ARM emulator).
+# The whole suite: unit, workflows (real Temporal dev server), local (real builds), azure (ARM emulator). The
+# local builds run in one test process, the rest in the others (tests/conftest.py).
 test: setup
-	@$(PY) -m pytest -q -ra --durations=15
+	@$(PY) -m pytest -q -ra --durations=15 -n auto --dist loadgroup
 
 # Without the real local builds: seconds, not minutes.
 test-fast: setup
-	@$(PY) -m pytest -q -ra -m "not local"
+	@$(PY) -m pytest -q -ra -m "not local" -n auto
 
 worker: setup
 	@$(PY) worker.py --dev
