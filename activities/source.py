@@ -1,12 +1,12 @@
 """Resolve the source image: ``latest`` is pinned to an exact version, the cloud refuses what it cannot build, and
 the source refuses what AIB would refuse on it (steps its OS cannot run, a disk smaller than its own), all before
-anything is made."""
+anything is made; so is a data disk AIB cannot make on any source."""
 
 from __future__ import annotations
 
 from temporalio import activity
 
-from activities.clouds.aib.vm_sizes import os_disk_too_small
+from activities.clouds.aib.vm_sizes import data_disk_without_size, os_disk_too_small
 from activities.clouds.base import PermanentError
 from activities.clouds.registry import cloud_of
 from activities.common import CloudActivities, heartbeating
@@ -18,6 +18,9 @@ from workflows.template import TemplateError, check_template
 class SourceActivities(CloudActivities):
     @activity.defn
     async def resolve_source(self, request: ResolveSourceRequest) -> ResolvedSource:
+        disks = request.template.properties.additional_data_disks
+        if problem := data_disk_without_size([disk.size_gb for disk in disks]):
+            raise PermanentError(problem, kind="BadDataDisk")
         # A first local build makes the base image here, which takes a while: keep the heartbeat going.
         async with heartbeating():
             resolved = refuse_revoked(await self.cloud.resolve_source(request.build, request.template))

@@ -182,7 +182,8 @@ class CapturedImage(CamelModel):
     used_bytes: int = 0
     hyper_v_generation: Literal["V1", "V2"] = "V2"
     data_disk_snapshots: list[str] = []
-    """The build VM's data disks as captured (snapshots, by LUN), which a managed image target is made from."""
+    """The build VM's data disks as captured, by LUN (Azure: snapshot ids; local: file URIs of fixed VHDs), which
+    managed image targets and gallery versions are made with."""
     resources: list[Resource] = []
 
 

@@ -32,6 +32,7 @@ from activities.clouds.base import PermanentError
 from activities.clouds.local import LocalCloud, azurite, cgroups
 from activities.clouds.local.accounts import KIND_BLOB
 from activities.clouds.local.admin import LocalAdmin, read_log
+from activities.clouds.local.data_disks import loop_devices
 from activities.clouds.local.disks import root_partition
 from activities.clouds.local.host import ssh_answers
 from activities.clouds.local.qemu import QEMU_KIND
@@ -217,7 +218,8 @@ class LocalBuilds:
         return (await read_log(status.log_uri.rsplit("/", 1)[0] + f"/{name}")).decode(errors="replace")
 
     async def leftovers(self, build: Build) -> list[str]:
-        """Everything temporary of the build still on this machine or in its records; empty when it is all gone."""
+        """Everything temporary of the build still on this machine (its VMs' processes, mounts, folders, addresses,
+        cgroups and loop devices, its captured images) or in its records; empty when it is all gone."""
         left = []
         processes = host_processes()
         mounts = Path("/proc/self/mounts").read_text()
@@ -240,6 +242,7 @@ class LocalBuilds:
                 f"{vm.name}: its cgroup {group}" for group in cgroups.cgroup_dirs(vm.name).values() if group.exists()
             ]
         left += [f"process {pid} {command!r}" for pid, _, command in processes if build.build_id in command]
+        left += [f"loop device {device} of {file}" for device, file in loop_devices().items() if build.build_id in file]
         captured = self.state / "images" / "captured"
         left += [f"captured image {p}" for p in captured.glob(f"{build.build_id}-*")]
         records = await asyncio.to_thread(self.store.list, build_id=build.build_id)

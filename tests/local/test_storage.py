@@ -97,12 +97,24 @@ async def staging_of(storage: LocalStorage, build: BuildContext) -> Staging:
 
 
 def request_for(
-    build: BuildContext, staging: Staging, vhd: Path, target: Any, *, index: int = 0, source_version: str = "1.2.3"
+    build: BuildContext,
+    staging: Staging,
+    vhd: Path,
+    target: Any,
+    *,
+    index: int = 0,
+    source_version: str = "1.2.3",
+    data_disks: tuple[Path, ...] = (),
 ) -> DistributeRequest:
     return DistributeRequest(
         build=build,
         staging=staging,
-        image=CapturedImage(id=f"captured-{build.build_id}", uri=vhd.as_uri(), size_bytes=vhd.stat().st_size),
+        image=CapturedImage(
+            id=f"captured-{build.build_id}",
+            uri=vhd.as_uri(),
+            size_bytes=vhd.stat().st_size,
+            data_disk_snapshots=[d.as_uri() for d in data_disks],
+        ),
         source=ResolvedSource(image_id="debian:debian-12:12:latest", exact_version=source_version),
         target=target,
         index=index,
@@ -635,6 +647,76 @@ async def test_a_revoked_version_leaves_latest_and_a_deleted_one_leaves_its_repl
     await local_storage.gallery.delete_version(newest)  # already gone: fine
     assert local_storage.store.get(newest.lower()) is None
     assert not any([await local_storage.accounts.blob_at(url).exists() for url in blobs])
+
+
+async def test_an_image_s_data_disks_go_with_it_to_images_and_versions_and_go_with_them(
+    local_storage: LocalStorage, small_disk: Path, disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A managed image and a gallery version hold the data disks at their LUNs (each replica of a version too), and
+    give them back as a source; a VHD target is the OS disk alone. A version's upload resumes disk by disk, and its
+    data disks' blobs go when it is deleted, as a managed image's go when it is made again."""
+    await make_definition(local_storage)
+    data_disks = tuple(
+        write_vhd(tmp_path / f"lun{lun}.vhd", (lun + 1) * MiB, {lun * 4096: os.urandom(4096)}) for lun in range(2)
+    )
+    build = new_build()
+    staging = await local_storage.create_staging(build)
+    image_id = f"{SUB}/providers/Microsoft.Compute/images/with-disks"
+    targets = [
+        VhdDistributor(type="VHD", run_output_name="vhd"),
+        ManagedImageDistributor(type="ManagedImage", run_output_name="mi", image_id=image_id, location="uksouth"),
+        shared(target_regions=[TargetRegion(name="eastus", replica_count=2), TargetRegion(name="westus3")]),
+    ]
+
+    def request(index: int) -> DistributeRequest:
+        return request_for(build, staging, small_disk, targets[index], index=index, data_disks=data_disks)
+
+    assert (await distribute(local_storage, request(0))).artifact_uri.endswith("/vhd.vhd")
+    await distribute(local_storage, request(1))
+    managed = local_storage.store.get(image_id.lower())
+    assert [(d["lun"], d["sizeBytes"]) for d in managed.data["dataDiskImages"]] == [(0, MiB), (1, 2 * MiB)]
+
+    points: list[dict] = []
+
+    def lost_in_lun_1(point: dict) -> None:
+        points.append(dict(point))
+        if point["disk"] == 2:
+            raise WorkerLost
+
+    with pytest.raises(WorkerLost):
+        await local_storage.distribute(request(2), resume=None, progress=lost_in_lun_1)
+    sent: list[Path] = []
+    send = vhd_pages_mod.send_used_pages
+
+    async def counting_send(path: Path, *args: Any, **kwargs: Any) -> int:
+        sent.append(path)
+        return await send(path, *args, **kwargs)
+
+    monkeypatch.setattr(vhd_pages_mod, "send_used_pages", counting_send)
+    output = await local_storage.distribute(request(2), resume=points[-1], progress=lambda point: None)
+    assert sent == [data_disks[1]]  # the OS disk and LUN 0 were whole already
+    version = local_storage.store.get(output.artifact_id.lower())
+    assert [(d["lun"], d["sizeBytes"]) for d in version.data["dataDiskImages"]] == [(0, MiB), (1, 2 * MiB)]
+    regions = version.data["regions"].values()
+    assert [[len(replicas) for replicas in r["dataDiskBlobs"]] for r in regions] == [[2, 2], [1, 1]]
+    for region in regions:
+        for lun, replicas in enumerate(region["dataDiskBlobs"]):
+            for url in replicas:
+                assert await blob_bytes(local_storage, url) == data_disks[lun].read_bytes()
+
+    for located in (await local_storage.locate_image(image_id), await local_storage.locate_image(output.artifact_id)):
+        assert [d.read_bytes() for d in located.data_disks] == [d.read_bytes() for d in data_disks]
+    # Only the VHD's own blob is the VHD target's.
+    vhd_blobs = [r.id for r in local_storage.store.list(build_id=build.build_id, kind=KIND_BLOB) if "/vhds/" in r.id]
+    assert len(vhd_blobs) == 1
+
+    image_blobs = [d["blobUrl"] for d in managed.data["dataDiskImages"]]
+    await distribute(local_storage, request_for(new_build(), staging, disk, targets[1], index=1))
+    assert local_storage.store.get(image_id.lower()).data["dataDiskImages"] == []
+    version_blobs = [url for r in regions for replicas in r["dataDiskBlobs"] for url in replicas]
+    await local_storage.gallery.delete_version(output.artifact_id)
+    for url in image_blobs + version_blobs:
+        assert not await local_storage.accounts.blob_at(url).exists() and local_storage.store.get(url) is None
 
 
 async def test_delete_output_removes_an_unfinished_distribution(

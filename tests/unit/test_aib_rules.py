@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from temporalio.testing import ActivityEnvironment
 
 from activities.clouds.aib.ids import (
     parse_gallery_id,
@@ -15,8 +18,11 @@ from activities.clouds.aib.names import build_guid, staged_blob_name, staging_gr
 from activities.clouds.aib.tags import TAG_BUILD_ID, TAG_ROLE, build_tags, kiln_tags
 from activities.clouds.aib.targets import ImageDefinition, check_targets, target_regions
 from activities.clouds.aib.versions import choose_version, version_key
+from activities.clouds.aib.vm_sizes import data_disk_without_size
 from activities.clouds.base import PermanentError
-from workflows.models import Artifact, BuildContext, ResolvedSource
+from activities.source import SourceActivities
+from tests.fixtures.recording_cloud import RecordingCloud
+from workflows.models import Artifact, BuildContext, ResolvedSource, ResolveSourceRequest
 from workflows.template import SharedImageDistributor, TargetRegion, Versioning, parse_template
 
 SUB = "11111111-2222-3333-4444-555555555555"
@@ -71,6 +77,28 @@ def test_ids_are_read_without_case_and_regions_without_spaces() -> None:
     parsed = parse_platform_image_id(platform.lower())
     assert parsed is not None and (parsed.offer, parsed.version) == ("debian-12", "0.20260101.1")
     assert region_key("West US 2") == region_key("westus2") == "westus2"
+
+
+def test_an_empty_data_disk_needs_a_size() -> None:
+    assert data_disk_without_size([]) is None and data_disk_without_size([1, 32]) is None
+    needs = "an empty data disk needs a size of 1 GB or more"
+    assert data_disk_without_size([8, 0]) == f"properties.additionalDataDisks[1].sizeGB: {needs}"
+    assert data_disk_without_size([None, 8]) == f"properties.additionalDataDisks[0].sizeGB: {needs}"
+
+
+async def test_a_data_disk_without_a_size_is_refused_before_the_cloud_is_asked(tmp_path: Path) -> None:
+    """The rule is the resolve step's, for every cloud, before the cloud resolves (and so makes) anything."""
+    cloud = RecordingCloud(tmp_path / "cloud.db")
+    cloud.inject("resolve_source", "fatal")  # a cloud asked first would fail with its own error
+    source = {"type": "PlatformImage", "publisher": "Debian", "offer": "debian-12", "sku": "12-gen2", "version": "1"}
+    properties = {"source": source, "distribute": [{"type": "VHD", "runOutputName": "vhd"}]}
+    template = parse_template({"location": "eastus", "properties": {**properties, "additionalDataDisks": [{}]}})
+    resolve = SourceActivities(cloud, cloud.guests()).resolve_source
+    with pytest.raises(PermanentError) as refused:
+        await ActivityEnvironment().run(resolve, ResolveSourceRequest(build=build(), template=template))
+    assert refused.value.type == "BadDataDisk"
+    assert refused.value.message.startswith("properties.additionalDataDisks[0].sizeGB: an empty data disk needs")
+    assert cloud.faults_taken("resolve_source") == 0
 
 
 def shared(definition: str = DEFINITION, **kwargs: object) -> SharedImageDistributor:

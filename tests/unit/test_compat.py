@@ -124,7 +124,7 @@ def test_a_template_without_api_version_is_read_as_the_newest() -> None:
     template = fixture("good_every_field.json")
     del template["apiVersion"]
     checked = check_template(template)
-    assert [w.path for w in checked.warnings] == ["properties.additionalDataDisks"]  # accepted; not built yet
+    assert checked.warnings == []
     assert checked.template.properties.additional_data_disks[0].size_gb == 32
 
 
@@ -337,7 +337,6 @@ def test_before_2022_07_01_a_gallery_target_needs_replication_regions() -> None:
 def test_a_template_without_identity_is_accepted_with_a_warning_on_azure_only() -> None:
     template = every_field()
     del template["identity"]
-    del template["properties"]["additionalDataDisks"]  # not built yet: a warning of its own
     assert warnings_of(template, cloud="local") == {}
     assert warnings_of(template, cloud="azure") == {
         "identity": "Missing field 'identity': AIB requires one from API version 2020-02-14 on and refuses the "

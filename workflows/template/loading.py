@@ -30,7 +30,6 @@ from workflows.template.base import UNKNOWN_FIELD
 from workflows.template.errors import TemplateError, TemplateIssue, format_path, json_loc, template_issues
 from workflows.template.image_template import ImageTemplate
 from workflows.template.json_text import parse_json
-from workflows.template.not_built import not_built
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,7 @@ def check_template(
         name = raw.get("name") if isinstance(raw, dict) and isinstance(raw.get("name"), str) else None
     version = api_version_of(body)
     template, lenient_warnings = _judged(body, version, path)
-    warnings += lenient_warnings + not_built(template, path, cloud=cloud)
+    warnings += lenient_warnings
     if cloud == "azure" and template.identity is None and not is_before(version, IDENTITY_REQUIRED_FROM):
         warnings.append(
             TemplateIssue(

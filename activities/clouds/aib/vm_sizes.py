@@ -1,5 +1,6 @@
 """The build VM's size (the template's ``vmProfile.vmSize``, or AIB's default for the source's Hyper-V
-generation) and its OS disk's (``vmProfile.osDiskSizeGB``, which can only grow the source's disk)."""
+generation), its OS disk's (``vmProfile.osDiskSizeGB``, which can only grow the source's disk) and its data disks'
+(``additionalDataDisks``, each an empty disk of its ``sizeGB``)."""
 
 from __future__ import annotations
 
@@ -19,4 +20,13 @@ def os_disk_too_small(os_disk_size_gb: int, source_bytes: int) -> str | None:
             f"properties.vmProfile.osDiskSizeGB: {os_disk_size_gb} GB is smaller than the source image's "
             f"{source_bytes >> 30} GB disk; it can only grow"
         )
+    return None
+
+
+def data_disk_without_size(sizes_gb: list[int | None]) -> str | None:
+    """Why ``additionalDataDisks`` of these sizes (by LUN) cannot be made, or None when they can: an empty data disk
+    needs a size, which the schema lets be 0 or absent."""
+    for lun, size in enumerate(sizes_gb):
+        if not size:
+            return f"properties.additionalDataDisks[{lun}].sizeGB: an empty data disk needs a size of 1 GB or more"
     return None

@@ -223,23 +223,19 @@ class AzureCloud:
 
     @staticmethod
     def _check_data_disks(template: ImageTemplate) -> None:
-        """additionalDataDisks are empty disks of their size, and are captured into a managed image target only in
-        the build's region (the copy to another region is of the OS disk's snapshot alone)."""
-        disks = template.properties.additional_data_disks
-        for lun, disk in enumerate(disks):
-            if not disk.size_gb:
+        """A managed image target with additionalDataDisks must be in the build's region: the copy to another
+        region is of the OS disk's snapshot alone."""
+        if not template.properties.additional_data_disks:
+            return
+        for index, target in enumerate(template.properties.distribute):
+            if isinstance(target, ManagedImageDistributor) and region_key(target.location) != region_key(
+                template.location
+            ):
                 raise PermanentError(
-                    f"properties.additionalDataDisks[{lun}].sizeGB: an empty data disk needs a size of 1 GB or more",
+                    f"properties.distribute[{index}].location: kiln does not yet copy data disks to another "
+                    f"region; a ManagedImage target with additionalDataDisks must be in {template.location}",
                     kind="BadDataDisk",
                 )
-        for index, target in enumerate(template.properties.distribute):
-            if disks and isinstance(target, ManagedImageDistributor):
-                if region_key(target.location) != region_key(template.location):
-                    raise PermanentError(
-                        f"properties.distribute[{index}].location: kiln does not yet copy data disks to another "
-                        f"region; a ManagedImage target with additionalDataDisks must be in {template.location}",
-                        kind="BadDataDisk",
-                    )
 
     async def _resolve_platform(self, build: BuildContext, source: PlatformImageSource) -> ResolvedSource:
         images = self.arm.compute.virtual_machine_images

@@ -116,7 +116,7 @@ async def write_disk(root: Path, target: Path, *, generation: str, size: int) ->
                 await _write_esp(raw, root, config, esp_id, Path(work))
             else:
                 await _write_bios_loader(raw, config, root_part, Path(work))
-            await _append_vhd_footer(raw, size, Path(work))
+            await append_vhd_footer(raw, size, Path(work))
         raw.rename(target)
     finally:
         raw.unlink(missing_ok=True)
@@ -251,7 +251,7 @@ def embed_bios_boot(raw: Path, boot_img: bytes, core_img: bytes, root: Partition
         disk.write(core)
 
 
-async def _append_vhd_footer(raw: Path, size: int, work: Path) -> None:
+async def append_vhd_footer(raw: Path, size: int, work: Path) -> None:
     """Turn the raw disk into a fixed VHD in place: the footer qemu-img writes for a disk of this size, appended."""
     model = work / "footer.vhd"
     await run("qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=fixed,force_size=on", str(model), str(size))

@@ -1,8 +1,9 @@
-"""A ManagedImage distribution target on the local cloud: the image's VHD as a page blob in its region's account,
-and a record at the image's id that makes it a managed image (a later build's ManagedImage source).
+"""A ManagedImage distribution target on the local cloud: the image's VHD as a page blob in its region's account
+(and each of its data disks' beside it), and a record at the image's id that makes it a managed image (a later
+build's ManagedImage source), its data disks at their LUNs as Azure's image has them.
 
-The blob's name carries the build, so a build that makes the image again at the same id writes a blob of its own,
-and the one it replaced goes only once the new image stands.
+The blobs' names carry the build, so a build that makes the image again at the same id writes blobs of its own,
+and the ones it replaced go only once the new image stands.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from activities.clouds.aib.targets import managed_image_target
 from activities.clouds.base import PermanentError, Progress
 from activities.clouds.local import azurite, vhd_pages
 from activities.clouds.local.accounts import LocalAccounts
+from activities.clouds.local.capture import vhd_file
 from activities.clouds.local.outputs import (
     CREATING,
     SUCCEEDED,
     LocalImage,
-    captured_vhd,
+    captured_disks,
     image_vhd,
     output_data,
     output_tags,
@@ -31,6 +33,11 @@ from workflows.template import ManagedImageDistributor
 
 KIND_MANAGED_IMAGE = "managedImage"
 IMAGES_CONTAINER = "images"
+
+
+def image_blobs(data: dict[str, Any]) -> list[str]:
+    """The blobs of a managed image's record: its OS disk's, then each data disk's."""
+    return [data["blobUrl"], *(disk["blobUrl"] for disk in data.get("dataDiskImages", []))]
 
 
 def _short_id(build_id: str) -> str:
@@ -50,7 +57,7 @@ class ManagedImageTarget:
     async def distribute(
         self, request: DistributeRequest, target: ManagedImageDistributor, resume: dict[str, Any], progress: Progress
     ) -> RunOutput:
-        """Upload the image's blob, then record the image: it exists once it is whole."""
+        """Upload the image's blobs, then record the image: it exists once it is whole."""
         accounts, store, build = self._accounts, self._accounts.store, request.build
         field = f"properties.distribute[{request.index}]"
         ref = managed_image_target(target, index=request.index)
@@ -64,23 +71,30 @@ class ManagedImageTarget:
                 kind="BadDistributeType",
             )
         await accounts.ensure_container(account, IMAGES_CONTAINER)
-        name = f"{ref.subscription}/{ref.group}/{ref.name}-{_short_id(build.build_id)}.vhd".lower()
-        blob = accounts.blob(account, IMAGES_CONTAINER, name)
-        await accounts.record_blob(
-            blob.url,
-            build.build_id,
-            tags=output_tags(request),
-            data=output_data(request, state=CREATING, parent=record_key(target.image_id)),
-        )
-        await vhd_pages.upload(
-            captured_vhd(request),
-            [blob],
+        name = f"{ref.subscription}/{ref.group}/{ref.name}-{_short_id(build.build_id)}".lower()
+        disks = captured_disks(request)
+        names = [f"{name}.vhd", *(f"{name}-lun{lun}.vhd" for lun in range(len(disks) - 1))]
+        blobs = [accounts.blob(account, IMAGES_CONTAINER, blob_name) for blob_name in names]
+        for blob in blobs:
+            await accounts.record_blob(
+                blob.url,
+                build.build_id,
+                tags=output_tags(request),
+                data=output_data(request, state=CREATING, parent=record_key(target.image_id)),
+            )
+        await vhd_pages.upload_disks(
+            [(disk, [blob]) for disk, blob in zip(disks, blobs, strict=True)],
             build_id=build.build_id,
-            resume_offset=int(resume.get("offset", 0)),
-            progress=lambda offset: progress({"offset": offset}),
+            resume=resume,
+            progress=lambda disk, offset: progress({"disk": disk, "offset": offset}),
         )
-        await accounts.db(store.update, blob.url, {"state": SUCCEEDED})
-        await accounts.db(
+        for blob in blobs:
+            await accounts.db(store.update, blob.url, {"state": SUCCEEDED})
+        data_disks = [
+            {"lun": lun, "blobUrl": blob.url, "sizeBytes": vhd_file(disk).size_bytes}
+            for lun, (disk, blob) in enumerate(zip(disks[1:], blobs[1:], strict=True))
+        ]
+        record = await accounts.db(
             store.record,
             record_key(target.image_id),
             kind=KIND_MANAGED_IMAGE,
@@ -91,20 +105,23 @@ class ManagedImageTarget:
                 id=target.image_id,
                 state=SUCCEEDED,
                 location=region,
-                blobUrl=blob.url,
+                blobUrl=blobs[0].url,
+                dataDiskImages=data_disks,
                 osType=request.source.os_type,
                 hyperVGeneration=request.image.hyper_v_generation,
                 sizeBytes=request.image.size_bytes,
             ),
         )
         # The image was made again at the same id: what it replaced goes.
-        if previous is not None and previous.data.get("blobUrl") not in (None, blob.url):
-            await accounts.delete_blob(previous.data["blobUrl"])
-            await accounts.db(store.forget, previous.data["blobUrl"])
+        if previous is not None and "blobUrl" in previous.data:
+            for url in set(image_blobs(previous.data)) - set(image_blobs(record.data)):
+                await accounts.delete_blob(url)
+                await accounts.db(store.forget, url)
         return RunOutput(run_output_name=target.run_output_name, type="ManagedImage", artifact_id=target.image_id)
 
     async def locate(self, image_id: str) -> LocalImage:
-        """The VHD of a finished local managed image, downloaded once into the image cache.
+        """The VHDs of a finished local managed image (its OS disk's and its data disks'), downloaded once into the
+        image cache.
 
         Raises:
             PermanentError: ``BadManagedImageSource`` when there is no such image.
@@ -118,6 +135,6 @@ class ManagedImageTarget:
                 f"{', '.join(known) or 'none'}",
                 kind="BadManagedImageSource",
             )
-        path = await image_vhd(accounts, record.data["blobUrl"])
+        path, *data_disks = [await image_vhd(accounts, url) for url in image_blobs(record.data)]
         # A managed image has no version; the build that made it pins what it holds.
-        return LocalImage(path, record.build_id or "", record.data["hyperVGeneration"])
+        return LocalImage(path, record.build_id or "", record.data["hyperVGeneration"], data_disks=tuple(data_disks))

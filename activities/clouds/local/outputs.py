@@ -31,12 +31,14 @@ COMPLETED = "Completed"  # a region's replication status, as Azure reports it
 
 @dataclass(frozen=True)
 class LocalImage:
-    """A local image ready to boot from: its VHD in the image cache, and the version that pins it."""
+    """A local image ready to boot from: its VHD in the image cache (and its data disks', by LUN), and the version
+    that pins it."""
 
     vhd_path: Path
     exact_version: str
     hyper_v_generation: str
     revoked: str = ""
+    data_disks: tuple[Path, ...] = ()
 
 
 def output_data(request: DistributeRequest, **data: Any) -> dict[str, Any]:
@@ -50,7 +52,16 @@ def output_tags(request: DistributeRequest) -> dict[str, str]:
 
 def captured_vhd(request: DistributeRequest) -> Path:
     """The captured image's VHD file, which every target reads."""
-    uri = request.image.uri
+    return _captured_file(request.image.uri)
+
+
+def captured_disks(request: DistributeRequest) -> list[Path]:
+    """The captured image's VHD files: its OS disk's, then each data disk's, by LUN (what an image holds, as
+    against a VHD target, which is the OS disk alone)."""
+    return [captured_vhd(request), *(_captured_file(uri) for uri in request.image.data_disk_snapshots)]
+
+
+def _captured_file(uri: str) -> Path:
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme != "file":
         raise PermanentError(f"the captured image '{uri}' is not a file:// URI", kind="BadCapturedImage")

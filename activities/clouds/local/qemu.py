@@ -1,6 +1,7 @@
 """Validation VMs: the captured disk itself, booted for real in QEMU, before anything of it is distributed.
 
-The disk is opened read-only (``snapshot=on``), so the image stays as captured. The firmware is the
+The disk is opened read-only (``snapshot=on``), so the image stays as captured, and so is each of the image's data
+disks, beside it, which the guest finds by the names Azure gives data disks (``data_disks.py``). The firmware is the
 generation's: OVMF (UEFI) for Gen2, SeaBIOS for Gen1. KVM is used where ``/dev/kvm`` really runs a guest (a
 probe boot, not the device's permissions, says so), TCG otherwise. A NoCloud seed on a second small disk gives
 the validator's user its key and the VM the SSH host key kiln pins, as Azure provisions a VM made from an image.
@@ -25,6 +26,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,8 +132,11 @@ class QemuVms:
         except FileNotFoundError:
             return b""
 
-    async def create(self, build: BuildContext, spec: VmSpec, disk: Path) -> tuple[BuildVm, float]:
-        """Boot ``disk`` and wait for its sshd (or attach to the boot a previous attempt started).
+    async def create(
+        self, build: BuildContext, spec: VmSpec, disk: Path, data_disks: Sequence[Path] = ()
+    ) -> tuple[BuildVm, float]:
+        """Boot ``disk`` with ``data_disks`` (by LUN) and wait for its sshd (or attach to the boot a previous
+        attempt started).
 
         Returns:
             The VM, and the seconds from QEMU's start to SSH.
@@ -155,6 +160,7 @@ class QemuVms:
                     "hostKey": public_line(derive_key(self._secret, build.build_id, "host")),
                     "folder": str(folder.path),
                     "disk": str(disk),
+                    "dataDisks": [str(path) for path in data_disks],
                     "hyperVGeneration": spec.source.hyper_v_generation,
                     "accelerator": await accelerator(self._state),
                 }  # fmt: skip
@@ -202,9 +208,9 @@ class QemuVms:
         seed.mkdir(exist_ok=True)
         login = public_line(derive_key(self._secret, build.build_id, "client"), "kiln")
         host_key = derive_key(self._secret, build.build_id, "host")
-        (seed / "user-data").write_text(
-            "#cloud-config\n" + json.dumps(cloud_config(data["adminUser"], login, host_key))
-        )
+        devices = [f"/dev/disk/by-id/virtio-{_serial(lun)}" for lun in range(len(data.get("dataDisks", [])))]
+        config = cloud_config(data["adminUser"], login, host_key, data_disks=devices)
+        (seed / "user-data").write_text("#cloud-config\n" + json.dumps(config))
         hostname = folder.path.name[:63]
         meta = {"instance-id": f"{hostname}-{uuid.uuid4().hex[:12]}", "local-hostname": hostname}
         (seed / "meta-data").write_text(json.dumps(meta) + "\n")
@@ -226,6 +232,14 @@ class QemuVms:
             "-m", f"{memory >> 20}M", "-display", "none", "-monitor", "none", "-no-reboot",
             "-serial", f"file:{folder.console}",
             "-drive", f"file={data['disk']},format=vpc,if=virtio,snapshot=on",
+            *(
+                option
+                for lun, path in enumerate(data.get("dataDisks", []))
+                for option in (
+                    "-drive", f"file={path},format=vpc,if=none,id={_serial(lun)},snapshot=on",
+                    "-device", f"virtio-blk-pci,drive={_serial(lun)},serial={_serial(lun)}",
+                )
+            ),
             "-drive", f"file={folder.seed},format=raw,if=virtio,readonly=on",
             # restrict=on: the guest reaches nothing; only the forward to its sshd comes in.
             "-netdev", f"user,id=net0,restrict=on,{forward}", "-device", "virtio-net-pci,netdev=net0",
@@ -290,6 +304,11 @@ class QemuVms:
                 Resource(id=address_id(data["address"]), kind=ADDRESS_KIND, owner=name),
             ],
         )
+
+
+def _serial(lun: int) -> str:
+    """The serial number of a data disk's drive, which names it in the guest (``/dev/disk/by-id/virtio-<serial>``)."""
+    return f"lun{lun}"
 
 
 def console_tail(console: bytes, lines: int = 25) -> str:

@@ -9,6 +9,7 @@ of the file a hole.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -191,6 +192,29 @@ async def upload(
         for blob in blobs:
             await blob.create_page_blob(size, metadata=blob_metadata(build_id))
     return await send_used_pages(path, blobs, start=resume_offset, on_batch=progress)
+
+
+async def upload_disks(
+    disks: list[tuple[Path, list[BlobClient]]],
+    *,
+    build_id: str,
+    resume: dict[str, Any],
+    progress: Callable[[int, int], None],
+) -> None:
+    """Upload an image's disks (its OS disk, then its data disks), each to its blobs, one disk after the other.
+
+    ``progress(disk, offset)`` is called as each disk's upload goes on; ``resume`` is the last such checkpoint of an
+    earlier try, ``{"disk": i, "offset": n}``: the disks before ``i`` are whole, and disk ``i`` carries on from ``n``.
+    """
+    first = int(resume.get("disk", 0))
+    for index, (path, blobs) in enumerate(disks[first:], start=first):
+        await upload(
+            path,
+            blobs,
+            build_id=build_id,
+            resume_offset=int(resume.get("offset", 0)) if index == first else 0,
+            progress=functools.partial(progress, index),
+        )
 
 
 async def download(blob: BlobClient, path: Path) -> None:

@@ -8,7 +8,7 @@ address of its own (127.x.y.z), so nothing is added to the host's network. cloud
 NoCloud seed, as Azure provisions a VM from its osProfile: the admin user with its key and passwordless sudo,
 and the SSH host key kiln pins before the VM boots. ``/var/lib/waagent/ovf-env.xml`` names the admin user, as
 Azure's provisioning leaves it, so the Azure agent's ``-deprovision+user`` deletes that user for real. vmSize
-becomes cgroup limits.
+becomes cgroup limits; its data disks are loop devices (``data_disks.py``).
 
 A VM runs under a supervisor started detached (``setsid``), so it outlives the worker that made it; its records
 (made before anything else), folder and cgroups let any worker find, stop and delete it.
@@ -26,6 +26,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from activities.clouds.aib.names import admin_user_of
 from activities.clouds.aib.tags import ROLE_TEMPORARY, kiln_tags
 from activities.clouds.base import PermanentError
 from activities.clouds.local import cgroups
+from activities.clouds.local.data_disks import DataDisk, DataDisks, azure_disk_names, guest_device
 from activities.clouds.local.host import file_lock, require_programs, ssh_answers, to_the_end
 from activities.clouds.local.overlays import VmLayers, overlay_works
 from activities.clouds.local.records import ResourceStore
@@ -57,6 +59,8 @@ VM_PROGRAMS = {
     "nsenter": "util-linux",
     "mount": "mount",
     "ip": "iproute2",
+    "losetup": "mount",
+    "delpart": "util-linux",
 }
 # What an image must hold to boot as a build VM.
 IMAGE_NEEDS = {"lib/systemd/systemd": "systemd", "usr/bin/cloud-init": "cloud-init", "usr/sbin/sshd": "openssh-server"}
@@ -95,6 +99,7 @@ class VmFolder:
             "slirp_socket": "slirp.sock",
             "in_namespaces": "ns.ready",
             "network_ready": "net.ready",
+            "disks": "disks",
         }
         if name not in files:
             raise AttributeError(name)
@@ -108,6 +113,7 @@ class LocalVms:
         self._vms = state / "vms"
         self._store = store
         self._secret = secret
+        self.data_disks = DataDisks(store)
 
     def folder(self, name: str) -> VmFolder:
         return VmFolder(self._vms / name)
@@ -125,9 +131,9 @@ class LocalVms:
         """Whether a VM has ``image`` as the lower layer of its overlay (so the image must stay)."""
         return any(record.data.get("lower") == str(image) for record in self._store.list(kind=VM_KIND))
 
-    async def create(self, build: BuildContext, spec: VmSpec, image: Path) -> BuildVm:
-        """Boot a VM of ``image`` and wait until it is provisioned, or return the one a previous attempt of this
-        create made (create-or-get).
+    async def create(self, build: BuildContext, spec: VmSpec, image: Path, disks: Sequence[DataDisk] = ()) -> BuildVm:
+        """Boot a VM of ``image`` with ``disks`` and wait until it is provisioned, or return the one a previous
+        attempt of this create made (create-or-get).
 
         Raises:
             PermanentError: a host program or what the image needs to boot is missing (nothing is made then).
@@ -162,6 +168,7 @@ class LocalVms:
                     "sourceBytes": spec.source.size_bytes,
                     "vmSize": limits.size,
                     "lower": str(image) if await overlay_works(image, self._vms) else None,
+                    "dataDisks": len(disks),
                 }
                 # Recorded before anything is made: a worker that dies from here on leaves a record to clean up by.
                 await asyncio.to_thread(
@@ -178,7 +185,7 @@ class LocalVms:
             else:
                 data = record.data  # an earlier attempt recorded it, and perhaps made part of it
                 await self._kill(name, folder)  # whatever of it still runs without answering
-            await to_the_end(self._launch(build, name, folder, image, data, limits))
+            await to_the_end(self._launch(build, name, folder, image, data, limits, disks, tags))
             await self._ready(name, folder, data)
             return self._build_vm(name, data)
 
@@ -188,6 +195,7 @@ class LocalVms:
         folder = self.folder(name)
         async with file_lock(self._vms / f"{name}.lock"):
             await self._kill(name, folder)
+            await self.data_disks.delete(name)
             await asyncio.to_thread(cgroups.remove_cgroups, name)
             for record in await asyncio.to_thread(self._store.list, kind=ADDRESS_KIND):
                 if record.data.get("vm") == name:
@@ -198,8 +206,8 @@ class LocalVms:
             (self._vms / f"{name}.lock").unlink(missing_ok=True)
 
     async def stop(self, name: str) -> None:
-        """Power the VM off as a machine shuts down (its journal flushed, its files synced), then make sure
-        nothing of it runs: what a capture of its disk needs."""
+        """Power the VM off as a machine shuts down (its journal flushed, its files synced), make sure nothing of
+        it runs, and detach its data disks: what a capture of its disks needs."""
         folder = self.folder(name)
         nspawn = live_pid(folder.nspawn_pid)
         if nspawn is not None:
@@ -209,6 +217,7 @@ class LocalVms:
             while self._running(folder) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         await self._kill(name, folder)
+        await self.data_disks.detach(name)
 
     def leader(self, name: str) -> int:
         """The host pid of the VM's PID 1 (its systemd), to enter its namespaces from the host.
@@ -266,6 +275,7 @@ class LocalVms:
                 Resource(id=vm_id(name), kind=VM_KIND, owner=name),
                 Resource(id=overlay_id(name), kind=OVERLAY_KIND, owner=name),
                 Resource(id=address_id(data["address"]), kind=ADDRESS_KIND, owner=name),
+                *self.data_disks.resources(name, data.get("dataDisks", 0)),
             ],
         )
 
@@ -285,9 +295,9 @@ class LocalVms:
         hostname = folder.path.name[:63]
         host_key = derive_key(self._secret, build.build_id, "host")
         client_key = derive_key(self._secret, build.build_id, "client")
-        (folder.seed / "user-data").write_text(
-            "#cloud-config\n" + json.dumps(cloud_config(user, public_line(client_key, "kiln"), host_key), indent=1)
-        )
+        devices = [guest_device(lun) for lun in range(data.get("dataDisks", 0))]
+        config = cloud_config(user, public_line(client_key, "kiln"), host_key, data_disks=devices)
+        (folder.seed / "user-data").write_text("#cloud-config\n" + json.dumps(config, indent=1))
         # A new instance id for every boot from the seed: cloud-init provisions the VM again.
         instance = {"instance-id": f"{hostname}-{uuid.uuid4().hex[:12]}", "local-hostname": hostname}
         (folder.seed / "meta-data").write_text(json.dumps(instance) + "\n")
@@ -302,15 +312,25 @@ class LocalVms:
             path.unlink(missing_ok=True)
 
     async def _launch(
-        self, build: BuildContext, name: str, folder: VmFolder, image: Path, data: dict, limits: VmLimits
+        self,
+        build: BuildContext,
+        name: str,
+        folder: VmFolder,
+        image: Path,
+        data: dict,
+        limits: VmLimits,
+        disks: Sequence[DataDisk],
+        tags: dict[str, str],
     ) -> None:
-        """Lay out the VM's folder and cgroups and start its supervisor: all of it, or (the worker dying) none."""
+        """Lay out the VM's folder, data disks and cgroups and start its supervisor: all of it, or (the worker
+        dying) none."""
         await asyncio.to_thread(self._prepare, build, folder, image, data)
+        devices = await self.data_disks.attach(build, name, folder.disks, list(disks), tags)
         groups = await asyncio.to_thread(cgroups.make_cgroups, name, limits)
-        await self._boot(name, folder, data, groups)
+        await self._boot(name, folder, data, groups, devices)
 
-    async def _boot(self, name: str, folder: VmFolder, data: dict, groups: list[Path]) -> None:
-        folder.inner.write_text(_inner_script(name, folder, data))
+    async def _boot(self, name: str, folder: VmFolder, data: dict, groups: list[Path], devices: list[str]) -> None:
+        folder.inner.write_text(_inner_script(name, folder, data, devices))
         folder.supervisor.write_text(_supervisor_script(folder, groups))
         with folder.console.open("ab") as console:
             # setsid -f: the VM is no child of this worker and lives on when the worker dies.
@@ -391,9 +411,10 @@ def claim_address(store: ResourceStore, build: BuildContext, name: str, tags: di
     raise RuntimeError(f"no free loopback address for VM {name}")
 
 
-def cloud_config(user: str, login_key: str, host_key) -> dict:
-    """What Azure's provisioning gives a Linux VM, as cloud-config: the admin user, its key, sudo, the host key."""
-    return {
+def cloud_config(user: str, login_key: str, host_key, *, data_disks: Sequence[str] = ()) -> dict:
+    """What Azure's provisioning gives a Linux VM, as cloud-config: the admin user, its key, sudo, the host key, and
+    the names Azure gives its ``data_disks`` (their devices in the VM, by LUN)."""
+    config = {
         "users": [
             {
                 "name": user,
@@ -410,6 +431,9 @@ def cloud_config(user: str, login_key: str, host_key) -> dict:
         "ssh_pwauth": False,
         "disable_root": True,
     }
+    if data_disks:
+        config["bootcmd"] = azure_disk_names(list(data_disks))
+    return config
 
 
 # The least of Azure's provisioning file that waagent reads the admin user from (waagent 2.7 and later).
@@ -474,9 +498,11 @@ set -- $stat
 echo "$1 ${{22}}" > {shlex.quote(str(pid_file))}"""
 
 
-def _inner_script(name: str, folder: VmFolder, data: dict) -> str:
-    """Runs in the VM's new mount and network namespaces and becomes systemd-nspawn: systemd as the VM's PID 1."""
+def _inner_script(name: str, folder: VmFolder, data: dict, devices: list[str]) -> str:
+    """Runs in the VM's new mount and network namespaces and becomes systemd-nspawn: systemd as the VM's PID 1, with
+    the loop device of each data disk (``devices``, by LUN) as its block device."""
     q = shlex.quote
+    disks = "".join(f"  --bind={q(device)}:{guest_device(lun)} \\\n" for lun, device in enumerate(devices))
     root = q(str(folder.merged))
     if data["lower"]:
         mount_root = (
@@ -496,7 +522,7 @@ exec systemd-nspawn --quiet --directory={root} --boot --register=no --keep-unit 
   --machine={q(name[:63])} --resolv-conf=off \\
   --bind-ro={q(str(folder.resolved))}:/run/systemd/resolved.conf.d/90-kiln.conf \\
   --bind-ro={q(str(folder.seed))}:/var/lib/cloud/seed/nocloud \\
-  network-config=disabled < /dev/null
+{disks}  network-config=disabled < /dev/null
 """
 
 
