@@ -13,7 +13,7 @@ demo: setup
 	@$(PY) examples/demo.py
 
 # The whole suite: unit, workflows (real Temporal dev server), local (real builds), azure (ARM emulator), in one
-# process: four tests failed on timeouts when the suite ran in two (pytest-xdist), so that waits.
+# process (in two, with pytest-xdist, four tests failed; see the closing note).
 test: setup
 	@$(PY) -m pytest -q -ra --durations=15
 
