@@ -12,8 +12,7 @@ setup:
 demo: setup
 	@$(PY) examples/demo.py
 
-# The whole suite: unit, workflows (real Temporal dev server), local (real builds), azure (ARM emulator), in one
-# process (in two, with pytest-xdist, four tests failed; see the closing note).
+# The whole suite: unit, workflows (real Temporal dev server), local (real builds), azure (ARM emulator).
 test: setup
 	@$(PY) -m pytest -q -ra --durations=15
 

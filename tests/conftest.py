@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -19,28 +17,9 @@ from workflows.models import SEARCH_ATTRIBUTES
 pytest_plugins = ["tests.workflows.harness", "tests.local.azurite_fixture"]
 
 
-SETUP = Path(__file__).resolve().parents[1] / "deploy" / "setup-debian.sh"
-LOCAL = Path(__file__).with_name("local")
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """Before any test: a machine without every program kiln runs (as deploy/setup-debian.sh installs them) stops
-    the run in seconds, naming the program and its package, instead of failing minutes later as a VM that never
-    boots. Checked once, by the controller when tests run in several processes."""
-    if hasattr(session.config, "workerinput"):
-        return
-    check = subprocess.run(["bash", str(SETUP), "--check"], capture_output=True, text=True, timeout=60)
-    if check.returncode != 0:
-        pytest.exit(f"deploy/setup-debian.sh --check failed:\n{check.stderr}", returncode=1)
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The real local builds share this machine's VMs, state folder and CPUs: with several test processes
-    (``-n``, ``--dist loadgroup``) they all run in one, one after another, and first, as the longest part."""
-    for item in items:
-        if item.path.is_relative_to(LOCAL):
-            item.add_marker(pytest.mark.xdist_group("local"))
-    items.sort(key=lambda item: not item.path.is_relative_to(LOCAL))
+    """The setup check runs first: a machine without what kiln needs fails in seconds, naming what is missing."""
+    items.sort(key=lambda item: item.path.name != "test_setup.py")
 
 
 @pytest.fixture(scope="session")

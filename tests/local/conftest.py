@@ -26,7 +26,7 @@ VM_TEST_MODULES = {"test_vm.py", "test_images.py", "test_capture.py"}
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Only root can make namespaces, mounts and loopback addresses. A missing program is no reason to skip:
-    # the suite's setup check (tests/conftest.py) names it first, and the VM that needs it fails at once, saying which.
+    # tests/test_setup.py names it first, and the VM that needs it fails at once, saying which.
     if os.geteuid() != 0:
         for item in items:
             if item.path.parent == Path(__file__).parent and item.path.name in VM_TEST_MODULES:
