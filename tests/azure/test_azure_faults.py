@@ -16,7 +16,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -48,11 +47,10 @@ from tests.azure.environment import (
     owner_clients,
     prepare,
 )
-from tests.workflows.harness import check_all, retried_activities
+from tests.workflows.harness import check_all, retried_activities, worker_subprocess
 from workflows.build import ImageBuildWorkflow
 from workflows.models import BuildStatus, DeadlineRequest, RunState
 
-PROJECT = Path(__file__).parents[2]
 USER_GROUP = "userStaging"
 USER_GROUP_ID = f"/subscriptions/{SUB}/resourceGroups/{USER_GROUP}"
 # A guest script shows it is running by this line of output (its source says $((6*7)), so only output matches).
@@ -512,16 +510,9 @@ async def worker_process(s: Scenario) -> AsyncIterator[asyncio.subprocess.Proces
         "KILN_TEST_TASK_QUEUE": s.h.task_queue,
         "TEMPORAL_ADDRESS": s.h.client.service_client.config.target_host,
     }
-    with (s.h.artifacts.parent / "worker.log").open("ab") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.azure.azure_worker", cwd=PROJECT, env=env, stdout=out, stderr=out
-        )
-    try:
+    log = s.h.artifacts.parent / "worker.log"
+    async with worker_subprocess(s.h.client, s.h.task_queue, "tests.azure.azure_worker", env=env, log=log) as process:
         yield process
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            await process.wait()
 
 
 async def resume_points_recorded(handle: WorkflowHandle[Any, Any], key: bytes, count: int = 1) -> None:

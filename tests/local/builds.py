@@ -13,7 +13,6 @@ import hashlib
 import http.server
 import os
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -40,12 +39,12 @@ from activities.clouds.local.records import ResourceStore
 from activities.clouds.local.staging import LOCAL_SUBSCRIPTION
 from activities.clouds.local.storage import LocalStorage
 from activities.clouds.local.vm import VM_KIND
+from tests.workflows.harness import worker_subprocess
 from worker import run_worker
 from workflows.build import ImageBuildWorkflow
 from workflows.models import BuildStatus, DeadlineRequest
 from workflows.plan import build_id_of
 
-PROJECT = Path(__file__).resolve().parents[2]
 SOURCE = {"type": "PlatformImage", "publisher": "Debian", "offer": "debian-12", "sku": "12-gen2", "version": "latest"}
 KEPT_ROLES = (ROLE_LOG, ROLE_OUTPUT)
 
@@ -367,15 +366,8 @@ async def worker_process(
         "TEMPORAL_ADDRESS": client.service_client.config.target_host,
         "KILN_TEST_TASK_QUEUE": task_queue,
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.local.local_worker", cwd=PROJECT, env=env, stdin=asyncio.subprocess.DEVNULL
-    )
-    try:
+    async with worker_subprocess(client, task_queue, "tests.local.local_worker", env=env) as process:
         yield process
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            await process.wait()
 
 
 @asynccontextmanager

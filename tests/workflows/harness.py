@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
+import sys
 import uuid
 from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest_asyncio
-from temporalio.api.enums.v1 import EventType, PendingActivityState
+from temporalio.api.enums.v1 import EventType, PendingActivityState, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from tests.fixtures.recording_cloud import RecordingCloud
@@ -22,6 +25,9 @@ from workflows.build import ImageBuildWorkflow
 from workflows.models import BuildStatus, DeadlineRequest, RunState
 
 SCRIPT = b"#!/bin/sh\necho configured > /tmp/configured\n"
+PROJECT = Path(__file__).parents[2]
+# How long a worker process may take to start polling: a loaded two-CPU machine starting several at once.
+WORKER_START_SECONDS = 180
 
 
 def linux_template(artifacts: Path, **properties: Any) -> dict[str, Any]:
@@ -187,6 +193,43 @@ async def serving(client: Client, directory: Path, **worker_options: Any) -> Asy
     finally:
         stop.set()
         await worker
+
+
+@asynccontextmanager
+async def worker_subprocess(
+    client: Client, task_queue: str, module: str, *args: str, env: dict[str, str] | None = None, log: Path | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m module *args``, a worker serving ``task_queue`` in a process of its own, yielded once it polls
+    the queue: a query sent before then waits on no worker and times out. Stopped on the way out unless it is gone."""
+    with log.open("ab") if log else nullcontext() as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", module, *args, cwd=PROJECT, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=out, stderr=out,
+        )  # fmt: skip
+    try:
+        await polling(client, task_queue, process)
+        yield process
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await process.wait()
+
+
+async def polling(client: Client, task_queue: str, process: asyncio.subprocess.Process) -> None:
+    """Wait until ``process`` polls ``task_queue`` for workflow tasks (a worker's identity starts with its pid)."""
+    request = DescribeTaskQueueRequest(
+        namespace=client.namespace,
+        task_queue=TaskQueue(name=task_queue),
+        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+    )
+    async with asyncio.timeout(WORKER_START_SECONDS):
+        while True:
+            if process.returncode is not None:
+                raise AssertionError(f"the worker process exited ({process.returncode}) before it polled {task_queue}")
+            pollers = (await client.workflow_service.describe_task_queue(request)).pollers
+            if any(p.identity.startswith(f"{process.pid}@") for p in pollers):
+                return
+            await asyncio.sleep(0.2)
 
 
 async def check_all(scenarios: dict[str, Coroutine[Any, Any, None]]) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,12 +25,11 @@ from tests.workflows.harness import (
     retried_activities,
     serving,
     unserved,
+    worker_subprocess,
 )
 from worker import GRACEFUL_SHUTDOWN_SECONDS
 from workflows.models import BuildStatus, RunState
 from workflows.policies import STEP_RETRY
-
-PROJECT = Path(__file__).parents[2]
 
 
 @dataclass(frozen=True)
@@ -174,20 +172,14 @@ async def test_a_cancel_or_the_deadline_during_any_step_stops_the_build_and_leav
 @asynccontextmanager
 async def worker_process(harness: Harness, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
     """A worker in a process of its own serving ``harness``'s cloud; stopped on the way out if still alive."""
-    with log.open("ab") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.fixtures.recording_worker",
-            "--db", str(harness.cloud.path),
-            "--task-queue", harness.task_queue,
-            "--address", harness.client.service_client.config.target_host,
-            cwd=PROJECT, stdout=out, stderr=out,
-        )  # fmt: skip
-    try:
+    async with worker_subprocess(
+        harness.client, harness.task_queue, "tests.fixtures.recording_worker",
+        "--db", str(harness.cloud.path),
+        "--task-queue", harness.task_queue,
+        "--address", harness.client.service_client.config.target_host,
+        log=log,
+    ) as process:  # fmt: skip
         yield process
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            await process.wait()
 
 
 async def test_a_build_resumes_on_a_new_worker_when_its_worker_dies_at_any_step(client: Client, tmp_path: Path) -> None:

@@ -140,7 +140,7 @@ async def walk(scenario: str, **env: str) -> dict:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    output, errors = await asyncio.wait_for(driver.communicate(), timeout=240)
+    output, errors = await asyncio.wait_for(driver.communicate(), timeout=360)
     lines = output.decode().strip().splitlines()
     assert lines, errors.decode()
     result = json.loads(lines[-1])

@@ -32,21 +32,30 @@ async function openPage(context) {
 
 const calls = (page) => [...new Set(page.codecCalls)].sort();
 
-// The workflow list, filtered as a user types it; visibility lags a workflow's changes by a moment, so search again.
+// Visibility lags a change by a moment, and a loaded machine renders a page slowly: give each look time to
+// render before asking again, or a slow page is reloaded before it ever shows its rows.
+async function untilShown(shown, ask, seconds = 120) {
+  const deadline = Date.now() + seconds * 1_000;
+  for (;;) {
+    await ask();
+    try {
+      await shown.waitFor({ timeout: 10_000 });
+      return;
+    } catch (error) {
+      if (Date.now() > deadline) throw error;
+    }
+  }
+}
+
+// The workflow list, filtered as a user types it.
 async function search(page, query, shown) {
   await page.goto(`${UI}/namespaces/default/workflows`);
   await page.getByTestId('toggle-manual-query').click();
   const input = page.getByTestId('workflow-manual-search-input');
-  for (let attempt = 0; ; attempt++) {
+  await untilShown(shown, async () => {
     await input.fill(query);
     await input.press('Enter');
-    try {
-      await shown.waitFor({ timeout: 2_000 });
-      return;
-    } catch (error) {
-      if (attempt >= 45) throw error;
-    }
-  }
+  });
 }
 
 const link = (page, name) => page.getByRole('link', { name, exact: true }).first();
@@ -108,15 +117,7 @@ async function schedule() {
   const { SCHEDULE_ID, SCHEDULE_RUN, TEMPLATE_NAME, BUILD, SPEC } = process.env;
   const page = await openPage(await browser.newContext({ viewport: VIEWPORT }));
   const listed = link(page, SCHEDULE_ID);
-  for (let attempt = 0; ; attempt++) { // the list is read from visibility too
-    await page.goto(`${UI}/namespaces/default/schedules`);
-    try {
-      await listed.waitFor({ timeout: 2_000 });
-      break;
-    } catch (error) {
-      if (attempt >= 30) throw error;
-    }
-  }
+  await untilShown(listed, () => page.goto(`${UI}/namespaces/default/schedules`)); // listed from visibility too
   const row = page.getByRole('row').filter({ has: listed });
   await row.getByText(SPEC).waitFor();
   await page.screenshot({ path: `${SHOTS}/5-schedules.png`, fullPage: true });
