@@ -14,8 +14,10 @@ from temporalio import activity
 
 from activities.clouds.base import PermanentError
 from workflows.golden_models import Delivery, NotificationEvent
+from workflows.policies import NOTIFY_ATTEMPT_TIMEOUT
 
-TIMEOUT = aiohttp.ClientTimeout(total=30)
+# The POST gives up before its attempt does, so a receiver's silence is reported as such, not as a timeout.
+TIMEOUT = aiohttp.ClientTimeout(total=NOTIFY_ATTEMPT_TIMEOUT.total_seconds() - 10)
 
 
 def summary(event: NotificationEvent) -> str:

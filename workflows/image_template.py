@@ -41,7 +41,13 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.models import CLOUD, TEMPLATE_NAME, BuildStatus, RunState
     from workflows.plan import cause_of
-    from workflows.policies import NOTIFY_RETRY, NOTIFY_TIMEOUT, SOURCE_CHECK_RETRY, SOURCE_CHECK_TIMEOUT
+    from workflows.policies import (
+        NOTIFY_ATTEMPT_TIMEOUT,
+        NOTIFY_RETRY,
+        NOTIFY_TIMEOUT,
+        SOURCE_CHECK_RETRY,
+        SOURCE_CHECK_TIMEOUT,
+    )
     from workflows.triggers import trigger_refusal
 
 BUILD_WORKFLOW = "ImageBuild"
@@ -406,6 +412,7 @@ class ImageTemplateWorkflow:
                 deliver,
                 delivery,
                 schedule_to_close_timeout=NOTIFY_TIMEOUT,
+                start_to_close_timeout=NOTIFY_ATTEMPT_TIMEOUT,
                 retry_policy=NOTIFY_RETRY,
                 summary=f"notify {delivery.event.kind}",
             )

@@ -92,6 +92,9 @@ SOURCE_CHECK_TIMEOUT = timedelta(minutes=30)
 SOURCE_CHECK_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_attempts=3)
 # A webhook down for a while still hears of the event, later; one down for a day does not hold the entity.
 NOTIFY_TIMEOUT = timedelta(hours=24)
+# One attempt is one POST (notify.py's ends 10 s sooner): an attempt whose worker died is tried again after this,
+# not once the day is out.
+NOTIFY_ATTEMPT_TIMEOUT = timedelta(seconds=30)
 NOTIFY_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(minutes=10)
 )

@@ -1,6 +1,6 @@
 """Webhooks: each event reaches a loopback receiver once, with the template, build, runState, outputs and log
 link; a receiver that fails is retried with backoff and never holds up a build; and a worker killed just after a
-build ended costs no event and repeats none."""
+build ended, or while a delivery waits on its receiver, costs no event and repeats none."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from tests.workflows.test_faults import worker_process
 from tests.workflows.test_image_template import new_template, run_ended, state_of
 from workflows.golden_models import RunRequest, Webhook
 from workflows.image_template import ImageTemplateWorkflow
+from workflows.policies import NOTIFY_ATTEMPT_TIMEOUT
 
 
 class Receiver:
@@ -29,10 +30,17 @@ class Receiver:
         # (the webhook's query string, the event id header, the body) of every request answered 2xx
         self.posts: list[tuple[str, str, dict[str, Any]]] = []
         self.failures = 0
+        self.holds = 0  # the first ``holds`` requests get no answer while their sender lives
+        self.holding = asyncio.Event()
         self.url = ""
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if self.holds > 0:
+            self.holds -= 1
+            self.holding.set()
+            await asyncio.sleep(NOTIFY_ATTEMPT_TIMEOUT.total_seconds() + 10)  # past the delivery's attempt
+            return web.Response(status=503, text="held")
         if self.failures > 0:
             self.failures -= 1
             return web.Response(status=503, text="busy")
@@ -108,8 +116,26 @@ async def test_each_event_arrives_once_when_the_worker_dies_right_after_the_buil
         first.send_signal(signal.SIGKILL)
         await first.wait()
     async with worker_process(harness, log):
-        bodies = await receiver.wait_for(2)
+        bodies = await receiver.wait_for(2, timeout=120)
         assert (await run_ended(entity, 1)).run_state == "Succeeded"
     assert sorted(to for to, _, _ in receiver.posts) == ["to=a", "to=b"]  # once to each webhook
     assert [b["kind"] for b in bodies] == ["build.succeeded"] * 2
     assert len({b["id"] for b in bodies}) == 1  # the same event
+
+
+async def test_an_event_whose_delivery_died_with_its_worker_arrives_from_the_next_worker(
+    client: Client, tmp_path: Path, receiver: Receiver
+) -> None:
+    receiver.holds = 1
+    harness = unserved(client, tmp_path)
+    log = tmp_path / "worker.log"
+    async with worker_process(harness, log) as first:
+        entity = await new_template(harness, webhooks=[Webhook(url=receiver.url)])
+        await entity.execute_update(ImageTemplateWorkflow.run_template, RunRequest())
+        async with asyncio.timeout(120):
+            await receiver.holding.wait()  # the delivery is in flight on this worker
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+    async with worker_process(harness, log):
+        [event] = await receiver.wait_for(1, timeout=120)  # its attempt timed out and ran again here
+    assert event["kind"] == "build.succeeded" and event["runState"] == "Succeeded"
