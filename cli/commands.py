@@ -48,7 +48,8 @@ class Io:
 
 def print_issues(console: Console, source: str, error: TemplateError) -> None:
     count = len(error.issues)
-    console.print(Text(f"{source}: {count} problem{'s' if count != 1 else ''}", style="bold red"))
+    # Soft-wrapped, as each issue: a long path stays one line to copy, whatever the terminal's width.
+    console.print(Text(f"{source}: {count} problem{'s' if count != 1 else ''}", style="bold red"), soft_wrap=True)
     for issue in error.issues:
         where = Text.assemble((issue.path, "cyan"), ": ") if issue.path else Text()
         console.print(Text.assemble("  ", where, issue.message), soft_wrap=True)

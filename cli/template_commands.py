@@ -5,10 +5,12 @@ many times, on schedules and on new source versions. Each handler returns the ex
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import uuid
 from datetime import UTC, datetime
 
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 from temporalio.client import (
     Client,
@@ -130,7 +132,21 @@ async def template_run(args: argparse.Namespace, io: Io) -> int:
     io.out.print(Text.assemble("Started build ", (record.build, "bold"), f" of template {args.name}"))
     if args.no_wait:
         return EXIT_SUCCEEDED
-    return await watch_to_end(await get_build(client, record.build), io)
+    code = await watch_to_end(await get_build(client, record.build), io)
+    if not await recorded(client, args.name, record.build):
+        io.err.print(Text(f"Template {args.name} has not recorded the end of {record.build} yet", style="yellow"))
+    return code
+
+
+async def recorded(client: Client, name: str, build: str, within: float = 30) -> bool:
+    """Whether the template holds the build's end within ``within`` seconds. It learns of the end after the build
+    ends: waiting for it, a `kiln template show` right after `kiln template run` shows the run's lastRunStatus."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            while not next(r for r in (await get_template(client, name))[1].runs if r.build == build).finished:
+                await asyncio.sleep(0.2)
+            return True
+    return False
 
 
 async def template_cancel(args: argparse.Namespace, io: Io) -> int:
@@ -148,7 +164,10 @@ async def template_delete(args: argparse.Namespace, io: Io) -> int:
 
 
 def runs_table(state: TemplateState, limit: int) -> Table:
-    table = Table("run", "reason", "build", "rev", "state", "source version", "started", "message")
+    # The build's name whole, whatever the message beside it: it is what `kiln status` and `kiln logs` take.
+    table = Table(
+        "run", "reason", Column("build", no_wrap=True), "rev", "state", "source version", "started", "message"
+    )
     for record in state.runs[-limit:]:
         table.add_row(
             str(record.number),
