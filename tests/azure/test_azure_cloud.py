@@ -865,3 +865,24 @@ async def test_a_revoked_gallery_version_leaves_latest_is_refused_and_is_deleted
     await cloud.delete_image_version(version_id)  # already gone: fine
     with pytest.raises(PermanentError):
         await cloud.resolve_source(build_context(), pinned)
+
+
+async def test_a_vm_with_data_disks_holds_them_made_once_or_twice(
+    cloud: AzureCloud, arm: ArmEmulator, guests: Guests
+) -> None:
+    """additionalDataDisks: the build VM's resources name each data disk, on the first create and on its retry,
+    so a build whose VM delete fails part way still knows every disk to delete."""
+    arm.guest_factory = guests.boot
+    arm.run_command = guests.run_command
+    build = build_context()
+    staging = await cloud.create_staging(build)
+    source = await cloud.resolve_source(build, template())
+    spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source,
+                  vm_profile=VmProfile(), data_disk_sizes_gb=[8, 16])  # fmt: skip
+    vm = await cloud.create_vm(build, staging, spec)
+    assert await cloud.create_vm(build, staging, spec) == vm  # the step's retry
+    disks = [r.id.rsplit("/", 1)[1] for r in vm.resources if r.kind == "disk"]
+    assert len(disks) == 3 and sum("data" in d.lower() for d in disks) == 2, disks
+    await cloud.delete_vm(build, vm.name)
+    await cloud.delete_staging(build)
+    assert kiln_resources(arm) == []

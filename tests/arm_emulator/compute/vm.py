@@ -100,6 +100,9 @@ def _prepare(arm: ArmEmulator, res: Resource, existing: Resource | None) -> None
         props["vmId"] = existing.properties["vmId"]
         props["timeCreated"] = existing.properties["timeCreated"]
         storage["osDisk"] = existing.properties["storageProfile"]["osDisk"]
+        # The disks made by the first PUT stay attached at their LUNs, and the answer names them as it did then.
+        made = {d["lun"]: d for d in existing.properties["storageProfile"].get("dataDisks") or []}
+        storage["dataDisks"] = [made.get(d["lun"], d) for d in storage.get("dataDisks") or []]
         return
     props["vmId"] = str(uuid.uuid4())
     props["timeCreated"] = now()
