@@ -284,7 +284,10 @@ async def test_a_shutdown_under_way_is_waited_for_whichever_code_says_so(
     under_way = [c for c in tests if c in (1115, 1190, 1717)]
     assert code in under_way and 0 not in tests  # no test shutdown was ever scheduled (and aborted)
     log = await vm.log()
-    assert log.count("restart 1: Reboot already in progress, waiting...") == len(under_way)
+    # Each answer kiln heard is said once; the machine may go away before its answer to the last one reaches kiln,
+    # which takes that for what it is, the machine going down.
+    said = log.count("restart 1: Reboot already in progress, waiting...")
+    assert said in (len(under_way), len(under_way) - 1) and said > 0, (said, under_way)
     assert "restart 1: the machine is back after" in log
 
 
