@@ -17,6 +17,7 @@ from activities.clouds.base import PermanentError
 from activities.clouds.local import LocalCloud, cgroups
 from activities.clouds.local.host import ssh_answers
 from activities.clouds.local.records import ResourceStore
+from activities.clouds.local.vm import ProvisioningFailed
 from activities.guest import ssh
 from activities.guest.keys import derive_key, public_line
 from activities.guest.linux import AIB_DEPROVISION, KILN_DEPROVISION
@@ -161,6 +162,24 @@ async def test_create_again_returns_the_running_vm(cloud: LocalCloud, make_vm: M
     assert await cloud.create_vm(build, STAGING, spec) == vm
 
 
+async def test_a_vm_whose_provisioning_failed_names_what_failed_and_a_retry_provisions_it_anew(
+    cloud: LocalCloud, make_vm: MakeVm, debian: ResolvedSource
+):
+    build, vm = await make_vm()
+    spec = VmSpec(name=vm.name, purpose="build", image_id=debian.image_id, source=debian, vm_profile={})
+    # The image's own cloud-init configuration fails the VM's next provisioning: its next boot.
+    await guest_run(cloud, vm.name, "printf 'bootcmd: [\"exit 3\"]\\n' > /etc/cloud/cloud.cfg.d/99-broken.cfg")
+    await cloud.vms.stop(vm.name)
+    with pytest.raises(ProvisioningFailed) as failed:
+        await cloud.create_vm(build, STAGING, spec)
+    assert f"cloud-init failed to provision VM {vm.name}" in str(failed.value)
+    assert "bootcmd" in str(failed.value), str(failed.value)  # the module that failed, not only "status: error"
+    # The cause gone, the step's retry finds the VM running with its failed provisioning, and provisions it again.
+    await guest_run(cloud, vm.name, "rm /etc/cloud/cloud.cfg.d/99-broken.cfg")
+    assert await cloud.create_vm(build, STAGING, spec) == vm
+    assert "status: done" in await guest_run(cloud, vm.name, "cloud-init status")
+
+
 async def test_vm_size_sets_cgroup_limits_clamped_to_the_machine(cloud: LocalCloud, make_vm: MakeVm):
     _, vm = await make_vm(vm_size="Standard_D2s_v3")
     memory = Path(f"/sys/fs/cgroup/memory/kiln/{vm.name}/memory.limit_in_bytes")
@@ -259,6 +278,7 @@ from pathlib import Path
 from activities.clouds.local import LocalCloud, cgroups
 from activities.clouds.local.host import ssh_answers
 from activities.clouds.local.records import ResourceStore
+from activities.clouds.local.vm import ProvisioningFailed
 from workflows.models import BuildContext, Staging, VmSpec
 cloud = LocalCloud(storage=None, store=ResourceStore(Path({str(state / "resources.db")!r})), state=Path({str(state)!r}))
 vm = asyncio.run(cloud.create_vm(BuildContext.model_validate_json(sys.argv[1]),

@@ -78,6 +78,10 @@ def address_id(address: str) -> str:
     return f"kiln-local/{ADDRESS_KIND}/{address}"
 
 
+class ProvisioningFailed(RuntimeError):
+    """cloud-init reported an error. Retryable: the next attempt boots the VM again, and it is provisioned anew."""
+
+
 @dataclass(frozen=True)
 class VmFolder:
     """Where one VM's files live: its layer, the overlay's work folder and mount point, its seed, its run files."""
@@ -144,8 +148,11 @@ class LocalVms:
         async with file_lock(self._vms / f"{name}.lock"):
             record = await asyncio.to_thread(self._store.get, vm_id(name))
             if record is not None and self._running(folder):
-                await self._ready(name, folder, record.data)
-                return self._build_vm(name, record.data)
+                try:
+                    await self._ready(name, folder, record.data)
+                    return self._build_vm(name, record.data)
+                except ProvisioningFailed:
+                    pass  # an earlier attempt's: a retry boots the VM again, as a new instance, to provision afresh
             require_programs(VM_PROGRAMS, needed_by=f"booting VM {name}")
             missing = [
                 f"/{path} (Debian package {package})"
@@ -357,12 +364,14 @@ class LocalVms:
             self._check_boot(name, folder, deadline, f"sshd on {data['address']}:{data['port']}")
             await asyncio.sleep(0.02)
         waiting = await asyncio.create_subprocess_exec(
-            "nsenter", "-t", str(self.leader(name)), "-a", "cloud-init", "status", "--wait",
+            "nsenter", "-t", str(self.leader(name)), "-a", "cloud-init", "status", "--wait", "--long",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         output, _ = await waiting.communicate()
         if waiting.returncode == 1:  # 2 is "degraded": provisioned, with warnings
-            raise RuntimeError(f"cloud-init failed to provision VM {name}: {output.decode(errors='replace')}")
+            # --long names the modules that failed and why; the dots are --wait's progress.
+            report = output.decode(errors="replace").lstrip(".").strip()
+            raise ProvisioningFailed(f"cloud-init failed to provision VM {name}:\n{report}")
 
     def _check_boot(self, name: str, folder: VmFolder, deadline: float, waiting_for: str) -> None:
         if time.monotonic() < deadline and self._running(folder):
