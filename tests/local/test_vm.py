@@ -23,7 +23,7 @@ from activities.guest.keys import derive_key, public_line
 from activities.guest.linux import AIB_DEPROVISION, KILN_DEPROVISION
 from activities.guest.ssh import open_session
 from tests.fixtures import connect, deprovision_script
-from tests.local.vms import STAGING, MakeVm, guest_run, new_build, run_to_end
+from tests.local.vms import STAGING, MakeVm, guest_run, new_build, pid_namespace_members, run_to_end
 from workflows.models import BuildVm, ResolvedSource, VmSpec
 
 pytestmark = pytest.mark.local
@@ -40,19 +40,6 @@ def running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat[stat.rindex(")") + 2] not in "ZX"
-
-
-def pid_namespace_members(pid: int) -> list[int]:
-    namespace = os.stat(f"/proc/{pid}/ns/pid").st_ino
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.stat(entry / "ns" / "pid").st_ino == namespace:
-                    members.append(int(entry.name))
-            except (FileNotFoundError, PermissionError):
-                pass  # gone meanwhile, or another user namespace's
-    return members
 
 
 async def test_script_runs_as_the_admin_user_and_reports_output_and_exit_code(cloud: LocalCloud, make_vm: MakeVm):
@@ -317,7 +304,8 @@ async def test_an_image_that_cannot_boot_fails_the_create_at_once_naming_the_pac
         await cloud.vms.create(build, spec, tmp_path)
     assert refused.value.type == "GuestNotBootable"
     assert "openssh-server" in refused.value.message and "(Debian package systemd)" in refused.value.message
-    assert cloud.vms.folder(spec.name).path.exists() is False  # refused before anything was made
+    folder = cloud.vms.folder(spec.name).path
+    assert list(folder.parent.glob(f"{spec.name}*")) == []  # refused before anything was made: no folder, no lock
 
 
 async def test_a_missing_host_program_fails_the_create_at_once_naming_it(
@@ -337,3 +325,4 @@ async def test_a_missing_host_program_fails_the_create_at_once_naming_it(
         await cloud.create_vm(build, STAGING, spec)
     assert refused.value.type == "HostProgramMissing"
     assert "slirp4netns (Debian package slirp4netns)" in refused.value.message
+    assert list(cloud.vms.folder(spec.name).path.parent.glob(f"{spec.name}*")) == []  # nothing made

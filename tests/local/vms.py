@@ -107,3 +107,17 @@ async def host(*argv: str) -> str:
     output, errors = await process.communicate()
     assert process.returncode == 0, f"{argv}: {errors.decode(errors='replace')}"
     return output.decode()
+
+
+def pid_namespace_members(pid: int) -> list[int]:
+    """Every process in the PID namespace of ``pid`` (a VM's PID 1: every process of the VM)."""
+    namespace = os.stat(f"/proc/{pid}/ns/pid").st_ino
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.stat(entry / "ns" / "pid").st_ino == namespace:
+                    members.append(int(entry.name))
+            except (FileNotFoundError, PermissionError):
+                pass  # gone meanwhile, or another user namespace's
+    return members

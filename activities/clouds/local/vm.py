@@ -145,6 +145,17 @@ class LocalVms:
         name = _checked_name(spec.name)
         limits = limits_for(spec.vm_profile.vm_size, spec.source.hyper_v_generation)
         folder = self.folder(name)
+        # Before the lock, whose file is the first thing a create makes.
+        require_programs(VM_PROGRAMS, needed_by=f"booting VM {name}")
+        missing = [
+            f"/{path} (Debian package {package})"
+            for path, package in IMAGE_NEEDS.items()
+            if not (image / path).exists()
+        ]
+        if missing:
+            raise PermanentError(
+                f"VM {name} cannot boot: its image {image} has no {', '.join(missing)}", kind="GuestNotBootable"
+            )
         async with file_lock(self._vms / f"{name}.lock"):
             record = await asyncio.to_thread(self._store.get, vm_id(name))
             if record is not None and self._running(folder):
@@ -153,16 +164,6 @@ class LocalVms:
                     return self._build_vm(name, record.data)
                 except ProvisioningFailed:
                     pass  # an earlier attempt's: a retry boots the VM again, as a new instance, to provision afresh
-            require_programs(VM_PROGRAMS, needed_by=f"booting VM {name}")
-            missing = [
-                f"/{path} (Debian package {package})"
-                for path, package in IMAGE_NEEDS.items()
-                if not (image / path).exists()
-            ]
-            if missing:
-                raise PermanentError(
-                    f"VM {name} cannot boot: its image {image} has no {', '.join(missing)}", kind="GuestNotBootable"
-                )
             tags = kiln_tags(build.build_id, role=ROLE_TEMPORARY, extra=build.managed_resource_tags)
             if record is None:
                 data = {
