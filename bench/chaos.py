@@ -1,12 +1,14 @@
-"""The chaos soak: N real local builds through worker kills, each checked for its true end and for leftovers.
+"""The chaos soak: N real local builds through worker kills, Azurite restarts and dropped SSH connections, each
+checked for its true end and for leftovers.
 
-    python bench/chaos.py [--builds 50] [--at-once 4] [--kills N] [--seed S]
+    python bench/chaos.py [--builds 50] [--at-once 4] [--kills N] [--storage-restarts N] [--ssh-drops N] [--seed S]
 
 The soak of ``tests/local/chaos.py``: a random mix of builds meant to succeed, fail in a customizer, be
 cancelled and time out, ``--at-once`` at a time (the machine's CPUs bound how many VMs boot in time), while the
-worker is SIGKILLed at random moments (every 8-30 s, ``--kills`` times, a quarter of the builds by default) and
-a second worker joins and is stopped. One table of every build is printed; the exit code is 1 if any build ended otherwise than meant, lost
-its customization or left anything on the machine.
+worker is SIGKILLed at random moments (every 8-30 s, ``--kills`` times, a quarter of the builds by default), a
+second worker joins and is stopped, and at the same moments Azurite is restarted or a build VM's SSH sessions are
+cut (a tenth of the builds each, by default). One table of every build is printed; the exit code is 1 if any
+build ended otherwise than meant, lost its customization or left anything on the machine.
 
 Runs as root on the state folder the local tests use ($KILN_TEST_HOME, else /var/tmp/kiln-test). Temporal (a
 dev server) and Azurite are started for the run and stopped after it.
@@ -25,34 +27,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console
 
-from activities.clouds.local.azurite import start_azurite
-from activities.clouds.local.records import ResourceStore
-from tests.local.builds import serving
-from tests.local.chaos import soak, table
+from tests.local.chaos import Faults, environment, soak, table
 from tests.local.vms import TEST_HOME
-from tests.services import free_port, start_dev_server
+from tests.services import start_dev_server
 
 
-async def main(builds: int, at_once: int, kills: int, seed: int) -> int:
+async def main(builds: int, at_once: int, faults: Faults, seed: int) -> int:
     TEST_HOME.mkdir(parents=True, exist_ok=True)
     console = Console(width=220)
     console.print(f"seed {seed}")
     with tempfile.TemporaryDirectory(prefix="kiln-chaos-", dir="/var/tmp") as scratch:
         work = Path(scratch)
-        (work / "files").mkdir()
-        azurite = await start_azurite(location=work / "azurite", port=free_port())
-        try:
-            async with (
-                await start_dev_server() as env,
-                serving(
-                    env.client, azurite.endpoint, TEST_HOME, ResourceStore(TEST_HOME / "resources.db"), work / "files"
-                ) as local,
-            ):
-                result = await soak(
-                    local, count=builds, at_once=at_once, kills=kills, seed=seed, folder=work, timeout=6 * 3600
-                )
-        finally:
-            await azurite.stop()
+        async with await start_dev_server() as env, environment(env.client, work) as (local, storage):
+            result = await soak(
+                local, count=builds, at_once=at_once, faults=faults, seed=seed, folder=work, timeout=6 * 3600,
+                storage=storage,
+            )  # fmt: skip
     console.print(table([result]))
     return 1 if result.mismatches else 0
 
@@ -62,7 +52,14 @@ if __name__ == "__main__":
     parser.add_argument("--builds", type=int, default=50, help="local builds in all (default 50)")
     parser.add_argument("--at-once", type=int, default=4, help="builds running at the same time (default 4)")
     parser.add_argument("--kills", type=int, help="worker SIGKILLs in all (default a quarter of the builds)")
+    parser.add_argument("--storage-restarts", type=int, help="Azurite restarts in all (default a tenth of the builds)")
+    parser.add_argument("--ssh-drops", type=int, help="VM SSH sessions cut in all (default a tenth of the builds)")
     parser.add_argument("--seed", type=int, default=random.randrange(1 << 32))
     arguments = parser.parse_args()
-    kills = arguments.kills if arguments.kills is not None else max(1, arguments.builds // 4)
-    sys.exit(asyncio.run(main(arguments.builds, arguments.at_once, kills, arguments.seed)))
+    tenth = max(1, arguments.builds // 10)
+    faults = Faults(
+        kills=arguments.kills if arguments.kills is not None else max(1, arguments.builds // 4),
+        storage_restarts=tenth if arguments.storage_restarts is None else arguments.storage_restarts,
+        ssh_drops=tenth if arguments.ssh_drops is None else arguments.ssh_drops,
+    )
+    sys.exit(asyncio.run(main(arguments.builds, arguments.at_once, faults, arguments.seed)))

@@ -4,7 +4,9 @@ meanwhile.
 Each build is meant to end one way: Succeeded (its customizer writes a token the image must hold), Failed in a
 customizer, Canceled mid-script, or Failed at its deadline mid-script. While they run, the worker serving them is
 SIGKILLed at random moments (a new one is started at once), and a second worker joins and is stopped again
-(SIGTERM), so steps are taken over both ways. At the end every build is checked: its runState is the one meant,
+(SIGTERM), so steps are taken over both ways; Azurite, which holds every build's staged files, logs and outputs, is
+stopped and started again; and a build VM's SSH connections are cut (its sshd session processes killed) while a
+step uses them. At the end every build is checked: its runState is the one meant,
 a succeeded image holds its customization, and nothing temporary of it is left on the machine (processes,
 mounts, folders, cgroups, loopback listeners, records, blobs). ``bench/chaos.py`` runs it at any size and
 ``tests/local/test_chaos.py`` runs a short one.
@@ -13,19 +15,38 @@ mounts, folders, cgroups, loopback listeners, records, blobs). ``bench/chaos.py`
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import time
+import urllib.parse
 import uuid
-from contextlib import AsyncExitStack, suppress
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.table import Table
+from temporalio.client import Client
 from temporalio.service import RPCError
 
+from activities.clouds.base import PermanentError
 from activities.clouds.local.admin import read_log
-from tests.local.builds import Build, LocalBuilds, debugfs, download_vhd, shell, template, worker_process
+from activities.clouds.local.azurite import Azurite, start_azurite
+from activities.clouds.local.records import ResourceStore
+from tests.local.builds import (
+    Build,
+    LocalBuilds,
+    debugfs,
+    download_vhd,
+    host_processes,
+    serving,
+    shell,
+    template,
+    worker_process,
+)
+from tests.local.vms import TEST_HOME, pid_namespace_members
+from tests.services import free_port
 from workflows.build import ImageBuildWorkflow
 from workflows.models import BuildStatus, RunState
 
@@ -39,6 +60,8 @@ MEANT = {
 MARKER = "/etc/kiln-chaos"
 # Seconds a cancelled or timed-out build's script would run if nothing stopped it.
 LONG_SCRIPT_SECONDS = 600
+# Seconds Azurite stays down when the soak restarts it.
+STORAGE_DOWN_SECONDS = (1.0, 5.0)
 
 
 @dataclass
@@ -51,12 +74,50 @@ class Planned:
 
 
 @dataclass
+class Faults:
+    """What the soak does to the builds' surroundings, in all, while they run."""
+
+    kills: int = 0  # SIGKILLs of the worker serving them
+    storage_restarts: int = 0  # Azurite stopped, and started again on its port and data
+    ssh_drops: int = 0  # a build VM's SSH sessions cut
+
+
+@dataclass
 class Chaos:
-    """What the soak did to the workers."""
+    """What the soak did."""
 
     kills: int = 0
     stops: int = 0
+    storage_restarts: int = 0
+    ssh_drops: int = 0
     workers: list[asyncio.subprocess.Process] = field(default_factory=list)
+
+
+@dataclass
+class Storage:
+    """The soak's own Azurite, which it restarts: stopped (SIGTERM, as a service is), down a while, then started
+    again on the same port with the same data, as a restarted storage service comes back."""
+
+    azurite: Azurite
+
+    async def restart(self, down: float) -> None:
+        port = urllib.parse.urlparse(self.azurite.endpoint).port
+        await self.azurite.stop()
+        await asyncio.sleep(down)
+        self.azurite = await start_azurite(location=self.azurite.location, port=port)
+
+
+@asynccontextmanager
+async def environment(client: Client, folder: Path) -> AsyncIterator[tuple[LocalBuilds, Storage]]:
+    """Local builds on the cached base, with an Azurite of their own the soak may restart."""
+    (folder / "files").mkdir()
+    storage = Storage(await start_azurite(location=folder / "azurite", port=free_port()))
+    try:
+        store = ResourceStore(TEST_HOME / "resources.db")
+        async with serving(client, storage.azurite.endpoint, TEST_HOME, store, folder / "files") as builds:
+            yield builds, storage
+    finally:
+        await storage.azurite.stop()
 
 
 def plan(count: int, rng: random.Random) -> list[str]:
@@ -140,18 +201,45 @@ async def start_worker(
     return process
 
 
+def drop_ssh(builds: LocalBuilds, planned: list[Planned]) -> str | None:
+    """Cut the SSH connections of one VM of a build still running: kill its sshd session processes (not the
+    listener), as a dropped connection ends them. The VM's name, or None when no VM had a session."""
+    for p in planned:
+        if p.status is not None:
+            continue  # ended
+        for vm in list(p.build.vms.values()):
+            try:
+                members = set(pid_namespace_members(builds.cloud.vms.leader(vm.name)))
+            except (PermanentError, FileNotFoundError):
+                continue  # not running (any more)
+            sessions = [
+                pid
+                for pid, _, command in host_processes()
+                if pid in members and command.startswith("sshd: ") and "[listener]" not in command
+            ]
+            for pid in sessions:
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if sessions:
+                return vm.name
+    return None
+
+
 async def disrupt(
     builds: LocalBuilds,
     queue: str,
     chaos: Chaos,
-    kills: int,
+    faults: Faults,
+    storage: Storage | None,
+    planned: list[Planned],
     done: asyncio.Event,
     rng: random.Random,
     stack: AsyncExitStack,
     every: tuple[float, float],
 ) -> None:
-    """SIGKILL the main worker ``kills`` times at random moments (and start another at once); now and then a
-    second worker joins and is stopped gracefully."""
+    """At random moments: SIGKILL the main worker (and start another at once), and restart Azurite or cut a VM's
+    SSH connections, each as often as ``faults`` says; now and then a second worker joins and is stopped
+    gracefully."""
     main = await start_worker(builds, queue, chaos, stack)
     extra: asyncio.subprocess.Process | None = None
     while not done.is_set():
@@ -159,7 +247,19 @@ async def disrupt(
             await asyncio.wait_for(done.wait(), timeout=rng.uniform(*every))
         if done.is_set():
             break
-        if chaos.kills < kills:
+        # Before the kill, which itself ends the dead worker's SSH sessions.
+        others = []
+        if storage is not None and chaos.storage_restarts < faults.storage_restarts:
+            others.append("restart")
+        if chaos.ssh_drops < faults.ssh_drops:
+            others.append("drop")
+        if others and rng.choice(others) == "restart":
+            assert storage is not None
+            await storage.restart(rng.uniform(*STORAGE_DOWN_SECONDS))
+            chaos.storage_restarts += 1
+        elif others and drop_ssh(builds, planned) is not None:
+            chaos.ssh_drops += 1
+        if chaos.kills < faults.kills:
             main.send_signal(signal.SIGKILL)
             await main.wait()
             chaos.kills += 1
@@ -196,8 +296,7 @@ async def check(builds: LocalBuilds, planned: Planned, folder: Path) -> None:
 class SoakResult:
     planned: list[Planned]
     seconds: float
-    kills: int
-    stops: int
+    chaos: Chaos
 
     @property
     def mismatches(self) -> int:
@@ -208,11 +307,15 @@ class SoakResult:
 def table(results: list[SoakResult]) -> Table:
     """One table of every build of one or more soaks."""
     planned = [p for result in results for p in result.planned]
-    kills, stops = sum(r.kills for r in results), sum(r.stops for r in results)
+    did = {
+        what: sum(getattr(r.chaos, what) for r in results)
+        for what in ("kills", "stops", "storage_restarts", "ssh_drops")
+    }
     seconds = sum(r.seconds for r in results)
     shown = Table(
         "build", "meant", "ended", "problems",
-        title=f"{len(planned)} local builds in {seconds:.0f} s: {kills} worker kills, {stops} graceful stops",
+        title=f"{len(planned)} local builds in {seconds:.0f} s: {did['kills']} worker kills, {did['stops']} graceful"
+        f" stops, {did['storage_restarts']} Azurite restarts, {did['ssh_drops']} SSH drops",
     )  # fmt: skip
     for p in planned:
         shown.add_row(
@@ -230,14 +333,16 @@ async def soak(
     *,
     count: int,
     at_once: int,
-    kills: int,
+    faults: Faults,
     seed: int,
     folder: Path,
     timeout: float,
+    storage: Storage | None = None,
     every: tuple[float, float] = (8, 30),
 ) -> SoakResult:
-    """Run ``count`` builds, ``at_once`` of them at a time (a new one starts as one ends), through ``kills``
-    worker kills one every ``every`` seconds (a random pick in that range), and check each one as it ends."""
+    """Run ``count`` builds, ``at_once`` of them at a time (a new one starts as one ends), through ``faults``: a
+    kill and one other fault every ``every`` seconds (a random pick in that range). Each build is checked as it
+    ends. Azurite is restarted only when ``storage`` is given: the one the builds use."""
     rng = random.Random(seed)
     queue = f"{builds.task_queue}-chaos-{uuid.uuid4().hex[:6]}"
     chaos = Chaos()
@@ -256,7 +361,9 @@ async def soak(
             await finished(builds, planned, folder)
 
     async with AsyncExitStack() as stack:
-        disruption = asyncio.create_task(disrupt(builds, queue, chaos, kills, done, rng, stack, every))
+        disruption = asyncio.create_task(
+            disrupt(builds, queue, chaos, faults, storage, all_planned, done, rng, stack, every)
+        )
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.gather(*(one(kind) for kind in plan(count, rng)))
@@ -264,4 +371,4 @@ async def soak(
             done.set()
             await disruption
     seconds = time.monotonic() - started
-    return SoakResult(all_planned, seconds, chaos.kills, chaos.stops)
+    return SoakResult(all_planned, seconds, chaos)

@@ -1,6 +1,7 @@
 """A short chaos soak (``tests/local/chaos.py``): twelve real local builds, four at a time, meant to succeed, fail in a
-customizer, be cancelled and time out, through three worker kills and graceful stops of a second worker; each
-ends as meant, keeps its customization, and leaves nothing. ``bench/chaos.py`` runs the long one."""
+customizer, be cancelled and time out, through three worker kills, graceful stops of a second worker, an Azurite
+restart and cut SSH connections; each ends as meant, keeps its customization, and leaves nothing.
+``bench/chaos.py`` runs the long one."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from temporalio.client import Client
 
-from tests.local.builds import LocalBuilds
-from tests.local.chaos import soak, table
+from tests.local.chaos import Faults, environment, soak, table
 
 pytestmark = [
     pytest.mark.local,
@@ -21,11 +22,19 @@ pytestmark = [
 
 
 @pytest.mark.timeout(900)
-async def test_twelve_builds_through_three_worker_kills(local_builds: LocalBuilds, tmp_path: Path) -> None:
+async def test_twelve_builds_through_worker_kills_an_azurite_restart_and_cut_ssh(
+    client: Client, tmp_path: Path
+) -> None:
     seed = random.randrange(1 << 32)
-    result = await soak(
-        local_builds, count=12, at_once=4, kills=3, seed=seed, folder=tmp_path, timeout=720, every=(5, 15)
-    )
+    faults = Faults(kills=3, storage_restarts=1, ssh_drops=2)
+    async with environment(client, tmp_path) as (builds, storage):
+        result = await soak(
+            builds, count=12, at_once=4, faults=faults, seed=seed, folder=tmp_path, timeout=720, storage=storage,
+            every=(5, 15),
+        )  # fmt: skip
     Console(width=200).print(table([result]))
-    assert result.kills == 3, f"the builds ended before three kills (seed {seed})"
+    done = result.chaos
+    # Each fault comes in the first ticks, with a kill, while builds still run.
+    assert (done.kills, done.storage_restarts) == (3, 1), f"the builds ended before every fault (seed {seed})"
+    assert done.ssh_drops >= 1, f"no VM had an SSH session to cut (seed {seed})"
     assert result.mismatches == 0, f"seed {seed}: see the table above"
