@@ -44,7 +44,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 
 from activities.clouds.local import azurite as local_azurite
 from tests.azure.environment import AzureHarness, Guests, guests_supported, make_arm, prepare
-from tests.services import free_port, temporal_cli
+from tests.services import free_port, stopped_by_sigterm, temporal_cli
 from tests.workflows.harness import finish
 from worker import WorkerTuning
 from workflows.models import SEARCH_ATTRIBUTES, BuildStatus
@@ -176,10 +176,12 @@ async def run(count: int, workers: int, tuning: WorkerTuning, *, db_on_disk: boo
 
             reporter = asyncio.create_task(progress())
             waits = [asyncio.create_task(end(h)) for h in handles]
-            _, unfinished = await asyncio.wait(waits, timeout=give_up_after)
-            reporter.cancel()
-            for wait in unfinished:
-                wait.cancel()
+            try:
+                _, unfinished = await asyncio.wait(waits, timeout=give_up_after)
+            finally:  # also when stopped: a wait left on a server about to stop would retry for minutes
+                reporter.cancel()
+                for wait in waits:
+                    wait.cancel()
             if unfinished:
                 print(f"  gave up after {give_up_after:.0f} s with {len(unfinished)} builds still running")
             last_end = max((at for _, at in ended), default=time.time())
@@ -239,5 +241,13 @@ if __name__ == "__main__":
         max_concurrent_activities=args.max_concurrent_activities,
         max_cached_workflows=args.max_cached_workflows,
     )
-    asyncio.run(run(args.builds, args.workers, tuning, db_on_disk=args.db_on_disk, give_up_after=args.give_up_after))
-    os._exit(0)  # the Temporal client's native threads may abort a normal interpreter exit (sdk-python#300)
+    code = 0
+    try:
+        asyncio.run(
+            stopped_by_sigterm(
+                run(args.builds, args.workers, tuning, db_on_disk=args.db_on_disk, give_up_after=args.give_up_after)
+            )
+        )
+    except SystemExit as stopped:
+        code = stopped.code if isinstance(stopped.code, int) else 1
+    os._exit(code)  # the Temporal client's native threads may abort a normal interpreter exit (sdk-python#300)

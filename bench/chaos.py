@@ -29,7 +29,7 @@ from rich.console import Console
 
 from tests.local.chaos import Faults, environment, soak, table
 from tests.local.vms import TEST_HOME
-from tests.services import start_dev_server
+from tests.services import start_dev_server, stopped_by_sigterm
 
 
 async def main(builds: int, at_once: int, faults: Faults, seed: int) -> int:
@@ -62,4 +62,4 @@ if __name__ == "__main__":
         storage_restarts=tenth if arguments.storage_restarts is None else arguments.storage_restarts,
         ssh_drops=tenth if arguments.ssh_drops is None else arguments.ssh_drops,
     )
-    sys.exit(asyncio.run(main(arguments.builds, arguments.at_once, faults, arguments.seed)))
+    sys.exit(asyncio.run(stopped_by_sigterm(main(arguments.builds, arguments.at_once, faults, arguments.seed))))

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import shutil
+import signal
 import socket
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from workflows.models import SEARCH_ATTRIBUTES
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -51,3 +57,14 @@ async def start_dev_server() -> WorkflowEnvironment:
         ui=False,
         dev_server_log_level="error",
     )
+
+
+async def stopped_by_sigterm(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``, cancelled by SIGTERM as by Ctrl-C, so that a long bench stopped either way still stops what it
+    started (servers, workers, guests) on its way out. Exits 143 when SIGTERM stopped it."""
+    task = asyncio.ensure_future(work)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        raise SystemExit(128 + signal.SIGTERM) from None
