@@ -190,6 +190,19 @@ def test_unknown_region_names_the_field_and_the_local_regions() -> None:
 # ---- Azurite
 
 
+def recording_sends(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, int]]:
+    """Every upload of a disk file from now on: the file, and the bytes of it that were sent."""
+    sent: list[tuple[Path, int]] = []
+    send = vhd_pages_mod.send_used_pages
+
+    async def recording(path: Path, *args: Any, **kwargs: Any) -> int:
+        sent.append((path, await send(path, *args, **kwargs)))
+        return sent[-1][1]
+
+    monkeypatch.setattr(vhd_pages_mod, "send_used_pages", recording)
+    return sent
+
+
 async def test_start_azurite_reuses_a_running_one(azurite: Azurite) -> None:
     port = int(azurite.endpoint.rsplit(":", 1)[1])
     again = await start_azurite(location=azurite.location, port=port)
@@ -533,13 +546,7 @@ async def test_a_resumed_replication_skips_completed_regions(
     regions = [TargetRegion(name=n, replica_count=2) for n in ("eastus", "westus2", "northeurope")]
     request = request_for(build, staging, disk, shared(target_regions=regions))
 
-    sent: list[int] = []
-    send = vhd_pages_mod.send_used_pages
-
-    async def counting_send(*args: Any, **kwargs: Any) -> int:
-        sent.append(await send(*args, **kwargs))
-        return sent[-1]
-
+    sent = recording_sends(monkeypatch)
     finish = GalleryTarget._finish_region
 
     async def failing_finish(self: GalleryTarget, entry: dict) -> None:
@@ -547,7 +554,6 @@ async def test_a_resumed_replication_skips_completed_regions(
             raise ConnectionError("worker lost")
         await finish(self, entry)
 
-    monkeypatch.setattr(vhd_pages_mod, "send_used_pages", counting_send)
     monkeypatch.setattr(GalleryTarget, "_finish_region", failing_finish)
     points: list[dict] = []
     with pytest.raises(ConnectionError):
@@ -563,7 +569,7 @@ async def test_a_resumed_replication_skips_completed_regions(
     monkeypatch.setattr(GalleryTarget, "_finish_region", finish)
     output = await local_storage.distribute(request, resume=points[-1], progress=lambda p: None)
     assert set(output.replication.values()) == {"Completed"}
-    assert sent == [
+    assert [pages for _, pages in sent] == [
         sent_pages(disk, MERGE_GAP),
         0,
     ]  # the file was streamed once; the retry only finished westus2's replicas
@@ -685,16 +691,9 @@ async def test_an_image_s_data_disks_go_with_it_to_images_and_versions_and_go_wi
 
     with pytest.raises(WorkerLost):
         await local_storage.distribute(request(2), resume=None, progress=lost_in_lun_1)
-    sent: list[Path] = []
-    send = vhd_pages_mod.send_used_pages
-
-    async def counting_send(path: Path, *args: Any, **kwargs: Any) -> int:
-        sent.append(path)
-        return await send(path, *args, **kwargs)
-
-    monkeypatch.setattr(vhd_pages_mod, "send_used_pages", counting_send)
+    sent = recording_sends(monkeypatch)
     output = await local_storage.distribute(request(2), resume=points[-1], progress=lambda point: None)
-    assert sent == [data_disks[1]]  # the OS disk and LUN 0 were whole already
+    assert [path for path, _ in sent] == [data_disks[1]]  # the OS disk and LUN 0 were whole already
     version = local_storage.store.get(output.artifact_id.lower())
     assert [(d["lun"], d["sizeBytes"]) for d in version.data["dataDiskImages"]] == [(0, MiB), (1, 2 * MiB)]
     regions = version.data["regions"].values()
