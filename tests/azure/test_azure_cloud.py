@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
@@ -731,15 +732,23 @@ async def test_vm_create_twice_connect_and_delete_twice(cloud: AzureCloud, arm: 
     assert kiln_resources(arm) == []
 
 
-async def linux_build_vm(cloud: AzureCloud, arm: ArmEmulator, guests: Guests) -> tuple[BuildContext, Staging, BuildVm]:
-    """A build's staging and its Linux build VM, a real SSH guest behind the emulator's VM."""
+async def linux_build_spec(
+    cloud: AzureCloud, arm: ArmEmulator, guests: Guests, **spec: Any
+) -> tuple[BuildContext, Staging, VmSpec]:
+    """A build's staging and the spec of its Linux build VM (``spec``'s fields added), whose guest is a real SSH
+    guest behind the emulator's VM."""
     arm.guest_factory = guests.boot
     arm.run_command = guests.run_command
     build = build_context()
     staging = await cloud.create_staging(build)
     source = await cloud.resolve_source(build, template())
-    spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source,
-                  vm_profile=VmProfile())  # fmt: skip
+    return build, staging, VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=source.image_id,
+                                  source=source, vm_profile=VmProfile(), **spec)  # fmt: skip
+
+
+async def linux_build_vm(cloud: AzureCloud, arm: ArmEmulator, guests: Guests) -> tuple[BuildContext, Staging, BuildVm]:
+    """A build's staging and its Linux build VM, a real SSH guest behind the emulator's VM."""
+    build, staging, spec = await linux_build_spec(cloud, arm, guests)
     return build, staging, await cloud.create_vm(build, staging, spec)
 
 
@@ -872,13 +881,7 @@ async def test_a_vm_with_data_disks_holds_them_made_once_or_twice(
 ) -> None:
     """additionalDataDisks: the build VM's resources name each data disk, on the first create and on its retry,
     so a build whose VM delete fails part way still knows every disk to delete."""
-    arm.guest_factory = guests.boot
-    arm.run_command = guests.run_command
-    build = build_context()
-    staging = await cloud.create_staging(build)
-    source = await cloud.resolve_source(build, template())
-    spec = VmSpec(name=f"{build.build_id}-build", purpose="build", image_id=source.image_id, source=source,
-                  vm_profile=VmProfile(), data_disk_sizes_gb=[8, 16])  # fmt: skip
+    build, staging, spec = await linux_build_spec(cloud, arm, guests, data_disk_sizes_gb=[8, 16])
     vm = await cloud.create_vm(build, staging, spec)
     assert await cloud.create_vm(build, staging, spec) == vm  # the step's retry
     disks = [r.id.rsplit("/", 1)[1] for r in vm.resources if r.kind == "disk"]

@@ -204,6 +204,7 @@ async def start_worker(
 def drop_ssh(builds: LocalBuilds, planned: list[Planned]) -> str | None:
     """Cut the SSH connections of one VM of a build still running: kill its sshd session processes (not the
     listener), as a dropped connection ends them. The VM's name, or None when no VM had a session."""
+    processes = host_processes()
     for p in planned:
         if p.status is not None:
             continue  # ended
@@ -214,7 +215,7 @@ def drop_ssh(builds: LocalBuilds, planned: list[Planned]) -> str | None:
                 continue  # not running (any more)
             sessions = [
                 pid
-                for pid, _, command in host_processes()
+                for pid, _, command in processes
                 if pid in members and command.startswith("sshd: ") and "[listener]" not in command
             ]
             for pid in sessions:

@@ -265,7 +265,6 @@ from pathlib import Path
 from activities.clouds.local import LocalCloud, cgroups
 from activities.clouds.local.host import ssh_answers
 from activities.clouds.local.records import ResourceStore
-from activities.clouds.local.vm import ProvisioningFailed
 from workflows.models import BuildContext, Staging, VmSpec
 cloud = LocalCloud(storage=None, store=ResourceStore(Path({str(state / "resources.db")!r})), state=Path({str(state)!r}))
 vm = asyncio.run(cloud.create_vm(BuildContext.model_validate_json(sys.argv[1]),
