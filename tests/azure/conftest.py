@@ -28,6 +28,14 @@ def guests(tmp_path: Path) -> Iterator[Guests]:
     guests.close()
 
 
+@pytest_asyncio.fixture
+async def directory(tmp_path: Path) -> Path:
+    """A test's folder, for a test that makes real guests of its own."""
+    if not await guests_supported(tmp_path):
+        pytest.skip("real SSH guests need root and overlayfs over /")
+    return tmp_path
+
+
 @pytest.fixture
 def blob_account(azurite: local_azurite.Azurite) -> str:  # noqa: F811
     return local_azurite.account_url(local_azurite.STAGING_ACCOUNT, base=azurite.endpoint)

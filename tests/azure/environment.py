@@ -20,7 +20,8 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ from tests.azure import guest_vms
 from tests.azure.guest_vms import GuestVms, _Layer
 from tests.fixtures import CORPUS
 from tests.services import free_loopback_address
-from tests.workflows.harness import finish, wait_for_step
+from tests.workflows.harness import finish, wait_for_step, worker_subprocess
 from tests.wsman import MachineSettings, WindowsMachine
 from tests.wsman.machine import WINRM_HTTPS_PORT
 from worker import run_worker
@@ -106,6 +107,15 @@ PLATFORM_IMAGES = {
     ),
 }
 
+# The platform image of the Azure tests' own templates.
+UBUNTU = {
+    "type": "PlatformImage",
+    "publisher": "Canonical",
+    "offer": "UbuntuServer",
+    "sku": "18.04-LTS",
+    "version": "latest",
+}
+
 # The guest's agent and tools, as far as the corpus templates use them.
 WAAGENT = """#!/bin/sh
 if [ "$1" = "-version" ]; then echo "WALinuxAgent-2.9.1.1 running on kiln-test-guest"; exit 0; fi
@@ -148,6 +158,24 @@ def make_arm(blob_account: str, **settings: Any) -> ArmEmulator:
 
 # Copies in the emulator end after a few looks, not minutes: look often.
 FAST_POLL = Backoff(first=0.05, most=0.2)
+
+
+@asynccontextmanager
+async def azure_worker(
+    client: Client, arm_url: str, blob_account: str, secret: bytes, task_queue: str, log: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A worker in a process of its own (``tests.azure.azure_worker``) on an emulator, a log account and the
+    deployment secret every worker of a build shares; stopped on the way out unless it is gone."""
+    env = {
+        **os.environ,
+        "KILN_ARM_ENDPOINT": arm_url,
+        "KILN_LOG_ACCOUNT": blob_account,
+        "KILN_WORKER_SECRET": secret.hex(),
+        "KILN_TEST_TASK_QUEUE": task_queue,
+        "TEMPORAL_ADDRESS": client.service_client.config.target_host,
+    }
+    async with worker_subprocess(client, task_queue, "tests.azure.azure_worker", env=env, log=log) as process:
+        yield process
 
 
 def os_profiles(*, pause: float = 0.05, **windows: Any) -> OsProfiles:
@@ -303,6 +331,16 @@ class Guests:
             ["nsenter", "-t", str(running[0]), "-a", "sh", "-c", script], capture_output=True, timeout=60, check=False
         )
         return done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
+
+    def left_of(self, build_id: str) -> list[str]:
+        """What is left of the guests of a build's Linux VMs: any still running, or still recorded."""
+        left = []
+        for name, spec in list(self.vms.profiles.items()):
+            if spec.name.startswith(build_id):
+                if guest_vms.running(self.vms.folder(name)) is not None:
+                    left.append(f"the guest of {spec.name} still runs")
+                left += [f"the guest of {spec.name}: record {record}" for record in self.vms.recorded(spec.name)]
+        return left
 
     def close(self) -> None:
         """Deletes every guest still up (deleting one twice is fine)."""

@@ -117,6 +117,10 @@ class GuestVms:
     def folder(self, name: str) -> VmFolder:
         return VmFolder(self._vms / name)
 
+    def recorded(self, owner: str) -> list[str]:
+        """The ids of the records of the guests made for ``owner`` (the VM they stand for)."""
+        return [record.id for record in self._store.list(build_id=owner)]
+
     async def layers(self, name: str) -> VmLayers:
         """The writable layer of a VM (its whole root on a copy) and the base below it."""
         record = await asyncio.to_thread(self._store.get, vm_id(name))

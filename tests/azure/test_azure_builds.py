@@ -247,3 +247,34 @@ async def test_fault_worker_lost_mid_replication_resumes(harness: AzureHarness) 
     assert status.run_outputs[0].replication == {LOCATION: "Completed", REGION2: "Completed"}
     assert temporary(harness.arm) == []
     assert await harness.workers[-1][2].arm.resource.resource_groups.check_existence("userStaging")
+
+
+async def test_a_gallery_version_that_fails_to_replicate_fails_its_target_at_once(harness: AzureHarness) -> None:
+    """A region failing a version's replication fails that target on its first try (as Packer's wait fails AIB's;
+    a retry would replicate every region anew) naming the region; the other target is kept, the failed version
+    removed: PartiallySucceeded."""
+    await prepare(harness.arm.base_url)
+    harness.arm.faults.slow_replication(
+        polls=1, regions=[REGION2], fail_code="ReplicationFailed", fail_message="storage unavailable in westus2"
+    )
+    template = harness.corpus("q0_helloImageTemplateLinux.json")
+    gallery = (
+        f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/galleries/kilnGallery/images/ubuntu"
+    )
+    template["properties"]["distribute"].append(
+        {
+            "type": "SharedImage",
+            "runOutputName": "gallery",
+            "galleryImageId": gallery,
+            "replicationRegions": [LOCATION, REGION2],
+        }
+    )
+    handle = await harness.start(template, "q0-replication")
+    status = await harness.finish(handle)
+    assert status.run_state == RunState.PARTIALLY_SUCCEEDED, status.message
+    assert f"failed to replicate to {REGION2}" in status.message and "storage unavailable" in status.message
+    assert [o.provisioning_state for o in status.run_outputs] == ["Succeeded", "Failed"]
+    assert await retried_activities(handle) == set()
+    kept = harness.arm.resources({"kilnBuildId": status.build_id})
+    assert [r["type"] for r in kept] == ["Microsoft.Compute/images"], kept
+    assert temporary(harness.arm) == []

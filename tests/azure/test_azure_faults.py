@@ -18,14 +18,13 @@ import signal
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import pytest_asyncio
 from azure.core.exceptions import ResourceNotFoundError
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
@@ -40,14 +39,15 @@ from tests.azure.environment import (
     RG,
     SCRIPT,
     SUB,
+    UBUNTU,
     AzureHarness,
     Guests,
-    guests_supported,
+    azure_worker,
     make_arm,
     owner_clients,
     prepare,
 )
-from tests.workflows.harness import check_all, retried_activities, worker_subprocess
+from tests.workflows.harness import check_all, retried_activities
 from workflows.build import ImageBuildWorkflow
 from workflows.models import BuildStatus, DeadlineRequest, RunState
 
@@ -264,13 +264,7 @@ def template(h: AzureHarness, *, step: Step | None = None, script: str = "", sta
         customize.append({"type": "Shell", "name": "deprovisioning script", "inline": [write]})
     compute = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute"
     properties: dict[str, Any] = {
-        "source": {
-            "type": "PlatformImage",
-            "publisher": "Canonical",
-            "offer": "UbuntuServer",
-            "sku": "18.04-LTS",
-            "version": "latest",
-        },
+        "source": dict(UBUNTU),
         "customize": customize,
         "validate": {
             "inVMValidations": [
@@ -409,13 +403,6 @@ def drop_ssh(host: str) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-@pytest_asyncio.fixture
-async def directory(tmp_path: Path) -> Path:
-    if not await guests_supported(tmp_path):
-        pytest.skip("real SSH guests need root and overlayfs over /")
-    return tmp_path
-
-
 async def test_a_transient_fault_at_any_step_costs_retries_not_the_build(
     client: Client, blob_account: str, directory: Path
 ) -> None:
@@ -499,20 +486,10 @@ async def test_a_cancel_or_the_deadline_while_any_step_hangs_stops_the_build_and
     await check_all({step.slug: run(step) for step in STEPS})
 
 
-@asynccontextmanager
-async def worker_process(s: Scenario) -> AsyncIterator[asyncio.subprocess.Process]:
+def worker_process(s: Scenario) -> AbstractAsyncContextManager[asyncio.subprocess.Process]:
     """A worker in a process of its own, on the scenario's emulator, queue and secret; stopped on the way out."""
-    env = {
-        **os.environ,
-        "KILN_ARM_ENDPOINT": s.arm.base_url,
-        "KILN_LOG_ACCOUNT": s.h.blob_account,
-        "KILN_WORKER_SECRET": s.h.secret.hex(),
-        "KILN_TEST_TASK_QUEUE": s.h.task_queue,
-        "TEMPORAL_ADDRESS": s.h.client.service_client.config.target_host,
-    }
     log = s.h.artifacts.parent / "worker.log"
-    async with worker_subprocess(s.h.client, s.h.task_queue, "tests.azure.azure_worker", env=env, log=log) as process:
-        yield process
+    return azure_worker(s.h.client, s.arm.base_url, s.h.blob_account, s.h.secret, s.h.task_queue, log)
 
 
 async def resume_points_recorded(handle: WorkflowHandle[Any, Any], key: bytes, count: int = 1) -> None:

@@ -355,9 +355,10 @@ def kiln_home(state: Path) -> Iterator[None]:
 
 @asynccontextmanager
 async def worker_process(
-    client: Client, state: Path, endpoint: str, task_queue: str, *, boot_check: bool = False
+    client: Client, state: Path, endpoint: str, task_queue: str, *, boot_check: bool = False, log: Path | None = None
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A worker in a process of its own (``tests.local.local_worker``), stopped at the end unless it is gone."""
+    """A worker in a process of its own (``tests.local.local_worker``), stopped at the end unless it is gone; its
+    output goes to ``log`` when given."""
     env = {
         **os.environ,
         "KILN_TEST_BOOT_CHECK": "1" if boot_check else "0",
@@ -366,7 +367,7 @@ async def worker_process(
         "TEMPORAL_ADDRESS": client.service_client.config.target_host,
         "KILN_TEST_TASK_QUEUE": task_queue,
     }
-    async with worker_subprocess(client, task_queue, "tests.local.local_worker", env=env) as process:
+    async with worker_subprocess(client, task_queue, "tests.local.local_worker", env=env, log=log) as process:
         yield process
 
 

@@ -12,11 +12,15 @@ import hashlib
 import json
 import os
 import signal
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
+from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.client import WorkflowExecutionStatus
 
 from activities.clouds.local.gallery_target import GALLERY_CONTAINER
+from activities.clouds.local.staging import LOCAL_SUBSCRIPTION
 from cli.builds import EXIT_USAGE
 from cli.main import main
 from tests.fixtures import script_semantics
@@ -32,7 +36,7 @@ from tests.local.builds import (
     worker_process,
 )
 from tests.local.vms import host
-from tests.workflows.harness import check_all
+from tests.workflows.harness import check_all, retried_counts
 from workflows.models import RunState
 
 pytestmark = [
@@ -42,6 +46,7 @@ pytestmark = [
 
 RELEASE = b"NAME=kiln golden\nVERSION=1\n"
 CONFIGURE = b"#!/bin/sh\nset -e\necho 'configure: writing /etc/kiln-configured'\necho configured | sudo tee /etc/kiln-configured\n"
+STARTED = PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
 LONG_STEP = shell("long", "echo 'long: started'", "sleep 120", "echo 'long: never'")
 
 
@@ -251,6 +256,76 @@ async def test_a_worker_killed_mid_deprovision(local_builds: LocalBuilds) -> Non
     await assert_clean(local_builds, build, kept={"log", "output"})
     log = await local_builds.log(status)
     assert log.count("deprovision: started") == 1 and "deprovision: exit code 0" in log, log
+
+
+# The steps after the customizers a worker is killed in, one after another in one build: each one's activity, and
+# how many of them run at the kill (the three targets distribute at once). The build VM's delete between them is
+# often over before a kill lands, so the chaos soak (which counts where its kills land) covers cleanup.
+KILLED_IN = {"capture_image": 1, "distribute": 3}
+
+
+async def started(build: Build, activity: str, count: int) -> None:
+    """Wait until ``count`` activities of type ``activity`` have started on a worker, looking often: some take a
+    second or two. Temporal answers this without a worker."""
+    async with asyncio.timeout(300):
+        while True:
+            description = await build.handle.describe()
+            assert description.status == WorkflowExecutionStatus.RUNNING, f"the build ended before {activity} ran"
+            pending = description.raw_description.pending_activities
+            if sum(a.activity_type.name == activity and a.state == STARTED for a in pending) >= count:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_a_worker_killed_in_capture_and_in_each_distribution_target(
+    local_builds: LocalBuilds, tmp_path: Path
+) -> None:
+    """SIGKILL the worker during capture, and while a VHD, a ManagedImage and a gallery version are distributed,
+    starting another each time: each step is taken over, the build succeeds with
+    its customization (a File and a Shell customizer) in every output, and leaves nothing temporary."""
+    queue = f"{local_builds.task_queue}-process"
+    release = tmp_path / "kiln-release"
+    release.write_bytes(RELEASE)
+    definition = await local_builds.make_gallery()
+    image = f"/subscriptions/{LOCAL_SUBSCRIPTION}/resourceGroups/kiln-tests/providers/Microsoft.Compute/images/k{os.getpid()}"
+    customize = [
+        {"type": "File", "name": "release", "sourceUri": release.as_uri(), "destination": "/tmp/kiln-release"},
+        shell("install", "sudo install -m 0644 /tmp/kiln-release /etc/kiln-release"),
+    ]
+    distribute = [
+        {"type": "VHD", "runOutputName": "vhd"},
+        {"type": "ManagedImage", "runOutputName": "managed", "imageId": image, "location": "westeurope"},
+        {
+            "type": "SharedImage",
+            "runOutputName": "gallery",
+            "galleryImageId": definition,
+            "targetRegions": [{"name": "westeurope"}],
+        },
+    ]
+    endpoint = local_builds.storage.endpoint
+    async with AsyncExitStack() as workers:
+        worker = await workers.enter_async_context(
+            worker_process(local_builds.client, local_builds.state, endpoint, queue)
+        )
+        build = await local_builds.start(template(customize, distribute), prefix="killed-late", task_queue=queue)
+        for activity, count in KILLED_IN.items():
+            await started(build, activity, count)
+            worker.send_signal(signal.SIGKILL)
+            await worker.wait()
+            worker = await workers.enter_async_context(
+                worker_process(local_builds.client, local_builds.state, endpoint, queue)
+            )
+        status = await local_builds.finish(build)
+    assert status.run_state == RunState.SUCCEEDED, status.message
+    retried = await retried_counts(build.handle)
+    assert {activity: retried[activity] for activity in KILLED_IN} == KILLED_IN, f"a kill missed its step: {retried}"
+    outputs = {o.run_output_name: o for o in status.run_outputs}
+    assert {name: o.provisioning_state for name, o in outputs.items()} == dict.fromkeys(
+        ("vhd", "managed", "gallery"), "Succeeded"
+    )
+    vhd = await download_vhd(outputs["vhd"].artifact_uri, tmp_path / "killed-late.vhd")
+    assert debugfs(vhd, "cat /etc/kiln-release").encode() == RELEASE
+    await assert_clean(local_builds, build, kept={"log", "output"})
 
 
 async def test_three_builds_at_once_do_not_collide(local_builds: LocalBuilds, tmp_path: Path) -> None:

@@ -46,6 +46,24 @@ class CountingBuilder:
         (rootfs / "etc" / "os-release").write_text(f"VERSION_CODENAME={offer.suite}\n")
 
 
+class DyingBuilder:
+    """A stand-in for mmdebstrap run by a worker that dies half-way: a process of its own session (as mmdebstrap is)
+    goes on working in the new root, with a filesystem mounted inside it, after its worker is gone."""
+
+    def __init__(self) -> None:
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def __call__(self, offer: LocalOffer, rootfs: Path, log: Path) -> None:
+        (rootfs / "proc").mkdir(parents=True)
+        self.process = await asyncio.create_subprocess_exec(
+            "sh", "-c", 'mount -t tmpfs kiln-test "$1/proc" && sleep 600', "sh", str(rootfs),
+            start_new_session=True,
+        )  # fmt: skip
+        while not os.path.ismount(rootfs / "proc"):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(600)
+
+
 def platform(publisher: str, offer: str, sku: str, version: str = "latest") -> PlatformImageSource:
     return PlatformImageSource(type="PlatformImage", publisher=publisher, offer=offer, sku=sku, version=version)
 
@@ -66,6 +84,29 @@ async def test_an_exact_version_pins_and_gen1_skus_share_the_base(cloud: LocalCl
     assert gen1.hyper_v_generation == "V1" and gen1.exact_version == debian.exact_version
     with pytest.raises(PermanentError, match=r"properties\.source\.version: .*'0\.19990101\.1'"):
         await cloud.resolve_source(new_build(), debian_template(version="0.19990101.1"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+async def test_a_base_whose_worker_died_half_way_is_made_again_from_scratch(tmp_path: Path):
+    """The worker making a base dies (its step is cancelled here, which leaves the same) while its mmdebstrap still
+    runs in the half-made base with a filesystem mounted there; the retry ends that process, unmounts, and makes
+    the base anew."""
+    assert BOOKWORM is not None
+    dying = DyingBuilder()
+    first = asyncio.create_task(ImageCache(tmp_path / "images", builder=dying).resolve(BOOKWORM, "latest"))
+    while dying.process is None or not any("kiln-test" in line for line in Path("/proc/self/mounts").open()):
+        await asyncio.sleep(0.05)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    try:
+        base = await ImageCache(tmp_path / "images", builder=CountingBuilder()).resolve(BOOKWORM, "latest")
+        assert (base.rootfs / "etc" / "os-release").read_text() == "VERSION_CODENAME=bookworm\n"
+        assert await asyncio.wait_for(dying.process.wait(), 10) == -9, "the dead worker's builder still runs"
+        assert not any(str(tmp_path) in line for line in Path("/proc/self/mounts").open())
+    finally:
+        if dying.process.returncode is None:
+            dying.process.kill()
 
 
 async def test_concurrent_resolves_make_the_base_once(tmp_path: Path):

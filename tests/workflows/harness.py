@@ -7,6 +7,7 @@ import copy
 import hashlib
 import sys
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
@@ -139,16 +140,21 @@ class Harness:
 
 async def retried_activities(handle: WorkflowHandle[Any, Any]) -> set[str]:
     """The types of the activities that needed more than one attempt, from the build's history."""
+    return set(await retried_counts(handle))
+
+
+async def retried_counts(handle: WorkflowHandle[Any, Any]) -> Counter[str]:
+    """How many activities of each type needed more than one attempt, from the build's history."""
     types: dict[int, str] = {}
-    retried = set()
+    retried: set[int] = set()
     async for event in handle.fetch_history_events():
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             types[event.event_id] = event.activity_task_scheduled_event_attributes.activity_type.name
         elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
             attributes = event.activity_task_started_event_attributes
             if attributes.attempt > 1:
-                retried.add(types[attributes.scheduled_event_id])
-    return retried
+                retried.add(attributes.scheduled_event_id)
+    return Counter(types[scheduled] for scheduled in retried)
 
 
 async def attempt_running(handle: WorkflowHandle[Any, Any], activity_type: str, attempt: int) -> None:

@@ -36,7 +36,7 @@ from activities.clouds.aib.targets import managed_image_target, publishing_regio
 from activities.clouds.aib.versions import choose_version
 from activities.clouds.azure import storage
 from activities.clouds.azure.clients import ArmClients, BlobClients, split_blob_url
-from activities.clouds.azure.errors import arm_call, permanent
+from activities.clouds.azure.errors import arm_call, error_message, permanent
 from activities.clouds.azure.exports import SnapshotExports
 from activities.clouds.azure.galleries import AzureGalleries
 from activities.clouds.azure.names import VHD_CONTAINER, snapshot_copy_name
@@ -262,7 +262,9 @@ class AzureDistribution:
                 poller = await versions.begin_create_or_update(
                     group, gallery, definition_name, version, {}, continuation_token=token
                 )
-            elif earlier is not None and earlier.provisioning_state != "Failed":
+            elif earlier is not None and earlier.provisioning_state == "Failed":
+                raise await self._replication_failed(field, ref, version, "it ended Failed")
+            elif earlier is not None:
                 # An earlier try's PUT took effect, but its worker died before it could record the poller: wait on
                 # the version itself rather than send the PUT (and restart a long replication) again.
                 pauses = self._poll.pauses()
@@ -312,6 +314,8 @@ class AzureDistribution:
                     raise
                 # The poller may give up while replication goes on; the version's own state decides.
                 state = await versions.get(group, gallery, definition_name, version)
+                if state.provisioning_state == "Failed":
+                    raise await self._replication_failed(field, ref, version, error_message(err)) from err
                 if state.provisioning_state != "Succeeded":
                     raise
             final = await versions.get(group, gallery, definition_name, version, expand="ReplicationStatus")
@@ -319,6 +323,20 @@ class AzureDistribution:
         replication = {s.region: s.state for s in (status.summary or [])} if status else {}
         return RunOutput(
             run_output_name=target.run_output_name, type="SharedImage", artifact_id=final.id, replication=replication
+        )
+
+    async def _replication_failed(self, field: str, ref: GalleryRef, version: str, cause: str) -> PermanentError:
+        """A version whose replication ended Failed fails its target, as Packer's wait on it fails AIB's: it is
+        not published again, which would replicate every region anew for each retry."""
+        assert ref.image is not None
+        state = await self._arm.compute.gallery_image_versions.get(
+            ref.group, ref.gallery, ref.image, version, expand="ReplicationStatus"
+        )
+        summary = state.replication_status.summary if state.replication_status else None
+        failed = ", ".join(f"{s.region} ({s.details or s.state})" for s in summary or [] if s.state == "Failed")
+        return PermanentError(
+            f"{field}: gallery image version {version} failed to replicate{f' to {failed}' if failed else ''}: {cause}",
+            kind="ReplicationFailed",
         )
 
     async def _version_for(

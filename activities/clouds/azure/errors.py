@@ -38,7 +38,7 @@ def error_code(err: HttpResponseError) -> str:
     return (err.error.code if err.error is not None else None) or ""
 
 
-def _message(err: HttpResponseError) -> str:
+def error_message(err: HttpResponseError) -> str:
     return (err.error.message if err.error is not None else None) or err.message or str(err)
 
 
@@ -48,7 +48,7 @@ def permanent(err: HttpResponseError, *, what: str, needs: str) -> PermanentErro
     ``what`` names the resource being made; ``needs`` the ARM action (or quota) the call needed.
     """
     code = error_code(err)
-    message = _message(err)
+    message = error_message(err)
     if code == "QuotaExceeded" or (code in _QUOTA_CODES and "quota" in message.lower()):
         return PermanentError(
             f"{what}: the subscription's quota does not allow it ({code}: {message}). "

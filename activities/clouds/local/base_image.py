@@ -13,6 +13,8 @@ import asyncio
 import os
 from pathlib import Path
 
+from activities.clouds.local.host import end_what_runs_in
+
 # Bumped whenever what a base holds changes: a kept base of an older recipe is not used for ``latest``.
 RECIPE = 4
 DEBIAN_MIRROR = os.environ.get("KILN_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -88,9 +90,14 @@ async def make_debian_base(suite: str, rootfs: Path, log: Path) -> None:
     ]
     with log.open("wb") as output:
         process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=asyncio.subprocess.STDOUT
-        )
-        returncode = await process.wait()
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # one group with the package tools it runs, to be ended together
+        )  # fmt: skip
+        try:
+            returncode = await process.wait()
+        except asyncio.CancelledError:  # the build was cancelled, or its step handed over: mmdebstrap stops too
+            await asyncio.to_thread(end_what_runs_in, rootfs)
+            raise
     if returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         raise RuntimeError(f"mmdebstrap could not make a Debian {suite} base ({returncode}):\n" + "\n".join(tail))

@@ -1,4 +1,5 @@
-"""Host commands and file locks, shared by the local cloud's images, VMs and captures."""
+"""Host commands, file locks and what a dead worker's commands leave, shared by the local cloud's images, VMs and
+captures."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import asyncio
 import fcntl
 import os
 import shutil
+import signal
+import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -111,3 +115,43 @@ async def to_the_end(work: Awaitable[T]) -> T:
         with suppress(Exception):
             await task
         raise
+
+
+def end_what_runs_in(folder: Path) -> None:
+    """End every process working in ``folder`` (named on its command line, or chrooted inside it), with the process
+    group it leads, and unmount whatever is mounted inside it, deepest first: what a worker that died during a long
+    command there (mmdebstrap making a base) left behind, which would otherwise race the retry's own. Done when
+    nothing of it is left."""
+    inside = f"{folder}/"
+    found: dict[int, int] = {}  # pid: its process group
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with suppress(FileNotFoundError, ProcessLookupError, PermissionError):
+            command = Path(f"/proc/{entry.name}/cmdline").read_bytes().decode(errors="replace")
+            root = os.readlink(f"/proc/{entry.name}/root")
+            if str(folder) in command or root.startswith(inside):
+                found[int(entry.name)] = os.getpgid(int(entry.name))
+    # A group is ended whole only when its leader is one of them (mmdebstrap runs in a session of its own).
+    groups = {group for group in found.values() if group in found}
+    for group in groups:
+        with suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    for pid, group in found.items():
+        if group not in groups:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(_group_alive(group) for group in groups) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    for point in sorted((m for m in mounts if m.startswith(inside)), key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True

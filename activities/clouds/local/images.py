@@ -27,7 +27,7 @@ from activities.clouds.aib.versions import version_key
 from activities.clouds.base import PermanentError
 from activities.clouds.local.base_image import RECIPE, make_debian_base
 from activities.clouds.local.disks import unpack_root
-from activities.clouds.local.host import file_lock
+from activities.clouds.local.host import end_what_runs_in, file_lock
 from workflows.models import ResolvedSource
 from workflows.template import PlatformImageSource
 
@@ -189,7 +189,9 @@ class ImageCache:
         folder = self._suite_dir(offer)
         version = _next_version(self.versions(offer))
         staging = folder / f".{version}.partial"
-        await asyncio.to_thread(shutil.rmtree, staging, True)  # what a worker that died half-way left
+        # What a worker that died half-way left: its mmdebstrap may still run there, with mounts inside.
+        await asyncio.to_thread(end_what_runs_in, staging)
+        await asyncio.to_thread(shutil.rmtree, staging, True)
         staging.mkdir(parents=True)
         await self._builder(offer, staging / "rootfs", staging / "build.log")
         meta = {"urn": offer.urn, "version": version, "recipe": RECIPE, "sizeBytes": BASE_DISK_BYTES}
