@@ -124,8 +124,8 @@ class AzureSite:
         status = planned.status
         assert status is not None
         problems = []
-        kept = {r["type"]: r for r in self.arm.resources({"kilnBuildId": status.build_id})}
-        outputs = set()
+        kept = self.arm.resources({"kilnBuildId": status.build_id})
+        outputs: set[str] = set()  # the types of the outputs it keeps
         if status.run_state in (RunState.SUCCEEDED, RunState.PARTIALLY_SUCCEEDED):
             log = (await read_log(status.log_uri)).decode(errors="replace")
             if (printed := log.count(planned.token)) != 1:
@@ -137,10 +137,11 @@ class AzureSite:
             outputs = {"Microsoft.Compute/images"}
             if planned.kind != "partial":
                 outputs.add("Microsoft.Compute/galleries/images/versions")
-            problems += [f"no {kind} of it" for kind in sorted(outputs - set(kept))]
-        problems += [
-            f"{kind} {r['id']} ({r.get('tags', {}).get('kilnRole')})" for kind, r in kept.items() if kind not in outputs
-        ]
+            problems += [f"no {kind} of it" for kind in sorted(outputs - {r["type"] for r in kept})]
+        for r in kept:
+            role = r.get("tags", {}).get("kilnRole")
+            if r["type"] not in outputs or role != "output":
+                problems.append(f"{r['type']} {r['id']} ({role})")
         problems += self.guests.left_of(status.build_id)
         return problems
 

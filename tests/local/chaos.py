@@ -70,7 +70,9 @@ class LocalSite:
         """Cut the SSH connections of a VM of a build still running."""
         leaders = []
         for p in planned:
-            for vm in list(p.build.vms.values()) if p.status is None else []:
+            if p.status is not None:
+                continue  # ended
+            for vm in list(p.build.vms.values()):
                 try:
                     leaders.append(self.builds.cloud.vms.leader(vm.name))
                 except (PermanentError, FileNotFoundError):

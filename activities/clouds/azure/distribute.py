@@ -263,7 +263,8 @@ class AzureDistribution:
                     group, gallery, definition_name, version, {}, continuation_token=token
                 )
             elif earlier is not None and earlier.provisioning_state == "Failed":
-                raise await self._replication_failed(field, ref, version, "it ended Failed")
+                failed = await versions.get(group, gallery, definition_name, version, expand="ReplicationStatus")
+                raise replication_failed(field, failed, "it ended Failed")
             elif earlier is not None:
                 # An earlier try's PUT took effect, but its worker died before it could record the poller: wait on
                 # the version itself rather than send the PUT (and restart a long replication) again.
@@ -313,9 +314,9 @@ class AzureDistribution:
                 if permanent(err, what=field, needs=needs) is not None:
                     raise
                 # The poller may give up while replication goes on; the version's own state decides.
-                state = await versions.get(group, gallery, definition_name, version)
+                state = await versions.get(group, gallery, definition_name, version, expand="ReplicationStatus")
                 if state.provisioning_state == "Failed":
-                    raise await self._replication_failed(field, ref, version, error_message(err)) from err
+                    raise replication_failed(field, state, error_message(err)) from err
                 if state.provisioning_state != "Succeeded":
                     raise
             final = await versions.get(group, gallery, definition_name, version, expand="ReplicationStatus")
@@ -323,20 +324,6 @@ class AzureDistribution:
         replication = {s.region: s.state for s in (status.summary or [])} if status else {}
         return RunOutput(
             run_output_name=target.run_output_name, type="SharedImage", artifact_id=final.id, replication=replication
-        )
-
-    async def _replication_failed(self, field: str, ref: GalleryRef, version: str, cause: str) -> PermanentError:
-        """A version whose replication ended Failed fails its target, as Packer's wait on it fails AIB's: it is
-        not published again, which would replicate every region anew for each retry."""
-        assert ref.image is not None
-        state = await self._arm.compute.gallery_image_versions.get(
-            ref.group, ref.gallery, ref.image, version, expand="ReplicationStatus"
-        )
-        summary = state.replication_status.summary if state.replication_status else None
-        failed = ", ".join(f"{s.region} ({s.details or s.state})" for s in summary or [] if s.state == "Failed")
-        return PermanentError(
-            f"{field}: gallery image version {version} failed to replicate{f' to {failed}' if failed else ''}: {cause}",
-            kind="ReplicationFailed",
         )
 
     async def _version_for(
@@ -462,3 +449,14 @@ class AzureDistribution:
         else:
             assert isinstance(target, VhdDistributor)
             await storage.delete_own_blob(self._blobs, await self._vhd_url(build, target), build.build_id)
+
+
+def replication_failed(field: str, version: GalleryImageVersion, cause: str) -> PermanentError:
+    """A version whose replication ended Failed (read with its replication status) fails its target, as Packer's
+    wait on it fails AIB's: it is not published again, which would replicate every region anew for each retry."""
+    summary = version.replication_status.summary if version.replication_status else None
+    failed = ", ".join(f"{s.region} ({s.details or s.state})" for s in summary or [] if s.state == "Failed")
+    return PermanentError(
+        f"{field}: gallery image version {version.name} failed to replicate{f' to {failed}' if failed else ''}: {cause}",
+        kind="ReplicationFailed",
+    )
